@@ -1,0 +1,66 @@
+//! The proxy's own endpoints under `/_proxy/` (SPEC §4); never forwarded.
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+
+use crate::body::ResponseBody;
+use crate::error::ProxyError;
+use crate::proxy::Proxy;
+use crate::token::cache::Readiness;
+
+/// The reserved prefix.
+pub const PREFIX: &str = "/_proxy/";
+
+/// Endpoints that reveal nothing and stay open to every client that may connect.
+pub fn is_public(endpoint: &str) -> bool {
+    matches!(endpoint, "health" | "ready")
+}
+
+/// Answers `GET /_proxy/<endpoint>`.
+pub fn answer<B>(
+    proxy: &Proxy,
+    req: &Request<B>,
+    endpoint: &str,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    if !matches!(endpoint, "health" | "ready") {
+        return Err(ProxyError::NotFound(format!(
+            "{PREFIX}{endpoint} is not an endpoint of the proxy (there are {PREFIX}health and {PREFIX}ready)"
+        )));
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Err(ProxyError::MethodNotAllowed(format!("{PREFIX}{endpoint} answers GET and HEAD only")));
+    }
+    Ok(match endpoint {
+        "health" => json(StatusCode::OK, serde_json::json!({ "status": "ok" })),
+        _ => ready(proxy),
+    })
+}
+
+fn ready(proxy: &Proxy) -> Response<ResponseBody> {
+    if proxy.lifecycle.is_draining() {
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({ "status": "not_ready", "reason": "shutting down" }),
+        );
+    }
+    match proxy.tokens.readiness() {
+        Readiness::Ready(remaining) => json(
+            StatusCode::OK,
+            serde_json::json!({ "status": "ready", "token_expires_in_secs": remaining.as_secs() }),
+        ),
+        Readiness::NotReady(reason) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({ "status": "not_ready", "reason": reason }),
+        ),
+    }
+}
+
+fn json(status: StatusCode, body: serde_json::Value) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::full(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}

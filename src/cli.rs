@@ -1,0 +1,70 @@
+//! The command line of SPEC §2.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// A local reverse proxy for the Zoho Desk API that adds a fresh OAuth token to every
+/// request.
+#[derive(Debug, Parser)]
+#[command(name = "zoho-desk-proxy", version, about, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// What to do; `serve` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Options of `serve`, accepted without the subcommand too.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy (the default).
+    Serve(ServeArgs),
+    /// Run the proxy in front of a built-in fake Zoho: no credentials, no network.
+    Demo(DemoArgs),
+    /// Exchange a Self Client grant token for a refresh token and store it.
+    Exchange(ExchangeArgs),
+    /// Validate the configuration, obtain a token, call Desk once, and report.
+    Check(ConfigArgs),
+}
+
+/// Options of `serve`.
+#[derive(Debug, Clone, Args, Default)]
+pub struct ServeArgs {
+    /// Configuration file [default: ./proxy.toml when it exists].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on, overriding the config [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+}
+
+/// Options of `demo`.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Address of the proxy.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+}
+
+/// Options of `exchange`.
+#[derive(Debug, Clone, Args)]
+pub struct ExchangeArgs {
+    /// The grant token from the Zoho API console (Self Client → Generate Code).
+    #[arg(long, value_name = "GRANT_TOKEN")]
+    pub code: String,
+    /// Configuration file [default: ./proxy.toml when it exists].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// Options of `check`.
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArgs {
+    /// Configuration file [default: ./proxy.toml when it exists].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}

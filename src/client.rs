@@ -1,0 +1,56 @@
+//! The outbound HTTP client: hyper-util's pooled client over rustls, HTTP/2 or HTTP/1.1 by
+//! ALPN. It never follows redirects, never reads `HTTP_PROXY`, and never decompresses.
+
+use std::time::Duration;
+
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+/// The connector shared by the Desk and Accounts clients.
+pub type Connector = HttpsConnector<HttpConnector>;
+
+/// Builds a pooled client for request bodies of type `B`.
+///
+/// `connect` bounds TCP connect (TLS is bounded by the caller's response timeout),
+/// `idle` is how long a kept-alive connection waits in the pool.
+pub fn build<B>(connect: Duration, idle: Duration) -> Client<Connector, B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
+    // Installing the provider once per process avoids rustls' panic when more than one
+    // provider is compiled in; an error only means one is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect));
+    http.set_nodelay(true);
+    http.set_keepalive(Some(Duration::from_secs(60)));
+
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(idle)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(https)
+}
+
+/// A client error in words, from its innermost cause (never a URL or header).
+pub fn describe_client_error(err: &hyper_util::client::legacy::Error) -> String {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    let mut text = err.to_string();
+    while let Some(cause) = source {
+        text = cause.to_string();
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,97 @@
+//! `demo`: the real proxy in front of the built-in fake Zoho, with short-lived tokens so
+//! that refreshes show in the log. Needs no credentials and no network.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::fake_zoho::{FakeOptions, FakeZoho};
+use crate::{RunError, run};
+
+/// Token lifetime in the demo: the proxy refreshes at half-life, every 30 s.
+pub const DEMO_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+
+/// The proxy's configuration for a fake Zoho.
+pub fn demo_config(fake: &FakeZoho, options: &FakeOptions, listen: SocketAddr) -> Config {
+    let toml = format!(
+        r#"
+        listen = "{listen}"
+        upstream = "{desk}"
+        accounts_url = "{accounts}"
+        org_id = "60001234567"
+        token_file = ""
+
+        [oauth]
+        client_id = "{client_id}"
+        client_secret = "{client_secret}"
+        refresh_token = "{refresh_token}"
+        refresh_margin_secs = 300
+        max_refreshes_per_10min = 30
+        "#,
+        desk = fake.desk_url(),
+        accounts = fake.accounts_url(),
+        client_id = options.client_id,
+        client_secret = options.client_secret,
+        refresh_token = options.refresh_token,
+    );
+    let mut config = match Config::from_toml(&toml) {
+        Ok(config) => config,
+        Err(err) => unreachable!("the demo configuration is valid: {err}"),
+    };
+    config.log_format = None;
+    config
+}
+
+/// Runs the demo until `shutdown` resolves.
+pub async fn run_demo(
+    listen: SocketAddr,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    let options = FakeOptions { token_lifetime: DEMO_TOKEN_LIFETIME, ..FakeOptions::default() };
+    let fake = FakeZoho::start_with(options.clone()).await?;
+    let listener = TcpListener::bind(listen).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen on {listen}: {e} (pick another address with --listen 127.0.0.1:8081)"),
+        )
+    })?;
+    let listen = listener.local_addr()?;
+    println!("{}", instructions(listen, &fake));
+    let config = demo_config(&fake, &options, listen);
+    let result = run(config, listener, shutdown).await;
+    fake.shutdown().await;
+    result
+}
+
+/// What to try, printed at start.
+pub fn instructions(listen: SocketAddr, fake: &FakeZoho) -> String {
+    let base = format!("http://{listen}");
+    format!(
+        r#"
+zoho-desk-proxy demo: the real proxy in front of a built-in fake Zoho (Accounts + Desk).
+  proxy:          {base}
+  fake Desk:      {desk}  (needs a token: try it without the proxy and get INVALID_OAUTH)
+  fake Accounts:  {accounts}
+Tokens live {life} s and are refreshed at half-life: watch the "token refreshed" lines.
+
+Try:
+  curl {base}/api/v1/tickets
+  curl '{base}/api/v1/tickets?from=0&limit=2'
+  curl -X POST {base}/api/v1/tickets -H 'Content-Type: application/json' -d '{{"subject":"Printer on fire","status":"Open"}}'
+  curl {base}/api/v1/contacts
+  curl {base}/api/v1/organizations
+  curl {desk}/api/v1/tickets
+  curl {base}/api/v1/../secrets
+  curl -i -H 'Origin: https://evil.example' {base}/api/v1/tickets
+  curl {base}/_proxy/health
+  curl {base}/_proxy/ready
+Stop with Ctrl-C.
+"#,
+        desk = fake.desk_url(),
+        accounts = fake.accounts_url(),
+        life = DEMO_TOKEN_LIFETIME.as_secs(),
+    )
+}

@@ -1,0 +1,148 @@
+//! Errors of the proxy itself, answered in Zoho Desk's own error shape.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+/// A failure of the proxy, as a client sees it: a status and a Zoho-shaped JSON body
+/// `{"errorCode":"PROXY_…","message":"…"}` (SPEC §5).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProxyError {
+    /// No valid token, and Accounts is unreachable, failing, throttling, or the refresh
+    /// guard is closed.
+    #[error("{message}")]
+    TokenUnavailable {
+        /// Why, in plain words.
+        message: String,
+        /// When a new attempt may succeed.
+        retry_after: Duration,
+    },
+    /// Accounts rejected the client id, secret or refresh token: an operator must act.
+    #[error("{0}")]
+    AuthRejected(String),
+    /// Desk could not be reached.
+    #[error("{0}")]
+    UpstreamUnreachable(String),
+    /// Desk did not answer in time.
+    #[error("{0}")]
+    UpstreamTimeout(String),
+    /// The proxy API key is missing or wrong.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// An access rule refused the request; the message names the rule.
+    #[error("{0}")]
+    Forbidden(String),
+    /// `CONNECT`, or a method outside `allow_methods`.
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    /// A request the proxy cannot forward.
+    #[error("{0}")]
+    BadRequest(String),
+    /// A path under the reserved `/_proxy/` prefix that names no endpoint.
+    #[error("{0}")]
+    NotFound(String),
+}
+
+impl ProxyError {
+    /// The `errorCode` of the JSON body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::TokenUnavailable { .. } => "PROXY_TOKEN_UNAVAILABLE",
+            Self::AuthRejected(_) => "PROXY_AUTH_REJECTED",
+            Self::UpstreamUnreachable(_) => "PROXY_UPSTREAM_UNREACHABLE",
+            Self::UpstreamTimeout(_) => "PROXY_UPSTREAM_TIMEOUT",
+            Self::Unauthorized(_) => "PROXY_UNAUTHORIZED",
+            Self::Forbidden(_) => "PROXY_FORBIDDEN",
+            Self::MethodNotAllowed(_) => "PROXY_METHOD_NOT_ALLOWED",
+            Self::BadRequest(_) => "PROXY_BAD_REQUEST",
+            Self::NotFound(_) => "PROXY_NOT_FOUND",
+        }
+    }
+
+    /// The HTTP status of the answer.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::TokenUnavailable { .. } | Self::AuthRejected(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+        }
+    }
+
+    /// The JSON body, `{"errorCode":…,"message":…}`.
+    pub fn body(&self) -> Bytes {
+        let body = serde_json::json!({ "errorCode": self.code(), "message": self.to_string() });
+        Bytes::from(body.to_string())
+    }
+
+    /// The whole answer, with `Retry-After` where the error has one.
+    pub fn to_response<B: From<Bytes>>(&self) -> Response<B> {
+        let mut response = Response::new(B::from(self.body()));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json;charset=UTF-8"),
+        );
+        if let Self::TokenUnavailable { retry_after, .. } = self {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(*retry_after)));
+        }
+        if let Self::Unauthorized(_) = self {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"zoho-desk-proxy\""),
+            );
+        }
+        response
+    }
+}
+
+/// `Retry-After` in whole seconds, rounded up and at least 1.
+pub fn retry_after_secs(d: Duration) -> u64 {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_has_the_spec_code_and_status() {
+        let table = [
+            (
+                ProxyError::TokenUnavailable { message: "x".into(), retry_after: Duration::from_millis(1500) },
+                "PROXY_TOKEN_UNAVAILABLE",
+                503,
+            ),
+            (ProxyError::AuthRejected("x".into()), "PROXY_AUTH_REJECTED", 503),
+            (ProxyError::UpstreamUnreachable("x".into()), "PROXY_UPSTREAM_UNREACHABLE", 502),
+            (ProxyError::UpstreamTimeout("x".into()), "PROXY_UPSTREAM_TIMEOUT", 504),
+            (ProxyError::Unauthorized("x".into()), "PROXY_UNAUTHORIZED", 401),
+            (ProxyError::Forbidden("x".into()), "PROXY_FORBIDDEN", 403),
+            (ProxyError::MethodNotAllowed("x".into()), "PROXY_METHOD_NOT_ALLOWED", 405),
+            (ProxyError::BadRequest("x".into()), "PROXY_BAD_REQUEST", 400),
+        ];
+        for (err, code, status) in table {
+            let response: Response<Bytes> = err.to_response();
+            assert_eq!(response.status().as_u16(), status, "{code}");
+            let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+            assert_eq!(body["errorCode"], code);
+            assert_eq!(body["message"], "x");
+        }
+    }
+
+    #[test]
+    fn token_unavailable_carries_retry_after_rounded_up() {
+        let err = ProxyError::TokenUnavailable { message: "x".into(), retry_after: Duration::from_millis(1500) };
+        let response: Response<Bytes> = err.to_response();
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+    }
+}

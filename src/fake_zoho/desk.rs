@@ -1,0 +1,403 @@
+//! Fake Zoho Desk: a few `/api/v1/...` endpoints plus test helpers
+//! (echo, streamed download/upload, gzip, redirect, slow body).
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use serde_json::{Map, Value, json};
+
+use super::body::{PatternBody, SlowBody};
+use super::body::{full, parse_form, read_body};
+use super::store::now_iso8601;
+use super::{RecordedRequest, RespBody, Shared};
+
+const JSON: &str = "application/json;charset=UTF-8";
+const RATE_HEADER: &str = "x-rate-limit-remaining-v3";
+const INVALID_OAUTH_MSG: &str = "The OAuth Token you provided is invalid.";
+const NOT_FOUND_MSG: &str = "The URL you requested could not be found.";
+/// Echo returns the body itself only up to this size.
+const ECHO_KEEP: usize = 65536;
+/// Largest JSON body accepted by the create endpoints.
+const MAX_JSON: usize = 1024 * 1024;
+/// gzip.compress(b'{"data":[]}', mtime=0)
+const GZIP_EMPTY_DATA: [u8; 31] = [
+    0x1f, 0x8b, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x03, 0xab, 0x56, 0x4a, 0x49, 0x2c, 0x49,
+    0x54, 0xb2, 0x8a, 0x8e, 0xad, 0x05, 0x00, 0x94, 0x64, 0xb2, 0x5e, 0x0b, 0x00, 0x00, 0x00,
+];
+
+/// Handles one request on the Desk listener.
+pub(super) async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<RespBody>, io::Error> {
+    let mut resp = handle_inner(shared, req).await?;
+    resp.headers_mut()
+        .insert(RATE_HEADER, HeaderValue::from_static("4999"));
+    Ok(resp)
+}
+
+async fn handle_inner(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> io::Result<Response<RespBody>> {
+    let (parts, body) = req.into_parts();
+    let raw = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("")
+        .to_owned();
+    tracing::debug!(method = %parts.method, path = %parts.uri.path(), version = ?parts.version, "fake desk request");
+    let (idx, forced) = {
+        let mut st = shared.lock();
+        st.desk_requests.push(RecordedRequest {
+            method: parts.method.as_str().to_owned(),
+            path_and_query: raw.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+            body_len: 0,
+        });
+        let forced = if st.forced_401_remaining > 0 {
+            st.forced_401_remaining -= 1;
+            Some(st.forced_401_code.clone())
+        } else {
+            None
+        };
+        (st.desk_requests.len() - 1, forced)
+    };
+    let mut req = Req {
+        shared: &shared,
+        idx,
+        parts: &parts,
+        body: Some(body),
+    };
+
+    if let Some(code) = forced {
+        req.consume(0).await?;
+        tracing::debug!("fake desk: forced 401");
+        return Ok(match code {
+            Some(code) => {
+                let msg = if code == "INVALID_OAUTH" {
+                    INVALID_OAUTH_MSG
+                } else {
+                    "Forced failure (fake Zoho Desk)."
+                };
+                error(StatusCode::UNAUTHORIZED, &code, msg)
+            }
+            None => json_response(StatusCode::UNAUTHORIZED, Bytes::new()),
+        });
+    }
+
+    let authorized =
+        bearer(&parts.headers).is_some_and(|t| shared.lock().token_is_valid(t, Instant::now()));
+    if !authorized {
+        req.consume(0).await?;
+        tracing::debug!("fake desk: invalid or missing oauth token");
+        return Ok(error(
+            StatusCode::UNAUTHORIZED,
+            "INVALID_OAUTH",
+            INVALID_OAUTH_MSG,
+        ));
+    }
+
+    let delay = shared.lock().desk_delay;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    route(req, &raw).await
+}
+
+/// The request being answered, with a body that can be consumed once.
+struct Req<'a> {
+    shared: &'a Shared,
+    idx: usize,
+    parts: &'a Parts,
+    body: Option<Incoming>,
+}
+
+impl Req<'_> {
+    /// Reads the whole body (frame by frame), records its length and returns
+    /// its content when it is at most `keep` bytes.
+    async fn consume(&mut self, keep: usize) -> io::Result<(u64, Option<Bytes>)> {
+        let Some(body) = self.body.take() else {
+            return Ok((0, Some(Bytes::new())));
+        };
+        let (len, content) = read_body(body, keep).await?;
+        if let Some(r) = self.shared.lock().desk_requests.get_mut(self.idx) {
+            r.body_len = len;
+        }
+        Ok((len, content))
+    }
+
+    fn query(&self) -> Vec<(String, String)> {
+        parse_form(self.parts.uri.query().unwrap_or("").as_bytes())
+    }
+}
+
+/// `Zoho-oauthtoken <token>` from the only Authorization header, if any.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    value.to_str().ok()?.strip_prefix("Zoho-oauthtoken ")
+}
+
+async fn route(mut req: Req<'_>, raw: &str) -> io::Result<Response<RespBody>> {
+    let method = req.parts.method.clone();
+    let path = req.parts.uri.path();
+    let Some(rest) = path.strip_prefix("/api/v1/") else {
+        req.consume(0).await?;
+        return Ok(not_found());
+    };
+    if rest == "echo" || rest.starts_with("echo/") {
+        return echo(req, raw).await;
+    }
+    if matches!(rest, "tickets" | "contacts") && method == Method::POST {
+        let (_, body) = req.consume(MAX_JSON).await?;
+        return Ok(create(req.shared, rest, body.as_deref()));
+    }
+    let (len, _) = req.consume(0).await?;
+    let query = req.query();
+    let param = |name: &str| {
+        query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let resp = match (rest, method) {
+        ("upload", Method::POST | Method::PUT) => {
+            tracing::debug!(bytes = len, "fake desk: upload consumed");
+            json_value(StatusCode::OK, &json!({"bytes": len}))
+        }
+        ("tickets" | "contacts", Method::GET) => list(req.shared, rest, &param),
+        ("organizations", Method::GET) => json_value(
+            StatusCode::OK,
+            &json!({"data": [{
+                "id": "60001234567", "companyName": "Zylker (fake)",
+                "portalName": "zylker", "isDefault": true,
+            }]}),
+        ),
+        ("download", Method::GET) => match param("bytes").and_then(|b| b.parse::<u64>().ok()) {
+            Some(n) => download(n),
+            None => invalid("The query parameter 'bytes' must be a non-negative integer."),
+        },
+        ("gzip", Method::GET) => {
+            let mut resp = json_response(StatusCode::OK, Bytes::from_static(&GZIP_EMPTY_DATA));
+            resp.headers_mut()
+                .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+            resp
+        }
+        ("redirect", Method::GET) => {
+            match param("to").and_then(|t| HeaderValue::from_str(t).ok()) {
+                Some(location) => {
+                    let mut resp = Response::new(full(Bytes::new()));
+                    *resp.status_mut() = StatusCode::FOUND;
+                    resp.headers_mut().insert(header::LOCATION, location);
+                    resp
+                }
+                None => invalid("The query parameter 'to' must be a URL."),
+            }
+        }
+        ("slow-body", Method::GET) => match param("ms").and_then(|m| m.parse::<u64>().ok()) {
+            Some(ms) => {
+                let body = SlowBody::new(
+                    Duration::from_millis(ms),
+                    Bytes::from_static(b"{\"ok\":true}"),
+                );
+                let mut resp = Response::new(body.boxed());
+                resp.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(JSON));
+                resp
+            }
+            None => invalid("The query parameter 'ms' must be a non-negative integer."),
+        },
+        (r, Method::GET) => match r.split_once('/') {
+            Some((kind @ ("tickets" | "contacts"), id)) if !id.contains('/') => {
+                get_one(req.shared, kind, id)
+            }
+            _ => not_found(),
+        },
+        _ => not_found(),
+    };
+    Ok(resp)
+}
+
+/// `GET /api/v1/{tickets,contacts}` with `from` (0-based) and `limit` (default 10, max 100).
+fn list<'q>(
+    shared: &Shared,
+    kind: &str,
+    param: &dyn Fn(&str) -> Option<&'q str>,
+) -> Response<RespBody> {
+    let from = match param("from").map(str::parse::<usize>) {
+        None => 0,
+        Some(Ok(f)) => f,
+        Some(Err(_)) => {
+            return invalid("The query parameter 'from' must be a non-negative integer.");
+        }
+    };
+    let limit = match param("limit").map(str::parse::<usize>) {
+        None => 10,
+        Some(Ok(l)) if l >= 1 => l.min(100),
+        Some(_) => {
+            return invalid("The query parameter 'limit' must be an integer between 1 and 100.");
+        }
+    };
+    let st = shared.lock();
+    let items = if kind == "tickets" {
+        &st.store.tickets
+    } else {
+        &st.store.contacts
+    };
+    let page: Vec<Value> = items.iter().skip(from).take(limit).cloned().collect();
+    json_value(StatusCode::OK, &json!({"data": page}))
+}
+
+/// `GET /api/v1/{tickets,contacts}/{id}`.
+fn get_one(shared: &Shared, kind: &str, id: &str) -> Response<RespBody> {
+    let st = shared.lock();
+    let items = if kind == "tickets" {
+        &st.store.tickets
+    } else {
+        &st.store.contacts
+    };
+    match items
+        .iter()
+        .find(|v| v.get("id").and_then(Value::as_str) == Some(id))
+    {
+        Some(v) => json_value(StatusCode::OK, v),
+        None => not_found(),
+    }
+}
+
+/// `POST /api/v1/{tickets,contacts}` with a JSON object body.
+fn create(shared: &Shared, kind: &str, body: Option<&[u8]>) -> Response<RespBody> {
+    let Some(body) = body else {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            "The request body is too large.",
+        );
+    };
+    let obj = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(obj)) => obj,
+        _ => return invalid("The request body must be a JSON object."),
+    };
+    let text = |name: &str| {
+        obj.get(name)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    };
+    let mut st = shared.lock();
+    if kind == "tickets" {
+        let Some(subject) = text("subject") else {
+            return invalid("The field 'subject' is required.");
+        };
+        let default_contact = st
+            .store
+            .contacts
+            .first()
+            .and_then(|c| c.get("id"))
+            .and_then(Value::as_str);
+        let contact = text("contactId")
+            .or(default_contact)
+            .unwrap_or("")
+            .to_owned();
+        let (status, channel) = (
+            text("status").unwrap_or("Open"),
+            text("channel").unwrap_or("Web"),
+        );
+        let t = st
+            .store
+            .add_ticket(subject, status, &contact, &now_iso8601(), channel);
+        tracing::debug!("fake desk: ticket created");
+        json_value(StatusCode::OK, &t)
+    } else {
+        let Some(last) = text("lastName") else {
+            return invalid("The field 'lastName' is required.");
+        };
+        let id = st.store.add_contact(text("firstName"), last, text("email"));
+        tracing::debug!("fake desk: contact created");
+        match st
+            .store
+            .contacts
+            .iter()
+            .find(|c| c.get("id").and_then(Value::as_str) == Some(id.as_str()))
+        {
+            Some(c) => json_value(StatusCode::OK, c),
+            None => not_found(),
+        }
+    }
+}
+
+/// `ANY /api/v1/echo[/...]`: describes the request as received.
+async fn echo(mut req: Req<'_>, raw: &str) -> io::Result<Response<RespBody>> {
+    let (len, body) = req.consume(ECHO_KEEP).await?;
+    let mut headers = Map::new();
+    for (name, value) in req.parts.headers.iter() {
+        let v = Value::String(String::from_utf8_lossy(value.as_bytes()).into_owned());
+        match headers.get_mut(name.as_str()) {
+            Some(Value::Array(values)) => values.push(v),
+            _ => {
+                headers.insert(name.as_str().to_owned(), Value::Array(vec![v]));
+            }
+        }
+    }
+    let body = body.map(|b| String::from_utf8_lossy(&b).into_owned());
+    Ok(json_value(
+        StatusCode::OK,
+        &json!({
+            "method": req.parts.method.as_str(),
+            "path_and_query": raw,
+            "version": format!("{:?}", req.parts.version),
+            "headers": headers,
+            "body_len": len,
+            "body": body,
+        }),
+    ))
+}
+
+/// `GET /api/v1/download?bytes=N`: streams N pattern bytes.
+fn download(n: u64) -> Response<RespBody> {
+    let mut resp = Response::new(PatternBody::new(n).boxed());
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    resp
+}
+
+fn json_response(status: StatusCode, body: Bytes) -> Response<RespBody> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(JSON));
+    resp
+}
+
+fn json_value(status: StatusCode, value: &Value) -> Response<RespBody> {
+    json_response(status, Bytes::from(value.to_string()))
+}
+
+/// A Desk-shaped error: `{"errorCode":…,"message":…}`.
+fn error(status: StatusCode, code: &str, message: &str) -> Response<RespBody> {
+    json_value(status, &json!({"errorCode": code, "message": message}))
+}
+
+fn invalid(message: &str) -> Response<RespBody> {
+    error(StatusCode::UNPROCESSABLE_ENTITY, "INVALID_DATA", message)
+}
+
+fn not_found() -> Response<RespBody> {
+    error(StatusCode::NOT_FOUND, "URL_NOT_FOUND", NOT_FOUND_MSG)
+}

@@ -1,0 +1,132 @@
+//! Header rules of SPEC §5: what is removed, replaced and added on the way to Desk and
+//! on the way back.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// The proxy's own client-key header (SPEC §7).
+pub static PROXY_KEY: HeaderName = HeaderName::from_static("x-proxy-key");
+/// Zoho Desk's organisation header.
+pub static ORG_ID: HeaderName = HeaderName::from_static("orgid");
+/// The request id sent back to the client.
+pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy `Proxy-Connection`.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes `Connection`, every header it names, and the fixed hop-by-hop set.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Turns the client's headers into Desk's: hop-by-hop, `Host`, `Cookie`, `Expect`, the
+/// proxy key and the client's `Authorization` go; the token goes in; `orgId` is added when
+/// configured and absent. Everything else passes unchanged.
+pub fn prepare_request(headers: &mut HeaderMap, token: &HeaderValue, org_id: Option<&HeaderValue>) {
+    remove_hop_by_hop(headers);
+    headers.remove(header::HOST);
+    headers.remove(header::COOKIE);
+    // The proxy answered `100 Continue` itself when it started reading the body.
+    headers.remove(header::EXPECT);
+    headers.remove(&PROXY_KEY);
+    headers.insert(header::AUTHORIZATION, token.clone());
+    if let Some(org_id) = org_id
+        && !headers.contains_key(&ORG_ID)
+    {
+        headers.insert(ORG_ID.clone(), org_id.clone());
+    }
+}
+
+/// Turns Desk's response headers into the client's: only hop-by-hop headers go.
+pub fn prepare_response(headers: &mut HeaderMap) {
+    remove_hop_by_hop(headers);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn request_rules() {
+        let token = HeaderValue::from_static("Zoho-oauthtoken 1000.x.y");
+        let org = HeaderValue::from_static("123");
+        // (incoming headers, header, expected value after; None = removed)
+        let table: &[(&[(&str, &str)], &str, Option<&str>)] = &[
+            (&[("authorization", "Bearer client")], "authorization", Some("Zoho-oauthtoken 1000.x.y")),
+            (&[("host", "127.0.0.1:8080")], "host", None),
+            (&[("cookie", "session=1")], "cookie", None),
+            (&[("x-proxy-key", "k")], "x-proxy-key", None),
+            (&[("proxy-authorization", "Bearer k")], "proxy-authorization", None),
+            (&[("connection", "keep-alive, x-custom"), ("x-custom", "1")], "x-custom", None),
+            (&[("connection", "close")], "connection", None),
+            (&[("keep-alive", "timeout=5")], "keep-alive", None),
+            (&[("te", "trailers")], "te", None),
+            (&[("trailer", "x")], "trailer", None),
+            (&[("transfer-encoding", "chunked")], "transfer-encoding", None),
+            (&[("upgrade", "websocket")], "upgrade", None),
+            (&[("proxy-connection", "keep-alive")], "proxy-connection", None),
+            (&[], "orgid", Some("123")),
+            (&[("orgId", "999")], "orgid", Some("999")),
+            (&[("content-encoding", "gzip")], "content-encoding", Some("gzip")),
+            (&[("accept-encoding", "gzip, br")], "accept-encoding", Some("gzip, br")),
+            (&[("content-type", "multipart/form-data; boundary=x")], "content-type", Some("multipart/form-data; boundary=x")),
+        ];
+        for (incoming, name, expected) in table {
+            let mut h = map(incoming);
+            prepare_request(&mut h, &token, Some(&org));
+            assert_eq!(h.get(*name).map(|v| v.to_str().unwrap()), *expected, "{incoming:?} → {name}");
+        }
+    }
+
+    #[test]
+    fn org_id_is_not_added_when_unconfigured() {
+        let mut h = HeaderMap::new();
+        prepare_request(&mut h, &HeaderValue::from_static("Zoho-oauthtoken t"), None);
+        assert!(h.get("orgid").is_none());
+    }
+
+    #[test]
+    fn response_rules_keep_rate_limit_and_encoding_headers() {
+        let mut h = map(&[
+            ("connection", "close"),
+            ("transfer-encoding", "chunked"),
+            ("content-encoding", "gzip"),
+            ("x-rate-limit-remaining-v3", "4999"),
+            ("set-cookie", "a=b"),
+        ]);
+        prepare_response(&mut h);
+        assert!(h.get("connection").is_none());
+        assert!(h.get("transfer-encoding").is_none());
+        assert_eq!(h["content-encoding"], "gzip");
+        assert_eq!(h["x-rate-limit-remaining-v3"], "4999");
+        assert_eq!(h["set-cookie"], "a=b");
+    }
+}

@@ -1,0 +1,120 @@
+//! zoho-desk-proxy: a local reverse proxy for the Zoho Desk API that injects a fresh
+//! `Authorization: Zoho-oauthtoken …` into every request and renews the token atomically.
+//!
+//! The whole proxy is [`run`]: it takes its configuration, a bound listener and a shutdown
+//! signal, so that tests and the `demo` command drive it in-process.
+
+pub mod access;
+pub mod admin;
+pub mod body;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod fake_zoho;
+pub mod headers;
+pub mod observe;
+pub mod proxy;
+pub mod secret;
+pub mod server;
+pub mod target;
+pub mod token;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::access::AccessPolicy;
+use crate::config::{Config, ConfigError};
+use crate::proxy::Proxy;
+use crate::token::{AccountsClient, RefreshPolicy, RefreshTokenSource, TokenCache};
+
+/// Why the proxy could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration cannot be used (exit code 2).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A runtime failure (exit code 1).
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Checks what `serve` needs beyond a parseable config: a refresh token, valid access
+/// rules, and no unauthenticated listener on a non-loopback address.
+pub fn check_startup(config: &Config) -> Result<(), ConfigError> {
+    if config.oauth.refresh_token.is_none() {
+        return Err(ConfigError::Invalid {
+            key: "oauth.refresh_token",
+            reason: "no refresh token: set ZOHO_REFRESH_TOKEN (or oauth.refresh_token), or run `zoho-desk-proxy exchange --code <grant token>` to create one".into(),
+        });
+    }
+    AccessPolicy::validate(config)?;
+    let access = &config.access;
+    if !config.listen.ip().is_loopback()
+        && access.api_keys.is_empty()
+        && access.allow_cidrs.is_empty()
+        && !access.allow_unauthenticated_remote
+    {
+        return Err(ConfigError::Invalid {
+            key: "listen",
+            reason: format!(
+                "{} is reachable from other machines, and anyone who reaches the proxy acts as your Zoho user. Set access.api_keys or access.allow_cidrs, or, in a private CI network, access.allow_unauthenticated_remote = true",
+                config.listen
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Builds the token cache of a config: Zoho Accounts with the refresh token.
+pub fn token_cache(config: &Config) -> Result<Arc<TokenCache>, ConfigError> {
+    let refresh_token = config.oauth.refresh_token.clone().ok_or(ConfigError::Missing {
+        key: "oauth.refresh_token",
+        env: "ZOHO_REFRESH_TOKEN",
+    })?;
+    let client = AccountsClient::new(
+        config.accounts_url.clone(),
+        config.oauth.client_id.clone(),
+        config.oauth.client_secret.clone(),
+        config.timeouts.connect,
+        config.timeouts.response.min(std::time::Duration::from_secs(30)),
+    );
+    let policy =
+        RefreshPolicy::new(config.oauth.refresh_margin, config.oauth.max_refreshes_per_10min);
+    Ok(TokenCache::new(RefreshTokenSource { client, refresh_token }, policy))
+}
+
+/// Runs the proxy on `listener` until `shutdown` resolves, then drains and returns.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    check_startup(&config)?;
+    let tokens = token_cache(&config)?;
+    if !config.listen.ip().is_loopback()
+        && config.access.api_keys.is_empty()
+        && config.access.allow_cidrs.is_empty()
+    {
+        tracing::warn!(listen = %config.listen, "listening on a non-loopback address without api_keys or allow_cidrs (access.allow_unauthenticated_remote = true): anyone who reaches this address acts as your Zoho user");
+    }
+    let (stop_background, background_stopped) = tokio::sync::oneshot::channel::<()>();
+    let refresher = tokio::spawn(Arc::clone(&tokens).run_background(async {
+        let _ = background_stopped.await;
+    }));
+    let proxy = Arc::new(Proxy::new(config, tokens));
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        upstream = %proxy.config.upstream,
+        accounts = %proxy.config.accounts_url,
+        "zoho-desk-proxy listening"
+    );
+    server::serve(Arc::clone(&proxy), listener, shutdown).await;
+    let _ = stop_background.send(());
+    let _ = refresher.await;
+    tracing::info!("zoho-desk-proxy stopped");
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! The binary: parse the command line, set up logging, run. `anyhow` lives here only.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use zoho_desk_proxy::RunError;
+use zoho_desk_proxy::cli::{Cli, Command, ServeArgs};
+use zoho_desk_proxy::config::{Config, ConfigError, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            None => serve(cli.serve).await,
+            Some(Command::Serve(args)) => serve(args).await,
+            Some(Command::Demo(args)) => {
+                init_logging(None);
+                zoho_desk_proxy::demo::run_demo(args.listen, shutdown_signal()).await.map_err(Into::into)
+            }
+            Some(Command::Exchange(_)) | Some(Command::Check(_)) => {
+                anyhow::bail!("not built yet")
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+/// 2 for configuration and usage errors, 1 for everything else (SPEC §2).
+fn exit_code(err: &anyhow::Error) -> u8 {
+    let is_config = err.chain().any(|cause| {
+        cause.is::<ConfigError>()
+            || cause.downcast_ref::<RunError>().is_some_and(|e| matches!(e, RunError::Config(_)))
+    });
+    if is_config { 2 } else { 1 }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    init_logging(config.log_format);
+    zoho_desk_proxy::check_startup(&config)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    zoho_desk_proxy::run(config, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Logs go to stderr: `pretty` on a terminal, else JSON; level from `RUST_LOG`.
+fn init_logging(format: Option<LogFormat>) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let format = format.unwrap_or(if std::io::stderr().is_terminal() {
+        LogFormat::Pretty
+    } else {
+        LogFormat::Json
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Pretty => builder.compact().try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+    };
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,170 @@
+//! What the proxy tells its operator: one log line per request, and the count of requests
+//! in flight that graceful shutdown waits for.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use http::Method;
+use tokio::sync::Notify;
+
+/// The process' lifecycle as requests see it: draining after SIGTERM, and in flight.
+#[derive(Debug, Default)]
+pub struct Lifecycle {
+    draining: AtomicBool,
+    in_flight: AtomicUsize,
+    idle: Notify,
+}
+
+impl Lifecycle {
+    /// Whether SIGTERM/SIGINT was received (`/_proxy/ready` answers 503).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Starts draining.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Requests whose response has not ended yet.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no request is in flight.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.in_flight() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Counts a request in flight until the guard drops.
+    pub fn enter(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(Arc::clone(self))
+    }
+}
+
+/// One request in flight.
+#[derive(Debug)]
+pub struct InFlight(Arc<Lifecycle>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// A short random id for a request, sent back as `x-request-id`.
+pub fn request_id() -> String {
+    format!("{:016x}", fastrand::u64(..))
+}
+
+/// The record of one request, written as one log line when its response ends (or the
+/// client goes away). Never holds a query string, token or secret.
+#[derive(Debug)]
+pub struct RequestLog {
+    id: String,
+    method: Method,
+    path: String,
+    status: u16,
+    started: Instant,
+    upstream_latency: Option<Duration>,
+    retried: bool,
+    error_code: Option<&'static str>,
+    bytes: u64,
+    complete: bool,
+    body_error: bool,
+    _in_flight: InFlight,
+}
+
+impl RequestLog {
+    /// Starts the record; `path` must not contain the query.
+    pub fn new(id: String, method: Method, path: String, in_flight: InFlight) -> Self {
+        Self {
+            id,
+            method,
+            path,
+            status: 0,
+            started: Instant::now(),
+            upstream_latency: None,
+            retried: false,
+            error_code: None,
+            bytes: 0,
+            complete: false,
+            body_error: false,
+            _in_flight: in_flight,
+        }
+    }
+
+    /// The request id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Records the status sent to the client.
+    pub fn set_status(&mut self, status: u16) {
+        self.status = status;
+    }
+
+    /// Records the time Desk took to send response headers.
+    pub fn set_upstream_latency(&mut self, latency: Duration) {
+        self.upstream_latency = Some(latency);
+    }
+
+    /// Records that the request was retried after a 401.
+    pub fn set_retried(&mut self) {
+        self.retried = true;
+    }
+
+    /// Records the proxy's own error code.
+    pub fn set_error_code(&mut self, code: &'static str) {
+        self.error_code = Some(code);
+    }
+
+    /// Counts response body bytes sent.
+    pub fn add_bytes(&mut self, n: u64) {
+        self.bytes += n;
+    }
+
+    /// The body ended normally.
+    pub fn mark_complete(&mut self) {
+        self.complete = true;
+    }
+
+    /// Desk's body broke off.
+    pub fn mark_body_error(&mut self) {
+        self.body_error = true;
+    }
+}
+
+impl Drop for RequestLog {
+    fn drop(&mut self) {
+        let duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let upstream_ms = self.upstream_latency.map(|d| d.as_secs_f64() * 1000.0);
+        tracing::info!(
+            target: "zoho_desk_proxy::request",
+            request_id = %self.id,
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            upstream_ms,
+            duration_ms,
+            bytes = self.bytes,
+            retried = self.retried,
+            error_code = self.error_code,
+            complete = self.complete,
+            upstream_body_error = self.body_error,
+            "request"
+        );
+    }
+}

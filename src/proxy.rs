@@ -1,0 +1,292 @@
+//! The request path: `handle()` reads as a request's life — reserved endpoints, target,
+//! access rules, body, token, send, 401 retry, response.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+
+use crate::access::AccessPolicy;
+use crate::body::{ResponseBody, UpstreamBody};
+use crate::client::{Connector, describe_client_error};
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::headers;
+use crate::observe::{Lifecycle, RequestLog, request_id};
+use crate::target::{self, Target};
+use crate::token::{Token, TokenCache, TokenError};
+
+/// The largest Desk 401 body read to find its `errorCode` (real ones are ~100 bytes).
+const MAX_401_BODY: usize = 64 * 1024;
+
+/// Everything a request needs, shared by all connections.
+pub struct Proxy {
+    pub(crate) config: Config,
+    pub(crate) tokens: Arc<TokenCache>,
+    pub(crate) client: Client<Connector, UpstreamBody>,
+    pub(crate) access: AccessPolicy,
+    pub(crate) lifecycle: Arc<Lifecycle>,
+}
+
+impl Proxy {
+    /// Builds the proxy around its token cache.
+    pub fn new(config: Config, tokens: Arc<TokenCache>) -> Self {
+        let client = crate::client::build(config.timeouts.connect, config.timeouts.idle);
+        let access = AccessPolicy::new(&config);
+        Self { config, tokens, client, access, lifecycle: Arc::default() }
+    }
+
+    /// The lifecycle shared with the server (draining, in flight).
+    pub fn lifecycle(&self) -> &Arc<Lifecycle> {
+        &self.lifecycle
+    }
+
+    /// Answers one request; never fails (errors become Zoho-shaped answers).
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<ResponseBody>, Infallible> {
+        let path = req.uri().path().to_owned();
+        let mut log =
+            RequestLog::new(request_id(), req.method().clone(), path, self.lifecycle.enter());
+        let mut response = match self.route(req, peer, &mut log).await {
+            Ok(response) => response,
+            Err(err) => {
+                log.set_error_code(err.code());
+                if matches!(err, ProxyError::Forbidden(_) | ProxyError::Unauthorized(_) | ProxyError::MethodNotAllowed(_)) {
+                    tracing::warn!(request_id = log.id(), error_code = err.code(), rule = %err, "request refused");
+                }
+                err.to_response()
+            }
+        };
+        log.set_status(response.status().as_u16());
+        if let Ok(id) = HeaderValue::from_str(log.id()) {
+            response.headers_mut().insert(headers::REQUEST_ID.clone(), id);
+        }
+        let (parts, body) = response.into_parts();
+        Ok(Response::from_parts(parts, body.with_log(log)))
+    }
+
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        log: &mut RequestLog,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        if let Some(endpoint) = req.uri().path().strip_prefix(crate::admin::PREFIX) {
+            self.access.check_admin(&req, peer, endpoint)?;
+            return crate::admin::answer(self, &req, endpoint);
+        }
+        let target = target::resolve(req.method(), req.uri(), req.version(), &self.config.upstream)?;
+        self.access.check(&req, peer, &target)?;
+        self.forward(req, &target, log).await
+    }
+
+    /// Sends the request to Desk with a valid token; on a 401 that says the token is bad,
+    /// refreshes once (shared with every request that saw the same token fail) and retries
+    /// when the body can be replayed.
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        target: &Target,
+        log: &mut RequestLog,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let (mut parts, body) = req.into_parts();
+        let uri = self
+            .config
+            .upstream
+            .join(&target.path_and_query)
+            .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded".into()))?;
+        let body = RequestBody::read(body, self.config.replay_body_bytes).await?;
+        let token = self.tokens.usable().await.map_err(token_error)?;
+        headers::prepare_request(&mut parts.headers, &token.header, self.config.org_id.as_ref());
+
+        let replay = body.replay();
+        let first_headers =
+            if replay.is_some() { parts.headers.clone() } else { std::mem::take(&mut parts.headers) };
+        let response = self.send(&parts, first_headers, uri.clone(), body.into_upstream(), log).await?;
+        if response.status() != StatusCode::UNAUTHORIZED {
+            return Ok(into_client_response(response));
+        }
+
+        let (resp_parts, resp_body) = response.into_parts();
+        let desk_401 = Limited::new(resp_body, MAX_401_BODY)
+            .collect()
+            .await
+            .map_err(|_| ProxyError::UpstreamUnreachable("Zoho Desk's 401 answer could not be read".into()))?
+            .to_bytes();
+        if !token_is_invalid(&desk_401) {
+            // SCOPE_MISMATCH and friends: the token is fine, the answer is the client's.
+            return Ok(rebuild(resp_parts, desk_401));
+        }
+        let Some(replay) = replay else {
+            self.refresh_in_background(&token);
+            return Ok(rebuild(resp_parts, desk_401));
+        };
+        let fresh = self.tokens.refresh_after(token.generation).await.map_err(token_error)?;
+        parts.headers.insert(http::header::AUTHORIZATION, fresh.header.clone());
+        log.set_retried();
+        let headers = std::mem::take(&mut parts.headers);
+        let response = self.send(&parts, headers, uri, UpstreamBody::buffered(replay), log).await?;
+        Ok(into_client_response(response))
+    }
+
+    async fn send(
+        &self,
+        parts: &Parts,
+        headers: HeaderMap,
+        uri: Uri,
+        body: UpstreamBody,
+        log: &mut RequestLog,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let mut request = Request::new(body);
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
+        // The pool speaks HTTP/2 or HTTP/1.1 as ALPN decided; an inbound h2 request must
+        // not ask for h2 on an HTTP/1 connection.
+        *request.version_mut() = Version::HTTP_11;
+
+        let started = Instant::now();
+        let timeout = self.config.timeouts.response;
+        let result = tokio::time::timeout(timeout, self.client.request(request)).await;
+        log.set_upstream_latency(started.elapsed());
+        match result {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(err)) if is_connect_timeout(&err) => Err(ProxyError::UpstreamTimeout(format!(
+                "Zoho Desk could not be connected to within {} s (timeouts.connect_secs)",
+                self.config.timeouts.connect.as_secs_f64()
+            ))),
+            Ok(Err(err)) => Err(ProxyError::UpstreamUnreachable(format!(
+                "Zoho Desk could not be reached: {}",
+                describe_client_error(&err)
+            ))),
+            Err(_) => Err(ProxyError::UpstreamTimeout(format!(
+                "Zoho Desk did not answer within {} s (timeouts.response_secs)",
+                timeout.as_secs_f64()
+            ))),
+        }
+    }
+
+    /// A non-replayable request got Desk's 401: it goes back as is, and the token is still
+    /// renewed for the requests after it. The refresh runs in its own task.
+    fn refresh_in_background(&self, failed: &Token) {
+        let tokens = Arc::clone(&self.tokens);
+        let generation = failed.generation;
+        tokio::spawn(async move {
+            let _ = tokens.refresh_after(generation).await;
+        });
+    }
+}
+
+/// A request body, read whole when it is small enough to replay after a 401.
+enum RequestBody {
+    Replayable(Bytes),
+    Streaming(Incoming),
+}
+
+impl RequestBody {
+    async fn read(body: Incoming, limit: u64) -> Result<Self, ProxyError> {
+        if body.is_end_stream() {
+            return Ok(Self::Replayable(Bytes::new()));
+        }
+        match body.size_hint().exact() {
+            Some(len) if len <= limit => {
+                let bytes = Limited::new(body, limit as usize)
+                    .collect()
+                    .await
+                    .map_err(|_| ProxyError::BadRequest("the request body could not be read".into()))?
+                    .to_bytes();
+                Ok(Self::Replayable(bytes))
+            }
+            _ => Ok(Self::Streaming(body)),
+        }
+    }
+
+    /// The bytes to send again after a 401; `None` when the body streams.
+    fn replay(&self) -> Option<Bytes> {
+        match self {
+            Self::Replayable(bytes) => Some(bytes.clone()),
+            Self::Streaming(_) => None,
+        }
+    }
+
+    fn into_upstream(self) -> UpstreamBody {
+        match self {
+            Self::Replayable(bytes) => UpstreamBody::buffered(bytes),
+            Self::Streaming(incoming) => UpstreamBody::Stream(incoming),
+        }
+    }
+}
+
+/// Whether a Desk 401 body says the token itself is bad (`INVALID_OAUTH`, or no
+/// `errorCode` at all), as opposed to a valid token lacking rights.
+pub fn token_is_invalid(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct DeskError {
+        #[serde(rename = "errorCode")]
+        error_code: Option<String>,
+    }
+    match serde_json::from_slice::<DeskError>(body) {
+        Ok(DeskError { error_code: Some(code) }) => code == "INVALID_OAUTH",
+        _ => true,
+    }
+}
+
+fn into_client_response(response: Response<Incoming>) -> Response<ResponseBody> {
+    let (mut parts, body) = response.into_parts();
+    headers::prepare_response(&mut parts.headers);
+    Response::from_parts(parts, ResponseBody::stream(body))
+}
+
+fn rebuild(mut parts: http::response::Parts, body: Bytes) -> Response<ResponseBody> {
+    headers::prepare_response(&mut parts.headers);
+    Response::from_parts(parts, ResponseBody::full(body))
+}
+
+fn token_error(err: TokenError) -> ProxyError {
+    match err {
+        TokenError::Unavailable { reason, retry_after } => ProxyError::TokenUnavailable {
+            message: format!("no valid Zoho access token: {reason}"),
+            retry_after,
+        },
+        TokenError::Rejected(reason) => ProxyError::AuthRejected(format!(
+            "Zoho Accounts rejected the proxy's credentials; an operator must act: {reason}"
+        )),
+    }
+}
+
+fn is_connect_timeout(err: &hyper_util::client::legacy::Error) -> bool {
+    let text = describe_client_error(err);
+    err.is_connect() && (text.contains("timed out") || text.contains("timeout"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn which_401s_cost_a_refresh() {
+        let table: &[(&str, bool)] = &[
+            (r#"{"errorCode":"INVALID_OAUTH","message":"The OAuth Token you provided is invalid."}"#, true),
+            ("", true),
+            ("<html>Unauthorized</html>", true),
+            (r#"{"message":"no code"}"#, true),
+            (r#"{"errorCode":"SCOPE_MISMATCH","message":"…"}"#, false),
+            (r#"{"errorCode":"OAUTH_ORG_MISMATCH","message":"…"}"#, false),
+            (r#"{"errorCode":"UNAUTHORIZED","message":"…"}"#, false),
+        ];
+        for (body, refresh) in table {
+            assert_eq!(token_is_invalid(body.as_bytes()), *refresh, "{body}");
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! Calls to Zoho Accounts (`POST /oauth/v2/token`) and the parsing of its quirky answers.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use serde::Deserialize;
+
+use crate::client::Connector;
+use super::cache::TokenSource;
+use crate::config::BaseUrl;
+use crate::secret::Secret;
+
+/// Largest Accounts answer read; real ones are a few hundred bytes.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// A token granted by Accounts.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// The access token.
+    pub access_token: Secret<String>,
+    /// Its lifetime from now.
+    pub expires_in: Duration,
+    /// A refresh token, present on the `authorization_code` grant only.
+    pub refresh_token: Option<Secret<String>>,
+    /// The API domain Zoho reports (informational).
+    pub api_domain: Option<String>,
+}
+
+/// Why Accounts gave no token. Decided on Zoho's `error` code, never on its wording,
+/// which may be localized.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccountsError {
+    /// No connection, or it broke before an answer.
+    #[error("Zoho Accounts could not be reached: {0}")]
+    Unreachable(String),
+    /// No answer in time.
+    #[error("Zoho Accounts did not answer within {0:?}")]
+    Timeout(Duration),
+    /// "Access Denied" / too many requests: back off for at least 60 s.
+    #[error("Zoho Accounts is throttling token requests (error \"{0}\")")]
+    Throttled(String),
+    /// The client id, secret, refresh token or grant code was refused: an operator must act.
+    #[error("Zoho Accounts rejected the credentials (error \"{0}\")")]
+    Rejected(String),
+    /// Any other failure: a server error, an unexpected answer.
+    #[error("Zoho Accounts answered HTTP {status}{}", code.as_ref().map(|c| format!(" with error \"{c}\"")).unwrap_or_default())]
+    Failed {
+        /// The HTTP status.
+        status: u16,
+        /// Zoho's `error` code, when the answer had one.
+        code: Option<String>,
+    },
+}
+
+impl AccountsError {
+    /// The fix an operator should apply, in plain words.
+    pub fn advice(&self) -> &'static str {
+        match self {
+            Self::Rejected(code) if code == "invalid_code" => {
+                "the refresh token (or grant code) is invalid, expired or revoked: generate a new grant token in the Zoho API console (Self Client) and run `zoho-desk-proxy exchange --code <grant token>`"
+            }
+            Self::Rejected(code) if code == "invalid_client_secret" => {
+                "the client secret is wrong: copy it again from the Self Client's \"Client Secret\" tab into oauth.client_secret"
+            }
+            Self::Rejected(_) => {
+                "the client id is unknown to this data centre: check oauth.client_id, and that `dc` (or accounts_url) is the data centre your Zoho account lives in"
+            }
+            Self::Throttled(_) => {
+                "Zoho limits refreshes to 10 per refresh token in 10 minutes: stop other programs that refresh with the same refresh token, or wait"
+            }
+            Self::Unreachable(_) | Self::Timeout(_) => {
+                "check the network path to accounts_url (DNS, firewall, outbound proxy)"
+            }
+            Self::Failed { .. } => "Zoho Accounts is failing; the proxy retries with backoff",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenAnswer {
+    access_token: Option<String>,
+    refresh_token: Option<String>,
+    expires_in: Option<u64>,
+    expires_in_sec: Option<u64>,
+    api_domain: Option<String>,
+    error: Option<String>,
+}
+
+/// Parses an answer of `/oauth/v2/token`, Zoho's quirks included: success means an
+/// `access_token` is present whatever the status; errors and throttling may come with 200;
+/// `expires_in` is in milliseconds when `expires_in_sec` is present.
+pub fn parse_token_answer(status: u16, body: &[u8]) -> Result<Grant, AccountsError> {
+    let failed = |code: Option<String>| AccountsError::Failed { status, code };
+    let answer: TokenAnswer = serde_json::from_slice(body).map_err(|_| failed(None))?;
+    if let Some(token) = answer.access_token.filter(|t| !t.is_empty()) {
+        let secs = match (answer.expires_in_sec, answer.expires_in) {
+            (Some(secs), _) => secs,
+            (None, Some(secs)) => secs,
+            // Zoho documents one hour; an answer without a lifetime gets the documented one.
+            (None, None) => 3600,
+        };
+        return Ok(Grant {
+            access_token: Secret::new(token),
+            expires_in: Duration::from_secs(secs.max(1)),
+            refresh_token: answer.refresh_token.filter(|t| !t.is_empty()).map(Secret::new),
+            api_domain: answer.api_domain,
+        });
+    }
+    match answer.error {
+        Some(code) => Err(classify(status, code)),
+        None => Err(failed(None)),
+    }
+}
+
+fn classify(status: u16, code: String) -> AccountsError {
+    match code.as_str() {
+        "Access Denied" | "access_denied" | "too_many_requests" => AccountsError::Throttled(code),
+        "invalid_client" | "invalid_client_secret" | "invalid_code" | "unauthorized_client"
+        | "invalid_grant" => AccountsError::Rejected(code),
+        _ => AccountsError::Failed { status, code: Some(code) },
+    }
+}
+
+/// A client of Zoho Accounts for one Self Client.
+#[derive(Clone)]
+pub struct AccountsClient {
+    http: Client<Connector, Full<Bytes>>,
+    base: BaseUrl,
+    client_id: String,
+    client_secret: Secret<String>,
+    timeout: Duration,
+}
+
+impl AccountsClient {
+    /// A client for `base` (`https://accounts.zoho.com`); `timeout` bounds each call.
+    pub fn new(
+        base: BaseUrl,
+        client_id: String,
+        client_secret: Secret<String>,
+        connect_timeout: Duration,
+        timeout: Duration,
+    ) -> Self {
+        let http = crate::client::build(connect_timeout, Duration::from_secs(30));
+        Self { http, base, client_id, client_secret, timeout }
+    }
+
+    /// `grant_type=refresh_token`: a new access token.
+    pub async fn refresh(&self, refresh_token: &Secret<String>) -> Result<Grant, AccountsError> {
+        self.call(&[("grant_type", "refresh_token"), ("refresh_token", refresh_token.expose())])
+            .await
+    }
+
+    /// `grant_type=authorization_code` (Self Client, no `redirect_uri`): a refresh token.
+    pub async fn exchange(&self, code: &Secret<String>) -> Result<Grant, AccountsError> {
+        self.call(&[("grant_type", "authorization_code"), ("code", code.expose())]).await
+    }
+
+    async fn call(&self, params: &[(&str, &str)]) -> Result<Grant, AccountsError> {
+        let body = {
+            let mut form = form_urlencoded::Serializer::new(String::new());
+            form.extend_pairs(params);
+            form.append_pair("client_id", &self.client_id);
+            form.append_pair("client_secret", self.client_secret.expose());
+            form.finish()
+        };
+
+        let uri = self
+            .base
+            .join("/oauth/v2/token")
+            .map_err(|e| AccountsError::Unreachable(format!("bad accounts_url: {e}")))?;
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::ACCEPT, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| AccountsError::Unreachable(e.to_string()))?;
+
+        let exchange = async {
+            let response = self.http.request(request).await.map_err(|e| {
+                AccountsError::Unreachable(crate::client::describe_client_error(&e))
+            })?;
+            let status = response.status().as_u16();
+            let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
+                .collect()
+                .await
+                .map_err(|e| AccountsError::Unreachable(format!("answer unreadable: {e}")))?
+                .to_bytes();
+            Ok::<_, AccountsError>((status, body))
+        };
+        let (status, body) = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| AccountsError::Timeout(self.timeout))??;
+        parse_token_answer(status, &body)
+    }
+}
+
+/// The production [`TokenSource`]: `grant_type=refresh_token` with the configured
+/// refresh token.
+pub struct RefreshTokenSource {
+    /// The Accounts client.
+    pub client: AccountsClient,
+    /// The refresh token.
+    pub refresh_token: Secret<String>,
+}
+
+impl TokenSource for RefreshTokenSource {
+    fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Grant, AccountsError>> + Send + '_>> {
+        Box::pin(self.client.refresh(&self.refresh_token))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Bodies as Zoho Accounts sends them.
+    const SUCCESS: &str = r#"{"access_token":"1000.67013ab3960787bcf3affae67e649fc0.83a789c859e040bf11e7d05f9c8b5ef6","api_domain":"https://www.zohoapis.com","token_type":"Bearer","expires_in":3600}"#;
+    const SUCCESS_MS: &str = r#"{"access_token":"1000.aa.bb","expires_in_sec":3600,"expires_in":3600000,"api_domain":"https://www.zohoapis.com","token_type":"Bearer"}"#;
+    const EXCHANGE: &str = r#"{"access_token":"1000.67013ab3960787bcf3affae67e649fc0.83a789c859e040bf11e7d05f9c8b5ef6","refresh_token":"1000.aed4288cd9cfb2d63d093faef1b98890.2f4aa58ddadbec9fbbfd683805da839b","token_type":"Bearer","expires_in":3600}"#;
+    const INVALID_CODE: &str = r#"{"error":"invalid_code"}"#;
+    const INVALID_CLIENT: &str = r#"{"error":"invalid_client"}"#;
+    const THROTTLED: &str = r#"{"error":"Access Denied","error_description":"You have made too many requests continuously. Please try again after some time."}"#;
+    const THROTTLED_LOCALIZED: &str =
+        r#"{"error":"Access Denied","error_description":"Vous avez fait trop de demandes."}"#;
+
+    #[test]
+    fn success_in_seconds() {
+        let grant = parse_token_answer(200, SUCCESS.as_bytes()).unwrap();
+        assert_eq!(grant.expires_in, Duration::from_secs(3600));
+        assert!(grant.access_token.expose().starts_with("1000.6701"));
+        assert!(grant.refresh_token.is_none());
+    }
+
+    #[test]
+    fn expires_in_is_milliseconds_when_expires_in_sec_is_present() {
+        let grant = parse_token_answer(200, SUCCESS_MS.as_bytes()).unwrap();
+        assert_eq!(grant.expires_in, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn exchange_answer_carries_the_refresh_token() {
+        let grant = parse_token_answer(200, EXCHANGE.as_bytes()).unwrap();
+        assert!(grant.refresh_token.unwrap().expose().starts_with("1000.aed4"));
+    }
+
+    #[test]
+    fn errors_with_http_200_are_errors() {
+        assert_eq!(
+            parse_token_answer(200, INVALID_CODE.as_bytes()).unwrap_err(),
+            AccountsError::Rejected("invalid_code".into())
+        );
+        assert_eq!(
+            parse_token_answer(200, INVALID_CLIENT.as_bytes()).unwrap_err(),
+            AccountsError::Rejected("invalid_client".into())
+        );
+    }
+
+    #[test]
+    fn throttling_with_200_or_400_and_any_language() {
+        for (status, body) in [(200, THROTTLED), (400, THROTTLED), (400, THROTTLED_LOCALIZED)] {
+            assert_eq!(
+                parse_token_answer(status, body.as_bytes()).unwrap_err(),
+                AccountsError::Throttled("Access Denied".into()),
+                "{status} {body}"
+            );
+        }
+    }
+
+    #[test]
+    fn server_errors_and_garbage_are_transient_failures() {
+        assert_eq!(
+            parse_token_answer(503, b"<html>Service Unavailable</html>").unwrap_err(),
+            AccountsError::Failed { status: 503, code: None }
+        );
+        assert_eq!(
+            parse_token_answer(500, br#"{"error":"internal_error"}"#).unwrap_err(),
+            AccountsError::Failed { status: 500, code: Some("internal_error".into()) }
+        );
+        assert_eq!(
+            parse_token_answer(200, b"{}").unwrap_err(),
+            AccountsError::Failed { status: 200, code: None }
+        );
+    }
+
+    #[test]
+    fn errors_never_print_the_token() {
+        let err = parse_token_answer(200, INVALID_CODE.as_bytes()).unwrap_err();
+        assert!(!format!("{err} {err:?}").contains("1000."));
+    }
+}

@@ -1,0 +1,246 @@
+//! Forwarding (SPEC §5): what reaches Desk, what comes back, and what never leaves.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use zoho_desk_proxy::fake_zoho::FakeOptions;
+
+#[tokio::test]
+async fn request_reaches_desk_with_token_host_org_and_exact_target() {
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.org_id = Some("60001234567".parse().unwrap());
+    })
+    .await;
+    let response = client()
+        .get(s.url("/api/v1/tickets?limit=10&q=a%2Fb+c%20d"))
+        .header("Authorization", "Bearer client-own")
+        .header("Cookie", "session=localhost-cookie")
+        .header("Connection", "keep-alive, x-hop")
+        .header("X-Hop", "must go")
+        .header("X-Custom", "stays")
+        .header("Accept-Encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-rate-limit-remaining-v3"], "4999");
+    assert!(response.headers().contains_key("x-request-id"));
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(body["data"].as_array().is_some_and(|d| !d.is_empty()), "{body}");
+
+    let seen = s.zoho.desk_requests().pop().unwrap();
+    assert_eq!(seen.path_and_query, "/api/v1/tickets?limit=10&q=a%2Fb+c%20d");
+    let token = s.zoho.issued_tokens().pop().unwrap();
+    assert_eq!(seen.headers["authorization"], format!("Zoho-oauthtoken {token}").as_str());
+    assert_eq!(seen.headers["host"], s.fake.desk_url().trim_start_matches("http://"));
+    assert_eq!(seen.headers["orgid"], "60001234567");
+    assert_eq!(seen.headers["x-custom"], "stays");
+    assert_eq!(seen.headers["accept-encoding"], "gzip");
+    for gone in ["cookie", "x-hop", "proxy-authorization", "x-proxy-key"] {
+        assert!(!seen.headers.contains_key(gone), "{gone} reached Desk");
+    }
+    assert_eq!(seen.headers.get_all("authorization").iter().count(), 1);
+}
+
+#[tokio::test]
+async fn a_client_org_id_is_kept() {
+    let s = Scenario::with(FakeOptions::default(), |c| c.org_id = Some("1".parse().unwrap())).await;
+    let response = client().get(s.url("/api/v1/tickets")).header("orgId", "777").send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(s.zoho.desk_requests().pop().unwrap().headers["orgid"], "777");
+}
+
+#[tokio::test]
+async fn compressed_bodies_pass_unchanged() {
+    let s = Scenario::start().await;
+    let response = client().get(s.url("/api/v1/gzip")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-encoding"], "gzip");
+    let bytes = response.bytes().await.unwrap();
+    assert_eq!(&bytes[..2], &[0x1f, 0x8b], "still gzip on the wire");
+}
+
+#[tokio::test]
+async fn post_bodies_and_desk_errors_pass_unchanged() {
+    let s = Scenario::start().await;
+    let created = client()
+        .post(s.url("/api/v1/tickets"))
+        .json(&serde_json::json!({"subject": "Printer on fire"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 200);
+    let ticket: serde_json::Value = created.json().await.unwrap();
+    assert_eq!(ticket["subject"], "Printer on fire");
+
+    let invalid = client().post(s.url("/api/v1/tickets")).json(&serde_json::json!({})).send().await.unwrap();
+    assert_eq!(invalid.status(), 422);
+    let body: serde_json::Value = invalid.json().await.unwrap();
+    assert_eq!(body["errorCode"], "INVALID_DATA");
+
+    let missing = client().get(s.url("/api/v1/nothing-here")).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+}
+
+#[tokio::test]
+async fn h2c_clients_are_served() {
+    let s = Scenario::start().await;
+    let response = h2c_client().get(s.url("/api/v1/tickets?limit=1")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    let seen = s.zoho.desk_requests().pop().unwrap();
+    assert_eq!(seen.path_and_query, "/api/v1/tickets?limit=1");
+    assert!(seen.headers["authorization"].to_str().unwrap().starts_with("Zoho-oauthtoken "));
+    // The h2 :authority was the proxy's; Desk sees its own host.
+    assert_eq!(seen.headers["host"], s.fake.desk_url().trim_start_matches("http://"));
+}
+
+#[tokio::test]
+async fn an_upstream_redirect_reaches_the_client_unfollowed() {
+    let s = Scenario::start().await;
+    let evil = EvilListener::start().await;
+    let to = format!("http://{}/steal", evil.addr);
+    let response = client()
+        .get(s.url(&format!("/api/v1/redirect?to={}", urlencode(&to))))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 302);
+    assert_eq!(response.headers()["location"], to.as_str());
+    assert_eq!(evil.connections(), 0, "the proxy followed the redirect");
+}
+
+#[tokio::test]
+async fn absolute_form_goes_only_to_the_upstream() {
+    let s = Scenario::start().await;
+    let evil = EvilListener::start().await;
+
+    let answer = raw_request(
+        s.proxy.addr,
+        &format!("GET http://{0}/api/v1/tickets HTTP/1.1\r\nHost: {0}\r\nConnection: close\r\n\r\n", evil.addr),
+    )
+    .await;
+    assert_eq!(raw_status(&answer), 403, "{answer}");
+    assert_eq!(raw_json(&answer)["errorCode"], "PROXY_FORBIDDEN");
+    assert_eq!(evil.connections(), 0);
+
+    let desk = s.fake.desk_url().trim_start_matches("http://").to_owned();
+    let answer = raw_request(
+        s.proxy.addr,
+        &format!("GET http://{desk}/api/v1/tickets HTTP/1.1\r\nHost: {desk}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(raw_status(&answer), 200, "{answer}");
+
+    // Same host, another port.
+    let host = desk.split(':').next().unwrap();
+    let answer = raw_request(
+        s.proxy.addr,
+        &format!("GET http://{host}:{}/api/v1/tickets HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n", evil.addr.port()),
+    )
+    .await;
+    assert_eq!(raw_status(&answer), 403, "{answer}");
+    assert_eq!(evil.connections(), 0);
+}
+
+#[tokio::test]
+async fn connect_is_refused_with_405() {
+    let s = Scenario::start().await;
+    let answer = raw_request(
+        s.proxy.addr,
+        "CONNECT desk.zoho.com:443 HTTP/1.1\r\nHost: desk.zoho.com:443\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw_status(&answer), 405, "{answer}");
+    assert_eq!(raw_json(&answer)["errorCode"], "PROXY_METHOD_NOT_ALLOWED");
+}
+
+#[tokio::test]
+async fn dot_segments_and_empty_segments_are_refused() {
+    let s = Scenario::start().await;
+    for path in ["/api/v1/../admin", "/api/v1/%2e%2e/admin", "/api/v1/./tickets", "/api//v1/tickets"] {
+        let answer = raw_request(
+            s.proxy.addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(raw_status(&answer), 400, "{path}: {answer}");
+        assert_eq!(raw_json(&answer)["errorCode"], "PROXY_BAD_REQUEST");
+    }
+    assert_eq!(s.zoho.desk_request_count(), 0);
+}
+
+#[tokio::test]
+async fn unreachable_desk_is_502() {
+    let fake = zoho_desk_proxy::fake_zoho::FakeZoho::start().await.unwrap();
+    let mut config = config_for(&fake, &FakeOptions::default());
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    config.upstream = zoho_desk_proxy::config::BaseUrl::parse("upstream", &format!("http://{closed}")).unwrap();
+    let proxy = start_proxy(config).await;
+    let response = client().get(proxy.url("/api/v1/tickets")).send().await.unwrap();
+    assert_proxy_error(response, 502, "PROXY_UPSTREAM_UNREACHABLE").await;
+}
+
+#[tokio::test]
+async fn slow_desk_is_504() {
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.timeouts.response = Duration::from_millis(300);
+    })
+    .await;
+    s.zoho.set_desk_delay(Duration::from_secs(3));
+    let response = client().get(s.url("/api/v1/tickets")).send().await.unwrap();
+    assert_proxy_error(response, 504, "PROXY_UPSTREAM_TIMEOUT").await;
+}
+
+#[tokio::test]
+async fn uploads_and_downloads_stream() {
+    let s = Scenario::start().await;
+    let size: u64 = 8 * 1024 * 1024;
+    let response = client().get(s.url(&format!("/api/v1/download?bytes={size}"))).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-length"], size.to_string().as_str());
+    let bytes = response.bytes().await.unwrap();
+    assert_eq!(bytes.len() as u64, size);
+    assert!(bytes.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+
+    // A chunked upload (unknown length) streams through.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..64).map(|_| Ok(vec![7u8; 128 * 1024])).collect();
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+    let response = client().post(s.url("/api/v1/upload")).body(body).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let answer: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(answer["bytes"], 64 * 128 * 1024);
+}
+
+#[tokio::test]
+async fn health_and_ready() {
+    let s = Scenario::start().await;
+    let health = client().get(s.url("/_proxy/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert_eq!(health.json::<serde_json::Value>().await.unwrap(), serde_json::json!({"status": "ok"}));
+    // Ready after the first refresh.
+    wait_for_token_requests(&s.zoho, 1).await;
+    let mut ready = client().get(s.url("/_proxy/ready")).send().await.unwrap();
+    for _ in 0..50 {
+        if ready.status() == 200 {
+            break;
+        }
+        tokio::task::yield_now().await;
+        ready = client().get(s.url("/_proxy/ready")).send().await.unwrap();
+    }
+    assert_eq!(ready.status(), 200);
+    let unknown = client().get(s.url("/_proxy/nothing")).send().await.unwrap();
+    assert_eq!(unknown.status(), 404);
+    assert_eq!(s.zoho.desk_request_count(), 0, "/_proxy/ is never forwarded");
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
