@@ -41,21 +41,27 @@ impl PathPattern {
             let glob = globset::GlobBuilder::new(text)
                 .literal_separator(true)
                 .build()
-                .map_err(|e| ConfigError::Invalid { key, reason: format!("bad glob {text:?}: {e}") })?;
+                .map_err(|e| ConfigError::Invalid {
+                    key,
+                    reason: format!("bad glob {text:?}: {e}"),
+                })?;
             Ok(Self::Glob(glob.compile_matcher()))
         } else if text.starts_with('/') {
             Ok(Self::Prefix(text.trim_end_matches('/').to_owned()))
         } else {
-            Err(ConfigError::Invalid { key, reason: format!("{text:?} must start with \"/\"") })
+            Err(ConfigError::Invalid {
+                key,
+                reason: format!("{text:?} must start with \"/\""),
+            })
         }
     }
 
     fn matches(&self, path: &str) -> bool {
         match self {
             Self::Glob(glob) => glob.is_match(path),
-            Self::Prefix(prefix) => {
-                path.strip_prefix(prefix.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-            }
+            Self::Prefix(prefix) => path
+                .strip_prefix(prefix.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
         }
     }
 }
@@ -89,7 +95,9 @@ impl AccessPolicy {
 
     fn compile(access: &AccessConfig, listen: SocketAddr) -> Result<Self, ConfigError> {
         let patterns = |key: &'static str, list: &[String]| {
-            list.iter().map(|p| PathPattern::parse(key, p)).collect::<Result<Vec<_>, _>>()
+            list.iter()
+                .map(|p| PathPattern::parse(key, p))
+                .collect::<Result<Vec<_>, _>>()
         };
         let allow_hosts = match &access.allow_hosts {
             Some(hosts) => hosts.iter().map(|h| normalize_host(h)).collect(),
@@ -106,7 +114,11 @@ impl AccessPolicy {
             allow_paths: patterns("access.allow_paths", &access.allow_paths)?,
             deny_paths: patterns("access.deny_paths", &access.deny_paths)?,
             allow_hosts,
-            allow_origins: access.allow_origins.iter().map(|o| o.trim_end_matches('/').to_ascii_lowercase()).collect(),
+            allow_origins: access
+                .allow_origins
+                .iter()
+                .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
+                .collect(),
             allow_cidrs,
         })
     }
@@ -117,7 +129,12 @@ impl AccessPolicy {
     }
 
     /// Rules for a request to be forwarded.
-    pub fn check<B>(&self, req: &Request<B>, peer: SocketAddr, target: &Target) -> Result<(), ProxyError> {
+    pub fn check<B>(
+        &self,
+        req: &Request<B>,
+        peer: SocketAddr,
+        target: &Target,
+    ) -> Result<(), ProxyError> {
         self.check_peer(peer)?;
         if !target.absolute_form {
             self.check_host(req)?;
@@ -130,7 +147,12 @@ impl AccessPolicy {
 
     /// Rules for `/_proxy/<endpoint>`: health and ready are open to every client that may
     /// connect; the rest need the key like forwarded requests.
-    pub fn check_admin<B>(&self, req: &Request<B>, peer: SocketAddr, endpoint: &str) -> Result<(), ProxyError> {
+    pub fn check_admin<B>(
+        &self,
+        req: &Request<B>,
+        peer: SocketAddr,
+        endpoint: &str,
+    ) -> Result<(), ProxyError> {
         self.check_peer(peer)?;
         if crate::admin::is_public(endpoint) {
             return Ok(());
@@ -145,7 +167,9 @@ impl AccessPolicy {
         if self.allow_cidrs.is_empty() || self.allow_cidrs.iter().any(|net| net.contains(&ip)) {
             Ok(())
         } else {
-            Err(ProxyError::Forbidden(format!("access.allow_cidrs: client address {ip} is not allowed")))
+            Err(ProxyError::Forbidden(format!(
+                "access.allow_cidrs: client address {ip} is not allowed"
+            )))
         }
     }
 
@@ -158,7 +182,9 @@ impl AccessPolicy {
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .or_else(|| req.uri().authority().map(|a| a.as_str()))
-            .ok_or_else(|| ProxyError::Forbidden("access.allow_hosts: the request has no Host header".into()))?;
+            .ok_or_else(|| {
+                ProxyError::Forbidden("access.allow_hosts: the request has no Host header".into())
+            })?;
         let name = normalize_host(host);
         if self.allow_hosts.contains(&name) {
             Ok(())
@@ -170,8 +196,14 @@ impl AccessPolicy {
     }
 
     fn check_origin(&self, headers: &HeaderMap) -> Result<(), ProxyError> {
-        let Some(origin) = headers.get(header::ORIGIN) else { return Ok(()) };
-        let origin = origin.to_str().unwrap_or("").trim_end_matches('/').to_ascii_lowercase();
+        let Some(origin) = headers.get(header::ORIGIN) else {
+            return Ok(());
+        };
+        let origin = origin
+            .to_str()
+            .unwrap_or("")
+            .trim_end_matches('/')
+            .to_ascii_lowercase();
         if self.allow_origins.contains(&origin) {
             Ok(())
         } else {
@@ -203,25 +235,31 @@ impl AccessPolicy {
         if bool::from(found) {
             Ok(())
         } else {
-            Err(ProxyError::Unauthorized("access.api_keys: the proxy key is wrong".into()))
+            Err(ProxyError::Unauthorized(
+                "access.api_keys: the proxy key is wrong".into(),
+            ))
         }
     }
 
     fn check_method(&self, method: &Method) -> Result<(), ProxyError> {
         match &self.allow_methods {
-            Some(methods) if !methods.contains(method) => Err(ProxyError::MethodNotAllowed(format!(
-                "access.allow_methods: {method} is not allowed by this proxy"
-            ))),
+            Some(methods) if !methods.contains(method) => Err(ProxyError::MethodNotAllowed(
+                format!("access.allow_methods: {method} is not allowed by this proxy"),
+            )),
             _ => Ok(()),
         }
     }
 
     fn check_path(&self, path: &str) -> Result<(), ProxyError> {
         if self.deny_paths.iter().any(|p| p.matches(path)) {
-            return Err(ProxyError::Forbidden(format!("access.deny_paths: {path} is denied")));
+            return Err(ProxyError::Forbidden(format!(
+                "access.deny_paths: {path} is denied"
+            )));
         }
         if !self.allow_paths.is_empty() && !self.allow_paths.iter().any(|p| p.matches(path)) {
-            return Err(ProxyError::Forbidden(format!("access.allow_paths: {path} is not allowed")));
+            return Err(ProxyError::Forbidden(format!(
+                "access.allow_paths: {path} is not allowed"
+            )));
         }
         Ok(())
     }
@@ -257,7 +295,9 @@ fn parse_cidr(text: &str) -> Result<IpNet, ConfigError> {
         .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
         .map_err(|_| ConfigError::Invalid {
             key: "access.allow_cidrs",
-            reason: format!("{text:?} is not an address range such as \"10.0.0.0/8\" or \"fd00::/8\""),
+            reason: format!(
+                "{text:?} is not an address range such as \"10.0.0.0/8\" or \"fd00::/8\""
+            ),
         })
 }
 
@@ -282,7 +322,10 @@ mod tests {
     }
 
     fn target(path: &str) -> Target {
-        Target { path_and_query: path.into(), absolute_form: false }
+        Target {
+            path_and_query: path.into(),
+            absolute_form: false,
+        }
     }
 
     fn peer(ip: &str) -> SocketAddr {
@@ -290,7 +333,14 @@ mod tests {
     }
 
     /// (rules, method, path, headers, client ip, expected errorCode or None when allowed)
-    type Case = (&'static str, &'static str, &'static str, &'static [(&'static str, &'static str)], &'static str, Option<&'static str>);
+    type Case = (
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static [(&'static str, &'static str)],
+        &'static str,
+        Option<&'static str>,
+    );
 
     #[test]
     fn rules_table() {
@@ -298,57 +348,305 @@ mod tests {
         let cases: &[Case] = &[
             // Host allowlist (DNS rebinding)
             ("", "GET", "/api/v1/tickets", local, "127.0.0.1", None),
-            ("", "GET", "/api/v1/tickets", &[("host", "localhost:8080")], "127.0.0.1", None),
-            ("", "GET", "/api/v1/tickets", &[("host", "[::1]:8080")], "127.0.0.1", None),
-            ("", "GET", "/api/v1/tickets", &[("host", "evil.example")], "127.0.0.1", Some("PROXY_FORBIDDEN")),
-            ("", "GET", "/api/v1/tickets", &[("host", "localhost.evil.example")], "127.0.0.1", Some("PROXY_FORBIDDEN")),
-            ("", "GET", "/api/v1/tickets", &[("host", "127.0.0.1.nip.io:8080")], "127.0.0.1", Some("PROXY_FORBIDDEN")),
-            ("allow_hosts = [\"zoho-proxy\"]", "GET", "/api/v1/tickets", &[("host", "zoho-proxy:8080")], "127.0.0.1", None),
-            ("allow_hosts = [\"*\"]", "GET", "/api/v1/tickets", &[("host", "anything")], "127.0.0.1", None),
+            (
+                "",
+                "GET",
+                "/api/v1/tickets",
+                &[("host", "localhost:8080")],
+                "127.0.0.1",
+                None,
+            ),
+            (
+                "",
+                "GET",
+                "/api/v1/tickets",
+                &[("host", "[::1]:8080")],
+                "127.0.0.1",
+                None,
+            ),
+            (
+                "",
+                "GET",
+                "/api/v1/tickets",
+                &[("host", "evil.example")],
+                "127.0.0.1",
+                Some("PROXY_FORBIDDEN"),
+            ),
+            (
+                "",
+                "GET",
+                "/api/v1/tickets",
+                &[("host", "localhost.evil.example")],
+                "127.0.0.1",
+                Some("PROXY_FORBIDDEN"),
+            ),
+            (
+                "",
+                "GET",
+                "/api/v1/tickets",
+                &[("host", "127.0.0.1.nip.io:8080")],
+                "127.0.0.1",
+                Some("PROXY_FORBIDDEN"),
+            ),
+            (
+                "allow_hosts = [\"zoho-proxy\"]",
+                "GET",
+                "/api/v1/tickets",
+                &[("host", "zoho-proxy:8080")],
+                "127.0.0.1",
+                None,
+            ),
+            (
+                "allow_hosts = [\"*\"]",
+                "GET",
+                "/api/v1/tickets",
+                &[("host", "anything")],
+                "127.0.0.1",
+                None,
+            ),
             // Origin
-            ("", "GET", "/api/v1/tickets", &[("host", "localhost"), ("origin", "https://evil.example")], "127.0.0.1", Some("PROXY_FORBIDDEN")),
-            ("", "GET", "/api/v1/tickets", &[("host", "localhost"), ("origin", "null")], "127.0.0.1", Some("PROXY_FORBIDDEN")),
-            ("allow_origins = [\"http://localhost:3000\"]", "GET", "/api/v1/tickets", &[("host", "localhost"), ("origin", "http://localhost:3000")], "127.0.0.1", None),
+            (
+                "",
+                "GET",
+                "/api/v1/tickets",
+                &[("host", "localhost"), ("origin", "https://evil.example")],
+                "127.0.0.1",
+                Some("PROXY_FORBIDDEN"),
+            ),
+            (
+                "",
+                "GET",
+                "/api/v1/tickets",
+                &[("host", "localhost"), ("origin", "null")],
+                "127.0.0.1",
+                Some("PROXY_FORBIDDEN"),
+            ),
+            (
+                "allow_origins = [\"http://localhost:3000\"]",
+                "GET",
+                "/api/v1/tickets",
+                &[("host", "localhost"), ("origin", "http://localhost:3000")],
+                "127.0.0.1",
+                None,
+            ),
             // Keys
-            ("api_keys = [\"k1\", \"k2\"]", "GET", "/api/v1/tickets", local, "127.0.0.1", Some("PROXY_UNAUTHORIZED")),
-            ("api_keys = [\"k1\", \"k2\"]", "GET", "/api/v1/tickets", &[("host", "localhost"), ("x-proxy-key", "k2")], "127.0.0.1", None),
-            ("api_keys = [\"k1\", \"k2\"]", "GET", "/api/v1/tickets", &[("host", "localhost"), ("proxy-authorization", "Bearer k1")], "127.0.0.1", None),
-            ("api_keys = [\"k1\", \"k2\"]", "GET", "/api/v1/tickets", &[("host", "localhost"), ("x-proxy-key", "k3")], "127.0.0.1", Some("PROXY_UNAUTHORIZED")),
-            ("api_keys = [\"k1\", \"k2\"]", "GET", "/api/v1/tickets", &[("host", "localhost"), ("x-proxy-key", "k")], "127.0.0.1", Some("PROXY_UNAUTHORIZED")),
-            ("api_keys = [\"k1\"]", "GET", "/api/v1/tickets", &[("host", "localhost"), ("authorization", "Bearer k1")], "127.0.0.1", Some("PROXY_UNAUTHORIZED")),
+            (
+                "api_keys = [\"k1\", \"k2\"]",
+                "GET",
+                "/api/v1/tickets",
+                local,
+                "127.0.0.1",
+                Some("PROXY_UNAUTHORIZED"),
+            ),
+            (
+                "api_keys = [\"k1\", \"k2\"]",
+                "GET",
+                "/api/v1/tickets",
+                &[("host", "localhost"), ("x-proxy-key", "k2")],
+                "127.0.0.1",
+                None,
+            ),
+            (
+                "api_keys = [\"k1\", \"k2\"]",
+                "GET",
+                "/api/v1/tickets",
+                &[("host", "localhost"), ("proxy-authorization", "Bearer k1")],
+                "127.0.0.1",
+                None,
+            ),
+            (
+                "api_keys = [\"k1\", \"k2\"]",
+                "GET",
+                "/api/v1/tickets",
+                &[("host", "localhost"), ("x-proxy-key", "k3")],
+                "127.0.0.1",
+                Some("PROXY_UNAUTHORIZED"),
+            ),
+            (
+                "api_keys = [\"k1\", \"k2\"]",
+                "GET",
+                "/api/v1/tickets",
+                &[("host", "localhost"), ("x-proxy-key", "k")],
+                "127.0.0.1",
+                Some("PROXY_UNAUTHORIZED"),
+            ),
+            (
+                "api_keys = [\"k1\"]",
+                "GET",
+                "/api/v1/tickets",
+                &[("host", "localhost"), ("authorization", "Bearer k1")],
+                "127.0.0.1",
+                Some("PROXY_UNAUTHORIZED"),
+            ),
             // Methods
-            ("allow_methods = [\"GET\", \"head\"]", "GET", "/api/v1/tickets", local, "127.0.0.1", None),
-            ("allow_methods = [\"GET\", \"head\"]", "HEAD", "/api/v1/tickets", local, "127.0.0.1", None),
-            ("allow_methods = [\"GET\", \"head\"]", "POST", "/api/v1/tickets", local, "127.0.0.1", Some("PROXY_METHOD_NOT_ALLOWED")),
+            (
+                "allow_methods = [\"GET\", \"head\"]",
+                "GET",
+                "/api/v1/tickets",
+                local,
+                "127.0.0.1",
+                None,
+            ),
+            (
+                "allow_methods = [\"GET\", \"head\"]",
+                "HEAD",
+                "/api/v1/tickets",
+                local,
+                "127.0.0.1",
+                None,
+            ),
+            (
+                "allow_methods = [\"GET\", \"head\"]",
+                "POST",
+                "/api/v1/tickets",
+                local,
+                "127.0.0.1",
+                Some("PROXY_METHOD_NOT_ALLOWED"),
+            ),
             // Paths: prefix on segment boundaries, globs within segments
-            ("allow_paths = [\"/api/v1/tickets\"]", "GET", "/api/v1/tickets", local, "127.0.0.1", None),
-            ("allow_paths = [\"/api/v1/tickets\"]", "GET", "/api/v1/tickets/1", local, "127.0.0.1", None),
-            ("allow_paths = [\"/api/v1/tickets\"]", "GET", "/api/v1/ticketsX", local, "127.0.0.1", Some("PROXY_FORBIDDEN")),
-            ("allow_paths = [\"/api/v1/tickets\"]", "GET", "/api/v1/contacts", local, "127.0.0.1", Some("PROXY_FORBIDDEN")),
-            ("allow_paths = [\"/api/v1/*/comments\"]", "GET", "/api/v1/tickets/comments", local, "127.0.0.1", None),
-            ("allow_paths = [\"/api/v1/*/comments\"]", "GET", "/api/v1/a/b/comments", local, "127.0.0.1", Some("PROXY_FORBIDDEN")),
-            ("allow_paths = [\"/api/v1/**\"]", "GET", "/api/v1/a/b/comments", local, "127.0.0.1", None),
-            ("deny_paths = [\"/api/v1/agents\"]", "GET", "/api/v1/agents/5", local, "127.0.0.1", Some("PROXY_FORBIDDEN")),
-            ("deny_paths = [\"/api/v1/agents\"]", "GET", "/api/v1/tickets", local, "127.0.0.1", None),
-            ("allow_paths = [\"/api/v1\"]\ndeny_paths = [\"/api/v1/*/delete\"]", "GET", "/api/v1/x/delete", local, "127.0.0.1", Some("PROXY_FORBIDDEN")),
+            (
+                "allow_paths = [\"/api/v1/tickets\"]",
+                "GET",
+                "/api/v1/tickets",
+                local,
+                "127.0.0.1",
+                None,
+            ),
+            (
+                "allow_paths = [\"/api/v1/tickets\"]",
+                "GET",
+                "/api/v1/tickets/1",
+                local,
+                "127.0.0.1",
+                None,
+            ),
+            (
+                "allow_paths = [\"/api/v1/tickets\"]",
+                "GET",
+                "/api/v1/ticketsX",
+                local,
+                "127.0.0.1",
+                Some("PROXY_FORBIDDEN"),
+            ),
+            (
+                "allow_paths = [\"/api/v1/tickets\"]",
+                "GET",
+                "/api/v1/contacts",
+                local,
+                "127.0.0.1",
+                Some("PROXY_FORBIDDEN"),
+            ),
+            (
+                "allow_paths = [\"/api/v1/*/comments\"]",
+                "GET",
+                "/api/v1/tickets/comments",
+                local,
+                "127.0.0.1",
+                None,
+            ),
+            (
+                "allow_paths = [\"/api/v1/*/comments\"]",
+                "GET",
+                "/api/v1/a/b/comments",
+                local,
+                "127.0.0.1",
+                Some("PROXY_FORBIDDEN"),
+            ),
+            (
+                "allow_paths = [\"/api/v1/**\"]",
+                "GET",
+                "/api/v1/a/b/comments",
+                local,
+                "127.0.0.1",
+                None,
+            ),
+            (
+                "deny_paths = [\"/api/v1/agents\"]",
+                "GET",
+                "/api/v1/agents/5",
+                local,
+                "127.0.0.1",
+                Some("PROXY_FORBIDDEN"),
+            ),
+            (
+                "deny_paths = [\"/api/v1/agents\"]",
+                "GET",
+                "/api/v1/tickets",
+                local,
+                "127.0.0.1",
+                None,
+            ),
+            (
+                "allow_paths = [\"/api/v1\"]\ndeny_paths = [\"/api/v1/*/delete\"]",
+                "GET",
+                "/api/v1/x/delete",
+                local,
+                "127.0.0.1",
+                Some("PROXY_FORBIDDEN"),
+            ),
             // CIDRs, IPv4 and IPv6, and IPv4-mapped IPv6
-            ("allow_cidrs = [\"10.0.0.0/8\", \"fd00::/8\"]", "GET", "/api/v1/tickets", local, "10.1.2.3", None),
-            ("allow_cidrs = [\"10.0.0.0/8\", \"fd00::/8\"]", "GET", "/api/v1/tickets", local, "fd00::1", None),
-            ("allow_cidrs = [\"10.0.0.0/8\", \"fd00::/8\"]", "GET", "/api/v1/tickets", local, "::ffff:10.0.0.1", None),
-            ("allow_cidrs = [\"10.0.0.0/8\", \"fd00::/8\"]", "GET", "/api/v1/tickets", local, "192.168.1.1", Some("PROXY_FORBIDDEN")),
-            ("allow_cidrs = [\"10.0.0.0/8\", \"fd00::/8\"]", "GET", "/api/v1/tickets", local, "fe80::1", Some("PROXY_FORBIDDEN")),
+            (
+                "allow_cidrs = [\"10.0.0.0/8\", \"fd00::/8\"]",
+                "GET",
+                "/api/v1/tickets",
+                local,
+                "10.1.2.3",
+                None,
+            ),
+            (
+                "allow_cidrs = [\"10.0.0.0/8\", \"fd00::/8\"]",
+                "GET",
+                "/api/v1/tickets",
+                local,
+                "fd00::1",
+                None,
+            ),
+            (
+                "allow_cidrs = [\"10.0.0.0/8\", \"fd00::/8\"]",
+                "GET",
+                "/api/v1/tickets",
+                local,
+                "::ffff:10.0.0.1",
+                None,
+            ),
+            (
+                "allow_cidrs = [\"10.0.0.0/8\", \"fd00::/8\"]",
+                "GET",
+                "/api/v1/tickets",
+                local,
+                "192.168.1.1",
+                Some("PROXY_FORBIDDEN"),
+            ),
+            (
+                "allow_cidrs = [\"10.0.0.0/8\", \"fd00::/8\"]",
+                "GET",
+                "/api/v1/tickets",
+                local,
+                "fe80::1",
+                Some("PROXY_FORBIDDEN"),
+            ),
         ];
         for (rules, method, path, headers, ip, expected) in cases {
             let p = policy(rules);
             let result = p.check(&request(method, path, headers), peer(ip), &target(path));
-            assert_eq!(result.as_ref().err().map(ProxyError::code), *expected, "{rules} | {method} {path} {headers:?} from {ip}: {result:?}");
+            assert_eq!(
+                result.as_ref().err().map(ProxyError::code),
+                *expected,
+                "{rules} | {method} {path} {headers:?} from {ip}: {result:?}"
+            );
         }
     }
 
     #[test]
     fn refusals_name_the_rule() {
         let p = policy("deny_paths = [\"/api/v1/agents\"]");
-        let err = p.check(&request("GET", "/api/v1/agents", &[("host", "localhost")]), peer("127.0.0.1"), &target("/api/v1/agents")).unwrap_err();
+        let err = p
+            .check(
+                &request("GET", "/api/v1/agents", &[("host", "localhost")]),
+                peer("127.0.0.1"),
+                &target("/api/v1/agents"),
+            )
+            .unwrap_err();
         assert!(err.to_string().starts_with("access.deny_paths"), "{err}");
     }
 
@@ -358,7 +656,12 @@ mod tests {
         let req = request("GET", "/_proxy/health", &[("host", "10.0.0.5:8080")]);
         assert!(p.check_admin(&req, peer("127.0.0.1"), "health").is_ok());
         let req = request("GET", "/_proxy/metrics", &[("host", "localhost")]);
-        assert_eq!(p.check_admin(&req, peer("127.0.0.1"), "metrics").unwrap_err().code(), "PROXY_UNAUTHORIZED");
+        assert_eq!(
+            p.check_admin(&req, peer("127.0.0.1"), "metrics")
+                .unwrap_err()
+                .code(),
+            "PROXY_UNAUTHORIZED"
+        );
     }
 
     #[test]

@@ -28,7 +28,9 @@ pub fn answer<B>(
         )));
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Err(ProxyError::MethodNotAllowed(format!("{PREFIX}{endpoint} answers GET and HEAD only")));
+        return Err(ProxyError::MethodNotAllowed(format!(
+            "{PREFIX}{endpoint} answers GET and HEAD only"
+        )));
     }
     Ok(match endpoint {
         "health" => json(StatusCode::OK, serde_json::json!({ "status": "ok" })),
@@ -58,9 +60,12 @@ fn ready(proxy: &Proxy) -> Response<ResponseBody> {
 fn json(status: StatusCode, body: serde_json::Value) -> Response<ResponseBody> {
     let mut response = Response::new(ResponseBody::full(Bytes::from(body.to_string())));
     *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
         .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }

@@ -50,7 +50,9 @@ impl Body for UpstreamBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Buffered(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Self::Buffered(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
             Self::Stream(incoming) => incoming.size_hint(),
         }
     }
@@ -73,12 +75,18 @@ impl ResponseBody {
     /// A body of these bytes (the proxy's own answers, or a 401 that was read).
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         let bytes: Bytes = bytes.into();
-        Self { inner: Inner::Full(Some(bytes).filter(|b| !b.is_empty())), log: None }
+        Self {
+            inner: Inner::Full(Some(bytes).filter(|b| !b.is_empty())),
+            log: None,
+        }
     }
 
     /// Desk's body, streamed.
     pub fn stream(incoming: Incoming) -> Self {
-        Self { inner: Inner::Stream(incoming), log: None }
+        Self {
+            inner: Inner::Stream(incoming),
+            log: None,
+        }
     }
 
     /// Attaches the request's log record, written when the body ends or is dropped.
@@ -131,7 +139,9 @@ impl Body for ResponseBody {
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
-            Inner::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Inner::Full(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
             Inner::Stream(incoming) => incoming.size_hint(),
         }
     }

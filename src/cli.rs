@@ -8,7 +8,12 @@ use clap::{Args, Parser, Subcommand};
 /// A local reverse proxy for the Zoho Desk API that adds a fresh OAuth token to every
 /// request.
 #[derive(Debug, Parser)]
-#[command(name = "zoho-desk-proxy", version, about, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "zoho-desk-proxy",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     /// What to do; `serve` when omitted.
     #[command(subcommand)]

@@ -138,8 +138,10 @@ impl RawConfig {
 
     /// Reads and parses a file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::from_toml(&text, &path.display().to_string())
     }
 
@@ -168,7 +170,11 @@ impl RawConfig {
             self.oauth.refresh_token_file = Some(v.into());
         }
         if let Some(v) = env("ZOHO_PROXY_API_KEYS") {
-            let keys = v.split(',').map(str::trim).filter(|k| !k.is_empty()).map(str::to_owned);
+            let keys = v
+                .split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(str::to_owned);
             self.access.api_keys = Some(keys.collect());
         }
     }
@@ -282,12 +288,21 @@ impl BaseUrl {
             key,
             reason: format!("{reason} (got {text:?}; expected e.g. \"https://desk.zoho.com\")"),
         };
-        let uri: Uri = text.trim().parse().map_err(|_| invalid("not a valid URL"))?;
-        let scheme = uri.scheme().cloned().ok_or_else(|| invalid("the URL needs a scheme"))?;
+        let uri: Uri = text
+            .trim()
+            .parse()
+            .map_err(|_| invalid("not a valid URL"))?;
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or_else(|| invalid("the URL needs a scheme"))?;
         if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
             return Err(invalid("the scheme must be http or https"));
         }
-        let authority = uri.authority().cloned().ok_or_else(|| invalid("the URL needs a host"))?;
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| invalid("the URL needs a host"))?;
         if authority.as_str().contains('@') {
             return Err(invalid("the URL must not carry user information"));
         }
@@ -295,21 +310,31 @@ impl BaseUrl {
             return Err(invalid("the URL must not have a query"));
         }
         let prefix = uri.path().trim_end_matches('/').to_owned();
-        Ok(Self { scheme, authority, prefix })
+        Ok(Self {
+            scheme,
+            authority,
+            prefix,
+        })
     }
 
     /// The host name, lower-cased, without brackets for IPv6.
     pub fn host(&self) -> String {
-        self.authority.host().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase()
+        self.authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase()
     }
 
     /// The port, explicit or the scheme's default.
     pub fn port(&self) -> u16 {
-        self.authority.port_u16().unwrap_or(if self.scheme == http::uri::Scheme::HTTPS {
-            443
-        } else {
-            80
-        })
+        self.authority
+            .port_u16()
+            .unwrap_or(if self.scheme == http::uri::Scheme::HTTPS {
+                443
+            } else {
+                80
+            })
     }
 
     /// The URL of `path_and_query` under this base, byte-for-byte.
@@ -336,11 +361,23 @@ pub const DATA_CENTRES: &[(&str, &str, &str)] = &[
     ("com", "https://accounts.zoho.com", "https://desk.zoho.com"),
     ("eu", "https://accounts.zoho.eu", "https://desk.zoho.eu"),
     ("in", "https://accounts.zoho.in", "https://desk.zoho.in"),
-    ("com.au", "https://accounts.zoho.com.au", "https://desk.zoho.com.au"),
+    (
+        "com.au",
+        "https://accounts.zoho.com.au",
+        "https://desk.zoho.com.au",
+    ),
     ("jp", "https://accounts.zoho.jp", "https://desk.zoho.jp"),
-    ("ca", "https://accounts.zohocloud.ca", "https://desk.zohocloud.ca"),
+    (
+        "ca",
+        "https://accounts.zohocloud.ca",
+        "https://desk.zohocloud.ca",
+    ),
     ("sa", "https://accounts.zoho.sa", "https://desk.zoho.sa"),
-    ("com.cn", "https://accounts.zoho.com.cn", "https://desk.zoho.com.cn"),
+    (
+        "com.cn",
+        "https://accounts.zoho.com.cn",
+        "https://desk.zoho.com.cn",
+    ),
 ];
 
 impl Config {
@@ -368,23 +405,40 @@ impl TryFrom<RawConfig> for Config {
 
     fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
         let listen_text = raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
-        let listen = listen_text.trim().parse().map_err(|_| ConfigError::Invalid {
-            key: "listen",
-            reason: format!("{listen_text:?} is not an address:port such as \"127.0.0.1:8080\""),
-        })?;
+        let listen = listen_text
+            .trim()
+            .parse()
+            .map_err(|_| ConfigError::Invalid {
+                key: "listen",
+                reason: format!(
+                    "{listen_text:?} is not an address:port such as \"127.0.0.1:8080\""
+                ),
+            })?;
 
-        let dc = raw.dc.as_deref().unwrap_or("com").trim().to_ascii_lowercase();
-        let (_, dc_accounts, dc_desk) =
-            DATA_CENTRES.iter().find(|(name, _, _)| *name == dc).ok_or_else(|| {
+        let dc = raw
+            .dc
+            .as_deref()
+            .unwrap_or("com")
+            .trim()
+            .to_ascii_lowercase();
+        let (_, dc_accounts, dc_desk) = DATA_CENTRES
+            .iter()
+            .find(|(name, _, _)| *name == dc)
+            .ok_or_else(|| {
                 let names: Vec<&str> = DATA_CENTRES.iter().map(|d| d.0).collect();
                 ConfigError::Invalid {
                     key: "dc",
-                    reason: format!("unknown data centre {dc:?}; use one of {}", names.join(", ")),
+                    reason: format!(
+                        "unknown data centre {dc:?}; use one of {}",
+                        names.join(", ")
+                    ),
                 }
             })?;
         let upstream = BaseUrl::parse("upstream", raw.upstream.as_deref().unwrap_or(dc_desk))?;
-        let accounts_url =
-            BaseUrl::parse("accounts_url", raw.accounts_url.as_deref().unwrap_or(dc_accounts))?;
+        let accounts_url = BaseUrl::parse(
+            "accounts_url",
+            raw.accounts_url.as_deref().unwrap_or(dc_accounts),
+        )?;
 
         let org_id = match raw.org_id.as_deref().map(str::trim) {
             None | Some("") => None,
@@ -395,15 +449,25 @@ impl TryFrom<RawConfig> for Config {
         };
 
         let oauth = OAuthConfig {
-            client_id: read_value("oauth.client_id", raw.oauth.client_id, raw.oauth.client_id_file)?
-                .ok_or(ConfigError::Missing { key: "oauth.client_id", env: "ZOHO_CLIENT_ID" })?,
+            client_id: read_value(
+                "oauth.client_id",
+                raw.oauth.client_id,
+                raw.oauth.client_id_file,
+            )?
+            .ok_or(ConfigError::Missing {
+                key: "oauth.client_id",
+                env: "ZOHO_CLIENT_ID",
+            })?,
             client_secret: read_value(
                 "oauth.client_secret",
                 raw.oauth.client_secret,
                 raw.oauth.client_secret_file,
             )?
             .map(Secret::new)
-            .ok_or(ConfigError::Missing { key: "oauth.client_secret", env: "ZOHO_CLIENT_SECRET" })?,
+            .ok_or(ConfigError::Missing {
+                key: "oauth.client_secret",
+                env: "ZOHO_CLIENT_SECRET",
+            })?,
             refresh_token: read_value(
                 "oauth.refresh_token",
                 raw.oauth.refresh_token,
@@ -442,7 +506,11 @@ impl TryFrom<RawConfig> for Config {
             connect: secs("timeouts.connect_secs", raw.timeouts.connect_secs, 10.0)?,
             response: secs("timeouts.response_secs", raw.timeouts.response_secs, 120.0)?,
             idle: secs("timeouts.idle_secs", raw.timeouts.idle_secs, 90.0)?,
-            header_read: secs("timeouts.header_read_secs", raw.timeouts.header_read_secs, 10.0)?,
+            header_read: secs(
+                "timeouts.header_read_secs",
+                raw.timeouts.header_read_secs,
+                10.0,
+            )?,
             shutdown_grace: secs(
                 "timeouts.shutdown_grace_secs",
                 raw.timeouts.shutdown_grace_secs,
@@ -478,16 +546,26 @@ impl TryFrom<RawConfig> for Config {
 }
 
 fn access_config(raw: RawAccess) -> Result<AccessConfig, ConfigError> {
-    let mut api_keys: Vec<Secret<String>> =
-        raw.api_keys.unwrap_or_default().into_iter().map(Secret::new).collect();
+    let mut api_keys: Vec<Secret<String>> = raw
+        .api_keys
+        .unwrap_or_default()
+        .into_iter()
+        .map(Secret::new)
+        .collect();
     if let Some(path) = raw.api_keys_file {
         let text = read_secret_file("access.api_keys_file", &path)?;
         api_keys.extend(
-            text.lines().map(str::trim).filter(|l| !l.is_empty()).map(|l| Secret::new(l.to_owned())),
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(|l| Secret::new(l.to_owned())),
         );
     }
     if api_keys.iter().any(|k| k.expose().trim().is_empty()) {
-        return Err(ConfigError::Invalid { key: "access.api_keys", reason: "a key is empty".into() });
+        return Err(ConfigError::Invalid {
+            key: "access.api_keys",
+            reason: "a key is empty".into(),
+        });
     }
     let allow_methods = match raw.allow_methods {
         None => None,
@@ -545,7 +623,10 @@ fn secs(key: &'static str, value: Option<f64>, default: f64) -> Result<Duration,
     Duration::try_from_secs_f64(v)
         .ok()
         .filter(|d| !d.is_zero())
-        .ok_or_else(|| ConfigError::Invalid { key, reason: format!("{v} is not a positive number of seconds") })
+        .ok_or_else(|| ConfigError::Invalid {
+            key,
+            reason: format!("{v} is not a positive number of seconds"),
+        })
 }
 
 #[cfg(test)]
@@ -578,8 +659,16 @@ mod tests {
     fn data_centres_pick_their_hosts() {
         for (dc, accounts, desk) in [
             ("eu", "https://accounts.zoho.eu", "https://desk.zoho.eu"),
-            ("ca", "https://accounts.zohocloud.ca", "https://desk.zohocloud.ca"),
-            ("com.au", "https://accounts.zoho.com.au", "https://desk.zoho.com.au"),
+            (
+                "ca",
+                "https://accounts.zohocloud.ca",
+                "https://desk.zohocloud.ca",
+            ),
+            (
+                "com.au",
+                "https://accounts.zoho.com.au",
+                "https://desk.zoho.com.au",
+            ),
         ] {
             let c = Config::from_toml(&format!("dc = \"{dc}\"\n{MINIMAL}")).unwrap();
             assert_eq!(c.accounts_url.to_string(), accounts);
@@ -644,7 +733,10 @@ mod tests {
         assert_eq!(base.prefix, "/desk");
         assert_eq!(base.port(), 9000);
         let uri = base.join("/api/v1/tickets?q=a%2Fb+c%20d").unwrap();
-        assert_eq!(uri.to_string(), "http://127.0.0.1:9000/desk/api/v1/tickets?q=a%2Fb+c%20d");
+        assert_eq!(
+            uri.to_string(),
+            "http://127.0.0.1:9000/desk/api/v1/tickets?q=a%2Fb+c%20d"
+        );
         assert!(BaseUrl::parse("upstream", "ftp://x").is_err());
         assert!(BaseUrl::parse("upstream", "desk.zoho.com").is_err());
     }

@@ -50,12 +50,17 @@ pub async fn run_demo(
     listen: SocketAddr,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
-    let options = FakeOptions { token_lifetime: DEMO_TOKEN_LIFETIME, ..FakeOptions::default() };
+    let options = FakeOptions {
+        token_lifetime: DEMO_TOKEN_LIFETIME,
+        ..FakeOptions::default()
+    };
     let fake = FakeZoho::start_with(options.clone()).await?;
     let listener = TcpListener::bind(listen).await.map_err(|e| {
         std::io::Error::new(
             e.kind(),
-            format!("cannot listen on {listen}: {e} (pick another address with --listen 127.0.0.1:8081)"),
+            format!(
+                "cannot listen on {listen}: {e} (pick another address with --listen 127.0.0.1:8081)"
+            ),
         )
     })?;
     let listen = listener.local_addr()?;

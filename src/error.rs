@@ -92,7 +92,10 @@ impl ProxyError {
             HeaderValue::from_static("application/json;charset=UTF-8"),
         );
         if let Self::TokenUnavailable { retry_after, .. } = self {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(*retry_after)));
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(*retry_after)),
+            );
         }
         if let Self::Unauthorized(_) = self {
             headers.insert(
@@ -118,16 +121,39 @@ mod tests {
     fn every_error_has_the_spec_code_and_status() {
         let table = [
             (
-                ProxyError::TokenUnavailable { message: "x".into(), retry_after: Duration::from_millis(1500) },
+                ProxyError::TokenUnavailable {
+                    message: "x".into(),
+                    retry_after: Duration::from_millis(1500),
+                },
                 "PROXY_TOKEN_UNAVAILABLE",
                 503,
             ),
-            (ProxyError::AuthRejected("x".into()), "PROXY_AUTH_REJECTED", 503),
-            (ProxyError::UpstreamUnreachable("x".into()), "PROXY_UPSTREAM_UNREACHABLE", 502),
-            (ProxyError::UpstreamTimeout("x".into()), "PROXY_UPSTREAM_TIMEOUT", 504),
-            (ProxyError::Unauthorized("x".into()), "PROXY_UNAUTHORIZED", 401),
+            (
+                ProxyError::AuthRejected("x".into()),
+                "PROXY_AUTH_REJECTED",
+                503,
+            ),
+            (
+                ProxyError::UpstreamUnreachable("x".into()),
+                "PROXY_UPSTREAM_UNREACHABLE",
+                502,
+            ),
+            (
+                ProxyError::UpstreamTimeout("x".into()),
+                "PROXY_UPSTREAM_TIMEOUT",
+                504,
+            ),
+            (
+                ProxyError::Unauthorized("x".into()),
+                "PROXY_UNAUTHORIZED",
+                401,
+            ),
             (ProxyError::Forbidden("x".into()), "PROXY_FORBIDDEN", 403),
-            (ProxyError::MethodNotAllowed("x".into()), "PROXY_METHOD_NOT_ALLOWED", 405),
+            (
+                ProxyError::MethodNotAllowed("x".into()),
+                "PROXY_METHOD_NOT_ALLOWED",
+                405,
+            ),
             (ProxyError::BadRequest("x".into()), "PROXY_BAD_REQUEST", 400),
         ];
         for (err, code, status) in table {
@@ -141,7 +167,10 @@ mod tests {
 
     #[test]
     fn token_unavailable_carries_retry_after_rounded_up() {
-        let err = ProxyError::TokenUnavailable { message: "x".into(), retry_after: Duration::from_millis(1500) };
+        let err = ProxyError::TokenUnavailable {
+            message: "x".into(),
+            retry_after: Duration::from_millis(1500),
+        };
         let response: Response<Bytes> = err.to_response();
         assert_eq!(response.headers()[header::RETRY_AFTER], "2");
     }

@@ -69,7 +69,10 @@ mod tests {
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
@@ -80,29 +83,65 @@ mod tests {
         let org = HeaderValue::from_static("123");
         // (incoming headers, header, expected value after; None = removed)
         let table: &[(&[(&str, &str)], &str, Option<&str>)] = &[
-            (&[("authorization", "Bearer client")], "authorization", Some("Zoho-oauthtoken 1000.x.y")),
+            (
+                &[("authorization", "Bearer client")],
+                "authorization",
+                Some("Zoho-oauthtoken 1000.x.y"),
+            ),
             (&[("host", "127.0.0.1:8080")], "host", None),
             (&[("cookie", "session=1")], "cookie", None),
             (&[("x-proxy-key", "k")], "x-proxy-key", None),
-            (&[("proxy-authorization", "Bearer k")], "proxy-authorization", None),
-            (&[("connection", "keep-alive, x-custom"), ("x-custom", "1")], "x-custom", None),
+            (
+                &[("proxy-authorization", "Bearer k")],
+                "proxy-authorization",
+                None,
+            ),
+            (
+                &[("connection", "keep-alive, x-custom"), ("x-custom", "1")],
+                "x-custom",
+                None,
+            ),
             (&[("connection", "close")], "connection", None),
             (&[("keep-alive", "timeout=5")], "keep-alive", None),
             (&[("te", "trailers")], "te", None),
             (&[("trailer", "x")], "trailer", None),
-            (&[("transfer-encoding", "chunked")], "transfer-encoding", None),
+            (
+                &[("transfer-encoding", "chunked")],
+                "transfer-encoding",
+                None,
+            ),
             (&[("upgrade", "websocket")], "upgrade", None),
-            (&[("proxy-connection", "keep-alive")], "proxy-connection", None),
+            (
+                &[("proxy-connection", "keep-alive")],
+                "proxy-connection",
+                None,
+            ),
             (&[], "orgid", Some("123")),
             (&[("orgId", "999")], "orgid", Some("999")),
-            (&[("content-encoding", "gzip")], "content-encoding", Some("gzip")),
-            (&[("accept-encoding", "gzip, br")], "accept-encoding", Some("gzip, br")),
-            (&[("content-type", "multipart/form-data; boundary=x")], "content-type", Some("multipart/form-data; boundary=x")),
+            (
+                &[("content-encoding", "gzip")],
+                "content-encoding",
+                Some("gzip"),
+            ),
+            (
+                &[("accept-encoding", "gzip, br")],
+                "accept-encoding",
+                Some("gzip, br"),
+            ),
+            (
+                &[("content-type", "multipart/form-data; boundary=x")],
+                "content-type",
+                Some("multipart/form-data; boundary=x"),
+            ),
         ];
         for (incoming, name, expected) in table {
             let mut h = map(incoming);
             prepare_request(&mut h, &token, Some(&org));
-            assert_eq!(h.get(*name).map(|v| v.to_str().unwrap()), *expected, "{incoming:?} → {name}");
+            assert_eq!(
+                h.get(*name).map(|v| v.to_str().unwrap()),
+                *expected,
+                "{incoming:?} → {name}"
+            );
         }
     }
 

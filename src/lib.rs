@@ -71,20 +71,35 @@ pub fn check_startup(config: &Config) -> Result<(), ConfigError> {
 
 /// Builds the token cache of a config: Zoho Accounts with the refresh token.
 pub fn token_cache(config: &Config) -> Result<Arc<TokenCache>, ConfigError> {
-    let refresh_token = config.oauth.refresh_token.clone().ok_or(ConfigError::Missing {
-        key: "oauth.refresh_token",
-        env: "ZOHO_REFRESH_TOKEN",
-    })?;
+    let refresh_token = config
+        .oauth
+        .refresh_token
+        .clone()
+        .ok_or(ConfigError::Missing {
+            key: "oauth.refresh_token",
+            env: "ZOHO_REFRESH_TOKEN",
+        })?;
     let client = AccountsClient::new(
         config.accounts_url.clone(),
         config.oauth.client_id.clone(),
         config.oauth.client_secret.clone(),
         config.timeouts.connect,
-        config.timeouts.response.min(std::time::Duration::from_secs(30)),
+        config
+            .timeouts
+            .response
+            .min(std::time::Duration::from_secs(30)),
     );
-    let policy =
-        RefreshPolicy::new(config.oauth.refresh_margin, config.oauth.max_refreshes_per_10min);
-    Ok(TokenCache::new(RefreshTokenSource { client, refresh_token }, policy))
+    let policy = RefreshPolicy::new(
+        config.oauth.refresh_margin,
+        config.oauth.max_refreshes_per_10min,
+    );
+    Ok(TokenCache::new(
+        RefreshTokenSource {
+            client,
+            refresh_token,
+        },
+        policy,
+    ))
 }
 
 /// Runs the proxy on `listener` until `shutdown` resolves, then drains and returns.

@@ -13,7 +13,10 @@ use zoho_desk_proxy::config::{Config, ConfigError, LogFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the runtime: {err}");
@@ -26,7 +29,9 @@ fn main() -> ExitCode {
             Some(Command::Serve(args)) => serve(args).await,
             Some(Command::Demo(args)) => {
                 init_logging(None);
-                zoho_desk_proxy::demo::run_demo(args.listen, shutdown_signal()).await.map_err(Into::into)
+                zoho_desk_proxy::demo::run_demo(args.listen, shutdown_signal())
+                    .await
+                    .map_err(Into::into)
             }
             Some(Command::Exchange(_)) | Some(Command::Check(_)) => {
                 anyhow::bail!("not built yet")
@@ -46,7 +51,9 @@ fn main() -> ExitCode {
 fn exit_code(err: &anyhow::Error) -> u8 {
     let is_config = err.chain().any(|cause| {
         cause.is::<ConfigError>()
-            || cause.downcast_ref::<RunError>().is_some_and(|e| matches!(e, RunError::Config(_)))
+            || cause
+                .downcast_ref::<RunError>()
+                .is_some_and(|e| matches!(e, RunError::Config(_)))
     });
     if is_config { 2 } else { 1 }
 }
@@ -73,10 +80,16 @@ fn init_logging(format: Option<LogFormat>) {
     } else {
         LogFormat::Json
     });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Pretty => builder.compact().try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
     };
 }
 
@@ -85,7 +98,10 @@ async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => {}

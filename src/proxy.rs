@@ -41,7 +41,13 @@ impl Proxy {
     pub fn new(config: Config, tokens: Arc<TokenCache>) -> Self {
         let client = crate::client::build(config.timeouts.connect, config.timeouts.idle);
         let access = AccessPolicy::new(&config);
-        Self { config, tokens, client, access, lifecycle: Arc::default() }
+        Self {
+            config,
+            tokens,
+            client,
+            access,
+            lifecycle: Arc::default(),
+        }
     }
 
     /// The lifecycle shared with the server (draining, in flight).
@@ -56,13 +62,22 @@ impl Proxy {
         peer: SocketAddr,
     ) -> Result<Response<ResponseBody>, Infallible> {
         let path = req.uri().path().to_owned();
-        let mut log =
-            RequestLog::new(request_id(), req.method().clone(), path, self.lifecycle.enter());
+        let mut log = RequestLog::new(
+            request_id(),
+            req.method().clone(),
+            path,
+            self.lifecycle.enter(),
+        );
         let mut response = match self.route(req, peer, &mut log).await {
             Ok(response) => response,
             Err(err) => {
                 log.set_error_code(err.code());
-                if matches!(err, ProxyError::Forbidden(_) | ProxyError::Unauthorized(_) | ProxyError::MethodNotAllowed(_)) {
+                if matches!(
+                    err,
+                    ProxyError::Forbidden(_)
+                        | ProxyError::Unauthorized(_)
+                        | ProxyError::MethodNotAllowed(_)
+                ) {
                     tracing::warn!(request_id = log.id(), error_code = err.code(), rule = %err, "request refused");
                 }
                 err.to_response()
@@ -70,7 +85,9 @@ impl Proxy {
         };
         log.set_status(response.status().as_u16());
         if let Ok(id) = HeaderValue::from_str(log.id()) {
-            response.headers_mut().insert(headers::REQUEST_ID.clone(), id);
+            response
+                .headers_mut()
+                .insert(headers::REQUEST_ID.clone(), id);
         }
         let (parts, body) = response.into_parts();
         Ok(Response::from_parts(parts, body.with_log(log)))
@@ -86,7 +103,12 @@ impl Proxy {
             self.access.check_admin(&req, peer, endpoint)?;
             return crate::admin::answer(self, &req, endpoint);
         }
-        let target = target::resolve(req.method(), req.uri(), req.version(), &self.config.upstream)?;
+        let target = target::resolve(
+            req.method(),
+            req.uri(),
+            req.version(),
+            &self.config.upstream,
+        )?;
         self.access.check(&req, peer, &target)?;
         self.forward(req, &target, log).await
     }
@@ -108,12 +130,27 @@ impl Proxy {
             .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded".into()))?;
         let body = RequestBody::read(body, self.config.replay_body_bytes).await?;
         let token = self.tokens.usable().await.map_err(token_error)?;
-        headers::prepare_request(&mut parts.headers, &token.header, self.config.org_id.as_ref());
+        headers::prepare_request(
+            &mut parts.headers,
+            &token.header,
+            self.config.org_id.as_ref(),
+        );
 
         let replay = body.replay();
-        let first_headers =
-            if replay.is_some() { parts.headers.clone() } else { std::mem::take(&mut parts.headers) };
-        let response = self.send(&parts, first_headers, uri.clone(), body.into_upstream(), log).await?;
+        let first_headers = if replay.is_some() {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
+        let response = self
+            .send(
+                &parts,
+                first_headers,
+                uri.clone(),
+                body.into_upstream(),
+                log,
+            )
+            .await?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(into_client_response(response));
         }
@@ -122,7 +159,9 @@ impl Proxy {
         let desk_401 = Limited::new(resp_body, MAX_401_BODY)
             .collect()
             .await
-            .map_err(|_| ProxyError::UpstreamUnreachable("Zoho Desk's 401 answer could not be read".into()))?
+            .map_err(|_| {
+                ProxyError::UpstreamUnreachable("Zoho Desk's 401 answer could not be read".into())
+            })?
             .to_bytes();
         if !token_is_invalid(&desk_401) {
             // SCOPE_MISMATCH and friends: the token is fine, the answer is the client's.
@@ -132,11 +171,19 @@ impl Proxy {
             self.refresh_in_background(&token);
             return Ok(rebuild(resp_parts, desk_401));
         };
-        let fresh = self.tokens.refresh_after(token.generation).await.map_err(token_error)?;
-        parts.headers.insert(http::header::AUTHORIZATION, fresh.header.clone());
+        let fresh = self
+            .tokens
+            .refresh_after(token.generation)
+            .await
+            .map_err(token_error)?;
+        parts
+            .headers
+            .insert(http::header::AUTHORIZATION, fresh.header.clone());
         log.set_retried();
         let headers = std::mem::take(&mut parts.headers);
-        let response = self.send(&parts, headers, uri, UpstreamBody::buffered(replay), log).await?;
+        let response = self
+            .send(&parts, headers, uri, UpstreamBody::buffered(replay), log)
+            .await?;
         Ok(into_client_response(response))
     }
 
@@ -204,7 +251,9 @@ impl RequestBody {
                 let bytes = Limited::new(body, limit as usize)
                     .collect()
                     .await
-                    .map_err(|_| ProxyError::BadRequest("the request body could not be read".into()))?
+                    .map_err(|_| {
+                        ProxyError::BadRequest("the request body could not be read".into())
+                    })?
                     .to_bytes();
                 Ok(Self::Replayable(bytes))
             }
@@ -237,7 +286,9 @@ pub fn token_is_invalid(body: &[u8]) -> bool {
         error_code: Option<String>,
     }
     match serde_json::from_slice::<DeskError>(body) {
-        Ok(DeskError { error_code: Some(code) }) => code == "INVALID_OAUTH",
+        Ok(DeskError {
+            error_code: Some(code),
+        }) => code == "INVALID_OAUTH",
         _ => true,
     }
 }
@@ -255,7 +306,10 @@ fn rebuild(mut parts: http::response::Parts, body: Bytes) -> Response<ResponseBo
 
 fn token_error(err: TokenError) -> ProxyError {
     match err {
-        TokenError::Unavailable { reason, retry_after } => ProxyError::TokenUnavailable {
+        TokenError::Unavailable {
+            reason,
+            retry_after,
+        } => ProxyError::TokenUnavailable {
             message: format!("no valid Zoho access token: {reason}"),
             retry_after,
         },
@@ -277,7 +331,10 @@ mod tests {
     #[test]
     fn which_401s_cost_a_refresh() {
         let table: &[(&str, bool)] = &[
-            (r#"{"errorCode":"INVALID_OAUTH","message":"The OAuth Token you provided is invalid."}"#, true),
+            (
+                r#"{"errorCode":"INVALID_OAUTH","message":"The OAuth Token you provided is invalid."}"#,
+                true,
+            ),
             ("", true),
             ("<html>Unauthorized</html>", true),
             (r#"{"message":"no code"}"#, true),

@@ -66,7 +66,10 @@ mod tests {
 
     #[test]
     fn masked_shows_only_the_last_four() {
-        assert_eq!(Secret::new("1000.abcdef.123456".to_owned()).masked(), "…3456");
+        assert_eq!(
+            Secret::new("1000.abcdef.123456".to_owned()).masked(),
+            "…3456"
+        );
         assert_eq!(Secret::new("short".to_owned()).masked(), "***");
     }
 }

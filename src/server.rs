@@ -36,7 +36,10 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, shutdown: impl Futu
     let lifecycle = Arc::clone(proxy.lifecycle());
     lifecycle.start_draining();
     let deadline = Instant::now() + proxy.config.timeouts.shutdown_grace;
-    tracing::info!(in_flight = lifecycle.in_flight(), "shutting down: draining requests in flight");
+    tracing::info!(
+        in_flight = lifecycle.in_flight(),
+        "shutting down: draining requests in flight"
+    );
     loop {
         tokio::select! {
             () = lifecycle.wait_idle() => break,
@@ -90,7 +93,9 @@ async fn accept(
     let _ = stream.set_nodelay(true);
     let proxy = Arc::clone(proxy);
     let service = service_fn(move |req| Arc::clone(&proxy).handle(req, peer));
-    let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+    let connection = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .into_owned();
     let connection = graceful.watch(connection);
     tokio::spawn(async move {
         if let Err(err) = connection.await {

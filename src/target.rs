@@ -19,7 +19,9 @@ pub struct Target {
 impl Target {
     /// The path without the query.
     pub fn path(&self) -> &str {
-        self.path_and_query.split_once('?').map_or(&self.path_and_query, |(p, _)| p)
+        self.path_and_query
+            .split_once('?')
+            .map_or(&self.path_and_query, |(p, _)| p)
     }
 }
 
@@ -43,11 +45,18 @@ pub fn resolve(
     }
     let path_and_query = uri.path_and_query().map_or("/", |pq| pq.as_str());
     check_path(uri.path())?;
-    Ok(Target { path_and_query: path_and_query.to_owned(), absolute_form })
+    Ok(Target {
+        path_and_query: path_and_query.to_owned(),
+        absolute_form,
+    })
 }
 
 fn check_absolute_host(uri: &Uri, upstream: &BaseUrl) -> Result<(), ProxyError> {
-    let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+    let host = uri
+        .host()
+        .unwrap_or_default()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
     let same_host = host.eq_ignore_ascii_case(&upstream.host());
     let same_port = uri.port_u16().is_none_or(|port| port == upstream.port());
     if same_host && same_port {
@@ -106,7 +115,12 @@ mod tests {
 
     fn resolve_str(method: &str, target: &str, version: Version) -> Result<Target, ProxyError> {
         let uri: Uri = target.parse().unwrap();
-        resolve(&Method::from_bytes(method.as_bytes()).unwrap(), &uri, version, &upstream())
+        resolve(
+            &Method::from_bytes(method.as_bytes()).unwrap(),
+            &uri,
+            version,
+            &upstream(),
+        )
     }
 
     #[test]
@@ -141,7 +155,12 @@ mod tests {
 
     #[test]
     fn path_and_query_are_kept_byte_for_byte() {
-        let t = resolve_str("GET", "/api/v1/tickets?q=a%2Fb+c%20d&x=%7E", Version::HTTP_11).unwrap();
+        let t = resolve_str(
+            "GET",
+            "/api/v1/tickets?q=a%2Fb+c%20d&x=%7E",
+            Version::HTTP_11,
+        )
+        .unwrap();
         assert_eq!(t.path_and_query, "/api/v1/tickets?q=a%2Fb+c%20d&x=%7E");
         assert_eq!(t.path(), "/api/v1/tickets");
     }
@@ -168,7 +187,12 @@ mod tests {
 
     #[test]
     fn http2_authority_is_not_absolute_form() {
-        let t = resolve_str("GET", "http://127.0.0.1:8080/api/v1/tickets", Version::HTTP_2).unwrap();
+        let t = resolve_str(
+            "GET",
+            "http://127.0.0.1:8080/api/v1/tickets",
+            Version::HTTP_2,
+        )
+        .unwrap();
         assert!(!t.absolute_form);
         assert_eq!(t.path_and_query, "/api/v1/tickets");
     }

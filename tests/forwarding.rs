@@ -28,13 +28,25 @@ async fn request_reaches_desk_with_token_host_org_and_exact_target() {
     assert_eq!(response.headers()["x-rate-limit-remaining-v3"], "4999");
     assert!(response.headers().contains_key("x-request-id"));
     let body: serde_json::Value = response.json().await.unwrap();
-    assert!(body["data"].as_array().is_some_and(|d| !d.is_empty()), "{body}");
+    assert!(
+        body["data"].as_array().is_some_and(|d| !d.is_empty()),
+        "{body}"
+    );
 
     let seen = s.zoho.desk_requests().pop().unwrap();
-    assert_eq!(seen.path_and_query, "/api/v1/tickets?limit=10&q=a%2Fb+c%20d");
+    assert_eq!(
+        seen.path_and_query,
+        "/api/v1/tickets?limit=10&q=a%2Fb+c%20d"
+    );
     let token = s.zoho.issued_tokens().pop().unwrap();
-    assert_eq!(seen.headers["authorization"], format!("Zoho-oauthtoken {token}").as_str());
-    assert_eq!(seen.headers["host"], s.fake.desk_url().trim_start_matches("http://"));
+    assert_eq!(
+        seen.headers["authorization"],
+        format!("Zoho-oauthtoken {token}").as_str()
+    );
+    assert_eq!(
+        seen.headers["host"],
+        s.fake.desk_url().trim_start_matches("http://")
+    );
     assert_eq!(seen.headers["orgid"], "60001234567");
     assert_eq!(seen.headers["x-custom"], "stays");
     assert_eq!(seen.headers["accept-encoding"], "gzip");
@@ -46,10 +58,21 @@ async fn request_reaches_desk_with_token_host_org_and_exact_target() {
 
 #[tokio::test]
 async fn a_client_org_id_is_kept() {
-    let s = Scenario::with(FakeOptions::default(), |c| c.org_id = Some("1".parse().unwrap())).await;
-    let response = client().get(s.url("/api/v1/tickets")).header("orgId", "777").send().await.unwrap();
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.org_id = Some("1".parse().unwrap())
+    })
+    .await;
+    let response = client()
+        .get(s.url("/api/v1/tickets"))
+        .header("orgId", "777")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
-    assert_eq!(s.zoho.desk_requests().pop().unwrap().headers["orgid"], "777");
+    assert_eq!(
+        s.zoho.desk_requests().pop().unwrap().headers["orgid"],
+        "777"
+    );
 }
 
 #[tokio::test]
@@ -75,26 +98,47 @@ async fn post_bodies_and_desk_errors_pass_unchanged() {
     let ticket: serde_json::Value = created.json().await.unwrap();
     assert_eq!(ticket["subject"], "Printer on fire");
 
-    let invalid = client().post(s.url("/api/v1/tickets")).json(&serde_json::json!({})).send().await.unwrap();
+    let invalid = client()
+        .post(s.url("/api/v1/tickets"))
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(invalid.status(), 422);
     let body: serde_json::Value = invalid.json().await.unwrap();
     assert_eq!(body["errorCode"], "INVALID_DATA");
 
-    let missing = client().get(s.url("/api/v1/nothing-here")).send().await.unwrap();
+    let missing = client()
+        .get(s.url("/api/v1/nothing-here"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(missing.status(), 404);
 }
 
 #[tokio::test]
 async fn h2c_clients_are_served() {
     let s = Scenario::start().await;
-    let response = h2c_client().get(s.url("/api/v1/tickets?limit=1")).send().await.unwrap();
+    let response = h2c_client()
+        .get(s.url("/api/v1/tickets?limit=1"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.version(), reqwest::Version::HTTP_2);
     let seen = s.zoho.desk_requests().pop().unwrap();
     assert_eq!(seen.path_and_query, "/api/v1/tickets?limit=1");
-    assert!(seen.headers["authorization"].to_str().unwrap().starts_with("Zoho-oauthtoken "));
+    assert!(
+        seen.headers["authorization"]
+            .to_str()
+            .unwrap()
+            .starts_with("Zoho-oauthtoken ")
+    );
     // The h2 :authority was the proxy's; Desk sees its own host.
-    assert_eq!(seen.headers["host"], s.fake.desk_url().trim_start_matches("http://"));
+    assert_eq!(
+        seen.headers["host"],
+        s.fake.desk_url().trim_start_matches("http://")
+    );
 }
 
 #[tokio::test]
@@ -119,7 +163,10 @@ async fn absolute_form_goes_only_to_the_upstream() {
 
     let answer = raw_request(
         s.proxy.addr,
-        &format!("GET http://{0}/api/v1/tickets HTTP/1.1\r\nHost: {0}\r\nConnection: close\r\n\r\n", evil.addr),
+        &format!(
+            "GET http://{0}/api/v1/tickets HTTP/1.1\r\nHost: {0}\r\nConnection: close\r\n\r\n",
+            evil.addr
+        ),
     )
     .await;
     assert_eq!(raw_status(&answer), 403, "{answer}");
@@ -129,7 +176,9 @@ async fn absolute_form_goes_only_to_the_upstream() {
     let desk = s.fake.desk_url().trim_start_matches("http://").to_owned();
     let answer = raw_request(
         s.proxy.addr,
-        &format!("GET http://{desk}/api/v1/tickets HTTP/1.1\r\nHost: {desk}\r\nConnection: close\r\n\r\n"),
+        &format!(
+            "GET http://{desk}/api/v1/tickets HTTP/1.1\r\nHost: {desk}\r\nConnection: close\r\n\r\n"
+        ),
     )
     .await;
     assert_eq!(raw_status(&answer), 200, "{answer}");
@@ -160,7 +209,12 @@ async fn connect_is_refused_with_405() {
 #[tokio::test]
 async fn dot_segments_and_empty_segments_are_refused() {
     let s = Scenario::start().await;
-    for path in ["/api/v1/../admin", "/api/v1/%2e%2e/admin", "/api/v1/./tickets", "/api//v1/tickets"] {
+    for path in [
+        "/api/v1/../admin",
+        "/api/v1/%2e%2e/admin",
+        "/api/v1/./tickets",
+        "/api//v1/tickets",
+    ] {
         let answer = raw_request(
             s.proxy.addr,
             &format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
@@ -176,10 +230,18 @@ async fn dot_segments_and_empty_segments_are_refused() {
 async fn unreachable_desk_is_502() {
     let fake = zoho_desk_proxy::fake_zoho::FakeZoho::start().await.unwrap();
     let mut config = config_for(&fake, &FakeOptions::default());
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    config.upstream = zoho_desk_proxy::config::BaseUrl::parse("upstream", &format!("http://{closed}")).unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    config.upstream =
+        zoho_desk_proxy::config::BaseUrl::parse("upstream", &format!("http://{closed}")).unwrap();
     let proxy = start_proxy(config).await;
-    let response = client().get(proxy.url("/api/v1/tickets")).send().await.unwrap();
+    let response = client()
+        .get(proxy.url("/api/v1/tickets"))
+        .send()
+        .await
+        .unwrap();
     assert_proxy_error(response, 502, "PROXY_UPSTREAM_UNREACHABLE").await;
 }
 
@@ -198,17 +260,30 @@ async fn slow_desk_is_504() {
 async fn uploads_and_downloads_stream() {
     let s = Scenario::start().await;
     let size: u64 = 8 * 1024 * 1024;
-    let response = client().get(s.url(&format!("/api/v1/download?bytes={size}"))).send().await.unwrap();
+    let response = client()
+        .get(s.url(&format!("/api/v1/download?bytes={size}")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
-    assert_eq!(response.headers()["content-length"], size.to_string().as_str());
+    assert_eq!(
+        response.headers()["content-length"],
+        size.to_string().as_str()
+    );
     let bytes = response.bytes().await.unwrap();
     assert_eq!(bytes.len() as u64, size);
     assert!(bytes.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
 
     // A chunked upload (unknown length) streams through.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..64).map(|_| Ok(vec![7u8; 128 * 1024])).collect();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..64).map(|_| Ok(vec![7u8; 128 * 1024])).collect();
     let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
-    let response = client().post(s.url("/api/v1/upload")).body(body).send().await.unwrap();
+    let response = client()
+        .post(s.url("/api/v1/upload"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     let answer: serde_json::Value = response.json().await.unwrap();
     assert_eq!(answer["bytes"], 64 * 128 * 1024);
@@ -219,7 +294,10 @@ async fn health_and_ready() {
     let s = Scenario::start().await;
     let health = client().get(s.url("/_proxy/health")).send().await.unwrap();
     assert_eq!(health.status(), 200);
-    assert_eq!(health.json::<serde_json::Value>().await.unwrap(), serde_json::json!({"status": "ok"}));
+    assert_eq!(
+        health.json::<serde_json::Value>().await.unwrap(),
+        serde_json::json!({"status": "ok"})
+    );
     // Ready after the first refresh.
     wait_for_token_requests(&s.zoho, 1).await;
     let mut ready = client().get(s.url("/_proxy/ready")).send().await.unwrap();
@@ -233,13 +311,19 @@ async fn health_and_ready() {
     assert_eq!(ready.status(), 200);
     let unknown = client().get(s.url("/_proxy/nothing")).send().await.unwrap();
     assert_eq!(unknown.status(), 404);
-    assert_eq!(s.zoho.desk_request_count(), 0, "/_proxy/ is never forwarded");
+    assert_eq!(
+        s.zoho.desk_request_count(),
+        0,
+        "/_proxy/ is never forwarded"
+    );
 }
 
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()

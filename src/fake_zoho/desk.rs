@@ -79,6 +79,12 @@ async fn handle_inner(
         body: Some(body),
     };
 
+    // Desk takes its time before any answer, 401s included.
+    let delay = shared.lock().desk_delay;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+
     if let Some(code) = forced {
         req.consume(0).await?;
         tracing::debug!("fake desk: forced 401");
@@ -107,10 +113,6 @@ async fn handle_inner(
         ));
     }
 
-    let delay = shared.lock().desk_delay;
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
     route(req, &raw).await
 }
 
@@ -343,7 +345,23 @@ async fn echo(mut req: Req<'_>, raw: &str) -> io::Result<Response<RespBody>> {
     let (len, body) = req.consume(ECHO_KEEP).await?;
     let mut headers = Map::new();
     for (name, value) in req.parts.headers.iter() {
-        let v = Value::String(String::from_utf8_lossy(value.as_bytes()).into_owned());
+        let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        // Like any sane API, never echo a credential back; keep its last 4 characters
+        // so that callers can tell tokens apart.
+        let text = if name == header::AUTHORIZATION {
+            let tail: String = text
+                .chars()
+                .rev()
+                .take(4)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            format!("{} ***{tail}", text.split(' ').next().unwrap_or(""))
+        } else {
+            text
+        };
+        let v = Value::String(text);
         match headers.get_mut(name.as_str()) {
             Some(Value::Array(values)) => values.push(v),
             _ => {

@@ -10,8 +10,8 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use serde::Deserialize;
 
-use crate::client::Connector;
 use super::cache::TokenSource;
+use crate::client::Connector;
 use crate::config::BaseUrl;
 use crate::secret::Secret;
 
@@ -107,7 +107,10 @@ pub fn parse_token_answer(status: u16, body: &[u8]) -> Result<Grant, AccountsErr
         return Ok(Grant {
             access_token: Secret::new(token),
             expires_in: Duration::from_secs(secs.max(1)),
-            refresh_token: answer.refresh_token.filter(|t| !t.is_empty()).map(Secret::new),
+            refresh_token: answer
+                .refresh_token
+                .filter(|t| !t.is_empty())
+                .map(Secret::new),
             api_domain: answer.api_domain,
         });
     }
@@ -120,9 +123,15 @@ pub fn parse_token_answer(status: u16, body: &[u8]) -> Result<Grant, AccountsErr
 fn classify(status: u16, code: String) -> AccountsError {
     match code.as_str() {
         "Access Denied" | "access_denied" | "too_many_requests" => AccountsError::Throttled(code),
-        "invalid_client" | "invalid_client_secret" | "invalid_code" | "unauthorized_client"
+        "invalid_client"
+        | "invalid_client_secret"
+        | "invalid_code"
+        | "unauthorized_client"
         | "invalid_grant" => AccountsError::Rejected(code),
-        _ => AccountsError::Failed { status, code: Some(code) },
+        _ => AccountsError::Failed {
+            status,
+            code: Some(code),
+        },
     }
 }
 
@@ -146,18 +155,31 @@ impl AccountsClient {
         timeout: Duration,
     ) -> Self {
         let http = crate::client::build(connect_timeout, Duration::from_secs(30));
-        Self { http, base, client_id, client_secret, timeout }
+        Self {
+            http,
+            base,
+            client_id,
+            client_secret,
+            timeout,
+        }
     }
 
     /// `grant_type=refresh_token`: a new access token.
     pub async fn refresh(&self, refresh_token: &Secret<String>) -> Result<Grant, AccountsError> {
-        self.call(&[("grant_type", "refresh_token"), ("refresh_token", refresh_token.expose())])
-            .await
+        self.call(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token.expose()),
+        ])
+        .await
     }
 
     /// `grant_type=authorization_code` (Self Client, no `redirect_uri`): a refresh token.
     pub async fn exchange(&self, code: &Secret<String>) -> Result<Grant, AccountsError> {
-        self.call(&[("grant_type", "authorization_code"), ("code", code.expose())]).await
+        self.call(&[
+            ("grant_type", "authorization_code"),
+            ("code", code.expose()),
+        ])
+        .await
     }
 
     async fn call(&self, params: &[(&str, &str)]) -> Result<Grant, AccountsError> {
@@ -246,7 +268,13 @@ mod tests {
     #[test]
     fn exchange_answer_carries_the_refresh_token() {
         let grant = parse_token_answer(200, EXCHANGE.as_bytes()).unwrap();
-        assert!(grant.refresh_token.unwrap().expose().starts_with("1000.aed4"));
+        assert!(
+            grant
+                .refresh_token
+                .unwrap()
+                .expose()
+                .starts_with("1000.aed4")
+        );
     }
 
     #[test]
@@ -263,7 +291,11 @@ mod tests {
 
     #[test]
     fn throttling_with_200_or_400_and_any_language() {
-        for (status, body) in [(200, THROTTLED), (400, THROTTLED), (400, THROTTLED_LOCALIZED)] {
+        for (status, body) in [
+            (200, THROTTLED),
+            (400, THROTTLED),
+            (400, THROTTLED_LOCALIZED),
+        ] {
             assert_eq!(
                 parse_token_answer(status, body.as_bytes()).unwrap_err(),
                 AccountsError::Throttled("Access Denied".into()),
@@ -276,15 +308,24 @@ mod tests {
     fn server_errors_and_garbage_are_transient_failures() {
         assert_eq!(
             parse_token_answer(503, b"<html>Service Unavailable</html>").unwrap_err(),
-            AccountsError::Failed { status: 503, code: None }
+            AccountsError::Failed {
+                status: 503,
+                code: None
+            }
         );
         assert_eq!(
             parse_token_answer(500, br#"{"error":"internal_error"}"#).unwrap_err(),
-            AccountsError::Failed { status: 500, code: Some("internal_error".into()) }
+            AccountsError::Failed {
+                status: 500,
+                code: Some("internal_error".into())
+            }
         );
         assert_eq!(
             parse_token_answer(200, b"{}").unwrap_err(),
-            AccountsError::Failed { status: 200, code: None }
+            AccountsError::Failed {
+                status: 200,
+                code: None
+            }
         );
     }
 

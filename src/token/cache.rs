@@ -155,7 +155,10 @@ impl TokenCache {
             current: ArcSwapOption::empty(),
             source: Box::new(source),
             policy,
-            state: Mutex::new(RefreshState { next_generation: 1, ..Default::default() }),
+            state: Mutex::new(RefreshState {
+                next_generation: 1,
+                ..Default::default()
+            }),
             changed: watch::channel(0).0,
         })
     }
@@ -243,16 +246,22 @@ impl TokenCache {
                 Some(err) => err.to_string(),
                 None => "backing off after a failed refresh".into(),
             };
-            return Err(TokenError::Unavailable { reason, retry_after: until - now });
+            return Err(TokenError::Unavailable {
+                reason,
+                retry_after: until - now,
+            });
         }
-        while state.issued.front().is_some_and(|t| now.duration_since(*t) >= GUARD_WINDOW) {
+        while state
+            .issued
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= GUARD_WINDOW)
+        {
             state.issued.pop_front();
         }
         if state.issued.len() >= self.policy.max_per_10min as usize {
-            let retry_after = state
-                .issued
-                .front()
-                .map_or(GUARD_WINDOW, |oldest| GUARD_WINDOW.saturating_sub(now - *oldest));
+            let retry_after = state.issued.front().map_or(GUARD_WINDOW, |oldest| {
+                GUARD_WINDOW.saturating_sub(now - *oldest)
+            });
             tracing::warn!(
                 limit = self.policy.max_per_10min,
                 retry_after_secs = retry_after.as_secs(),
@@ -294,27 +303,36 @@ impl TokenCache {
             state.issued.push_back(now);
         }
         let outcome = match result {
-            Ok(grant) => match Token::new(grant.access_token, grant.expires_in, state.next_generation)
-            {
-                Some(token) => {
-                    state.next_generation += 1;
-                    state.consecutive_failures = 0;
-                    state.backoff_until = None;
-                    state.last_error = None;
-                    state.rejected = None;
-                    let token = Arc::new(token);
-                    self.current.store(Some(token.clone()));
-                    tracing::info!(
-                        result = "ok",
+            Ok(grant) => {
+                match Token::new(grant.access_token, grant.expires_in, state.next_generation) {
+                    Some(token) => {
+                        state.next_generation += 1;
+                        state.consecutive_failures = 0;
+                        state.backoff_until = None;
+                        state.last_error = None;
+                        state.rejected = None;
+                        let token = Arc::new(token);
+                        self.current.store(Some(token.clone()));
+                        tracing::info!(
+                            result = "ok",
+                            latency_ms,
+                            expires_in_secs = grant.expires_in.as_secs(),
+                            generation = token.generation,
+                            "token refreshed"
+                        );
+                        Ok(token)
+                    }
+                    None => self.fail(
+                        &mut state,
+                        now,
+                        AccountsError::Failed {
+                            status: 200,
+                            code: None,
+                        },
                         latency_ms,
-                        expires_in_secs = grant.expires_in.as_secs(),
-                        generation = token.generation,
-                        "token refreshed"
-                    );
-                    Ok(token)
+                    ),
                 }
-                None => self.fail(&mut state, now, AccountsError::Failed { status: 200, code: None }, latency_ms),
-            },
+            }
             Err(err) => self.fail(&mut state, now, err, latency_ms),
         };
         drop(state);
@@ -358,7 +376,10 @@ impl TokenCache {
                     retry_in_ms = delay.as_millis() as u64,
                     "token refresh failed"
                 );
-                TokenError::Unavailable { reason: err.to_string(), retry_after: delay }
+                TokenError::Unavailable {
+                    reason: err.to_string(),
+                    retry_after: delay,
+                }
             }
         };
         state.last_error = Some(error.clone());
@@ -439,7 +460,9 @@ impl TokenCache {
     fn lock(&self) -> MutexGuard<'_, RefreshState> {
         // The state stays consistent even if a holder panicked: every update is a
         // plain assignment.
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -453,7 +476,10 @@ async fn sleep_until(at: Option<Instant>) {
 /// Exponential backoff with ±25 % jitter, from `backoff_min` doubling to `backoff_max`.
 fn backoff(policy: &RefreshPolicy, failures: u32) -> Duration {
     let exp = failures.saturating_sub(1).min(16);
-    let base = policy.backoff_min.saturating_mul(1 << exp).min(policy.backoff_max);
+    let base = policy
+        .backoff_min
+        .saturating_mul(1 << exp)
+        .min(policy.backoff_max);
     let jitter = 0.75 + fastrand::f64() * 0.5;
     base.mul_f64(jitter).min(policy.backoff_max)
 }
@@ -470,9 +496,7 @@ mod tests {
     }
 
     impl TokenSource for Counting {
-        fn fetch(
-            &self,
-        ) -> Pin<Box<dyn Future<Output = Result<Grant, AccountsError>> + Send + '_>> {
+        fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Grant, AccountsError>> + Send + '_>> {
             Box::pin(async move {
                 let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
                 tokio::time::sleep(self.delay).await;
@@ -490,10 +514,20 @@ mod tests {
         })
     }
 
-    fn cache(answer: fn(u32) -> Result<Grant, AccountsError>, max: u32) -> (Arc<TokenCache>, Arc<AtomicU32>) {
+    fn cache(
+        answer: fn(u32) -> Result<Grant, AccountsError>,
+        max: u32,
+    ) -> (Arc<TokenCache>, Arc<AtomicU32>) {
         let calls = Arc::new(AtomicU32::new(0));
-        let source = Counting { calls: calls.clone(), answer, delay: Duration::from_millis(20) };
-        (TokenCache::new(source, RefreshPolicy::new(Duration::from_secs(300), max)), calls)
+        let source = Counting {
+            calls: calls.clone(),
+            answer,
+            delay: Duration::from_millis(20),
+        };
+        (
+            TokenCache::new(source, RefreshPolicy::new(Duration::from_secs(300), max)),
+            calls,
+        )
     }
 
     #[tokio::test]
@@ -516,11 +550,18 @@ mod tests {
 
     #[tokio::test]
     async fn throttling_backs_off_at_least_a_minute() {
-        let (cache, calls) = cache(|_| Err(AccountsError::Throttled("Access Denied".into())), 10);
+        let (cache, calls) = cache(
+            |_| Err(AccountsError::Throttled("Access Denied".into())),
+            10,
+        );
         let err = cache.usable().await.unwrap_err();
-        assert!(matches!(err, TokenError::Unavailable { retry_after, .. } if retry_after >= THROTTLE_BACKOFF));
+        assert!(
+            matches!(err, TokenError::Unavailable { retry_after, .. } if retry_after >= THROTTLE_BACKOFF)
+        );
         let err = cache.usable().await.unwrap_err();
-        assert!(matches!(err, TokenError::Unavailable { retry_after, .. } if retry_after > Duration::from_secs(55)));
+        assert!(
+            matches!(err, TokenError::Unavailable { retry_after, .. } if retry_after > Duration::from_secs(55))
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 
@@ -542,14 +583,21 @@ mod tests {
         }
         let g = cache.current().unwrap().generation;
         let err = cache.refresh_after(g).await.unwrap_err();
-        assert!(matches!(err, TokenError::Unavailable { retry_after, .. } if retry_after > Duration::from_secs(590)));
+        assert!(
+            matches!(err, TokenError::Unavailable { retry_after, .. } if retry_after > Duration::from_secs(590))
+        );
         assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
 
     #[test]
     fn backoff_doubles_with_jitter_up_to_the_cap() {
         let policy = RefreshPolicy::new(Duration::from_secs(300), 5);
-        for (failures, lo, hi) in [(1, 0.75, 1.25), (2, 1.5, 2.5), (3, 3.0, 5.0), (10, 45.0, 60.0)] {
+        for (failures, lo, hi) in [
+            (1, 0.75, 1.25),
+            (2, 1.5, 2.5),
+            (3, 3.0, 5.0),
+            (10, 45.0, 60.0),
+        ] {
             let d = backoff(&policy, failures).as_secs_f64();
             assert!(d >= lo && d <= hi, "{failures}: {d}");
         }
@@ -558,7 +606,13 @@ mod tests {
     #[test]
     fn margin_is_capped_at_half_the_lifetime() {
         let token = Token::new(Secret::new("t".into()), Duration::from_secs(60), 1).unwrap();
-        assert_eq!(token.refresh_at(Duration::from_secs(300)), token.expires_at - Duration::from_secs(30));
-        assert_eq!(token.refresh_at(Duration::from_secs(10)), token.expires_at - Duration::from_secs(10));
+        assert_eq!(
+            token.refresh_at(Duration::from_secs(300)),
+            token.expires_at - Duration::from_secs(30)
+        );
+        assert_eq!(
+            token.refresh_at(Duration::from_secs(10)),
+            token.expires_at - Duration::from_secs(10)
+        );
     }
 }

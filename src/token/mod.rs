@@ -3,6 +3,7 @@
 
 pub mod accounts;
 pub mod cache;
+pub mod store;
 
 pub use accounts::{AccountsClient, AccountsError, Grant, RefreshTokenSource};
 pub use cache::{Readiness, RefreshPolicy, Token, TokenCache, TokenError, TokenSource};

@@ -37,14 +37,18 @@ impl TestProxy {
     pub async fn stop(mut self) {
         self.signal_shutdown();
         if let Some(task) = self.task.take() {
-            task.await.expect("proxy task panicked").expect("proxy failed");
+            task.await
+                .expect("proxy task panicked")
+                .expect("proxy failed");
         }
     }
 
     /// Waits for `run` to return (after `signal_shutdown`).
     pub async fn join(mut self) {
         if let Some(task) = self.task.take() {
-            task.await.expect("proxy task panicked").expect("proxy failed");
+            task.await
+                .expect("proxy task panicked")
+                .expect("proxy failed");
         }
     }
 }
@@ -73,7 +77,9 @@ impl Scenario {
 
     /// A fake with `options` and a proxy whose config `tweak` may change.
     pub async fn with(options: FakeOptions, tweak: impl FnOnce(&mut Config)) -> Self {
-        let fake = FakeZoho::start_with(options.clone()).await.expect("fake zoho starts");
+        let fake = FakeZoho::start_with(options.clone())
+            .await
+            .expect("fake zoho starts");
         let mut config = config_for(&fake, &options);
         tweak(&mut config);
         let proxy = start_proxy(config).await;
@@ -118,7 +124,11 @@ pub async fn start_proxy(mut config: Config) -> TestProxy {
     let task = tokio::spawn(zoho_desk_proxy::run(config, listener, async {
         let _ = rx.await;
     }));
-    TestProxy { addr, shutdown: Some(tx), task: Some(task) }
+    TestProxy {
+        addr,
+        shutdown: Some(tx),
+        task: Some(task),
+    }
 }
 
 /// An HTTP/1.1 client that follows no redirect and uses no proxy.
@@ -150,7 +160,11 @@ pub async fn raw_request(addr: SocketAddr, request: &str) -> String {
 
 /// The status code of a raw HTTP/1.1 answer.
 pub fn raw_status(answer: &str) -> u16 {
-    answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The JSON body of a raw HTTP/1.1 answer with Content-Length.
@@ -175,11 +189,17 @@ impl EvilListener {
             while let Ok((mut stream, _)) = listener.accept().await {
                 tx.send_modify(|n| *n += 1);
                 let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nstole")
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nstole",
+                    )
                     .await;
             }
         });
-        Self { addr, connections: rx, _task: task }
+        Self {
+            addr,
+            connections: rx,
+            _task: task,
+        }
     }
 
     pub fn connections(&self) -> usize {
@@ -188,11 +208,18 @@ impl EvilListener {
 }
 
 /// Asserts a proxy error answer: status and errorCode.
-pub async fn assert_proxy_error(response: reqwest::Response, status: u16, code: &str) -> serde_json::Value {
+pub async fn assert_proxy_error(
+    response: reqwest::Response,
+    status: u16,
+    code: &str,
+) -> serde_json::Value {
     assert_eq!(response.status().as_u16(), status, "status");
     let body: serde_json::Value = response.json().await.expect("json error body");
     assert_eq!(body["errorCode"], code, "{body}");
-    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
     body
 }
 

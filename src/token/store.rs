@@ -1,0 +1,223 @@
+//! The token file (SPEC §6): the refresh token from `exchange` and the current access
+//! token with its expiry, written atomically (temp file + rename) with mode 0600.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::secret::Secret;
+
+/// Why the token file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The file exists but could not be read or written.
+    #[error("token file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not the JSON the proxy writes.
+    #[error(
+        "token file {path} is corrupt ({reason}); delete it, or run `zoho-desk-proxy exchange` again"
+    )]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// serde's message.
+        reason: String,
+    },
+}
+
+/// What the token file holds.
+#[derive(Debug, Clone, Default)]
+pub struct StoredTokens {
+    /// The client id the tokens belong to; tokens of another client are ignored.
+    pub client_id: Option<String>,
+    /// The refresh token from `exchange`.
+    pub refresh_token: Option<Secret<String>>,
+    /// The last access token and when it expires.
+    pub access_token: Option<(Secret<String>, SystemTime)>,
+}
+
+impl StoredTokens {
+    /// The access token when it belongs to `client_id` and stays valid for more than
+    /// `min_remaining`; with what remains of its life.
+    pub fn valid_access_token(
+        &self,
+        client_id: &str,
+        min_remaining: Duration,
+    ) -> Option<(Secret<String>, Duration)> {
+        if self.client_id.as_deref() != Some(client_id) {
+            return None;
+        }
+        let (token, expires_at) = self.access_token.as_ref()?;
+        let remaining = expires_at.duration_since(SystemTime::now()).ok()?;
+        (remaining > min_remaining).then(|| (token.clone(), remaining))
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct FileFormat {
+    version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    client_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    access_token: Option<String>,
+    /// Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    access_token_expires_at: Option<u64>,
+}
+
+/// The token file at one path.
+#[derive(Debug, Clone)]
+pub struct TokenFile {
+    path: PathBuf,
+}
+
+impl TokenFile {
+    /// The file at `path` (not touched until loaded or saved).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the file; `Ok(None)` when it does not exist.
+    pub fn load(&self) -> Result<Option<StoredTokens>, StoreError> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+        };
+        let file: FileFormat = serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
+        let access_token = match (file.access_token, file.access_token_expires_at) {
+            (Some(token), Some(at)) => {
+                Some((Secret::new(token), UNIX_EPOCH + Duration::from_secs(at)))
+            }
+            _ => None,
+        };
+        Ok(Some(StoredTokens {
+            client_id: file.client_id,
+            refresh_token: file.refresh_token.map(Secret::new),
+            access_token,
+        }))
+    }
+
+    /// Writes the file atomically: a 0600 temp file in the same directory, then rename.
+    pub fn save(&self, tokens: &StoredTokens) -> Result<(), StoreError> {
+        let io = |source| StoreError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let file = FileFormat {
+            version: 1,
+            client_id: tokens.client_id.clone(),
+            refresh_token: tokens.refresh_token.as_ref().map(|t| t.expose().clone()),
+            access_token: tokens
+                .access_token
+                .as_ref()
+                .map(|(t, _)| t.expose().clone()),
+            access_token_expires_at: tokens
+                .access_token
+                .as_ref()
+                .and_then(|(_, at)| at.duration_since(UNIX_EPOCH).ok())
+                .map(|d| d.as_secs()),
+        };
+        let json = serde_json::to_vec_pretty(&file)
+            .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+        let dir = match self.path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        create_private_dir(&dir).map_err(io)?;
+        // tempfile creates the file with mode 0600 on Unix.
+        let mut temp = tempfile::NamedTempFile::new_in(&dir).map_err(io)?;
+        std::io::Write::write_all(&mut temp, &json).map_err(io)?;
+        temp.as_file().sync_all().map_err(io)?;
+        temp.persist(&self.path).map_err(|e| io(e.error))?;
+        Ok(())
+    }
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    if dir.exists() {
+        return Ok(());
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saves_atomically_with_mode_0600_and_loads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = TokenFile::new(dir.path().join("sub/token.json"));
+        assert!(file.load().unwrap().is_none());
+        let expires = SystemTime::now() + Duration::from_secs(3000);
+        file.save(&StoredTokens {
+            client_id: Some("id".into()),
+            refresh_token: Some(Secret::new("1000.refresh".into())),
+            access_token: Some((Secret::new("1000.access".into()), expires)),
+        })
+        .unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(file.path()).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let loaded = file.load().unwrap().unwrap();
+        assert_eq!(
+            loaded.refresh_token.as_ref().unwrap().expose(),
+            "1000.refresh"
+        );
+        let (token, remaining) = loaded
+            .valid_access_token("id", Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(token.expose(), "1000.access");
+        assert!(remaining > Duration::from_secs(2990));
+        assert!(
+            file.load()
+                .unwrap()
+                .unwrap()
+                .valid_access_token("other", Duration::ZERO)
+                .is_none()
+        );
+        // No temp files left behind.
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("sub")).unwrap().count(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_corrupt_file_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token.json");
+        std::fs::write(&path, "{not json").unwrap();
+        let err = TokenFile::new(&path).load().unwrap_err();
+        assert!(err.to_string().contains("corrupt"), "{err}");
+    }
+}

@@ -1,0 +1,287 @@
+//! Tokens (SPEC §6): single flight, generation check, background refresh, Zoho's quirks,
+//! failures, and the refresh guard — seen from outside, through the proxy.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use zoho_desk_proxy::fake_zoho::{AccountsBehavior, FakeOptions};
+
+async fn get(s: &Scenario, path: &str) -> reqwest::Response {
+    client().get(s.url(path)).send().await.unwrap()
+}
+
+#[tokio::test]
+async fn concurrent_401s_cause_one_refresh_and_all_succeed() {
+    let s = Scenario::start().await;
+    assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+    assert_eq!(s.zoho.token_requests(), 1);
+
+    s.zoho.revoke_all_tokens();
+    // Desk answers after a while, so that most 401s arrive after the refresh they caused
+    // has finished: only the generation check keeps those from refreshing again.
+    s.zoho.set_desk_delay(Duration::from_millis(200));
+    let c = client();
+    let requests = (0..500).map(|i| {
+        let c = c.clone();
+        let url = s.url("/api/v1/echo");
+        async move {
+            // Half with a small body, replayed after the refresh.
+            let request = if i % 2 == 0 {
+                c.get(url)
+            } else {
+                c.post(url).body(format!("body-{i}"))
+            };
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let echo: serde_json::Value = response.json().await.unwrap_or_default();
+            (i, status, echo)
+        }
+    });
+    let results = futures_util::future::join_all(requests).await;
+    for (i, status, echo) in &results {
+        assert_eq!(*status, 200, "request {i}: {echo}");
+        if i % 2 == 1 {
+            assert_eq!(echo["body"], format!("body-{i}"), "replayed body of {i}");
+        }
+    }
+    assert_eq!(
+        s.zoho.token_requests(),
+        2,
+        "500 concurrent 401s must cost exactly one refresh"
+    );
+}
+
+#[tokio::test]
+async fn a_second_401_goes_back_as_desk_sent_it() {
+    let s = Scenario::start().await;
+    assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+    s.zoho.fail_next_desk_requests(2, Some("INVALID_OAUTH"));
+    let response = get(&s, "/api/v1/tickets").await;
+    assert_eq!(response.status(), 401);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["errorCode"], "INVALID_OAUTH");
+    assert_eq!(
+        s.zoho.token_requests(),
+        2,
+        "one refresh for the first 401, none for the second"
+    );
+}
+
+#[tokio::test]
+async fn a_401_without_body_refreshes_and_retries() {
+    let s = Scenario::start().await;
+    assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+    s.zoho.fail_next_desk_requests(1, None);
+    assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+    assert_eq!(s.zoho.token_requests(), 2);
+}
+
+#[tokio::test]
+async fn scope_class_401s_pass_through_and_cost_no_refresh() {
+    let s = Scenario::start().await;
+    assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+    for code in ["SCOPE_MISMATCH", "OAUTH_ORG_MISMATCH", "UNAUTHORIZED"] {
+        s.zoho.fail_next_desk_requests(1, Some(code));
+        let response = get(&s, "/api/v1/tickets").await;
+        assert_eq!(response.status(), 401);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["errorCode"], code);
+    }
+    assert_eq!(s.zoho.token_requests(), 1);
+}
+
+#[tokio::test]
+async fn a_body_too_large_to_replay_gets_the_401_and_the_refresh_still_happens() {
+    let s = Scenario::with(FakeOptions::default(), |c| c.replay_body_bytes = 16).await;
+    assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+    s.zoho.revoke_all_tokens();
+    let response = client()
+        .post(s.url("/api/v1/echo"))
+        .body(vec![b'x'; 1000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401, "a streamed body cannot be replayed");
+    wait_for_token_requests(&s.zoho, 2).await;
+    let response = client()
+        .post(s.url("/api/v1/echo"))
+        .body(vec![b'x'; 1000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(s.zoho.token_requests(), 2);
+}
+
+#[tokio::test]
+async fn tokens_are_refreshed_in_the_background_before_expiry() {
+    let options = FakeOptions {
+        token_lifetime: Duration::from_secs(2),
+        ..FakeOptions::default()
+    };
+    let s = Scenario::with(options, |_| {}).await;
+    // Refreshes at half-life (margin 300 s capped at 1 s) without any request.
+    wait_for_token_requests(&s.zoho, 3).await;
+    // And no request ever carries an expired token.
+    for _ in 0..20 {
+        assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+    }
+}
+
+#[tokio::test]
+async fn expires_in_in_milliseconds_is_understood() {
+    let options = FakeOptions {
+        expires_in_ms_quirk: true,
+        ..FakeOptions::default()
+    };
+    let s = Scenario::with(options, |_| {}).await;
+    assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+    let ready: serde_json::Value = get(&s, "/_proxy/ready").await.json().await.unwrap();
+    let secs = ready["token_expires_in_secs"].as_u64().unwrap();
+    assert!((3500..=3600).contains(&secs), "{ready}");
+}
+
+#[tokio::test]
+async fn throttling_answers_503_with_retry_after_and_backs_off() {
+    for status in [200, 400] {
+        let s = Scenario::start().await;
+        s.zoho
+            .set_accounts_behavior(AccountsBehavior::Throttle { status });
+        let body = assert_proxy_error(
+            get(&s, "/api/v1/tickets").await,
+            503,
+            "PROXY_TOKEN_UNAVAILABLE",
+        )
+        .await;
+        assert!(
+            body["message"].as_str().unwrap().contains("throttl"),
+            "{body}"
+        );
+        let response = get(&s, "/api/v1/tickets").await;
+        let retry_after: u64 = response.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(retry_after >= 50, "Retry-After {retry_after}");
+        assert_proxy_error(response, 503, "PROXY_TOKEN_UNAVAILABLE").await;
+        assert_eq!(
+            s.zoho.token_requests(),
+            1,
+            "no new Accounts call while throttled"
+        );
+    }
+}
+
+#[tokio::test]
+async fn rejected_credentials_answer_auth_rejected_and_are_not_retried() {
+    let options = FakeOptions {
+        refresh_token: "1000.other".into(),
+        ..FakeOptions::default()
+    };
+    let fake_options = FakeOptions::default();
+    let fake = zoho_desk_proxy::fake_zoho::FakeZoho::start_with(fake_options)
+        .await
+        .unwrap();
+    let proxy = start_proxy(config_for(&fake, &options)).await;
+    let zoho = fake.control();
+    for _ in 0..3 {
+        let response = client()
+            .get(proxy.url("/api/v1/tickets"))
+            .send()
+            .await
+            .unwrap();
+        let body = assert_proxy_error(response, 503, "PROXY_AUTH_REJECTED").await;
+        assert!(
+            body["message"].as_str().unwrap().contains("exchange"),
+            "{body}"
+        );
+    }
+    let ready = client()
+        .get(proxy.url("/_proxy/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let ready: serde_json::Value = ready.json().await.unwrap();
+    assert!(
+        ready["reason"].as_str().unwrap().contains("invalid_code"),
+        "{ready}"
+    );
+    assert_eq!(zoho.token_requests(), 1);
+}
+
+#[tokio::test]
+async fn accounts_down_while_the_token_is_valid_is_invisible() {
+    let s = Scenario::start().await;
+    assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+    s.zoho.set_accounts_behavior(AccountsBehavior::Unavailable);
+    for _ in 0..10 {
+        assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+    }
+}
+
+#[tokio::test]
+async fn accounts_down_without_a_token_is_503_with_retry_after() {
+    let s = Scenario::start().await;
+    s.zoho
+        .set_accounts_behavior(AccountsBehavior::CloseConnection);
+    let response = get(&s, "/api/v1/tickets").await;
+    assert!(response.headers().contains_key("retry-after"));
+    assert_proxy_error(response, 503, "PROXY_TOKEN_UNAVAILABLE").await;
+    // Backing off: the next request is answered at once, without a new call.
+    let before = s.zoho.token_requests();
+    assert_proxy_error(
+        get(&s, "/api/v1/tickets").await,
+        503,
+        "PROXY_TOKEN_UNAVAILABLE",
+    )
+    .await;
+    assert_eq!(s.zoho.token_requests(), before);
+    // Accounts back: the proxy recovers after its backoff.
+    s.zoho.set_accounts_behavior(AccountsBehavior::Normal);
+    wait_for_token_requests(&s.zoho, before + 1).await;
+    let mut status = 0;
+    for _ in 0..100 {
+        status = get(&s, "/api/v1/tickets").await.status().as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn the_refresh_guard_holds_whatever_desk_does() {
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.oauth.max_refreshes_per_10min = 3
+    })
+    .await;
+    assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+    // Desk keeps rejecting every token: each request costs at most one refresh, and the
+    // guard stops them at 3.
+    for _ in 0..6 {
+        s.zoho.revoke_all_tokens();
+        let _ = get(&s, "/api/v1/tickets").await;
+    }
+    assert_eq!(s.zoho.token_requests(), 3);
+    s.zoho.revoke_all_tokens();
+    let response = get(&s, "/api/v1/tickets").await;
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after > 60, "{retry_after}");
+    let body = assert_proxy_error(response, 503, "PROXY_TOKEN_UNAVAILABLE").await;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_refreshes_per_10min"),
+        "{body}"
+    );
+}
