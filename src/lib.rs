@@ -15,6 +15,7 @@ pub mod error;
 pub mod fake_zoho;
 pub mod headers;
 pub mod observe;
+pub mod ops;
 pub mod proxy;
 pub mod secret;
 pub mod server;
@@ -29,6 +30,7 @@ use tokio::net::TcpListener;
 use crate::access::AccessPolicy;
 use crate::config::{Config, ConfigError};
 use crate::proxy::Proxy;
+use crate::token::store::{StoredTokens, TokenFile, TokenSaver};
 use crate::token::{AccountsClient, RefreshPolicy, RefreshTokenSource, TokenCache};
 
 /// Why the proxy could not run.
@@ -102,24 +104,50 @@ pub fn token_cache(config: &Config) -> Result<Arc<TokenCache>, ConfigError> {
     ))
 }
 
-/// Runs the proxy on `listener` until `shutdown` resolves, then drains and returns.
+/// Runs the proxy on `listener` until `shutdown` resolves, then drains, saves the token
+/// file and returns.
 pub async fn run(
-    config: Config,
+    mut config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
+    let token_file = config.token_file.clone().map(TokenFile::new);
+    let stored = token_file
+        .as_ref()
+        .and_then(load_token_file)
+        .unwrap_or_default();
+    if config.oauth.refresh_token.is_none() {
+        config.oauth.refresh_token = stored.refresh_token.clone();
+    }
     check_startup(&config)?;
     let tokens = token_cache(&config)?;
+    if let Some((token, remaining)) =
+        stored.valid_access_token(&config.oauth.client_id, REUSE_MIN_REMAINING)
+        && tokens.install(token, remaining).is_some()
+    {
+        tracing::info!(
+            expires_in_secs = remaining.as_secs(),
+            "reusing the access token of the token file"
+        );
+    }
     if !config.listen.ip().is_loopback()
         && config.access.api_keys.is_empty()
         && config.access.allow_cidrs.is_empty()
     {
         tracing::warn!(listen = %config.listen, "listening on a non-loopback address without api_keys or allow_cidrs (access.allow_unauthenticated_remote = true): anyone who reaches this address acts as your Zoho user");
     }
-    let (stop_background, background_stopped) = tokio::sync::oneshot::channel::<()>();
-    let refresher = tokio::spawn(Arc::clone(&tokens).run_background(async {
-        let _ = background_stopped.await;
-    }));
+
+    let (stop_tasks, tasks_stopped) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let refresher =
+        tokio::spawn(Arc::clone(&tokens).run_background(stopped(tasks_stopped.clone())));
+    let persister = token_file.clone().map(|file| {
+        let saver = TokenSaver::new(file, &config.oauth.client_id, stored.refresh_token.clone());
+        tokio::spawn(saver.run(Arc::clone(&tokens), stopped(tasks_stopped.clone())))
+    });
+
     let proxy = Arc::new(Proxy::new(config, tokens));
     tracing::info!(
         listen = %listener.local_addr()?,
@@ -128,8 +156,41 @@ pub async fn run(
         "zoho-desk-proxy listening"
     );
     server::serve(Arc::clone(&proxy), listener, shutdown).await;
-    let _ = stop_background.send(());
+    let _ = stop_tasks.send(true);
     let _ = refresher.await;
+    if let Some(persister) = persister {
+        let _ = persister.await;
+    }
     tracing::info!("zoho-desk-proxy stopped");
     Ok(())
+}
+
+/// The config with the token file's refresh token when it has none of its own.
+pub fn with_stored_refresh_token(mut config: Config) -> Config {
+    if config.oauth.refresh_token.is_none()
+        && let Some(stored) = config
+            .token_file
+            .clone()
+            .map(TokenFile::new)
+            .as_ref()
+            .and_then(load_token_file)
+    {
+        config.oauth.refresh_token = stored.refresh_token;
+    }
+    config
+}
+
+/// A persisted token is reused only when it has at least this long to live.
+const REUSE_MIN_REMAINING: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads the token file; a missing file is normal, a broken one is logged and ignored
+/// (the proxy refreshes instead).
+fn load_token_file(file: &TokenFile) -> Option<StoredTokens> {
+    match file.load() {
+        Ok(stored) => stored,
+        Err(err) => {
+            tracing::warn!(error = %err, "ignoring the token file; a new access token will be requested");
+            None
+        }
+    }
 }

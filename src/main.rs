@@ -33,8 +33,33 @@ fn main() -> ExitCode {
                     .await
                     .map_err(Into::into)
             }
-            Some(Command::Exchange(_)) | Some(Command::Check(_)) => {
-                anyhow::bail!("not built yet")
+            Some(Command::Exchange(args)) => {
+                init_logging(Some(LogFormat::Pretty));
+                let config = Config::load(args.config.as_deref())?;
+                let message = zoho_desk_proxy::ops::exchange(&config, &args.code).await?;
+                println!("{message}");
+                Ok(())
+            }
+            Some(Command::Check(args)) => {
+                let config = match Config::load(args.config.as_deref()) {
+                    Ok(config) => config,
+                    Err(err) => {
+                        println!("[FAIL] configuration: {err}");
+                        return Err(err.into());
+                    }
+                };
+                let config = zoho_desk_proxy::with_stored_refresh_token(config);
+                let origin = args.config.as_ref().map_or_else(
+                    || "defaults, ./proxy.toml if present, and environment".to_owned(),
+                    |p| p.display().to_string(),
+                );
+                let (report, ok) = zoho_desk_proxy::ops::check(&config, &origin).await;
+                print!("{report}");
+                if ok {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!("check failed"))
+                }
             }
         }
     });
@@ -52,6 +77,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
     let is_config = err.chain().any(|cause| {
         cause.is::<ConfigError>()
             || cause
+                .downcast_ref::<zoho_desk_proxy::ops::OpsError>()
+                .is_some_and(|e| matches!(e, zoho_desk_proxy::ops::OpsError::Config(_)))
+            || cause
                 .downcast_ref::<RunError>()
                 .is_some_and(|e| matches!(e, RunError::Config(_)))
     });
@@ -64,7 +92,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         config.listen = listen;
     }
     init_logging(config.log_format);
-    zoho_desk_proxy::check_startup(&config)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

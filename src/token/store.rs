@@ -1,11 +1,14 @@
 //! The token file (SPEC §6): the refresh token from `exchange` and the current access
 //! token with its expiry, written atomically (temp file + rename) with mode 0600.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use super::cache::TokenCache;
 use crate::secret::Secret;
 
 /// Why the token file could not be used.
@@ -164,6 +167,64 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
     builder.create(dir)
+}
+
+/// Writes every new access token to the token file, and once more at shutdown, keeping
+/// the refresh token the file already had (a refresh token given by config or
+/// environment is never written to disk).
+pub struct TokenSaver {
+    file: TokenFile,
+    client_id: String,
+    refresh_token: Option<Secret<String>>,
+}
+
+impl TokenSaver {
+    /// A saver for `file`.
+    pub fn new(file: TokenFile, client_id: &str, refresh_token: Option<Secret<String>>) -> Self {
+        Self {
+            file,
+            client_id: client_id.to_owned(),
+            refresh_token,
+        }
+    }
+
+    /// Saves on every token change until `stop` resolves, then saves the last one.
+    pub async fn run(self, tokens: Arc<TokenCache>, stop: impl Future<Output = ()>) {
+        let mut changed = tokens.subscribe();
+        let mut saved_generation = tokens.current().map_or(0, |t| t.generation);
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => break,
+                res = changed.changed() => if res.is_err() { break },
+            }
+            saved_generation = self.save_if_new(&tokens, saved_generation).await;
+        }
+        self.save_if_new(&tokens, saved_generation).await;
+    }
+
+    async fn save_if_new(&self, tokens: &TokenCache, saved_generation: u64) -> u64 {
+        let Some(token) = tokens.current() else {
+            return saved_generation;
+        };
+        if token.generation == saved_generation {
+            return saved_generation;
+        }
+        let stored = StoredTokens {
+            client_id: Some(self.client_id.clone()),
+            refresh_token: self.refresh_token.clone(),
+            access_token: Some((token.access_token.clone(), token.expires_at_wall)),
+        };
+        let file = self.file.clone();
+        match tokio::task::spawn_blocking(move || file.save(&stored)).await {
+            Ok(Ok(())) => {
+                tracing::debug!(path = %self.file.path().display(), "token file saved");
+            }
+            Ok(Err(err)) => tracing::warn!(error = %err, "the token file could not be saved"),
+            Err(err) => tracing::warn!(error = %err, "the token file could not be saved"),
+        }
+        token.generation
+    }
 }
 
 #[cfg(test)]

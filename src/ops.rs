@@ -1,0 +1,217 @@
+//! The operator's commands: `exchange` (grant token → refresh token in the token file)
+//! and `check` (what works and what doesn't, in plain words).
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, header};
+use http_body_util::{BodyExt, Empty, Limited};
+
+use crate::config::{Config, ConfigError};
+use crate::secret::Secret;
+use crate::token::accounts::{AccountsClient, AccountsError};
+use crate::token::store::{StoredTokens, TokenFile};
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    /// The configuration cannot be used (exit code 2).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Zoho refused or could not be reached (exit code 1).
+    #[error("{0}")]
+    Failed(String),
+}
+
+fn accounts_client(config: &Config) -> AccountsClient {
+    AccountsClient::new(
+        config.accounts_url.clone(),
+        config.oauth.client_id.clone(),
+        config.oauth.client_secret.clone(),
+        config.timeouts.connect,
+        config.timeouts.response.min(Duration::from_secs(30)),
+    )
+}
+
+/// Exchanges a Self Client grant token for a refresh token and stores both tokens in the
+/// token file. Returns what to print.
+pub async fn exchange(config: &Config, code: &str) -> Result<String, OpsError> {
+    let Some(path) = &config.token_file else {
+        return Err(ConfigError::Invalid {
+            key: "token_file",
+            reason: "is disabled (\"\"), so there is nowhere to store the refresh token: set token_file to a path".into(),
+        }
+        .into());
+    };
+    let code = Secret::new(code.trim().to_owned());
+    let grant = accounts_client(config).exchange(&code).await.map_err(|err| {
+        OpsError::Failed(match &err {
+            AccountsError::Rejected(c) if c == "invalid_code" => format!(
+                "{err}: the grant token is invalid, expired (grant tokens live only minutes) or already used (they are single-use). Generate a new one in the API console (Self Client → Generate Code) and run exchange again at once"
+            ),
+            AccountsError::Rejected(c) if c == "invalid_client" => format!(
+                "{err}: Zoho Accounts at {} does not know this client id. Check oauth.client_id, and that `dc` is the data centre where you created the Self Client (a client created on accounts.zoho.eu is unknown to accounts.zoho.com)",
+                config.accounts_url
+            ),
+            _ => format!("{err}; {}", err.advice()),
+        })
+    })?;
+    let Some(refresh_token) = grant.refresh_token else {
+        return Err(OpsError::Failed(
+            "Zoho Accounts answered without a refresh token; generate a new grant token with the access type \"offline\" (the Self Client default) and try again".into(),
+        ));
+    };
+    let file = TokenFile::new(path);
+    // Keep nothing of an older file but overwrite it whole: the new refresh token starts
+    // a new chain of access tokens.
+    let stored = StoredTokens {
+        client_id: Some(config.oauth.client_id.clone()),
+        refresh_token: Some(refresh_token.clone()),
+        access_token: Some((
+            grant.access_token,
+            std::time::SystemTime::now() + grant.expires_in,
+        )),
+    };
+    file.save(&stored)
+        .map_err(|e| OpsError::Failed(e.to_string()))?;
+    Ok(format!(
+        "refresh token {} stored in {} (mode 0600).\nStart the proxy with `zoho-desk-proxy serve`; it reads the refresh token from there.",
+        refresh_token.masked(),
+        path.display()
+    ))
+}
+
+/// One line of `check`'s report.
+struct Report {
+    text: String,
+    ok: bool,
+}
+
+impl Report {
+    fn line(&mut self, ok: bool, what: &str, detail: impl std::fmt::Display) {
+        self.ok &= ok;
+        let mark = if ok { "ok  " } else { "FAIL" };
+        let _ = writeln!(self.text, "[{mark}] {what}: {detail}");
+    }
+}
+
+/// Validates the config, obtains one access token, calls `GET /api/v1/organizations`,
+/// and reports each step with the fix for what failed. Returns the report and whether
+/// everything worked.
+pub async fn check(config: &Config, origin: &str) -> (String, bool) {
+    let mut report = Report {
+        text: String::new(),
+        ok: true,
+    };
+    report.line(
+        true,
+        "configuration",
+        format!(
+            "{origin}; Accounts {}, Desk {}",
+            config.accounts_url, config.upstream
+        ),
+    );
+    let Some(refresh_token) = &config.oauth.refresh_token else {
+        report.line(
+            false,
+            "refresh token",
+            "none in the config, the environment (ZOHO_REFRESH_TOKEN) or the token file; fix: run `zoho-desk-proxy exchange --code <grant token>`",
+        );
+        return (report.text, false);
+    };
+    let grant = accounts_client(config).refresh(refresh_token).await;
+    let token = match grant {
+        Ok(grant) => {
+            report.line(true, "Zoho Accounts reachable", &config.accounts_url);
+            report.line(
+                true,
+                "token refresh",
+                format!(
+                    "access token obtained, valid for {} s",
+                    grant.expires_in.as_secs()
+                ),
+            );
+            grant.access_token
+        }
+        Err(err) => {
+            let reachable = !matches!(
+                err,
+                AccountsError::Unreachable(_) | AccountsError::Timeout(_)
+            );
+            report.line(
+                reachable,
+                "Zoho Accounts reachable",
+                if reachable {
+                    err.to_string()
+                } else {
+                    format!("{err}; fix: {}", err.advice())
+                },
+            );
+            if reachable {
+                report.line(
+                    false,
+                    "token refresh",
+                    format!("{err}; fix: {}", err.advice()),
+                );
+            }
+            return (report.text, false);
+        }
+    };
+    match desk_call(config, &token).await {
+        Ok((200, _)) => report.line(true, "Zoho Desk", "GET /api/v1/organizations answered 200"),
+        Ok((status, body)) => report.line(
+            false,
+            "Zoho Desk",
+            format!(
+                "GET /api/v1/organizations answered {status} {}; fix: {}",
+                String::from_utf8_lossy(&body[..body.len().min(300)]),
+                if status == 401 { "the token lacks Desk scopes: generate the grant token with Desk.tickets.ALL,Desk.basic.READ,… (see README)" } else { "check `upstream` and `dc`" }
+            ),
+        ),
+        Err(err) => report.line(false, "Zoho Desk", format!("{err}; fix: check `upstream` and the network path to it")),
+    }
+    let ok = report.ok;
+    let _ = writeln!(
+        report.text,
+        "{}",
+        if ok {
+            "all checks passed"
+        } else {
+            "some checks failed"
+        }
+    );
+    (report.text, ok)
+}
+
+async fn desk_call(config: &Config, token: &Secret<String>) -> Result<(u16, Bytes), String> {
+    let client =
+        crate::client::build::<Empty<Bytes>>(config.timeouts.connect, Duration::from_secs(5));
+    let uri = config
+        .upstream
+        .join("/api/v1/organizations")
+        .map_err(|e| e.to_string())?;
+    let mut auth = http::HeaderValue::from_str(&format!("Zoho-oauthtoken {}", token.expose()))
+        .map_err(|_| "the access token is not a valid header value".to_owned())?;
+    auth.set_sensitive(true);
+    let request = Request::get(uri)
+        .header(header::AUTHORIZATION, auth)
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    let call = async {
+        let response = client
+            .request(request)
+            .await
+            .map_err(|e| crate::client::describe_client_error(&e))?;
+        let status = response.status().as_u16();
+        let body = Limited::new(response.into_body(), 64 * 1024)
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, body))
+    };
+    tokio::time::timeout(config.timeouts.response, call)
+        .await
+        .map_err(|_| "no answer in time".to_owned())?
+}

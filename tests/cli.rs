@@ -1,0 +1,313 @@
+//! The built binary: exit codes, `exchange`, `check`, the token file across restarts,
+//! and SIGTERM draining (SPEC §2, §6, §9).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use zoho_desk_proxy::fake_zoho::{FakeOptions, FakeZoho};
+
+const BIN: &str = env!("CARGO_BIN_EXE_zoho-desk-proxy");
+
+fn command(dir: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(dir)
+        .env("ZOHO_PROXY_LOG_FORMAT", "json")
+        .kill_on_drop(true);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("ZOHO_") && name != "ZOHO_PROXY_LOG_FORMAT" {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
+/// A config file for the fake; `refresh_token` may be left out (then the token file
+/// provides it).
+fn write_config(dir: &Path, fake: &FakeZoho, with_refresh_token: bool, extra: &str) -> PathBuf {
+    let o = FakeOptions::default();
+    let refresh = if with_refresh_token {
+        format!("refresh_token = \"{}\"", o.refresh_token)
+    } else {
+        String::new()
+    };
+    let text = format!(
+        "upstream = \"{}\"\naccounts_url = \"{}\"\ntoken_file = \"{}\"\n{extra}\n[oauth]\nclient_id = \"{}\"\nclient_secret = \"{}\"\n{refresh}\n",
+        fake.desk_url(),
+        fake.accounts_url(),
+        dir.join("state/token.json").display(),
+        o.client_id,
+        o.client_secret,
+    );
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `serve` and waits for its "listening" log line.
+async fn serve(dir: &Path, config: &Path, port: u16) -> Child {
+    let mut child = command(dir)
+        .args(["serve", "--config"])
+        .arg(config)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("zoho-desk-proxy listening") {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the proxy starts");
+    // Keep draining stderr so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    child
+}
+
+fn sigterm(child: &Child) {
+    let pid = child.id().expect("running").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn exchange_stores_the_refresh_token_masked_and_serve_reuses_the_access_token() {
+    let fake = FakeZoho::start().await.unwrap();
+    let zoho = fake.control();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &fake, false, "");
+
+    let out = command(dir.path())
+        .args(["exchange", "--code", "1000.fakegrant.0001", "--config"])
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let refresh = FakeOptions::default().refresh_token;
+    assert!(
+        stdout.contains(&format!("…{}", &refresh[refresh.len() - 4..])),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains(&refresh),
+        "the refresh token is printed masked"
+    );
+    let form = zoho.last_token_form().unwrap();
+    assert!(form.contains(&("grant_type".into(), "authorization_code".into())));
+    assert!(!form.iter().any(|(k, _)| k == "redirect_uri"));
+
+    let token_file = dir.path().join("state/token.json");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    // A grant token is single-use: Zoho's answer is explained.
+    let again = command(dir.path())
+        .args(["exchange", "--code", "1000.fakegrant.0001", "--config"])
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already used"));
+
+    // serve: refresh token from the file, access token reused without any Accounts call.
+    let port = free_port();
+    let child = serve(dir.path(), &config, port).await;
+    let response = client()
+        .get(format!("http://127.0.0.1:{port}/api/v1/tickets"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        zoho.token_requests(),
+        0,
+        "the persisted access token was reused"
+    );
+    sigterm(&child);
+    let status = child.wait_with_output().await.unwrap().status;
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn a_corrupt_token_file_is_reported_and_the_proxy_refreshes() {
+    let fake = FakeZoho::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &fake, true, "");
+    std::fs::create_dir_all(dir.path().join("state")).unwrap();
+    std::fs::write(dir.path().join("state/token.json"), "{{{ not json").unwrap();
+    let port = free_port();
+    let child = serve(dir.path(), &config, port).await;
+    let response = client()
+        .get(format!("http://127.0.0.1:{port}/api/v1/tickets"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(fake.control().token_requests(), 1);
+    sigterm(&child);
+    assert!(child.wait_with_output().await.unwrap().status.success());
+    // The file was rewritten with the new token.
+    let text = std::fs::read_to_string(dir.path().join("state/token.json")).unwrap();
+    assert!(text.contains(&fake.control().issued_tokens()[0]));
+}
+
+#[tokio::test]
+async fn sigterm_turns_ready_503_lets_in_flight_requests_finish_and_exits_0() {
+    let fake = FakeZoho::start().await.unwrap();
+    let zoho = fake.control();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &fake, true, "");
+    let port = free_port();
+    let child = serve(dir.path(), &config, port).await;
+    let base = format!("http://127.0.0.1:{port}");
+    assert_eq!(
+        client()
+            .get(format!("{base}/api/v1/tickets"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    zoho.set_desk_delay(Duration::from_millis(1500));
+    let slow = tokio::spawn({
+        let url = format!("{base}/api/v1/tickets");
+        async move { client().get(url).send().await.map(|r| r.status().as_u16()) }
+    });
+    // Wait until Desk holds the slow request.
+    for _ in 0..500 {
+        if zoho.desk_request_count() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(zoho.desk_request_count(), 2);
+    sigterm(&child);
+    let mut ready = 0;
+    for _ in 0..100 {
+        ready = client()
+            .get(format!("{base}/_proxy/ready"))
+            .send()
+            .await
+            .map_or(0, |r| r.status().as_u16());
+        if ready == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(ready, 503, "ready turns 503 at once");
+    assert_eq!(
+        slow.await.unwrap().unwrap(),
+        200,
+        "the in-flight request finishes"
+    );
+    let status = child.wait_with_output().await.unwrap().status;
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn check_reports_each_step_and_exits_0_only_when_all_work() {
+    let fake = FakeZoho::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &fake, true, "");
+    let out = command(dir.path())
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    for line in [
+        "[ok  ] configuration",
+        "[ok  ] Zoho Accounts reachable",
+        "[ok  ] token refresh",
+        "[ok  ] Zoho Desk",
+        "all checks passed",
+    ] {
+        assert!(stdout.contains(line), "{line} in {stdout}");
+    }
+
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("fake-client-secret", "wrong-secret");
+    std::fs::write(&config, text).unwrap();
+    let out = command(dir.path())
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("[FAIL] token refresh") && stdout.contains("client secret"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn configuration_errors_exit_2_and_name_the_key() {
+    let fake = FakeZoho::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("lisen = \"127.0.0.1:1\"", "lisen"),
+        (
+            "listen = \"0.0.0.0:18080\"",
+            "access.allow_unauthenticated_remote",
+        ),
+        ("dc = \"mars\"", "dc"),
+    ];
+    for (extra, named) in cases {
+        let config = write_config(dir.path(), &fake, true, extra);
+        let out = command(dir.path())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra}: {stderr}");
+        assert!(stderr.contains(named), "{extra}: {stderr}");
+    }
+    let out = command(dir.path())
+        .args(["serve", "--bogus"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
