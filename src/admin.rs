@@ -22,9 +22,9 @@ pub fn answer<B>(
     req: &Request<B>,
     endpoint: &str,
 ) -> Result<Response<ResponseBody>, ProxyError> {
-    if !matches!(endpoint, "health" | "ready") {
+    if !matches!(endpoint, "health" | "ready" | "metrics") {
         return Err(ProxyError::NotFound(format!(
-            "{PREFIX}{endpoint} is not an endpoint of the proxy (there are {PREFIX}health and {PREFIX}ready)"
+            "{PREFIX}{endpoint} is not an endpoint of the proxy (there are {PREFIX}health, {PREFIX}ready and {PREFIX}metrics)"
         )));
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -34,7 +34,8 @@ pub fn answer<B>(
     }
     Ok(match endpoint {
         "health" => json(StatusCode::OK, serde_json::json!({ "status": "ok" })),
-        _ => ready(proxy),
+        "ready" => ready(proxy),
+        _ => metrics(proxy),
     })
 }
 
@@ -55,6 +56,21 @@ fn ready(proxy: &Proxy) -> Response<ResponseBody> {
             serde_json::json!({ "status": "not_ready", "reason": reason }),
         ),
     }
+}
+
+fn metrics(proxy: &Proxy) -> Response<ResponseBody> {
+    let now = std::time::Instant::now();
+    let expires_in = proxy
+        .tokens
+        .current()
+        .filter(|t| t.is_valid_at(now))
+        .map(|t| t.expires_at - now);
+    let mut response = Response::new(ResponseBody::full(proxy.metrics.encode(expires_in)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
 }
 
 fn json(status: StatusCode, body: serde_json::Value) -> Response<ResponseBody> {

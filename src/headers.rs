@@ -82,7 +82,8 @@ mod tests {
         let token = HeaderValue::from_static("Zoho-oauthtoken 1000.x.y");
         let org = HeaderValue::from_static("123");
         // (incoming headers, header, expected value after; None = removed)
-        let table: &[(&[(&str, &str)], &str, Option<&str>)] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, Option<&'a str>);
+        let table: &[Case] = &[
             (
                 &[("authorization", "Bearer client")],
                 "authorization",

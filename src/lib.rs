@@ -14,6 +14,7 @@ pub mod demo;
 pub mod error;
 pub mod fake_zoho;
 pub mod headers;
+pub mod metrics;
 pub mod observe;
 pub mod ops;
 pub mod proxy;
@@ -29,6 +30,7 @@ use tokio::net::TcpListener;
 
 use crate::access::AccessPolicy;
 use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::token::store::{StoredTokens, TokenFile, TokenSaver};
 use crate::token::{AccountsClient, RefreshPolicy, RefreshTokenSource, TokenCache};
@@ -72,7 +74,7 @@ pub fn check_startup(config: &Config) -> Result<(), ConfigError> {
 }
 
 /// Builds the token cache of a config: Zoho Accounts with the refresh token.
-pub fn token_cache(config: &Config) -> Result<Arc<TokenCache>, ConfigError> {
+pub fn token_cache(config: &Config, metrics: Arc<Metrics>) -> Result<Arc<TokenCache>, ConfigError> {
     let refresh_token = config
         .oauth
         .refresh_token
@@ -101,6 +103,7 @@ pub fn token_cache(config: &Config) -> Result<Arc<TokenCache>, ConfigError> {
             refresh_token,
         },
         policy,
+        metrics,
     ))
 }
 
@@ -120,7 +123,8 @@ pub async fn run(
         config.oauth.refresh_token = stored.refresh_token.clone();
     }
     check_startup(&config)?;
-    let tokens = token_cache(&config)?;
+    let metrics = Arc::new(Metrics::new());
+    let tokens = token_cache(&config, Arc::clone(&metrics))?;
     if let Some((token, remaining)) =
         stored.valid_access_token(&config.oauth.client_id, REUSE_MIN_REMAINING)
         && tokens.install(token, remaining).is_some()
@@ -148,7 +152,7 @@ pub async fn run(
         tokio::spawn(saver.run(Arc::clone(&tokens), stopped(tasks_stopped.clone())))
     });
 
-    let proxy = Arc::new(Proxy::new(config, tokens));
+    let proxy = Arc::new(Proxy::new(config, tokens, metrics));
     tracing::info!(
         listen = %listener.local_addr()?,
         upstream = %proxy.config.upstream,

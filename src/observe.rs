@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use http::Method;
 use tokio::sync::Notify;
 
+use crate::metrics::Metrics;
+
 /// The process' lifecycle as requests see it: draining after SIGTERM, and in flight.
 #[derive(Debug, Default)]
 pub struct Lifecycle {
@@ -84,12 +86,20 @@ pub struct RequestLog {
     bytes: u64,
     complete: bool,
     body_error: bool,
+    metrics: Arc<Metrics>,
     _in_flight: InFlight,
 }
 
 impl RequestLog {
     /// Starts the record; `path` must not contain the query.
-    pub fn new(id: String, method: Method, path: String, in_flight: InFlight) -> Self {
+    pub fn new(
+        id: String,
+        method: Method,
+        path: String,
+        in_flight: InFlight,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        metrics.in_flight().inc();
         Self {
             id,
             method,
@@ -102,6 +112,7 @@ impl RequestLog {
             bytes: 0,
             complete: false,
             body_error: false,
+            metrics,
             _in_flight: in_flight,
         }
     }
@@ -124,6 +135,7 @@ impl RequestLog {
     /// Records that the request was retried after a 401.
     pub fn set_retried(&mut self) {
         self.retried = true;
+        self.metrics.record_retry();
     }
 
     /// Records the proxy's own error code.
@@ -149,7 +161,11 @@ impl RequestLog {
 
 impl Drop for RequestLog {
     fn drop(&mut self) {
-        let duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let duration = self.started.elapsed();
+        self.metrics.in_flight().dec();
+        self.metrics
+            .record_request(&self.method, self.status, duration);
+        let duration_ms = duration.as_secs_f64() * 1000.0;
         let upstream_ms = self.upstream_latency.map(|d| d.as_secs_f64() * 1000.0);
         tracing::info!(
             target: "zoho_desk_proxy::request",

@@ -20,6 +20,7 @@ use crate::client::{Connector, describe_client_error};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::headers;
+use crate::metrics::{Metrics, UpstreamErrorKind};
 use crate::observe::{Lifecycle, RequestLog, request_id};
 use crate::target::{self, Target};
 use crate::token::{Token, TokenCache, TokenError};
@@ -34,11 +35,12 @@ pub struct Proxy {
     pub(crate) client: Client<Connector, UpstreamBody>,
     pub(crate) access: AccessPolicy,
     pub(crate) lifecycle: Arc<Lifecycle>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl Proxy {
     /// Builds the proxy around its token cache.
-    pub fn new(config: Config, tokens: Arc<TokenCache>) -> Self {
+    pub fn new(config: Config, tokens: Arc<TokenCache>, metrics: Arc<Metrics>) -> Self {
         let client = crate::client::build(config.timeouts.connect, config.timeouts.idle);
         let access = AccessPolicy::new(&config);
         Self {
@@ -47,6 +49,7 @@ impl Proxy {
             client,
             access,
             lifecycle: Arc::default(),
+            metrics,
         }
     }
 
@@ -67,6 +70,7 @@ impl Proxy {
             req.method().clone(),
             path,
             self.lifecycle.enter(),
+            Arc::clone(&self.metrics),
         );
         let mut response = match self.route(req, peer, &mut log).await {
             Ok(response) => response,
@@ -207,7 +211,7 @@ impl Proxy {
         let timeout = self.config.timeouts.response;
         let result = tokio::time::timeout(timeout, self.client.request(request)).await;
         log.set_upstream_latency(started.elapsed());
-        match result {
+        let result = match result {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(err)) if is_connect_timeout(&err) => Err(ProxyError::UpstreamTimeout(format!(
                 "Zoho Desk could not be connected to within {} s (timeouts.connect_secs)",
@@ -221,7 +225,17 @@ impl Proxy {
                 "Zoho Desk did not answer within {} s (timeouts.response_secs)",
                 timeout.as_secs_f64()
             ))),
+        };
+        match &result {
+            Err(ProxyError::UpstreamTimeout(_)) => self
+                .metrics
+                .record_upstream_error(UpstreamErrorKind::Timeout),
+            Err(_) => self
+                .metrics
+                .record_upstream_error(UpstreamErrorKind::Unreachable),
+            Ok(_) => {}
         }
+        result
     }
 
     /// A non-replayable request got Desk's 401: it goes back as is, and the token is still

@@ -12,6 +12,7 @@ use http::HeaderValue;
 use tokio::sync::watch;
 
 use super::accounts::{AccountsError, Grant};
+use crate::metrics::{Metrics, RefreshResult};
 use crate::secret::Secret;
 
 /// Zoho counts refreshes in windows of 10 minutes.
@@ -137,6 +138,7 @@ pub struct TokenCache {
     /// The generation of the current token; the background task and the token file
     /// wait on it.
     changed: watch::Sender<u64>,
+    metrics: Arc<Metrics>,
 }
 
 /// What `/_proxy/ready` reports.
@@ -150,7 +152,11 @@ pub enum Readiness {
 
 impl TokenCache {
     /// A cache with no token yet.
-    pub fn new(source: impl TokenSource, policy: RefreshPolicy) -> Arc<Self> {
+    pub fn new(
+        source: impl TokenSource,
+        policy: RefreshPolicy,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             current: ArcSwapOption::empty(),
             source: Box::new(source),
@@ -160,6 +166,7 @@ impl TokenCache {
                 ..Default::default()
             }),
             changed: watch::channel(0).0,
+            metrics,
         })
     }
 
@@ -262,6 +269,7 @@ impl TokenCache {
             let retry_after = state.issued.front().map_or(GUARD_WINDOW, |oldest| {
                 GUARD_WINDOW.saturating_sub(now - *oldest)
             });
+            self.metrics.record_refresh(RefreshResult::GuardRefused);
             tracing::warn!(
                 limit = self.policy.max_per_10min,
                 retry_after_secs = retry_after.as_secs(),
@@ -313,6 +321,7 @@ impl TokenCache {
                         state.rejected = None;
                         let token = Arc::new(token);
                         self.current.store(Some(token.clone()));
+                        self.metrics.record_refresh(RefreshResult::Ok);
                         tracing::info!(
                             result = "ok",
                             latency_ms,
@@ -356,6 +365,7 @@ impl TokenCache {
             AccountsError::Rejected(_) => {
                 let reason = format!("{err}; fix: {}", err.advice());
                 state.rejected = Some(reason.clone());
+                self.metrics.record_refresh(RefreshResult::Rejected);
                 tracing::error!(result = "rejected", latency_ms, error = %err, fix = err.advice(), "token refresh rejected");
                 TokenError::Rejected(reason)
             }
@@ -364,8 +374,10 @@ impl TokenCache {
                 let mut delay = backoff(&self.policy, state.consecutive_failures);
                 let result = if matches!(err, AccountsError::Throttled(_)) {
                     delay = delay.max(THROTTLE_BACKOFF);
+                    self.metrics.record_refresh(RefreshResult::Throttled);
                     "throttled"
                 } else {
+                    self.metrics.record_refresh(RefreshResult::Error);
                     "error"
                 };
                 state.backoff_until = Some(now + delay);
@@ -525,7 +537,11 @@ mod tests {
             delay: Duration::from_millis(20),
         };
         (
-            TokenCache::new(source, RefreshPolicy::new(Duration::from_secs(300), max)),
+            TokenCache::new(
+                source,
+                RefreshPolicy::new(Duration::from_secs(300), max),
+                Arc::default(),
+            ),
             calls,
         )
     }

@@ -1,0 +1,241 @@
+//! The `/_proxy/metrics` registry (Prometheus text format, SPEC §8).
+//!
+//! Counters on the request path are created once at start and bumped as plain atomics:
+//! no label lookup and no lock per request (the duration histogram's own short mutex
+//! aside).
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use http::Method;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Methods with their own label; the rest count as `OTHER`.
+const METHODS: [&str; 8] = [
+    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "OTHER",
+];
+/// Status classes.
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: &'static str,
+    status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// Kinds of upstream errors.
+#[derive(Debug, Clone, Copy)]
+pub enum UpstreamErrorKind {
+    /// Desk could not be reached.
+    Unreachable,
+    /// Desk did not answer in time.
+    Timeout,
+}
+
+/// Results of a token refresh.
+#[derive(Debug, Clone, Copy)]
+pub enum RefreshResult {
+    /// A new token.
+    Ok,
+    /// A transient failure (unreachable, timeout, server error).
+    Error,
+    /// Accounts throttled.
+    Throttled,
+    /// Accounts rejected the credentials.
+    Rejected,
+    /// The refresh guard refused to call Accounts.
+    GuardRefused,
+}
+
+/// Every series of the proxy.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Vec<Counter>,
+    duration: Histogram,
+    upstream_errors: [Counter; 2],
+    refreshes: [Counter; 5],
+    token_expiry: Gauge<f64, std::sync::atomic::AtomicU64>,
+    retries: Counter,
+    in_flight: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every series, at zero.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("zoho_proxy");
+
+        let requests_family = Family::<RequestLabels, Counter>::default();
+        let mut requests = Vec::with_capacity(METHODS.len() * CLASSES.len());
+        for method in METHODS {
+            for status_class in CLASSES {
+                requests.push(requests_family.get_or_create_owned(&RequestLabels {
+                    method,
+                    status_class,
+                }));
+            }
+        }
+        registry.register(
+            "requests",
+            "Requests answered, by method and status class",
+            requests_family,
+        );
+
+        let duration = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0,
+        ]);
+        registry.register_with_unit(
+            "request_duration",
+            "Time from request received to the end of the response body",
+            prometheus_client::registry::Unit::Seconds,
+            duration.clone(),
+        );
+
+        let errors_family = Family::<KindLabels, Counter>::default();
+        let upstream_errors = ["unreachable", "timeout"]
+            .map(|kind| errors_family.get_or_create_owned(&KindLabels { kind }));
+        registry.register(
+            "upstream_errors",
+            "Requests that Desk could not answer, by kind",
+            errors_family,
+        );
+
+        let refresh_family = Family::<ResultLabels, Counter>::default();
+        let refreshes = ["ok", "error", "throttled", "rejected", "guard_refused"]
+            .map(|result| refresh_family.get_or_create_owned(&ResultLabels { result }));
+        registry.register(
+            "token_refreshes",
+            "Token refreshes by result",
+            refresh_family,
+        );
+
+        let token_expiry = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register_with_unit(
+            "token_expiry",
+            "Seconds until the current access token expires (0 when none is held)",
+            prometheus_client::registry::Unit::Seconds,
+            token_expiry.clone(),
+        );
+        let retries = Counter::default();
+        registry.register(
+            "retries_after_401",
+            "Requests retried after a Desk 401",
+            retries.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "in_flight_requests",
+            "Requests in flight",
+            in_flight.clone(),
+        );
+
+        Self {
+            registry,
+            requests,
+            duration,
+            upstream_errors,
+            refreshes,
+            token_expiry,
+            retries,
+            in_flight,
+        }
+    }
+
+    /// Counts an answered request.
+    pub fn record_request(&self, method: &Method, status: u16, duration: Duration) {
+        let m = METHODS
+            .iter()
+            .position(|m| *m == method.as_str())
+            .unwrap_or(METHODS.len() - 1);
+        let c = usize::from(status / 100).clamp(1, 5) - 1;
+        if let Some(counter) = self.requests.get(m * CLASSES.len() + c) {
+            counter.inc();
+        }
+        self.duration.observe(duration.as_secs_f64());
+    }
+
+    /// Counts an upstream error.
+    pub fn record_upstream_error(&self, kind: UpstreamErrorKind) {
+        self.upstream_errors[kind as usize].inc();
+    }
+
+    /// Counts a token refresh.
+    pub fn record_refresh(&self, result: RefreshResult) {
+        self.refreshes[result as usize].inc();
+    }
+
+    /// Counts a retry after a 401.
+    pub fn record_retry(&self) {
+        self.retries.inc();
+    }
+
+    /// The in-flight gauge, moved by the request log.
+    pub fn in_flight(&self) -> &Gauge {
+        &self.in_flight
+    }
+
+    /// The text exposition, with the token expiry as of now.
+    pub fn encode(&self, token_expires_in: Option<Duration>) -> String {
+        self.token_expiry
+            .set(token_expires_in.map_or(0.0, |d| d.as_secs_f64()));
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+            text.clear();
+            let _ = writeln!(text, "# metrics could not be encoded");
+        }
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_are_exposed_with_their_labels() {
+        let m = Metrics::new();
+        m.record_request(&Method::GET, 200, Duration::from_millis(3));
+        m.record_request(
+            &Method::from_bytes(b"PROPFIND").unwrap(),
+            503,
+            Duration::from_millis(3),
+        );
+        m.record_refresh(RefreshResult::Throttled);
+        m.record_upstream_error(UpstreamErrorKind::Timeout);
+        m.record_retry();
+        let text = m.encode(Some(Duration::from_secs(42)));
+        for line in [
+            "zoho_proxy_requests_total{method=\"GET\",status_class=\"2xx\"} 1",
+            "zoho_proxy_requests_total{method=\"OTHER\",status_class=\"5xx\"} 1",
+            "zoho_proxy_token_refreshes_total{result=\"throttled\"} 1",
+            "zoho_proxy_upstream_errors_total{kind=\"timeout\"} 1",
+            "zoho_proxy_retries_after_401_total 1",
+            "zoho_proxy_token_expiry_seconds 42.0",
+            "zoho_proxy_request_duration_seconds_count 2",
+            "zoho_proxy_in_flight_requests 0",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+    }
+}
