@@ -115,11 +115,16 @@ impl Body for ResponseBody {
             Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Inner::Stream(incoming) => Pin::new(incoming).poll_frame(cx),
         };
+        let ended = matches!(polled, Poll::Ready(Some(Ok(_)))) && this.is_end_stream();
         if let Some(log) = &mut this.log {
             match &polled {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(data) = frame.data_ref() {
                         log.add_bytes(data.len() as u64);
+                    }
+                    // hyper stops polling once the size hint says the body is done.
+                    if ended {
+                        log.mark_complete();
                     }
                 }
                 Poll::Ready(Some(Err(_))) => log.mark_body_error(),
@@ -143,6 +148,17 @@ impl Body for ResponseBody {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
             Inner::Stream(incoming) => incoming.size_hint(),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // Bodies hyper never had to poll (empty, HEAD, 204, 304) were complete all along.
+        if self.is_end_stream()
+            && let Some(log) = &mut self.log
+        {
+            log.mark_complete();
         }
     }
 }

@@ -728,6 +728,34 @@ mod tests {
     }
 
     #[test]
+    fn the_example_proxy_toml_is_complete_and_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml");
+        let mut raw = RawConfig::from_file(&path).unwrap();
+        raw.apply_env(|name| match name {
+            "ZOHO_CLIENT_ID" => Some("id".into()),
+            "ZOHO_CLIENT_SECRET" => Some("secret".into()),
+            _ => None,
+        });
+        let example = Config::try_from(raw).unwrap();
+        let defaults = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(example.listen, defaults.listen);
+        assert_eq!(example.upstream, defaults.upstream);
+        assert_eq!(example.accounts_url, defaults.accounts_url);
+        assert_eq!(example.token_file, defaults.token_file);
+        assert_eq!(example.oauth.refresh_margin, defaults.oauth.refresh_margin);
+        assert_eq!(
+            example.oauth.max_refreshes_per_10min,
+            defaults.oauth.max_refreshes_per_10min
+        );
+        assert_eq!(example.replay_body_bytes, defaults.replay_body_bytes);
+        assert_eq!(
+            format!("{:?}", example.timeouts),
+            format!("{:?}", defaults.timeouts)
+        );
+        assert!(!example.access.allow_unauthenticated_remote);
+    }
+
+    #[test]
     fn upstream_keeps_its_prefix_and_joins_byte_for_byte() {
         let base = BaseUrl::parse("upstream", "http://127.0.0.1:9000/desk/").unwrap();
         assert_eq!(base.prefix, "/desk");

@@ -89,7 +89,7 @@ Try:
   curl {base}/api/v1/contacts
   curl {base}/api/v1/organizations
   curl {desk}/api/v1/tickets
-  curl {base}/api/v1/../secrets
+  curl --path-as-is {base}/api/v1/../secrets
   curl -i -H 'Origin: https://evil.example' {base}/api/v1/tickets
   curl {base}/_proxy/health
   curl {base}/_proxy/ready

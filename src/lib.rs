@@ -56,6 +56,12 @@ pub fn check_startup(config: &Config) -> Result<(), ConfigError> {
         });
     }
     AccessPolicy::validate(config)?;
+    if config.token_store.is_some() {
+        return Err(ConfigError::Invalid {
+            key: "token_store",
+            reason: "the shared Redis token store is not supported by this version yet; remove token_store (each proxy then refreshes on its own)".into(),
+        });
+    }
     let access = &config.access;
     if !config.listen.ip().is_loopback()
         && access.api_keys.is_empty()

@@ -66,6 +66,11 @@ impl Drop for InFlight {
     }
 }
 
+/// Milliseconds with microsecond precision, for log lines.
+fn millis(d: Duration) -> f64 {
+    (d.as_micros() as f64) / 1000.0
+}
+
 /// A short random id for a request, sent back as `x-request-id`.
 pub fn request_id() -> String {
     format!("{:016x}", fastrand::u64(..))
@@ -165,8 +170,8 @@ impl Drop for RequestLog {
         self.metrics.in_flight().dec();
         self.metrics
             .record_request(&self.method, self.status, duration);
-        let duration_ms = duration.as_secs_f64() * 1000.0;
-        let upstream_ms = self.upstream_latency.map(|d| d.as_secs_f64() * 1000.0);
+        let duration_ms = millis(duration);
+        let upstream_ms = self.upstream_latency.map(millis);
         tracing::info!(
             target: "zoho_desk_proxy::request",
             request_id = %self.id,
