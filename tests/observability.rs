@@ -213,6 +213,10 @@ async fn no_secret_token_or_query_appears_in_the_output_of_a_full_session() {
         logs.contains("\"retried\":true"),
         "the session retried after a 401"
     );
+    assert!(
+        logs.contains("\"complete\":true"),
+        "request lines say when a body was sent whole"
+    );
     assert!(logs.lines().count() > 50, "RUST_LOG=trace was in effect");
     let mut secrets = vec![
         options.client_secret.clone(),
