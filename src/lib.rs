@@ -79,8 +79,8 @@ pub fn check_startup(config: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Builds the token cache of a config: Zoho Accounts with the refresh token.
-pub fn token_cache(config: &Config, metrics: Arc<Metrics>) -> Result<Arc<TokenCache>, ConfigError> {
+/// The token source of a config: Zoho Accounts with the refresh token.
+pub fn token_source(config: &Config) -> Result<RefreshTokenSource, ConfigError> {
     let refresh_token = config
         .oauth
         .refresh_token
@@ -99,26 +99,38 @@ pub fn token_cache(config: &Config, metrics: Arc<Metrics>) -> Result<Arc<TokenCa
             .response
             .min(std::time::Duration::from_secs(30)),
     );
+    Ok(RefreshTokenSource {
+        client,
+        refresh_token,
+    })
+}
+
+/// Builds the token cache of a config.
+pub fn token_cache(config: &Config, metrics: Arc<Metrics>) -> Result<Arc<TokenCache>, ConfigError> {
     let policy = RefreshPolicy::new(
         config.oauth.refresh_margin,
         config.oauth.max_refreshes_per_10min,
     );
-    Ok(TokenCache::new(
-        RefreshTokenSource {
-            client,
-            refresh_token,
-        },
-        policy,
-        metrics,
-    ))
+    Ok(TokenCache::new(token_source(config)?, policy, metrics))
 }
 
 /// Runs the proxy on `listener` until `shutdown` resolves, then drains, saves the token
 /// file and returns.
 pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    run_with_reload(config, listener, shutdown, None).await
+}
+
+/// [`run`], plus reloads: every config received on `reload` (the binary sends one on
+/// SIGHUP) replaces the OAuth credentials and ends a rejection, without a restart.
+pub async fn run_with_reload(
     mut config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
+    reload: Option<tokio::sync::mpsc::Receiver<Config>>,
 ) -> Result<(), RunError> {
     let token_file = config.token_file.clone().map(TokenFile::new);
     let stored = token_file
@@ -158,6 +170,7 @@ pub async fn run(
         tokio::spawn(saver.run(Arc::clone(&tokens), stopped(tasks_stopped.clone())))
     });
 
+    let reloader = reload.map(|reload| tokio::spawn(apply_reloads(reload, Arc::clone(&tokens))));
     let proxy = Arc::new(Proxy::new(config, tokens, metrics));
     tracing::info!(
         listen = %listener.local_addr()?,
@@ -167,12 +180,28 @@ pub async fn run(
     );
     server::serve(Arc::clone(&proxy), listener, shutdown).await;
     let _ = stop_tasks.send(true);
+    if let Some(reloader) = reloader {
+        reloader.abort();
+    }
     let _ = refresher.await;
     if let Some(persister) = persister {
         let _ = persister.await;
     }
     tracing::info!("zoho-desk-proxy stopped");
     Ok(())
+}
+
+/// Applies reloaded configs to the token source.
+async fn apply_reloads(mut reload: tokio::sync::mpsc::Receiver<Config>, tokens: Arc<TokenCache>) {
+    while let Some(config) = reload.recv().await {
+        match token_source(&config) {
+            Ok(source) => {
+                tokens.replace_source(source);
+                tracing::info!("credentials reloaded; refreshing with them as needed");
+            }
+            Err(err) => tracing::error!(error = %err, "reload ignored"),
+        }
+    }
 }
 
 /// The config with the token file's refresh token when it has none of its own.

@@ -95,8 +95,44 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    zoho_desk_proxy::run(config, listener, shutdown_signal()).await?;
+    let reload = reload_on_sighup(args.config.clone());
+    zoho_desk_proxy::run_with_reload(config, listener, shutdown_signal(), reload).await?;
     Ok(())
+}
+
+/// On SIGHUP, re-reads the configuration (and the token file's refresh token) and hands
+/// it to the proxy, which takes the new OAuth credentials.
+fn reload_on_sighup(
+    path: Option<std::path::PathBuf>,
+) -> Option<tokio::sync::mpsc::Receiver<Config>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangup = signal(SignalKind::hangup()).ok()?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                match Config::load(path.as_deref()) {
+                    Ok(config) => {
+                        tracing::info!("SIGHUP: configuration re-read");
+                        let config = zoho_desk_proxy::with_stored_refresh_token(config);
+                        if tx.send(config).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, "SIGHUP: the configuration is invalid; keeping the current one")
+                    }
+                }
+            }
+        });
+        Some(rx)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
 }
 
 /// Logs go to stderr: `pretty` on a terminal, else JSON; level from `RUST_LOG`.

@@ -311,3 +311,63 @@ async fn configuration_errors_exit_2_and_name_the_key() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[tokio::test]
+async fn rejected_credentials_recover_on_sighup_without_a_restart() {
+    let fake = FakeZoho::start().await.unwrap();
+    let zoho = fake.control();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &fake, true, "");
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, good.replace("fake-client-secret", "wrong-secret")).unwrap();
+    let port = free_port();
+    let child = serve(dir.path(), &config, port).await;
+    let base = format!("http://127.0.0.1:{port}");
+
+    let response = client()
+        .get(format!("{base}/api/v1/tickets"))
+        .send()
+        .await
+        .unwrap();
+    let body = assert_proxy_error(response, 503, "PROXY_AUTH_REJECTED").await;
+    assert!(
+        body["message"].as_str().unwrap().contains("client secret"),
+        "{body}"
+    );
+    let ready = client()
+        .get(format!("{base}/_proxy/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let calls = zoho.token_requests();
+
+    // The operator fixes the file and sends SIGHUP.
+    std::fs::write(&config, &good).unwrap();
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_for_token_requests(&zoho, calls + 1).await;
+    let mut status = 0;
+    for _ in 0..100 {
+        status = client()
+            .get(format!("{base}/api/v1/tickets"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 200);
+    sigterm(&child);
+    assert!(child.wait_with_output().await.unwrap().status.success());
+}

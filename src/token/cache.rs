@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use http::HeaderValue;
 use tokio::sync::watch;
 
@@ -132,7 +132,8 @@ struct RefreshState {
 /// Holds the current token and renews it.
 pub struct TokenCache {
     current: ArcSwapOption<Token>,
-    source: Box<dyn TokenSource>,
+    /// Swapped whole when the operator reloads the credentials (SIGHUP).
+    source: ArcSwap<Box<dyn TokenSource>>,
     policy: RefreshPolicy,
     state: Mutex<RefreshState>,
     /// The generation of the current token; the background task and the token file
@@ -159,7 +160,7 @@ impl TokenCache {
     ) -> Arc<Self> {
         Arc::new(Self {
             current: ArcSwapOption::empty(),
-            source: Box::new(source),
+            source: ArcSwap::from_pointee(Box::new(source)),
             policy,
             state: Mutex::new(RefreshState {
                 next_generation: 1,
@@ -289,7 +290,8 @@ impl TokenCache {
         let cache = Arc::clone(self);
         tokio::spawn(async move {
             let started = Instant::now();
-            let result = cache.source.fetch().await;
+            let source = cache.source.load_full();
+            let result = source.fetch().await;
             let outcome = cache.finish_flight(result, started);
             tx.send_replace(Some(outcome));
         });
@@ -414,8 +416,16 @@ impl TokenCache {
         }
     }
 
-    /// Forgets a rejection (after the operator fixed the credentials), so that the next
-    /// request or the background task tries again.
+    /// Takes new credentials (after the operator fixed them) and forgets a rejection and
+    /// any backoff, so that the next request or the background task tries at once. The
+    /// current token stays in use while it is valid.
+    pub fn replace_source(&self, source: impl TokenSource) {
+        self.source.store(Arc::new(Box::new(source)));
+        self.clear_rejection();
+    }
+
+    /// Forgets a rejection and any backoff, so that the next request or the background
+    /// task tries again.
     pub fn clear_rejection(&self) {
         let mut state = self.lock();
         state.rejected = None;
