@@ -142,6 +142,25 @@ async fn exchange_stores_the_refresh_token_masked_and_serve_reuses_the_access_to
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already used"));
 
+    // A client id of another data centre: the hint names `dc`.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("1000.FAKECLIENTID", "1000.OTHERDC");
+    let other_dc = dir.path().join("other-dc.toml");
+    std::fs::write(&other_dc, text).unwrap();
+    let wrong = command(dir.path())
+        .args(["exchange", "--code", "1000.fakegrant.0001", "--config"])
+        .arg(&other_dc)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        stderr.contains("invalid_client") && stderr.contains("`dc`"),
+        "{stderr}"
+    );
+
     // serve: refresh token from the file, access token reused without any Accounts call.
     let port = free_port();
     let child = serve(dir.path(), &config, port).await;

@@ -285,3 +285,23 @@ async fn the_refresh_guard_holds_whatever_desk_does() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn a_hanging_accounts_gives_503_within_a_bounded_wait() {
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.timeouts.response = Duration::from_millis(500);
+    })
+    .await;
+    s.zoho.set_accounts_delay(Duration::from_secs(30));
+    let started = std::time::Instant::now();
+    let response = tokio::time::timeout(Duration::from_secs(5), get(&s, "/api/v1/tickets"))
+        .await
+        .expect("the request must not hang");
+    assert!(response.headers().contains_key("retry-after"));
+    assert_proxy_error(response, 503, "PROXY_TOKEN_UNAVAILABLE").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
