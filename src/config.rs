@@ -119,6 +119,7 @@ struct RawTimeouts {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     replay_body_bytes: Option<u64>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -206,6 +207,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// Largest request body kept for a retry after a 401.
     pub replay_body_bytes: u64,
+    /// Most client connections open at once; more are closed at accept.
+    pub max_connections: usize,
     /// Log format; `None` picks by terminal.
     pub log_format: Option<LogFormat>,
 }
@@ -540,6 +543,15 @@ impl TryFrom<RawConfig> for Config {
             access,
             timeouts,
             replay_body_bytes: raw.limits.replay_body_bytes.unwrap_or(1 << 20),
+            max_connections: match raw.limits.max_connections.unwrap_or(4096) {
+                0 => {
+                    return Err(ConfigError::Invalid {
+                        key: "limits.max_connections",
+                        reason: "must be at least 1".into(),
+                    });
+                }
+                n => n,
+            },
             log_format,
         })
     }

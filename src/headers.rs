@@ -24,12 +24,12 @@ const HOP_BY_HOP: [&str; 8] = [
 
 /// Removes `Connection`, every header it names, and the fixed hop-by-hop set.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Split the raw bytes: a value with non-ASCII bytes still names headers to remove.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
         .collect();
     for name in named {
         headers.remove(name);

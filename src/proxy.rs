@@ -36,6 +36,8 @@ pub struct Proxy {
     pub(crate) access: AccessPolicy,
     pub(crate) lifecycle: Arc<Lifecycle>,
     pub(crate) metrics: Arc<Metrics>,
+    /// Open client connections, bounded by `limits.max_connections`.
+    pub(crate) connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Proxy {
@@ -50,6 +52,7 @@ impl Proxy {
             access,
             lifecycle: Arc::default(),
             metrics,
+            connections: Arc::default(),
         }
     }
 

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -90,16 +91,69 @@ async fn accept(
             return;
         }
     };
+    let Some(slot) = ConnectionSlot::take(&proxy.connections, proxy.config.max_connections) else {
+        tracing::warn!(%peer, limit = proxy.config.max_connections, "connection refused: limits.max_connections reached");
+        return;
+    };
     let _ = stream.set_nodelay(true);
-    let proxy = Arc::clone(proxy);
-    let service = service_fn(move |req| Arc::clone(&proxy).handle(req, peer));
+    let first_request = Arc::new(AtomicBool::new(false));
+    let service = {
+        let proxy = Arc::clone(proxy);
+        let first_request = Arc::clone(&first_request);
+        service_fn(move |req| {
+            first_request.store(true, Ordering::Relaxed);
+            Arc::clone(&proxy).handle(req, peer)
+        })
+    };
     let connection = builder
         .serve_connection(TokioIo::new(stream), service)
         .into_owned();
     let connection = graceful.watch(connection);
+    let header_read = proxy.config.timeouts.header_read;
     tokio::spawn(async move {
-        if let Err(err) = connection.await {
-            tracing::debug!(error = %err, %peer, "connection ended with an error");
+        let _slot = slot;
+        tokio::pin!(connection);
+        // hyper's header read timeout starts only once HTTP/1 is detected: a client that
+        // sends nothing, or stalls in the HTTP/2 preface, is cut off here.
+        let first_deadline = tokio::time::sleep(header_read);
+        tokio::pin!(first_deadline);
+        let mut checked = false;
+        loop {
+            tokio::select! {
+                result = &mut connection => {
+                    if let Err(err) = result {
+                        tracing::debug!(error = %err, %peer, "connection ended with an error");
+                    }
+                    return;
+                }
+                () = &mut first_deadline, if !checked => {
+                    checked = true;
+                    if !first_request.load(Ordering::Relaxed) {
+                        tracing::debug!(%peer, "closing a connection that sent no request in time");
+                        return;
+                    }
+                }
+            }
         }
     });
+}
+
+/// One accepted connection, counted against `limits.max_connections` until dropped.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl ConnectionSlot {
+    fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        let taken = count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok();
+        taken.then(|| Self(Arc::clone(count)))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }

@@ -1,0 +1,256 @@
+//! Bodies stream both ways with bounded memory (SPEC §5): 1 GiB down and 1 GiB up
+//! through the built binary, whose peak resident memory is then read from `/proc`.
+//!
+//! `cargo test --test memory -- --nocapture` prints the throughput each way and the
+//! peak; `bench/stream.sh` runs the same against the release binary.
+#![cfg(target_os = "linux")]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use zoho_desk_proxy::fake_zoho::{FakeOptions, FakeZoho};
+
+const BIN: &str = env!("CARGO_BIN_EXE_zoho-desk-proxy");
+const MIB: u64 = 1024 * 1024;
+const GIB: u64 = 1024 * MIB;
+/// Sent with a `Content-Length`, well over `limits.replay_body_bytes` (1 MiB by default),
+/// so it takes the sized, non-replayable streaming path.
+const SIZED_UPLOAD: u64 = 256 * MIB;
+/// The bound SPEC §5 is held to here.
+const MAX_PEAK_RSS: u64 = 64 * MIB;
+/// Size of each generated upload chunk.
+const CHUNK: usize = 64 * 1024;
+/// Period of the fake's pattern: byte `i` is `(i % 251) as u8`.
+const PERIOD: u64 = 251;
+/// A stall fails the test instead of hanging it.
+const STALL_LIMIT: Duration = Duration::from_secs(300);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_1_gib_each_way_keeps_the_proxy_under_64_mib() {
+    let fake = FakeZoho::start().await.unwrap();
+    let zoho = fake.control();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &fake);
+    let port = free_port();
+    let child = serve(dir.path(), &config, port).await;
+    let pid = child.id().expect("running");
+    let base = format!("http://127.0.0.1:{port}");
+    let client = client();
+
+    let (started_hwm, _) = peak_and_current_rss(pid);
+    let (down, up, sized) = tokio::time::timeout(STALL_LIMIT, async {
+        let down = download(&client, &base, GIB).await;
+        let up = upload(&client, &base, GIB, false).await;
+        let sized = upload(&client, &base, SIZED_UPLOAD, true).await;
+        (down, up, sized)
+    })
+    .await
+    .expect("the transfers finish");
+
+    // What reached Desk: the unsized upload without a length, the sized one with it.
+    let uploads: Vec<_> = zoho
+        .desk_requests()
+        .into_iter()
+        .filter(|r| r.path_and_query == "/api/v1/upload")
+        .collect();
+    assert_eq!(uploads.len(), 2, "one attempt per upload");
+    assert_eq!(uploads[0].body_len, GIB);
+    assert!(!uploads[0].headers.contains_key("content-length"));
+    assert_eq!(uploads[1].body_len, SIZED_UPLOAD);
+    assert_eq!(
+        uploads[1].headers["content-length"],
+        SIZED_UPLOAD.to_string().as_str()
+    );
+
+    // Read before stopping: /proc/<pid> goes away with the process.
+    let (hwm, rss) = peak_and_current_rss(pid);
+    println!(
+        "download 1 GiB: {:.1} s, {:.0} MiB/s",
+        down.as_secs_f64(),
+        mib_per_s(GIB, down)
+    );
+    println!(
+        "upload 1 GiB (chunked): {:.1} s, {:.0} MiB/s",
+        up.as_secs_f64(),
+        mib_per_s(GIB, up)
+    );
+    println!(
+        "upload 256 MiB (Content-Length): {:.1} s, {:.0} MiB/s",
+        sized.as_secs_f64(),
+        mib_per_s(SIZED_UPLOAD, sized)
+    );
+    println!(
+        "proxy VmHWM {:.1} MiB (at start {:.1} MiB, VmRSS now {:.1} MiB), limit {} MiB",
+        hwm as f64 / MIB as f64,
+        started_hwm as f64 / MIB as f64,
+        rss as f64 / MIB as f64,
+        MAX_PEAK_RSS / MIB
+    );
+    assert!(
+        hwm < MAX_PEAK_RSS,
+        "the proxy's peak resident memory is {hwm} bytes (VmHWM), over {MAX_PEAK_RSS}"
+    );
+
+    sigterm(&child);
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("the proxy exits after SIGTERM")
+        .unwrap()
+        .status;
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+/// Downloads `size` bytes as a stream, counting them and checking a sample of the
+/// pattern in every chunk; returns how long it took.
+async fn download(client: &reqwest::Client, base: &str, size: u64) -> Duration {
+    let started = Instant::now();
+    let mut response = client
+        .get(format!("{base}/api/v1/download?bytes={size}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut offset: u64 = 0;
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        for i in [0, chunk.len() / 2, chunk.len().saturating_sub(1)] {
+            if let Some(&byte) = chunk.get(i) {
+                let at = offset + i as u64;
+                assert_eq!(byte, (at % PERIOD) as u8, "byte {at} of the download");
+            }
+        }
+        offset += chunk.len() as u64;
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(offset, size, "bytes downloaded");
+    elapsed
+}
+
+/// Uploads `size` bytes generated on the fly in 64 KiB chunks, with a `Content-Length`
+/// when `sized` (else chunked); returns how long it took.
+async fn upload(client: &reqwest::Client, base: &str, size: u64, sized: bool) -> Duration {
+    assert_eq!(size % CHUNK as u64, 0);
+    // One chunk of the pattern, shared by every frame: nothing grows with `size`.
+    let chunk = Bytes::from(
+        (0..CHUNK as u64)
+            .map(|i| (i % PERIOD) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    let frames = futures_util::stream::iter(
+        (0..size / CHUNK as u64).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+    );
+    let mut request = client
+        .post(format!("{base}/api/v1/upload"))
+        .body(reqwest::Body::wrap_stream(frames));
+    if sized {
+        request = request.header("content-length", size);
+    }
+    let started = Instant::now();
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let answer: serde_json::Value = response.json().await.unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(answer, serde_json::json!({ "bytes": size }));
+    elapsed
+}
+
+/// `VmHWM` and `VmRSS` of `pid`, in bytes.
+fn peak_and_current_rss(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        let line = status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"));
+        let kb = line.trim().trim_end_matches("kB").trim();
+        kb.parse::<u64>().unwrap() * 1024
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+fn mib_per_s(bytes: u64, took: Duration) -> f64 {
+    bytes as f64 / MIB as f64 / took.as_secs_f64()
+}
+
+// The helpers below are small copies of those in tests/cli.rs.
+
+fn command(dir: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(dir)
+        .env("ZOHO_PROXY_LOG_FORMAT", "json")
+        .kill_on_drop(true);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("ZOHO_") && name != "ZOHO_PROXY_LOG_FORMAT" {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
+fn write_config(dir: &Path, fake: &FakeZoho) -> PathBuf {
+    let o = FakeOptions::default();
+    let text = format!(
+        "upstream = \"{}\"\naccounts_url = \"{}\"\ntoken_file = \"{}\"\n[oauth]\nclient_id = \"{}\"\nclient_secret = \"{}\"\nrefresh_token = \"{}\"\n",
+        fake.desk_url(),
+        fake.accounts_url(),
+        dir.join("state/token.json").display(),
+        o.client_id,
+        o.client_secret,
+        o.refresh_token,
+    );
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `serve` and waits for its "listening" log line.
+async fn serve(dir: &Path, config: &Path, port: u16) -> Child {
+    let mut child = command(dir)
+        .args(["serve", "--config"])
+        .arg(config)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("zoho-desk-proxy listening") {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the proxy starts");
+    // Keep draining stderr so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    child
+}
+
+fn sigterm(child: &Child) {
+    let pid = child.id().expect("running").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+}
