@@ -46,16 +46,27 @@ fn ready(proxy: &Proxy) -> Response<ResponseBody> {
             serde_json::json!({ "status": "not_ready", "reason": "shutting down" }),
         );
     }
-    match proxy.tokens.readiness() {
-        Readiness::Ready(remaining) => json(
+    let (status, mut body) = match proxy.tokens.readiness() {
+        Readiness::Ready(remaining) => (
             StatusCode::OK,
             serde_json::json!({ "status": "ready", "token_expires_in_secs": remaining.as_secs() }),
         ),
-        Readiness::NotReady(reason) => json(
+        Readiness::NotReady(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
             serde_json::json!({ "status": "not_ready", "reason": reason }),
         ),
+    };
+    // A degraded store does not stop the proxy serving: it says so and stays ready.
+    if let Some(store) = &proxy.store {
+        body["token_store"] = match store.degraded() {
+            None => "ok".into(),
+            Some(error) => {
+                body["token_store_error"] = error.into();
+                "degraded".into()
+            }
+        };
     }
+    json(status, body)
 }
 
 fn metrics(proxy: &Proxy) -> Response<ResponseBody> {

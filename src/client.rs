@@ -20,9 +20,7 @@ where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
 {
-    // Installing the provider once per process avoids rustls' panic when more than one
-    // provider is compiled in; an error only means one is installed already.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    install_crypto_provider();
 
     let mut http = HttpConnector::new();
     http.enforce_http(false);
@@ -42,6 +40,12 @@ where
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .build(https)
+}
+
+/// Installs ring as the process' rustls provider, once: rustls panics when more than one
+/// provider is compiled in and none is chosen. An error only means one is installed.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// A client error in words, from its innermost cause (never a URL or header).

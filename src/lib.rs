@@ -32,8 +32,9 @@ use crate::access::AccessPolicy;
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::token::shared::{SharedSource, SharedStore};
 use crate::token::store::{StoredTokens, TokenFile, TokenSaver};
-use crate::token::{AccountsClient, RefreshPolicy, RefreshTokenSource, TokenCache};
+use crate::token::{AccountsClient, RefreshPolicy, RefreshTokenSource, TokenCache, TokenSource};
 
 /// Why the proxy could not run.
 #[derive(Debug, thiserror::Error)]
@@ -56,12 +57,6 @@ pub fn check_startup(config: &Config) -> Result<(), ConfigError> {
         });
     }
     AccessPolicy::validate(config)?;
-    if config.token_store.is_some() {
-        return Err(ConfigError::Invalid {
-            key: "token_store",
-            reason: "the shared Redis token store is not supported by this version yet; remove token_store (each proxy then refreshes on its own)".into(),
-        });
-    }
     let access = &config.access;
     if !config.listen.ip().is_loopback()
         && access.api_keys.is_empty()
@@ -94,10 +89,7 @@ pub fn token_source(config: &Config) -> Result<RefreshTokenSource, ConfigError> 
         config.oauth.client_id.clone(),
         config.oauth.client_secret.clone(),
         config.timeouts.connect,
-        config
-            .timeouts
-            .response
-            .min(std::time::Duration::from_secs(30)),
+        accounts_timeout(config),
     );
     Ok(RefreshTokenSource {
         client,
@@ -105,13 +97,65 @@ pub fn token_source(config: &Config) -> Result<RefreshTokenSource, ConfigError> 
     })
 }
 
+/// The shared token store of a config (`token_store`), if any.
+pub fn shared_store(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<Arc<SharedStore>>, ConfigError> {
+    let (Some(url), Some(refresh_token)) = (&config.token_store, &config.oauth.refresh_token)
+    else {
+        return Ok(None);
+    };
+    // The lock outlives the slowest Accounts call.
+    let lock_ttl = accounts_timeout(config) + std::time::Duration::from_secs(15);
+    SharedStore::new(
+        url,
+        &config.oauth.client_id,
+        refresh_token,
+        lock_ttl,
+        config.oauth.max_refreshes_per_10min,
+        Arc::clone(metrics),
+    )
+    .map(Some)
+    .map_err(|e| ConfigError::Invalid {
+        key: "token_store",
+        reason: e.to_string(),
+    })
+}
+
+/// Where new tokens come from: Accounts, through the shared store when there is one.
+pub fn source_for(
+    config: &Config,
+    store: Option<&Arc<SharedStore>>,
+) -> Result<Box<dyn TokenSource>, ConfigError> {
+    let accounts = token_source(config)?;
+    Ok(match store {
+        Some(store) => Box::new(SharedSource {
+            store: Arc::clone(store),
+            accounts,
+        }),
+        None => Box::new(accounts),
+    })
+}
+
 /// Builds the token cache of a config.
-pub fn token_cache(config: &Config, metrics: Arc<Metrics>) -> Result<Arc<TokenCache>, ConfigError> {
+pub fn token_cache(
+    config: &Config,
+    store: Option<&Arc<SharedStore>>,
+    metrics: Arc<Metrics>,
+) -> Result<Arc<TokenCache>, ConfigError> {
     let policy = RefreshPolicy::new(
         config.oauth.refresh_margin,
         config.oauth.max_refreshes_per_10min,
     );
-    Ok(TokenCache::new(token_source(config)?, policy, metrics))
+    Ok(TokenCache::new(source_for(config, store)?, policy, metrics))
+}
+
+fn accounts_timeout(config: &Config) -> std::time::Duration {
+    config
+        .timeouts
+        .response
+        .min(std::time::Duration::from_secs(30))
 }
 
 /// Runs the proxy on `listener` until `shutdown` resolves, then drains, saves the token
@@ -142,7 +186,8 @@ pub async fn run_with_reload(
     }
     check_startup(&config)?;
     let metrics = Arc::new(Metrics::new());
-    let tokens = token_cache(&config, Arc::clone(&metrics))?;
+    let store = shared_store(&config, &metrics)?;
+    let tokens = token_cache(&config, store.as_ref(), Arc::clone(&metrics))?;
     if let Some((token, remaining)) =
         stored.valid_access_token(&config.oauth.client_id, REUSE_MIN_REMAINING)
         && tokens.install(token, remaining).is_some()
@@ -170,8 +215,13 @@ pub async fn run_with_reload(
         tokio::spawn(saver.run(Arc::clone(&tokens), stopped(tasks_stopped.clone())))
     });
 
-    let reloader = reload.map(|reload| tokio::spawn(apply_reloads(reload, Arc::clone(&tokens))));
-    let proxy = Arc::new(Proxy::new(config, tokens, metrics));
+    let follower = store.as_ref().map(|store| {
+        tokio::spawn(Arc::clone(store).follow(Arc::clone(&tokens), stopped(tasks_stopped.clone())))
+    });
+    let reloader = reload
+        .map(|reload| tokio::spawn(apply_reloads(reload, Arc::clone(&tokens), store.clone())));
+    let store_status = store.as_ref().map(|s| s.status());
+    let proxy = Arc::new(Proxy::new(config, tokens, metrics).with_store_status(store_status));
     tracing::info!(
         listen = %listener.local_addr()?,
         upstream = %proxy.config.upstream,
@@ -184,6 +234,9 @@ pub async fn run_with_reload(
         reloader.abort();
     }
     let _ = refresher.await;
+    if let Some(follower) = follower {
+        let _ = follower.await;
+    }
     if let Some(persister) = persister {
         let _ = persister.await;
     }
@@ -192,9 +245,13 @@ pub async fn run_with_reload(
 }
 
 /// Applies reloaded configs to the token source.
-async fn apply_reloads(mut reload: tokio::sync::mpsc::Receiver<Config>, tokens: Arc<TokenCache>) {
+async fn apply_reloads(
+    mut reload: tokio::sync::mpsc::Receiver<Config>,
+    tokens: Arc<TokenCache>,
+    store: Option<Arc<SharedStore>>,
+) {
     while let Some(config) = reload.recv().await {
-        match token_source(&config) {
+        match source_for(&config, store.as_ref()) {
             Ok(source) => {
                 tokens.replace_source(source);
                 tracing::info!("credentials reloaded; refreshing with them as needed");

@@ -73,6 +73,7 @@ pub struct Metrics {
     token_expiry: Gauge<f64, std::sync::atomic::AtomicU64>,
     retries: Counter,
     in_flight: Gauge,
+    store_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -149,6 +150,12 @@ impl Metrics {
             "Requests in flight",
             in_flight.clone(),
         );
+        let store_errors = Counter::default();
+        registry.register(
+            "token_store_errors",
+            "Failed operations on the shared token store (Redis)",
+            store_errors.clone(),
+        );
 
         Self {
             registry,
@@ -159,6 +166,7 @@ impl Metrics {
             token_expiry,
             retries,
             in_flight,
+            store_errors,
         }
     }
 
@@ -188,6 +196,11 @@ impl Metrics {
     /// Counts a retry after a 401.
     pub fn record_retry(&self) {
         self.retries.inc();
+    }
+
+    /// Counts a failed operation on the shared token store.
+    pub fn record_store_error(&self) {
+        self.store_errors.inc();
     }
 
     /// The in-flight gauge, moved by the request log.

@@ -23,6 +23,7 @@ use crate::headers;
 use crate::metrics::{Metrics, UpstreamErrorKind};
 use crate::observe::{Lifecycle, RequestLog, request_id};
 use crate::target::{self, Target};
+use crate::token::shared::StoreStatus;
 use crate::token::{Token, TokenCache, TokenError};
 
 /// The largest Desk 401 body read to find its `errorCode` (real ones are ~100 bytes).
@@ -38,6 +39,8 @@ pub struct Proxy {
     pub(crate) metrics: Arc<Metrics>,
     /// Open client connections, bounded by `limits.max_connections`.
     pub(crate) connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// The shared token store's health, when there is one.
+    pub(crate) store: Option<Arc<StoreStatus>>,
 }
 
 impl Proxy {
@@ -53,7 +56,14 @@ impl Proxy {
             lifecycle: Arc::default(),
             metrics,
             connections: Arc::default(),
+            store: None,
         }
+    }
+
+    /// Reports the shared token store's health in `/_proxy/ready`.
+    pub fn with_store_status(mut self, store: Option<Arc<StoreStatus>>) -> Self {
+        self.store = store;
+        self
     }
 
     /// The lifecycle shared with the server (draining, in flight).

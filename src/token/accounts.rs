@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,7 +11,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use serde::Deserialize;
 
-use super::cache::TokenSource;
+use super::cache::{Token, TokenSource};
 use crate::client::Connector;
 use crate::config::BaseUrl;
 use crate::secret::Secret;
@@ -29,6 +30,9 @@ pub struct Grant {
     pub refresh_token: Option<Secret<String>>,
     /// The API domain Zoho reports (informational).
     pub api_domain: Option<String>,
+    /// Whether Accounts issued it just now (and the refresh guard counts it), or another
+    /// replica did and it came from the shared store.
+    pub issued_here: bool,
 }
 
 /// Why Accounts gave no token. Decided on Zoho's `error` code, never on its wording,
@@ -47,6 +51,14 @@ pub enum AccountsError {
     /// The client id, secret, refresh token or grant code was refused: an operator must act.
     #[error("Zoho Accounts rejected the credentials (error \"{0}\")")]
     Rejected(String),
+    /// The fleet-wide refresh guard of the shared store refused the call.
+    #[error(
+        "refresh guard: the fleet made oauth.max_refreshes_per_10min token refreshes in the last 10 minutes"
+    )]
+    GuardRefused {
+        /// When the oldest counted refresh leaves the window.
+        retry_after: Duration,
+    },
     /// Any other failure: a server error, an unexpected answer.
     #[error("Zoho Accounts answered HTTP {status}{}", code.as_ref().map(|c| format!(" with error \"{c}\"")).unwrap_or_default())]
     Failed {
@@ -77,6 +89,9 @@ impl AccountsError {
                 "check the network path to accounts_url (DNS, firewall, outbound proxy)"
             }
             Self::Failed { .. } => "Zoho Accounts is failing; the proxy retries with backoff",
+            Self::GuardRefused { .. } => {
+                "Desk keeps rejecting tokens, or replicas refresh too often: check Desk 401s in the logs"
+            }
         }
     }
 }
@@ -112,6 +127,7 @@ pub fn parse_token_answer(status: u16, body: &[u8]) -> Result<Grant, AccountsErr
                 .filter(|t| !t.is_empty())
                 .map(Secret::new),
             api_domain: answer.api_domain,
+            issued_here: true,
         });
     }
     match answer.error {
@@ -232,7 +248,10 @@ pub struct RefreshTokenSource {
 }
 
 impl TokenSource for RefreshTokenSource {
-    fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Grant, AccountsError>> + Send + '_>> {
+    fn fetch(
+        &self,
+        _stale: Option<Arc<Token>>,
+    ) -> Pin<Box<dyn Future<Output = Result<Grant, AccountsError>> + Send + '_>> {
         Box::pin(self.client.refresh(&self.refresh_token))
     }
 }

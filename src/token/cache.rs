@@ -83,8 +83,21 @@ pub enum TokenError {
 
 /// Where new tokens come from: Zoho Accounts in production, anything in unit tests.
 pub trait TokenSource: Send + Sync + 'static {
-    /// Obtains a new access token.
-    fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Grant, AccountsError>> + Send + '_>>;
+    /// Obtains an access token to replace `stale` (the token held when the refresh began;
+    /// `None` at start).
+    fn fetch(
+        &self,
+        stale: Option<Arc<Token>>,
+    ) -> Pin<Box<dyn Future<Output = Result<Grant, AccountsError>> + Send + '_>>;
+}
+
+impl<T: TokenSource + ?Sized> TokenSource for Box<T> {
+    fn fetch(
+        &self,
+        stale: Option<Arc<Token>>,
+    ) -> Pin<Box<dyn Future<Output = Result<Grant, AccountsError>> + Send + '_>> {
+        (**self).fetch(stale)
+    }
 }
 
 /// How tokens are renewed.
@@ -291,7 +304,7 @@ impl TokenCache {
         tokio::spawn(async move {
             let started = Instant::now();
             let source = cache.source.load_full();
-            let result = source.fetch().await;
+            let result = source.fetch(cache.current()).await;
             let outcome = cache.finish_flight(result, started);
             tx.send_replace(Some(outcome));
         });
@@ -309,7 +322,9 @@ impl TokenCache {
         let mut state = self.lock();
         state.flight = None;
         // Calls whose outcome Zoho may have counted as an issued token.
-        if matches!(result, Ok(_) | Err(AccountsError::Timeout(_))) {
+        if matches!(&result, Ok(grant) if grant.issued_here)
+            || matches!(result, Err(AccountsError::Timeout(_)))
+        {
             state.issued.push_back(now);
         }
         let outcome = match result {
@@ -374,6 +389,9 @@ impl TokenCache {
             _ => {
                 state.consecutive_failures = state.consecutive_failures.saturating_add(1);
                 let mut delay = backoff(&self.policy, state.consecutive_failures);
+                if let AccountsError::GuardRefused { retry_after } = err {
+                    delay = retry_after;
+                }
                 let result = if matches!(err, AccountsError::Throttled(_)) {
                     delay = delay.max(THROTTLE_BACKOFF);
                     self.metrics.record_refresh(RefreshResult::Throttled);
@@ -518,7 +536,10 @@ mod tests {
     }
 
     impl TokenSource for Counting {
-        fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<Grant, AccountsError>> + Send + '_>> {
+        fn fetch(
+            &self,
+            _stale: Option<Arc<Token>>,
+        ) -> Pin<Box<dyn Future<Output = Result<Grant, AccountsError>> + Send + '_>> {
             Box::pin(async move {
                 let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
                 tokio::time::sleep(self.delay).await;
@@ -533,6 +554,7 @@ mod tests {
             expires_in: Duration::from_secs(3600),
             refresh_token: None,
             api_domain: None,
+            issued_here: true,
         })
     }
 

@@ -3,6 +3,7 @@
 
 pub mod accounts;
 pub mod cache;
+pub mod shared;
 pub mod store;
 
 pub use accounts::{AccountsClient, AccountsError, Grant, RefreshTokenSource};

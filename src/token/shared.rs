@@ -1,0 +1,510 @@
+//! The shared token store of SPEC §10, on Redis: one access token for a whole fleet of
+//! proxies that share a refresh token.
+//!
+//! - Each replica keeps the token in its local [`TokenCache`] (the request path never
+//!   touches Redis) and learns of new ones by pub/sub, with a periodic re-read as a net.
+//! - A refresh first looks in Redis for a token newer than the one that failed (the
+//!   fleet-wide generation check); only if there is none does it take a lock with an
+//!   expiry (`SET NX PX`), look again, count the call in a fleet-wide guard, call
+//!   Accounts, store and publish the token, and release the lock if it still owns it.
+//! - When Redis is unreachable the replica keeps its token, reports the store as
+//!   degraded, and refreshes on its own (local single flight and guard); it rejoins when
+//!   Redis is back.
+//!
+//! Keys live under `zoho-desk-proxy:<hash>:`, the hash of client id and refresh token, so
+//! one Redis serves several portals. The access token is stored; the refresh token and the
+//! client secret never are.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+
+use super::accounts::{AccountsError, Grant};
+use super::cache::{Token, TokenCache, TokenSource};
+use crate::metrics::Metrics;
+use crate::secret::Secret;
+
+/// Zoho's window for refresh limits.
+const GUARD_WINDOW: Duration = Duration::from_secs(600);
+/// How long a waiting replica sleeps between looks when no message arrives.
+const WAIT_STEP: Duration = Duration::from_millis(50);
+/// A stored token is adopted only with at least this much life left.
+const MIN_ADOPT_REMAINING: Duration = Duration::from_millis(500);
+/// Re-read of the stored token in case a pub/sub message was missed.
+const RESYNC_EVERY: Duration = Duration::from_secs(15);
+/// Timeout of a single Redis command.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The `token_store` URL is not a Redis URL.
+    #[error("token_store: {0}")]
+    Url(String),
+    /// Redis failed or could not be reached.
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// A stored value is not what the proxy writes.
+    #[error("Redis holds an unreadable token: {0}")]
+    Corrupt(String),
+}
+
+/// The health of the store, shown by `/_proxy/ready` and the metrics.
+#[derive(Debug, Default)]
+pub struct StoreStatus {
+    degraded: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+impl StoreStatus {
+    /// `None` while Redis answers; else the last error.
+    pub fn degraded(&self) -> Option<String> {
+        if !self.degraded.load(Ordering::Acquire) {
+            return None;
+        }
+        let error = self.last_error.lock().ok().and_then(|e| e.clone());
+        Some(error.unwrap_or_else(|| "Redis is unreachable".into()))
+    }
+
+    fn ok(&self) {
+        if self.degraded.swap(false, Ordering::AcqRel) {
+            tracing::info!("token store: Redis is reachable again; rejoined the fleet");
+        }
+    }
+
+    fn failed(&self, err: &StoreError, metrics: &Metrics) {
+        metrics.record_store_error();
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(err.to_string());
+        }
+        if !self.degraded.swap(true, Ordering::AcqRel) {
+            tracing::warn!(error = %err, "token store degraded: serving with the local token and refreshing locally until Redis is back");
+        }
+    }
+}
+
+/// The token as stored in Redis.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredToken {
+    access_token: String,
+    /// Unix milliseconds.
+    expires_at_ms: u64,
+}
+
+impl StoredToken {
+    fn remaining(&self) -> Option<Duration> {
+        let now = unix_ms(SystemTime::now());
+        self.expires_at_ms
+            .checked_sub(now)
+            .map(Duration::from_millis)
+    }
+
+    /// Whether this token should replace `local`: a different token that lives longer,
+    /// with some life left.
+    fn replaces(&self, local: Option<&Token>) -> bool {
+        let Some(remaining) = self.remaining() else {
+            return false;
+        };
+        if remaining < MIN_ADOPT_REMAINING {
+            return false;
+        }
+        match local {
+            None => true,
+            Some(local) => {
+                local.access_token.expose() != &self.access_token
+                    && self.expires_at_ms > unix_ms(local.expires_at_wall)
+            }
+        }
+    }
+
+    fn grant(self) -> Option<Grant> {
+        let expires_in = self.remaining()?;
+        Some(Grant {
+            access_token: Secret::new(self.access_token),
+            expires_in,
+            refresh_token: None,
+            api_domain: None,
+            issued_here: false,
+        })
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The keys of one portal (client id + refresh token).
+#[derive(Debug, Clone)]
+struct Keys {
+    token: String,
+    lock: String,
+    refreshes: String,
+    channel: String,
+}
+
+impl Keys {
+    fn new(client_id: &str, refresh_token: &Secret<String>) -> Self {
+        let mut hash = Sha256::new();
+        hash.update(client_id.as_bytes());
+        hash.update(b"\n");
+        hash.update(refresh_token.expose().as_bytes());
+        let digest = hash.finalize();
+        let ns: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+        let prefix = format!("zoho-desk-proxy:{ns}");
+        Self {
+            token: format!("{prefix}:token"),
+            lock: format!("{prefix}:lock"),
+            refreshes: format!("{prefix}:refreshes"),
+            channel: format!("{prefix}:events"),
+        }
+    }
+}
+
+/// Deletes the lock only if this replica still owns it.
+const RELEASE_LOCK: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0";
+
+/// The fleet-wide guard: counts a refresh unless `max` were counted in the window.
+/// Returns {1, 0} when counted, {0, ms until the oldest leaves the window} when refused.
+const GUARD: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return {0, tonumber(oldest[2]) + window - now}
+end
+redis.call('ZADD', KEYS[1], now, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], window)
+return {1, 0}";
+
+/// A connection to the shared store for one portal.
+pub struct SharedStore {
+    client: redis::Client,
+    conn: ConnectionManager,
+    keys: Keys,
+    /// Identifies this replica as a lock owner.
+    owner: String,
+    lock_ttl: Duration,
+    max_per_10min: u32,
+    status: Arc<StoreStatus>,
+    metrics: Arc<Metrics>,
+    /// Woken by the subscriber on every published token.
+    published: Notify,
+}
+
+impl SharedStore {
+    /// Connects lazily (a Redis that is down at start only degrades the store).
+    /// `lock_ttl` must exceed the slowest Accounts call.
+    pub fn new(
+        url: &str,
+        client_id: &str,
+        refresh_token: &Secret<String>,
+        lock_ttl: Duration,
+        max_per_10min: u32,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, StoreError> {
+        crate::client::install_crypto_provider();
+        let client = redis::Client::open(url).map_err(|e| StoreError::Url(e.to_string()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        Ok(Arc::new(Self {
+            client,
+            conn,
+            keys: Keys::new(client_id, refresh_token),
+            owner: format!("{:016x}", fastrand::u64(..)),
+            lock_ttl,
+            max_per_10min,
+            status: Arc::default(),
+            metrics,
+            published: Notify::new(),
+        }))
+    }
+
+    /// The store's health.
+    pub fn status(&self) -> Arc<StoreStatus> {
+        Arc::clone(&self.status)
+    }
+
+    async fn read(&self) -> Result<Option<StoredToken>, StoreError> {
+        let mut conn = self.conn.clone();
+        let text: Option<String> = conn.get(&self.keys.token).await?;
+        text.map(|t| serde_json::from_str(&t).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .transpose()
+    }
+
+    async fn write(&self, token: &Secret<String>, expires_in: Duration) -> Result<(), StoreError> {
+        let stored = StoredToken {
+            access_token: token.expose().clone(),
+            expires_at_ms: unix_ms(SystemTime::now() + expires_in),
+        };
+        let json =
+            serde_json::to_string(&stored).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut conn = self.conn.clone();
+        let ttl_ms = expires_in.as_millis().max(1) as u64;
+        let () = conn.pset_ex(&self.keys.token, json, ttl_ms).await?;
+        let _: i64 = conn.publish(&self.keys.channel, "token").await?;
+        Ok(())
+    }
+
+    async fn try_lock(&self) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(&self.keys.lock)
+            .arg(&self.owner)
+            .arg("NX")
+            .arg("PX")
+            .arg(self.lock_ttl.as_millis() as u64)
+            .query_async(&mut conn)
+            .await?;
+        Ok(set.is_some())
+    }
+
+    async fn unlock(&self) {
+        let mut conn = self.conn.clone();
+        let released: Result<i64, _> = redis::Script::new(RELEASE_LOCK)
+            .key(&self.keys.lock)
+            .arg(&self.owner)
+            .invoke_async(&mut conn)
+            .await;
+        if let Err(err) = released {
+            // The lock expires by itself.
+            tracing::debug!(error = %err, "token store: lock release failed");
+        }
+    }
+
+    /// Counts a refresh in the fleet-wide guard, or says how long to wait.
+    async fn count_refresh(&self) -> Result<Result<(), Duration>, StoreError> {
+        let mut conn = self.conn.clone();
+        let (counted, wait_ms): (i64, i64) = redis::Script::new(GUARD)
+            .key(&self.keys.refreshes)
+            .arg(GUARD_WINDOW.as_millis() as u64)
+            .arg(self.max_per_10min)
+            .arg(format!("{}-{:016x}", self.owner, fastrand::u64(..)))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(if counted == 1 {
+            Ok(())
+        } else {
+            Err(Duration::from_millis(wait_ms.max(1) as u64))
+        })
+    }
+
+    /// A token to replace `stale`: the stored one when it is newer, else a refresh by
+    /// this replica under the lock, else the one another replica stores meanwhile.
+    async fn fetch_shared(
+        &self,
+        stale: Option<&Token>,
+        accounts: &dyn TokenSource,
+        stale_arc: Option<Arc<Token>>,
+    ) -> Result<Result<Grant, AccountsError>, StoreError> {
+        let deadline = tokio::time::Instant::now() + self.lock_ttl + COMMAND_TIMEOUT;
+        loop {
+            if let Some(grant) = self.newer_than(stale).await? {
+                return Ok(Ok(grant));
+            }
+            if self.try_lock().await? {
+                let result = self
+                    .refresh_locked(stale, accounts, stale_arc.clone())
+                    .await;
+                self.unlock().await;
+                return result;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StoreError::Corrupt(
+                    "another replica held the refresh lock past its expiry".into(),
+                ));
+            }
+            // Another replica is refreshing: wait for its token.
+            let _ = tokio::time::timeout(WAIT_STEP, self.published.notified()).await;
+        }
+    }
+
+    async fn refresh_locked(
+        &self,
+        stale: Option<&Token>,
+        accounts: &dyn TokenSource,
+        stale_arc: Option<Arc<Token>>,
+    ) -> Result<Result<Grant, AccountsError>, StoreError> {
+        // Another replica may have finished between our look and our lock.
+        if let Some(grant) = self.newer_than(stale).await? {
+            return Ok(Ok(grant));
+        }
+        if let Err(retry_after) = self.count_refresh().await? {
+            return Ok(Err(AccountsError::GuardRefused { retry_after }));
+        }
+        let result = accounts.fetch(stale_arc).await;
+        if let Ok(grant) = &result {
+            self.write(&grant.access_token, grant.expires_in).await?;
+        }
+        Ok(result)
+    }
+
+    async fn newer_than(&self, stale: Option<&Token>) -> Result<Option<Grant>, StoreError> {
+        Ok(self
+            .read()
+            .await?
+            .filter(|s| s.replaces(stale))
+            .and_then(StoredToken::grant))
+    }
+
+    /// Adopts the stored token when it is newer than the local one; offers the local one
+    /// to the fleet when it is newer than the stored one (after Redis was down).
+    async fn sync(&self, cache: &TokenCache) -> Result<(), StoreError> {
+        let local = cache.current();
+        let stored = self.read().await?;
+        match stored {
+            Some(stored) if stored.replaces(local.as_deref()) => {
+                if let Some(remaining) = stored.remaining()
+                    && cache
+                        .install(Secret::new(stored.access_token), remaining)
+                        .is_some()
+                {
+                    tracing::info!(
+                        expires_in_secs = remaining.as_secs(),
+                        "token store: adopted the fleet's token"
+                    );
+                }
+            }
+            Some(_) => {}
+            None => {
+                if let Some(local) = local.filter(|t| t.is_valid_at(std::time::Instant::now())) {
+                    let remaining = local.expires_at - std::time::Instant::now();
+                    self.write(&local.access_token, remaining).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Follows the fleet's tokens until `stop` resolves: subscribes to the store's
+    /// channel (reconnecting with backoff while Redis is down), adopts every newer token,
+    /// and re-reads now and then in case a message was lost.
+    pub async fn follow(self: Arc<Self>, cache: Arc<TokenCache>, stop: impl Future<Output = ()>) {
+        tokio::pin!(stop);
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            tokio::select! {
+                () = &mut stop => return,
+                result = self.follow_once(&cache) => {
+                    if let Err(err) = result {
+                        self.status.failed(&err, &self.metrics);
+                    }
+                }
+            }
+            tokio::select! {
+                () = &mut stop => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn follow_once(&self, cache: &TokenCache) -> Result<(), StoreError> {
+        let mut pubsub = tokio::time::timeout(COMMAND_TIMEOUT, self.client.get_async_pubsub())
+            .await
+            .map_err(|_| StoreError::Corrupt("connection timed out".into()))??;
+        pubsub.subscribe(&self.keys.channel).await?;
+        self.sync(cache).await?;
+        self.status.ok();
+        let mut messages = pubsub.on_message();
+        let mut resync = tokio::time::interval(RESYNC_EVERY);
+        loop {
+            tokio::select! {
+                message = messages.next() => {
+                    if message.is_none() {
+                        return Err(StoreError::Corrupt("the subscription ended (Redis went away)".into()));
+                    }
+                    self.published.notify_waiters();
+                    self.sync(cache).await?;
+                }
+                _ = resync.tick() => self.sync(cache).await?,
+            }
+        }
+    }
+}
+
+/// A [`TokenSource`] that goes through the shared store, and straight to Accounts when
+/// Redis fails.
+pub struct SharedSource<S> {
+    /// The store.
+    pub store: Arc<SharedStore>,
+    /// The Accounts source.
+    pub accounts: S,
+}
+
+impl<S: TokenSource> TokenSource for SharedSource<S> {
+    fn fetch(
+        &self,
+        stale: Option<Arc<Token>>,
+    ) -> Pin<Box<dyn Future<Output = Result<Grant, AccountsError>> + Send + '_>> {
+        Box::pin(async move {
+            match self
+                .store
+                .fetch_shared(stale.as_deref(), &self.accounts, stale.clone())
+                .await
+            {
+                Ok(result) => {
+                    self.store.status.ok();
+                    result
+                }
+                Err(err) => {
+                    self.store.status.failed(&err, &self.store.metrics);
+                    self.accounts.fetch(stale).await
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_namespaced_by_a_hash_that_reveals_no_secret() {
+        let a = Keys::new("1000.A", &Secret::new("1000.refresh.secret".into()));
+        let b = Keys::new("1000.A", &Secret::new("1000.other".into()));
+        assert_ne!(a.token, b.token);
+        assert!(a.token.starts_with("zoho-desk-proxy:") && a.token.ends_with(":token"));
+        for key in [&a.token, &a.lock, &a.refreshes, &a.channel] {
+            assert!(!key.contains("refresh") && !key.contains("1000.A"), "{key}");
+        }
+    }
+
+    #[test]
+    fn a_stored_token_replaces_only_an_older_different_one() {
+        let later = StoredToken {
+            access_token: "1000.new".into(),
+            expires_at_ms: unix_ms(SystemTime::now() + Duration::from_secs(3600)),
+        };
+        assert!(later.replaces(None));
+        let old = Token::new(Secret::new("1000.old".into()), Duration::from_secs(60), 1).unwrap();
+        assert!(later.replaces(Some(&old)));
+        let same = Token::new(Secret::new("1000.new".into()), Duration::from_secs(60), 1).unwrap();
+        assert!(!later.replaces(Some(&same)));
+        let expired = StoredToken {
+            access_token: "1000.x".into(),
+            expires_at_ms: 1,
+        };
+        assert!(!expired.replaces(None));
+    }
+}

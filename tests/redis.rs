@@ -1,0 +1,461 @@
+//! The shared token store on a real Redis (SPEC §10): several proxies, one Accounts.
+//! Run with `cargo test --features redis-tests`; needs `redis-server` on PATH (.ci/run
+//! installs it). Each test starts its own redis-server on a free loopback port.
+#![cfg(feature = "redis-tests")]
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use zoho_desk_proxy::config::Config;
+use zoho_desk_proxy::fake_zoho::{FakeOptions, FakeZoho};
+
+/// A redis-server of the test's own, killed on drop.
+struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = Self { port, child: None };
+        server.restart().await;
+        server
+    }
+
+    /// Starts (again) on the same port.
+    async fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed for --features redis-tests");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.ping().await {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn ping(&self) -> bool {
+        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else {
+            return false;
+        };
+        if s.write_all(b"PING\r\n").await.is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 7];
+        matches!(tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await, Ok(Ok(n)) if buf[..n].starts_with(b"+PONG"))
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `n` proxies sharing `redis`, in front of `fake`.
+async fn fleet(
+    fake: &FakeZoho,
+    options: &FakeOptions,
+    redis: Option<&RedisServer>,
+    n: usize,
+    tweak: impl Fn(&mut Config),
+) -> Vec<TestProxy> {
+    let mut proxies = Vec::new();
+    for _ in 0..n {
+        let mut config = config_for(fake, options);
+        config.token_store = redis.map(RedisServer::url);
+        tweak(&mut config);
+        proxies.push(start_proxy(config).await);
+    }
+    proxies
+}
+
+async fn get(proxy: &TestProxy, path: &str) -> reqwest::Response {
+    client().get(proxy.url(path)).send().await.unwrap()
+}
+
+async fn ready(proxy: &TestProxy) -> serde_json::Value {
+    get(proxy, "/_proxy/ready").await.json().await.unwrap()
+}
+
+/// Polls until `f` holds (for conditions with no event to wait on), at most 20 s.
+async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn three_proxies_share_one_token_and_a_401_storm_costs_one_call() {
+    let redis = RedisServer::start().await;
+    let options = FakeOptions::default();
+    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
+    let zoho = fake.control();
+    let proxies = fleet(&fake, &options, Some(&redis), 3, |_| {}).await;
+    for p in &proxies {
+        assert_eq!(get(p, "/api/v1/tickets").await.status(), 200);
+    }
+    assert_eq!(zoho.token_requests(), 1, "one token for the whole fleet");
+
+    // The token is revoked: 3 × 200 concurrent requests all see a 401.
+    zoho.revoke_all_tokens();
+    zoho.set_desk_delay(Duration::from_millis(200));
+    let c = client();
+    let requests = proxies
+        .iter()
+        .flat_map(|p| (0..200).map(move |_| p.url("/api/v1/tickets")))
+        .map(|url| {
+            let c = c.clone();
+            async move {
+                c.get(url)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0)
+            }
+        });
+    let statuses = futures_util::future::join_all(requests).await;
+    assert_eq!(statuses.len(), 600);
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "{:?}",
+        statuses.iter().filter(|s| **s != 200).count()
+    );
+    assert_eq!(
+        zoho.token_requests(),
+        2,
+        "600 requests on a revoked token across 3 proxies: one Accounts call"
+    );
+}
+
+#[tokio::test]
+async fn background_rotation_happens_once_per_fleet() {
+    let redis = RedisServer::start().await;
+    let options = FakeOptions {
+        token_lifetime: Duration::from_secs(2),
+        ..FakeOptions::default()
+    };
+    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
+    let zoho = fake.control();
+    let proxies = fleet(&fake, &options, Some(&redis), 3, |_| {}).await;
+    // 2 s tokens, refreshed at half-life: about one rotation per second for the fleet.
+    let started = Instant::now();
+    wait_for_token_requests(&zoho, 6).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    // Without the store, 3 replicas make 3 calls per second.
+    assert!(
+        elapsed > 3.5,
+        "6 calls in {elapsed:.1} s: replicas are not sharing"
+    );
+    for p in &proxies {
+        assert_eq!(get(p, "/api/v1/tickets").await.status(), 200);
+    }
+}
+
+#[tokio::test]
+async fn the_refresh_guard_counts_the_whole_fleet() {
+    let redis = RedisServer::start().await;
+    let options = FakeOptions::default();
+    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
+    let zoho = fake.control();
+    let proxies = fleet(&fake, &options, Some(&redis), 3, |c| {
+        c.oauth.max_refreshes_per_10min = 3
+    })
+    .await;
+    for round in 0..4 {
+        zoho.revoke_all_tokens();
+        for p in &proxies {
+            let _ = get(p, &format!("/api/v1/tickets?round={round}")).await;
+        }
+    }
+    assert_eq!(
+        zoho.token_requests(),
+        3,
+        "3 per 10 minutes for the fleet, not per replica"
+    );
+    zoho.revoke_all_tokens();
+    let response = get(&proxies[2], "/api/v1/tickets").await;
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+}
+
+#[tokio::test]
+async fn redis_down_keeps_serving_degrades_and_rejoins() {
+    let mut redis = RedisServer::start().await;
+    let options = FakeOptions::default();
+    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
+    let zoho = fake.control();
+    let proxies = fleet(&fake, &options, Some(&redis), 2, |_| {}).await;
+    for p in &proxies {
+        assert_eq!(get(p, "/api/v1/tickets").await.status(), 200);
+    }
+    assert_eq!(ready(&proxies[0]).await["token_store"], "ok");
+
+    redis.kill();
+    for p in &proxies {
+        for _ in 0..5 {
+            assert_eq!(
+                get(p, "/api/v1/tickets").await.status(),
+                200,
+                "serving with the token it holds"
+            );
+        }
+    }
+    for p in &proxies {
+        eventually("ready reports the store degraded", async || {
+            ready(p).await["token_store"] == "degraded"
+        })
+        .await;
+        let r = get(p, "/_proxy/ready").await;
+        assert_eq!(
+            r.status(),
+            200,
+            "a degraded store does not make the proxy unready"
+        );
+        let metrics = get(p, "/_proxy/metrics").await.text().await.unwrap();
+        let errors = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("zoho_proxy_token_store_errors_total "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap();
+        assert!(errors > 0, "{metrics}");
+    }
+
+    // Desk revokes the token while Redis is down: each replica refreshes on its own, once.
+    let before = zoho.token_requests();
+    zoho.revoke_all_tokens();
+    for p in &proxies {
+        for _ in 0..10 {
+            assert_eq!(get(p, "/api/v1/tickets").await.status(), 200);
+        }
+    }
+    assert_eq!(
+        zoho.token_requests(),
+        before + 2,
+        "local single flight per replica, never per request"
+    );
+
+    redis.restart().await;
+    for p in &proxies {
+        eventually("the replica rejoins", async || {
+            ready(p).await["token_store"] == "ok"
+        })
+        .await;
+    }
+    // Back in the fleet: the next revocation costs one call again.
+    let before = zoho.token_requests();
+    zoho.revoke_all_tokens();
+    for p in &proxies {
+        assert_eq!(get(p, "/api/v1/tickets").await.status(), 200);
+    }
+    assert_eq!(zoho.token_requests(), before + 1);
+}
+
+#[tokio::test]
+async fn a_foreign_lock_is_waited_for_until_it_expires() {
+    let redis = RedisServer::start().await;
+    let options = FakeOptions::default();
+    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
+    let zoho = fake.control();
+    let proxies = fleet(&fake, &options, Some(&redis), 1, |_| {}).await;
+    assert_eq!(get(&proxies[0], "/api/v1/tickets").await.status(), 200);
+
+    // Another replica holds the lock and dies without storing a token.
+    let mut conn = redis.connection().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("zoho-desk-proxy:*:token")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let lock = keys[0].replace(":token", ":lock");
+    let () = redis::cmd("SET")
+        .arg(&lock)
+        .arg("another-replica")
+        .arg("PX")
+        .arg(1000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    zoho.revoke_all_tokens();
+    let started = Instant::now();
+    assert_eq!(get(&proxies[0], "/api/v1/tickets").await.status(), 200);
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "the lock was not respected"
+    );
+    assert_eq!(zoho.token_requests(), 2);
+}
+
+#[tokio::test]
+async fn nothing_secret_is_stored_in_redis() {
+    let redis = RedisServer::start().await;
+    let options = FakeOptions::default();
+    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
+    let zoho = fake.control();
+    let proxies = fleet(&fake, &options, Some(&redis), 2, |_| {}).await;
+    zoho.revoke_all_tokens();
+    for p in &proxies {
+        assert_eq!(get(p, "/api/v1/tickets").await.status(), 200);
+    }
+    let mut conn = redis.connection().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        keys.iter().all(|k| k.starts_with("zoho-desk-proxy:")),
+        "{keys:?}"
+    );
+    let mut dump = keys.join("\n");
+    for key in &keys {
+        let kind: String = redis::cmd("TYPE")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let values: Vec<String> = match kind.as_str() {
+            "string" => vec![
+                redis::cmd("GET")
+                    .arg(key)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap(),
+            ],
+            "zset" => redis::cmd("ZRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await
+                .unwrap(),
+            other => panic!("unexpected key type {other}"),
+        };
+        dump.push_str(&values.join("\n"));
+    }
+    assert!(
+        dump.contains(&zoho.issued_tokens().pop().unwrap()),
+        "the access token is shared"
+    );
+    for secret in [
+        &options.refresh_token,
+        &options.client_secret,
+        &options.client_id,
+    ] {
+        assert!(
+            !dump.contains(secret.as_str()),
+            "a secret is stored in Redis"
+        );
+    }
+}
+
+/// The Token economy figure of the README: Accounts calls per hour for 3 replicas with
+/// 5 s tokens, with and without the shared store. Run by `bench/token_economy.sh`.
+#[tokio::test]
+#[ignore = "a 2 × 30 s measurement; run by bench/token_economy.sh"]
+async fn token_economy() {
+    let window = Duration::from_secs(
+        std::env::var("TOKEN_ECONOMY_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(30),
+    );
+    let redis = RedisServer::start().await;
+    let options = FakeOptions {
+        token_lifetime: Duration::from_secs(5),
+        ..FakeOptions::default()
+    };
+    let mut figures = Vec::new();
+    for shared in [false, true] {
+        let fake = FakeZoho::start_with(options.clone()).await.unwrap();
+        let zoho = fake.control();
+        let store = shared.then_some(&redis);
+        let proxies = fleet(&fake, &options, store, 3, |c| {
+            c.oauth.max_refreshes_per_10min = 10_000
+        })
+        .await;
+        for p in &proxies {
+            assert_eq!(get(p, "/api/v1/tickets").await.status(), 200);
+        }
+        let start = zoho.token_requests();
+        let started = Instant::now();
+        let c = client();
+        let mut failures = 0;
+        // Light steady traffic through every replica for the window.
+        while started.elapsed() < window {
+            for p in &proxies {
+                if c.get(p.url("/api/v1/tickets"))
+                    .send()
+                    .await
+                    .map_or(true, |r| r.status() != 200)
+                {
+                    failures += 1;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let calls = zoho.token_requests() - start;
+        let per_hour = calls as f64 * 3600.0 / started.elapsed().as_secs_f64();
+        figures.push((shared, calls, per_hour, failures));
+        for p in proxies {
+            p.stop().await;
+        }
+    }
+    println!(
+        "\n| 3 replicas, 5 s tokens | Accounts calls in {} s | per hour | failed requests |",
+        window.as_secs()
+    );
+    println!("|---|---|---|---|");
+    for (shared, calls, per_hour, failures) in &figures {
+        let name = if *shared {
+            "with token_store (Redis)"
+        } else {
+            "without the store"
+        };
+        println!("| {name} | {calls} | {per_hour:.0} | {failures} |");
+    }
+    println!("ratio without/with: {:.2}", figures[0].2 / figures[1].2);
+}
