@@ -146,11 +146,18 @@ truncate -s "$((STREAM_MIB * 1024 * 1024))" "$WORK/files/big.bin" ||
 chmod 644 "$WORK/files/big.bin"
 STREAM_BYTES=$((STREAM_MIB * 1024 * 1024))
 
+# Listening ports below the ephemeral range, so that no outgoing connection takes one
+# while a proxy restarts.
+read -r EPHEMERAL_LOW _ </proc/sys/net/ipv4/ip_local_port_range
+PORT_LOW=10000
+PORT_SPAN=$((EPHEMERAL_LOW - PORT_LOW))
+((PORT_SPAN < 1000)) && PORT_LOW=1025 PORT_SPAN=$((EPHEMERAL_LOW - 1025))
+((PORT_SPAN < 100)) && die "no room below the ephemeral port range ($EPHEMERAL_LOW)"
 USED_PORTS=" "
 free_port() {
     local port
     while :; do
-        port=$((20000 + (RANDOM * 32768 + RANDOM) % 30000))
+        port=$((PORT_LOW + (RANDOM * 32768 + RANDOM) % PORT_SPAN))
         [[ $USED_PORTS == *" $port "* ]] && continue
         if [[ -z $(ss -Htan "( sport = :$port )" 2>/dev/null) ]]; then
             USED_PORTS+="$port "
@@ -458,11 +465,20 @@ wrk_scenario() { # scen conns secs
     local t r
     for t in "${TARGETS[@]}"; do wrk_run "$1" "$t" 0 "$2" "$WARM_SECS"; done
     for r in $(seq "$ROUNDS"); do
-        for t in "${TARGETS[@]}"; do
+        for t in $(rotated "$r" "${TARGETS[@]}"); do
             wrk_run "$1" "$t" "$r" "$2" "$3"
             sleep 1
         done
     done
+}
+# rotated round items…: the items, starting one further each round (A B C, B C A, …), so
+# that no target always runs right after the same one.
+rotated() {
+    local r=$1
+    shift
+    local n=$# i
+    local items=("$@")
+    for ((i = 0; i < n; i++)); do echo "${items[(i + r - 1) % n]}"; done
 }
 # Other work on the machine (a build, a test suite) skews every figure: wait up to
 # QUIET_WAIT_SECS (120) for the CPUs to be idle while our processes idle.
@@ -494,7 +510,7 @@ for scen in download upload; do
     say "scenario $scen: $STREAM_MIB MiB with curl, $ROUNDS rounds"
     restart_proxies
     for r in $(seq "$ROUNDS"); do
-        for t in "${TARGETS[@]}"; do stream_run "$scen" "$t" "$r"; done
+        for t in $(rotated "$r" "${TARGETS[@]}"); do stream_run "$scen" "$t" "$r"; done
     done
 done
 if has_scenario rotation; then
@@ -507,7 +523,7 @@ if has_scenario rotation; then
     ROT_TIME_0=$(date +%s)
     for t in product product-rot; do wrk_run rotation "$t" 0 64 "$WARM_SECS"; done
     for r in $(seq "$ROUNDS"); do
-        for t in product product-rot; do
+        for t in $(rotated "$r" product product-rot); do
             wrk_run rotation "$t" "$r" 64 "$LOAD_SECS"
             sleep 1
         done
@@ -611,7 +627,7 @@ echo
 echo "## Benchmark: zoho-desk-proxy vs nginx"
 echo
 echo "Machine: $MACHINE. nginx $NGINX_V (worker_processes 2, upstream keepalive 64, unbuffered both ways, 64 KiB buffers for the download, no access log), wrk $WRK_V, product at $COMMIT$DIRTY (release, $(nproc) tokio workers, RUST_LOG=warn: no per-request log lines${PRODUCT_ENV:+, $PRODUCT_ENV})."
-echo "Medians of $ROUNDS alternating rounds (direct, nginx, product, …); ratios are medians of per-round ratios. Load runs: ${LOAD_SECS} s (1 connection: ${LAT_SECS} s); wrk, the upstream and the proxy share the same $(nproc) cores. CPU = proxy process time per request (nginx: master + workers). Peak = VmHWM during the run (reset before each run; nginx: sum of its processes)."
+echo "Medians of $ROUNDS alternating rounds (direct, nginx, product; then nginx, product, direct; …); ratios are medians of per-round ratios. Load runs: ${LOAD_SECS} s (1 connection: ${LAT_SECS} s); wrk, the upstream and the proxy share the same $(nproc) cores. CPU = proxy process time per request (nginx: master + workers). Peak = VmHWM during the run (reset before each run; nginx: sum of its processes)."
 echo
 echo "| scenario | target | throughput | p50 | p99 | ×nginx | ×direct | p99 ×nginx | errors | CPU/req | peak RSS |"
 echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"

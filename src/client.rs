@@ -1,12 +1,14 @@
 //! The outbound HTTP client: hyper-util's pooled client over rustls, HTTP/2 or HTTP/1.1 by
 //! ALPN. It never follows redirects, never reads `HTTP_PROXY`, and never decompresses.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::pki_types::CertificateDer;
 
 /// The connector shared by the Desk and Accounts clients.
 pub type Connector = HttpsConnector<HttpConnector>;
@@ -14,8 +16,13 @@ pub type Connector = HttpsConnector<HttpConnector>;
 /// Builds a pooled client for request bodies of type `B`.
 ///
 /// `connect` bounds TCP connect (TLS is bounded by the caller's response timeout),
-/// `idle` is how long a kept-alive connection waits in the pool.
-pub fn build<B>(connect: Duration, idle: Duration) -> Client<Connector, B>
+/// `idle` is how long a kept-alive connection waits in the pool. Servers are verified
+/// against Mozilla's roots plus `extra_roots` (`tls.ca_file`).
+pub fn build<B>(
+    connect: Duration,
+    idle: Duration,
+    extra_roots: &[CertificateDer<'static>],
+) -> Client<Connector, B>
 where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
@@ -29,7 +36,7 @@ where
     http.set_keepalive(Some(Duration::from_secs(60)));
 
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
+        .with_tls_config(tls_config(extra_roots))
         .https_or_http()
         .enable_http1()
         .enable_http2()
@@ -40,6 +47,26 @@ where
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .build(https)
+}
+
+fn tls_config(extra_roots: &[CertificateDer<'static>]) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    // Certificates were parsed when the config was validated; one rustls rejects here
+    // would fail every handshake with it, which is what the operator will see.
+    let (_added, _ignored) = roots.add_parsable_certificates(extra_roots.iter().cloned());
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map(|b| {
+            b.with_root_certificates(roots.clone())
+                .with_no_client_auth()
+        })
+        .unwrap_or_else(|_| {
+            rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth()
+        })
 }
 
 /// Installs ring as the process' rustls provider, once: rustls panics when more than one

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::{HeaderValue, Method, Uri};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use serde::Deserialize;
 
 use crate::secret::Secret;
@@ -76,6 +78,14 @@ pub struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    tls: RawTls,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -211,6 +221,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Log format; `None` picks by terminal.
     pub log_format: Option<LogFormat>,
+    /// Certificates trusted besides Mozilla's roots (`tls.ca_file`), for Desk and Accounts.
+    pub extra_roots: Vec<CertificateDer<'static>>,
 }
 
 /// OAuth credentials and the refresh policy.
@@ -532,7 +544,12 @@ impl TryFrom<RawConfig> for Config {
             }
         };
 
+        let extra_roots = match &raw.tls.ca_file {
+            None => Vec::new(),
+            Some(path) => read_certificates(path)?,
+        };
         Ok(Self {
+            extra_roots,
             listen,
             upstream,
             accounts_url,
@@ -628,6 +645,29 @@ fn read_secret_file(key: &'static str, path: &Path) -> Result<String, ConfigErro
         key,
         reason: format!("cannot read the file {}: {e}", path.display()),
     })
+}
+
+fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid {
+        key: "tls.ca_file",
+        reason,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            invalid(format!(
+                "{} is not a PEM certificate file: {e}",
+                path.display()
+            ))
+        })?;
+    if certs.is_empty() {
+        return Err(invalid(format!(
+            "{} holds no PEM certificate",
+            path.display()
+        )));
+    }
+    Ok(certs)
 }
 
 fn secs(key: &'static str, value: Option<f64>, default: f64) -> Result<Duration, ConfigError> {
@@ -765,6 +805,18 @@ mod tests {
             format!("{:?}", defaults.timeouts)
         );
         assert!(!example.access.allow_unauthenticated_remote);
+    }
+
+    #[test]
+    fn a_bad_ca_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, "not a certificate").unwrap();
+        for file in [path.display().to_string(), "/nonexistent/ca.pem".into()] {
+            let err =
+                Config::from_toml(&format!("{MINIMAL}\n[tls]\nca_file = \"{file}\"")).unwrap_err();
+            assert!(err.to_string().contains("tls.ca_file"), "{err}");
+        }
     }
 
     #[test]

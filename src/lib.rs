@@ -84,13 +84,7 @@ pub fn token_source(config: &Config) -> Result<RefreshTokenSource, ConfigError> 
             key: "oauth.refresh_token",
             env: "ZOHO_REFRESH_TOKEN",
         })?;
-    let client = AccountsClient::new(
-        config.accounts_url.clone(),
-        config.oauth.client_id.clone(),
-        config.oauth.client_secret.clone(),
-        config.timeouts.connect,
-        accounts_timeout(config),
-    );
+    let client = AccountsClient::from_config(config);
     Ok(RefreshTokenSource {
         client,
         refresh_token,
@@ -107,7 +101,7 @@ pub fn shared_store(
         return Ok(None);
     };
     // The lock outlives the slowest Accounts call.
-    let lock_ttl = accounts_timeout(config) + std::time::Duration::from_secs(15);
+    let lock_ttl = AccountsClient::call_timeout(config) + std::time::Duration::from_secs(15);
     SharedStore::new(
         url,
         &config.oauth.client_id,
@@ -149,13 +143,6 @@ pub fn token_cache(
         config.oauth.max_refreshes_per_10min,
     );
     Ok(TokenCache::new(source_for(config, store)?, policy, metrics))
-}
-
-fn accounts_timeout(config: &Config) -> std::time::Duration {
-    config
-        .timeouts
-        .response
-        .min(std::time::Duration::from_secs(30))
 }
 
 /// Runs the proxy on `listener` until `shutdown` resolves, then drains, saves the token

@@ -25,13 +25,7 @@ pub enum OpsError {
 }
 
 fn accounts_client(config: &Config) -> AccountsClient {
-    AccountsClient::new(
-        config.accounts_url.clone(),
-        config.oauth.client_id.clone(),
-        config.oauth.client_secret.clone(),
-        config.timeouts.connect,
-        config.timeouts.response.min(Duration::from_secs(30)),
-    )
+    AccountsClient::from_config(config)
 }
 
 /// Exchanges a Self Client grant token for a refresh token and stores both tokens in the
@@ -185,8 +179,11 @@ pub async fn check(config: &Config, origin: &str) -> (String, bool) {
 }
 
 async fn desk_call(config: &Config, token: &Secret<String>) -> Result<(u16, Bytes), String> {
-    let client =
-        crate::client::build::<Empty<Bytes>>(config.timeouts.connect, Duration::from_secs(5));
+    let client = crate::client::build::<Empty<Bytes>>(
+        config.timeouts.connect,
+        Duration::from_secs(5),
+        &config.extra_roots,
+    );
     let uri = config
         .upstream
         .join("/api/v1/organizations")

@@ -46,7 +46,11 @@ pub struct Proxy {
 impl Proxy {
     /// Builds the proxy around its token cache.
     pub fn new(config: Config, tokens: Arc<TokenCache>, metrics: Arc<Metrics>) -> Self {
-        let client = crate::client::build(config.timeouts.connect, config.timeouts.idle);
+        let client = crate::client::build(
+            config.timeouts.connect,
+            config.timeouts.idle,
+            &config.extra_roots,
+        );
         let access = AccessPolicy::new(&config);
         Self {
             config,

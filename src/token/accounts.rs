@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use super::cache::{Token, TokenSource};
 use crate::client::Connector;
-use crate::config::BaseUrl;
+use crate::config::{BaseUrl, Config};
 use crate::secret::Secret;
 
 /// Largest Accounts answer read; real ones are a few hundred bytes.
@@ -162,22 +162,26 @@ pub struct AccountsClient {
 }
 
 impl AccountsClient {
-    /// A client for `base` (`https://accounts.zoho.com`); `timeout` bounds each call.
-    pub fn new(
-        base: BaseUrl,
-        client_id: String,
-        client_secret: Secret<String>,
-        connect_timeout: Duration,
-        timeout: Duration,
-    ) -> Self {
-        let http = crate::client::build(connect_timeout, Duration::from_secs(30));
+    /// The client of a config: `accounts_url`, the Self Client's credentials, each call
+    /// bounded by `timeouts.response_secs` (at most 30 s).
+    pub fn from_config(config: &Config) -> Self {
+        let http = crate::client::build(
+            config.timeouts.connect,
+            Duration::from_secs(30),
+            &config.extra_roots,
+        );
         Self {
             http,
-            base,
-            client_id,
-            client_secret,
-            timeout,
+            base: config.accounts_url.clone(),
+            client_id: config.oauth.client_id.clone(),
+            client_secret: config.oauth.client_secret.clone(),
+            timeout: Self::call_timeout(config),
         }
+    }
+
+    /// How long one Accounts call may take.
+    pub fn call_timeout(config: &Config) -> Duration {
+        config.timeouts.response.min(Duration::from_secs(30))
     }
 
     /// `grant_type=refresh_token`: a new access token.

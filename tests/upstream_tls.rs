@@ -1,0 +1,204 @@
+//! The upstream side over TLS (SPEC §5): HTTP/2 or HTTP/1.1 as ALPN decides, pooled
+//! kept-alive connections, and certificates verified (`tls.ca_file` adds a root).
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::*;
+use tokio::net::TcpListener;
+use zoho_desk_proxy::config::{BaseUrl, Config};
+use zoho_desk_proxy::fake_zoho::{FakeOptions, FakeZoho};
+
+/// What the upstream saw of one request: its version and `Authorization`.
+type Seen = (http::Version, Option<String>);
+
+/// A TLS Desk stand-in for `localhost` that records what it saw.
+struct TlsUpstream {
+    addr: SocketAddr,
+    ca_file: PathBuf,
+    connections: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsUpstream {
+    async fn start(alpn: &[&[u8]]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let rcgen::CertifiedKey { cert, signing_key } =
+            rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, cert.pem()).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(signing_key.serialize_der().into());
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key)
+        .unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (c, s) = (connections.clone(), seen.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                let seen = s.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let auth = req
+                            .headers()
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned);
+                        seen.lock().unwrap().push((req.version(), auth));
+                        async {
+                            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(
+                                b"{\"data\":[]}",
+                            ))))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            ca_file,
+            connections,
+            seen,
+            _dir: dir,
+        }
+    }
+}
+
+async fn proxy_to(upstream: &TlsUpstream, fake: &FakeZoho, trust: bool) -> TestProxy {
+    let mut toml = format!(
+        "upstream = \"https://localhost:{}\"\naccounts_url = \"{}\"\ntoken_file = \"\"\n",
+        upstream.addr.port(),
+        fake.accounts_url()
+    );
+    let o = FakeOptions::default();
+    toml += &format!(
+        "[oauth]\nclient_id = \"{}\"\nclient_secret = \"{}\"\nrefresh_token = \"{}\"\n",
+        o.client_id, o.client_secret, o.refresh_token
+    );
+    if trust {
+        toml += &format!("[tls]\nca_file = \"{}\"\n", upstream.ca_file.display());
+    }
+    let config = Config::from_toml(&toml).unwrap();
+    assert_eq!(
+        config.upstream,
+        BaseUrl::parse(
+            "upstream",
+            &format!("https://localhost:{}", upstream.addr.port())
+        )
+        .unwrap()
+    );
+    start_proxy(config).await
+}
+
+#[tokio::test]
+async fn http2_by_alpn_over_one_pooled_connection() {
+    let fake = FakeZoho::start().await.unwrap();
+    let upstream = TlsUpstream::start(&[b"h2", b"http/1.1"]).await;
+    let proxy = proxy_to(&upstream, &fake, true).await;
+    for _ in 0..5 {
+        assert_eq!(
+            client()
+                .get(proxy.url("/api/v1/tickets"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    // An h2c client too: its request is sent over the same pool.
+    assert_eq!(
+        h2c_client()
+            .get(proxy.url("/api/v1/tickets"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let seen = upstream.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 6);
+    assert!(
+        seen.iter().all(|(v, _)| *v == http::Version::HTTP_2),
+        "{seen:?}"
+    );
+    assert!(seen.iter().all(|(_, auth)| {
+        auth.as_deref()
+            .is_some_and(|a| a.starts_with("Zoho-oauthtoken "))
+    }));
+    assert_eq!(
+        upstream.connections.load(Ordering::SeqCst),
+        1,
+        "one pooled connection"
+    );
+}
+
+#[tokio::test]
+async fn http11_by_alpn_keeps_connections_alive() {
+    let fake = FakeZoho::start().await.unwrap();
+    let upstream = TlsUpstream::start(&[b"http/1.1"]).await;
+    let proxy = proxy_to(&upstream, &fake, true).await;
+    for _ in 0..5 {
+        assert_eq!(
+            client()
+                .get(proxy.url("/api/v1/tickets"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    let seen = upstream.seen.lock().unwrap().clone();
+    assert!(
+        seen.iter().all(|(v, _)| *v == http::Version::HTTP_11),
+        "{seen:?}"
+    );
+    assert_eq!(
+        upstream.connections.load(Ordering::SeqCst),
+        1,
+        "sequential requests reuse one connection"
+    );
+}
+
+#[tokio::test]
+async fn an_untrusted_certificate_is_refused_and_no_token_is_sent() {
+    let fake = FakeZoho::start().await.unwrap();
+    let upstream = TlsUpstream::start(&[b"h2", b"http/1.1"]).await;
+    let proxy = proxy_to(&upstream, &fake, false).await;
+    let response = client()
+        .get(proxy.url("/api/v1/tickets"))
+        .send()
+        .await
+        .unwrap();
+    assert_proxy_error(response, 502, "PROXY_UPSTREAM_UNREACHABLE").await;
+    assert!(upstream.seen.lock().unwrap().is_empty());
+}
