@@ -3,99 +3,18 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
+use support::binary::*;
 use support::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 use zoho_desk_proxy::fake_zoho::{FakeOptions, FakeZoho};
-
-const BIN: &str = env!("CARGO_BIN_EXE_zoho-desk-proxy");
-
-fn command(dir: &Path) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.current_dir(dir)
-        .env("ZOHO_PROXY_LOG_FORMAT", "json")
-        .kill_on_drop(true);
-    for (name, _) in std::env::vars() {
-        if name.starts_with("ZOHO_") && name != "ZOHO_PROXY_LOG_FORMAT" {
-            cmd.env_remove(name);
-        }
-    }
-    cmd
-}
-
-/// A config file for the fake; `refresh_token` may be left out (then the token file
-/// provides it).
-fn write_config(dir: &Path, fake: &FakeZoho, with_refresh_token: bool, extra: &str) -> PathBuf {
-    let o = FakeOptions::default();
-    let refresh = if with_refresh_token {
-        format!("refresh_token = \"{}\"", o.refresh_token)
-    } else {
-        String::new()
-    };
-    let text = format!(
-        "upstream = \"{}\"\naccounts_url = \"{}\"\ntoken_file = \"{}\"\n{extra}\n[oauth]\nclient_id = \"{}\"\nclient_secret = \"{}\"\n{refresh}\n",
-        fake.desk_url(),
-        fake.accounts_url(),
-        dir.join("state/token.json").display(),
-        o.client_id,
-        o.client_secret,
-    );
-    let path = dir.join("proxy.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Starts `serve` and waits for its "listening" log line.
-async fn serve(dir: &Path, config: &Path, port: u16) -> Child {
-    let mut child = command(dir)
-        .args(["serve", "--config"])
-        .arg(config)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if line.contains("zoho-desk-proxy listening") {
-                break;
-            }
-        }
-    })
-    .await
-    .expect("the proxy starts");
-    // Keep draining stderr so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    child
-}
-
-fn sigterm(child: &Child) {
-    let pid = child.id().expect("running").to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
 
 #[tokio::test]
 async fn exchange_stores_the_refresh_token_masked_and_serve_reuses_the_access_token() {
     let fake = FakeZoho::start().await.unwrap();
     let zoho = fake.control();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &fake, false, "");
+    let config = write_config(dir.path(), &fake, false, "", "");
 
     let out = command(dir.path())
         .args(["exchange", "--code", "1000.fakegrant.0001", "--config"])
@@ -184,7 +103,7 @@ async fn exchange_stores_the_refresh_token_masked_and_serve_reuses_the_access_to
 async fn a_corrupt_token_file_is_reported_and_the_proxy_refreshes() {
     let fake = FakeZoho::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &fake, true, "");
+    let config = write_config(dir.path(), &fake, true, "", "");
     std::fs::create_dir_all(dir.path().join("state")).unwrap();
     std::fs::write(dir.path().join("state/token.json"), "{{{ not json").unwrap();
     let port = free_port();
@@ -208,7 +127,7 @@ async fn sigterm_turns_ready_503_lets_in_flight_requests_finish_and_exits_0() {
     let fake = FakeZoho::start().await.unwrap();
     let zoho = fake.control();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &fake, true, "");
+    let config = write_config(dir.path(), &fake, true, "", "");
     let port = free_port();
     let child = serve(dir.path(), &config, port).await;
     let base = format!("http://127.0.0.1:{port}");
@@ -262,7 +181,7 @@ async fn sigterm_turns_ready_503_lets_in_flight_requests_finish_and_exits_0() {
 async fn check_reports_each_step_and_exits_0_only_when_all_work() {
     let fake = FakeZoho::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &fake, true, "");
+    let config = write_config(dir.path(), &fake, true, "", "");
     let out = command(dir.path())
         .args(["check", "--config"])
         .arg(&config)
@@ -312,7 +231,7 @@ async fn configuration_errors_exit_2_and_name_the_key() {
         ("dc = \"mars\"", "dc"),
     ];
     for (extra, named) in cases {
-        let config = write_config(dir.path(), &fake, true, extra);
+        let config = write_config(dir.path(), &fake, true, extra, "");
         let out = command(dir.path())
             .args(["serve", "--config"])
             .arg(&config)
@@ -336,7 +255,7 @@ async fn rejected_credentials_recover_on_sighup_without_a_restart() {
     let fake = FakeZoho::start().await.unwrap();
     let zoho = fake.control();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &fake, true, "");
+    let config = write_config(dir.path(), &fake, true, "", "");
     let good = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, good.replace("fake-client-secret", "wrong-secret")).unwrap();
     let port = free_port();

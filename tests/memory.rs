@@ -5,16 +5,15 @@
 //! peak; `bench/stream.sh` runs the same against the release binary.
 #![cfg(target_os = "linux")]
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+mod support;
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use zoho_desk_proxy::fake_zoho::{FakeOptions, FakeZoho};
+use support::binary::*;
+use support::client;
+use zoho_desk_proxy::fake_zoho::FakeZoho;
 
-const BIN: &str = env!("CARGO_BIN_EXE_zoho-desk-proxy");
 const MIB: u64 = 1024 * 1024;
 const GIB: u64 = 1024 * MIB;
 /// Sent with a `Content-Length`, well over `limits.replay_body_bytes` (1 MiB by default),
@@ -34,7 +33,7 @@ async fn streaming_1_gib_each_way_keeps_the_proxy_under_64_mib() {
     let fake = FakeZoho::start().await.unwrap();
     let zoho = fake.control();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &fake);
+    let config = write_config(dir.path(), &fake, true, "", "");
     let port = free_port();
     let child = serve(dir.path(), &config, port).await;
     let pid = child.id().expect("running");
@@ -176,81 +175,3 @@ fn mib_per_s(bytes: u64, took: Duration) -> f64 {
 }
 
 // The helpers below are small copies of those in tests/cli.rs.
-
-fn command(dir: &Path) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.current_dir(dir)
-        .env("ZOHO_PROXY_LOG_FORMAT", "json")
-        .kill_on_drop(true);
-    for (name, _) in std::env::vars() {
-        if name.starts_with("ZOHO_") && name != "ZOHO_PROXY_LOG_FORMAT" {
-            cmd.env_remove(name);
-        }
-    }
-    cmd
-}
-
-fn write_config(dir: &Path, fake: &FakeZoho) -> PathBuf {
-    let o = FakeOptions::default();
-    let text = format!(
-        "upstream = \"{}\"\naccounts_url = \"{}\"\ntoken_file = \"{}\"\n[oauth]\nclient_id = \"{}\"\nclient_secret = \"{}\"\nrefresh_token = \"{}\"\n",
-        fake.desk_url(),
-        fake.accounts_url(),
-        dir.join("state/token.json").display(),
-        o.client_id,
-        o.client_secret,
-        o.refresh_token,
-    );
-    let path = dir.join("proxy.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Starts `serve` and waits for its "listening" log line.
-async fn serve(dir: &Path, config: &Path, port: u16) -> Child {
-    let mut child = command(dir)
-        .args(["serve", "--config"])
-        .arg(config)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if line.contains("zoho-desk-proxy listening") {
-                break;
-            }
-        }
-    })
-    .await
-    .expect("the proxy starts");
-    // Keep draining stderr so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    child
-}
-
-fn sigterm(child: &Child) {
-    let pid = child.id().expect("running").to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("client")
-}

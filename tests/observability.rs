@@ -3,12 +3,10 @@
 
 mod support;
 
-use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
+use support::binary::*;
 use support::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use zoho_desk_proxy::fake_zoho::{AccountsBehavior, FakeOptions, FakeZoho};
 
 #[tokio::test]
@@ -103,45 +101,31 @@ async fn no_secret_token_or_query_appears_in_the_output_of_a_full_session() {
     let zoho = fake.control();
     let dir = tempfile::tempdir().unwrap();
     let api_key = "proxy-key-7f3a9c1e5b";
-    let config = write_config(dir.path(), &fake, &options, api_key);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_zoho-desk-proxy"))
-        .current_dir(dir.path())
-        .args(["serve", "--config"])
-        .arg(&config)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .env("RUST_LOG", "trace")
-        .env("ZOHO_PROXY_LOG_FORMAT", "json")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let config = write_config(
+        dir.path(),
+        &fake,
+        true,
+        "",
+        &format!("max_refreshes_per_10min = 100\n[access]\napi_keys = [\"{api_key}\"]"),
+    );
+    let port = free_port();
+    let (lines_tx, mut lines_rx) = tokio::sync::mpsc::unbounded_channel();
+    let child = serve_with(
+        dir.path(),
+        &config,
+        port,
+        &[("RUST_LOG", "trace")],
+        Some(lines_tx),
+    )
+    .await;
     let collector = tokio::spawn(async move {
         let mut all = String::new();
-        let mut ready_tx = Some(ready_tx);
-        while let Ok(Some(line)) = stderr.next_line().await {
-            if line.contains("zoho-desk-proxy listening")
-                && let Some(tx) = ready_tx.take()
-            {
-                let _ = tx.send(());
-            }
+        while let Some(line) = lines_rx.recv().await {
             all.push_str(&line);
             all.push('\n');
         }
         all
     });
-    tokio::time::timeout(Duration::from_secs(20), ready_rx)
-        .await
-        .unwrap()
-        .unwrap();
 
     let base = format!("http://127.0.0.1:{port}");
     let c = client();
@@ -195,14 +179,7 @@ async fn no_secret_token_or_query_appears_in_the_output_of_a_full_session() {
     wait_for_token_requests(&zoho, 7).await;
     bodies += &send(c.get(format!("{base}/api/v1/tickets?limit=1&q=query-secret-5521"))).await;
 
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sigterm(&child);
     let out = child.wait_with_output().await.unwrap();
     assert!(out.status.success());
     let mut logs = collector.await.unwrap();
@@ -247,19 +224,4 @@ async fn no_secret_token_or_query_appears_in_the_output_of_a_full_session() {
             "a token appears in a response"
         );
     }
-}
-
-fn write_config(dir: &Path, fake: &FakeZoho, o: &FakeOptions, api_key: &str) -> std::path::PathBuf {
-    let text = format!(
-        "upstream = \"{}\"\naccounts_url = \"{}\"\ntoken_file = \"{}\"\n[oauth]\nclient_id = \"{}\"\nclient_secret = \"{}\"\nrefresh_token = \"{}\"\nmax_refreshes_per_10min = 100\n[access]\napi_keys = [\"{api_key}\"]\n",
-        fake.desk_url(),
-        fake.accounts_url(),
-        dir.join("token.json").display(),
-        o.client_id,
-        o.client_secret,
-        o.refresh_token,
-    );
-    let path = dir.join("proxy.toml");
-    std::fs::write(&path, text).unwrap();
-    path
 }

@@ -2,6 +2,8 @@
 //! to them like a user would.
 #![allow(dead_code)]
 
+pub mod binary;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -1,0 +1,126 @@
+//! Driving the built binary: a config file for the fake, `serve` until it listens,
+//! signals.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use zoho_desk_proxy::fake_zoho::{FakeOptions, FakeZoho};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_zoho-desk-proxy");
+
+/// A command of the binary in `dir`, JSON logs, no `ZOHO_*` variable of the caller.
+pub fn command(dir: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(dir)
+        .env("ZOHO_PROXY_LOG_FORMAT", "json")
+        .kill_on_drop(true);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("ZOHO_") && name != "ZOHO_PROXY_LOG_FORMAT" {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
+/// Writes `dir/proxy.toml` for the fake with the default credentials; the token file is
+/// `dir/state/token.json`. `top` goes before the tables; `after_oauth` right after the
+/// `[oauth]` keys (more oauth keys, then other tables).
+pub fn write_config(
+    dir: &Path,
+    fake: &FakeZoho,
+    with_refresh_token: bool,
+    top: &str,
+    after_oauth: &str,
+) -> PathBuf {
+    let o = FakeOptions::default();
+    let refresh = if with_refresh_token {
+        format!("refresh_token = \"{}\"", o.refresh_token)
+    } else {
+        String::new()
+    };
+    let text = format!(
+        "upstream = \"{}\"\naccounts_url = \"{}\"\ntoken_file = \"{}\"\n{top}\n[oauth]\nclient_id = \"{}\"\nclient_secret = \"{}\"\n{refresh}\n{after_oauth}\n",
+        fake.desk_url(),
+        fake.accounts_url(),
+        dir.join("state/token.json").display(),
+        o.client_id,
+        o.client_secret,
+    );
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `serve` with `envs` and waits for its "listening" log line; every stderr line
+/// is also sent to `lines` when given.
+pub async fn serve_with(
+    dir: &Path,
+    config: &Path,
+    port: u16,
+    envs: &[(&str, &str)],
+    lines_out: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+) -> Child {
+    let mut child = command(dir)
+        .args(["serve", "--config"])
+        .arg(config)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .envs(envs.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    // Keep reading stderr so the child never blocks on a full pipe.
+    tokio::spawn(async move {
+        let mut ready_tx = Some(ready_tx);
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("zoho-desk-proxy listening")
+                && let Some(tx) = ready_tx.take()
+            {
+                let _ = tx.send(());
+            }
+            if let Some(out) = &lines_out {
+                let _ = out.send(line);
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(20), ready_rx)
+        .await
+        .expect("the proxy starts")
+        .expect("the proxy exited before listening");
+    child
+}
+
+/// Starts `serve` and waits until it listens.
+pub async fn serve(dir: &Path, config: &Path, port: u16) -> Child {
+    serve_with(dir, config, port, &[], None).await
+}
+
+/// Sends a signal (`TERM`, `HUP`) to the child.
+pub fn signal(child: &Child, name: &str) {
+    let pid = child.id().expect("running").to_string();
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// SIGTERM.
+pub fn sigterm(child: &Child) {
+    signal(child, "TERM");
+}
