@@ -186,6 +186,13 @@ async fn no_secret_token_or_query_appears_in_the_output_of_a_full_session() {
     logs.push_str(&String::from_utf8_lossy(&out.stdout));
 
     assert!(logs.contains("token refreshed"), "the session refreshed");
+    for rule in ["access.api_keys", "access.allow_origins"] {
+        assert!(
+            logs.lines()
+                .any(|l| l.contains("request refused") && l.contains(rule)),
+            "every refusal is logged with its rule ({rule})"
+        );
+    }
     assert!(
         logs.contains("\"retried\":true"),
         "the session retried after a 401"
