@@ -391,6 +391,34 @@ refreshes_ok() { # port: successful token refreshes so far
         awk '/^zoho_proxy_token_refreshes_total\{result="ok"\}/ {print $2; f=1} END {if (!f) print 0}'
 }
 
+# CPU used by other work on the machine during a run: user + system time of all CPUs
+# (/proc/stat) less that of our processes and of the load generator, in % of the
+# machine. Loopback softirq time is left out on both sides.
+our_ticks() {
+    local pid all=()
+    for pid in "${PIDS[@]}"; do
+        all+=("$pid")
+        mapfile -t -O "${#all[@]}" all < <(ps -o pid= --ppid "$pid" 2>/dev/null | tr -d " ")
+    done
+    cpu_ticks "${all[@]}"
+}
+machine_ticks() { # user+nice+system, and the total
+    local c
+    read -ra c </proc/stat
+    echo "$((c[1] + c[2] + c[3])) $((c[1] + c[2] + c[3] + c[4] + c[5] + c[6] + c[7] + c[8]))"
+}
+other_start() {
+    read -r OTHER_M0 OTHER_T0 <<<"$(machine_ticks)"
+    OTHER_O0=$(our_ticks)
+}
+other_stop() { # load generator ticks; sets OTHER_PCT
+    local m1 t1 o1
+    read -r m1 t1 <<<"$(machine_ticks)"
+    o1=$(our_ticks)
+    OTHER_PCT=$(awk -v m=$((m1 - OTHER_M0)) -v t=$((t1 - OTHER_T0)) -v o=$((o1 - OTHER_O0)) -v g="${1:-0}" \
+        'BEGIN {x = t > 0 ? 100 * (m - o - g) / t : 0; printf "%.0f", (x < 0 ? 0 : x)}')
+}
+
 RESULTS=$WORK/results.txt
 : >"$RESULTS"
 
@@ -403,9 +431,14 @@ wrk_run() {
     mapfile -t pids < <(target_pids "$target")
     clear_hwm "${pids[@]}"
     c0=$(cpu_ticks "${pids[@]}")
-    out=$(wrk -t"$threads" -c"$conns" -d"${secs}s" --timeout 5s -s "$ROOT/bench/report.lua" \
-        "$(target_url "$target")/api/v1/tickets" 2>&1)
+    other_start
+    out=$(
+        TIMEFORMAT='WRKCPU %U %S'
+        { time wrk -t"$threads" -c"$conns" -d"${secs}s" --timeout 5s -s "$ROOT/bench/report.lua" \
+            "$(target_url "$target")/api/v1/tickets" 2>&1; } 2>&1
+    )
     c1=$(cpu_ticks "${pids[@]}")
+    other_stop "$(awk '/^WRKCPU/ {printf "%.0f", ($2 + $3) * '"$TICKS"'}' <<<"$out")"
     line=$(grep '^BENCH ' <<<"$out")
     if [[ -z $line ]]; then
         say "  $scen $target round $round: wrk failed: $(tail -3 <<<"$out" | tr '\n' ' ')"
@@ -417,17 +450,17 @@ wrk_run() {
     hwm=$(sum_hwm "${pids[@]}")
     cpu_us=$(awk -v t=$((c1 - c0)) -v hz="$TICKS" -v n="$requests" \
         'BEGIN {printf "%.1f", (n > 0 ? t / hz * 1e6 / n : 0)}')
-    line="${line#BENCH } scen=$scen target=$target round=$round cpu_us=$cpu_us hwm_kb=$hwm"
+    line="${line#BENCH } scen=$scen target=$target round=$round cpu_us=$cpu_us hwm_kb=$hwm other_pct=$OTHER_PCT"
     echo "$line" >>"$RESULTS"
     say "  $scen round $round $(printf '%-11s' "$target") $(fmt_line "$line")"
 }
 fmt_line() {
     awk '{
         for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
-        printf "%9.0f req/s  p50 %7.3f ms  p99 %7.3f ms  errors %d  cpu %6.1f us/req  peak %6.1f MiB\n",
+        printf "%9.0f req/s  p50 %7.3f ms  p99 %7.3f ms  errors %d  cpu %6.1f us/req  peak %6.1f MiB  other work %s %%\n",
             v["rps"], v["p50_us"] / 1000, v["p99_us"] / 1000,
             v["non2xx"] + v["connect"] + v["read"] + v["write"] + v["timeout"],
-            v["cpu_us"], v["hwm_kb"] / 1024
+            v["cpu_us"], v["hwm_kb"] / 1024, v["other_pct"]
     }' <<<"$1"
 }
 
@@ -719,6 +752,11 @@ if has_scenario rotation; then
     e=$(errors_sum rotation product-rot)
     x=$(ratio_med rotation product-rot product p99_us)
     echo "- rotation: $ROT_REFRESHES token refreshes in ${ROT_ELAPSED} s, $e failed requests — $( ((e == 0)) && echo met || echo MISSED); p99 $(f "$x" '%.2f×') steady (≤ 1.5×) — $(verdict 1.5 "$x")"
+fi
+other_all=$(awk '{for (i = 1; i <= NF; i++) if ($i ~ /^other_pct=/) print substr($i, 11)}' "$RESULTS")
+if [[ -n $other_all ]]; then
+    echo
+    echo "CPU used by other work on the machine during the load runs: median $(median <<<"$other_all") %, max $(sort -g <<<"$other_all" | tail -1) % (0 is a quiet machine; above ~5 % the figures are skewed)."
 fi
 warnings=$(cat "$WORK"/product*.log 2>/dev/null | grep -c . || true)
 echo
