@@ -185,8 +185,13 @@ impl AccessPolicy {
             .ok_or_else(|| {
                 ProxyError::Forbidden("access.allow_hosts: the request has no Host header".into())
             })?;
-        let name = normalize_host(host);
-        if self.allow_hosts.contains(&name) {
+        // Allowed names are stored lower-cased; compare without allocating.
+        let name = host_name(host);
+        if self
+            .allow_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(name))
+        {
             Ok(())
         } else {
             Err(ProxyError::Forbidden(format!(
@@ -278,6 +283,12 @@ fn default_hosts(listen: SocketAddr) -> Vec<String> {
 /// The host name of a `Host` value: lower case, port and IPv6 brackets removed, trailing
 /// dot removed.
 fn normalize_host(host: &str) -> String {
+    host_name(host).to_ascii_lowercase()
+}
+
+/// The host name of a `Host` value, as written: port and IPv6 brackets removed, trailing
+/// dot removed.
+fn host_name(host: &str) -> &str {
     let host = host.trim();
     let name = if let Some(rest) = host.strip_prefix('[') {
         rest.split(']').next().unwrap_or("")
@@ -286,7 +297,7 @@ fn normalize_host(host: &str) -> String {
     } else {
         host
     };
-    name.trim_end_matches('.').to_ascii_lowercase()
+    name.trim_end_matches('.')
 }
 
 fn parse_cidr(text: &str) -> Result<IpNet, ConfigError> {
@@ -323,7 +334,7 @@ mod tests {
 
     fn target(path: &str) -> Target {
         Target {
-            path_and_query: path.into(),
+            path_and_query: path.parse().unwrap(),
             absolute_form: false,
         }
     }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, Uri};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -354,14 +355,22 @@ impl BaseUrl {
 
     /// The URL of `path_and_query` under this base, byte-for-byte.
     pub fn join(&self, path_and_query: &str) -> Result<Uri, http::Error> {
-        let mut pq = String::with_capacity(self.prefix.len() + path_and_query.len());
-        pq.push_str(&self.prefix);
-        pq.push_str(path_and_query);
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
+        self.join_pq(PathAndQuery::try_from(path_and_query)?)
+    }
+
+    /// The URL of a parsed `path_and_query` under this base; without a prefix it shares
+    /// the request's bytes (no copy).
+    pub fn join_pq(&self, path_and_query: PathAndQuery) -> Result<Uri, http::Error> {
+        let path_and_query = if self.prefix.is_empty() {
+            path_and_query
+        } else {
+            format!("{}{}", self.prefix, path_and_query.as_str()).try_into()?
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path_and_query);
+        Ok(Uri::from_parts(parts)?)
     }
 }
 

@@ -10,31 +10,46 @@ pub static ORG_ID: HeaderName = HeaderName::from_static("orgid");
 /// The request id sent back to the client.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy `Proxy-Connection`.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
+/// `Keep-Alive`, not among `http`'s standard names.
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+/// The legacy `Proxy-Connection`.
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy `Proxy-Connection`, as ready
+/// names (removing by `&str` would parse the name on every call).
+fn hop_by_hop() -> [&'static HeaderName; 8] {
+    [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &header::PROXY_AUTHORIZATION,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ]
+}
 
 /// Removes `Connection`, every header it names, and the fixed hop-by-hop set.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Split the raw bytes: a value with non-ASCII bytes still names headers to remove.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if headers.contains_key(header::CONNECTION) {
+        // Split the raw bytes: a value with non-ASCII bytes still names headers to remove.
+        // `close` and `keep-alive`, by far the most common, name nothing to look up.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|name| {
+                !name.eq_ignore_ascii_case(b"close") && !name.eq_ignore_ascii_case(b"keep-alive")
+            })
+            .filter_map(|name| HeaderName::from_bytes(name).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
-    for name in HOP_BY_HOP {
+    for name in hop_by_hop() {
         headers.remove(name);
     }
 }

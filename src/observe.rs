@@ -71,18 +71,53 @@ fn millis(d: Duration) -> f64 {
     (d.as_micros() as f64) / 1000.0
 }
 
-/// A short random id for a request, sent back as `x-request-id`.
-pub fn request_id() -> String {
-    format!("{:016x}", fastrand::u64(..))
+/// A random id for a request: 16 hex digits in logs and in `x-request-id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestId(u64);
+
+impl RequestId {
+    /// A new random id.
+    pub fn new() -> Self {
+        Self(fastrand::u64(..))
+    }
+
+    /// As a header value, formatted on the stack.
+    pub fn header_value(self) -> http::HeaderValue {
+        let digits = self.hex();
+        // Hex digits are always a valid header value.
+        http::HeaderValue::from_bytes(&digits).unwrap_or(http::HeaderValue::from_static("0"))
+    }
+
+    fn hex(self) -> [u8; 16] {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 16];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = HEX[((self.0 >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        out
+    }
+}
+
+impl Default for RequestId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let digits = self.hex();
+        f.write_str(std::str::from_utf8(&digits).unwrap_or("0"))
+    }
 }
 
 /// The record of one request, written as one log line when its response ends (or the
 /// client goes away). Never holds a query string, token or secret.
 #[derive(Debug)]
 pub struct RequestLog {
-    id: String,
+    id: RequestId,
     method: Method,
-    path: String,
+    uri: http::Uri,
     status: u16,
     started: Instant,
     upstream_latency: Option<Duration>,
@@ -96,11 +131,11 @@ pub struct RequestLog {
 }
 
 impl RequestLog {
-    /// Starts the record; `path` must not contain the query.
+    /// Starts the record; only the path of `uri` is ever logged, never its query.
     pub fn new(
-        id: String,
+        id: RequestId,
         method: Method,
-        path: String,
+        uri: http::Uri,
         in_flight: InFlight,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -108,7 +143,7 @@ impl RequestLog {
         Self {
             id,
             method,
-            path,
+            uri,
             status: 0,
             started: Instant::now(),
             upstream_latency: None,
@@ -123,8 +158,8 @@ impl RequestLog {
     }
 
     /// The request id.
-    pub fn id(&self) -> &str {
-        &self.id
+    pub fn id(&self) -> RequestId {
+        self.id
     }
 
     /// Records the status sent to the client.
@@ -176,7 +211,7 @@ impl Drop for RequestLog {
             target: "zoho_desk_proxy::request",
             request_id = %self.id,
             method = %self.method,
-            path = %self.path,
+            path = self.uri.path(),
             status = self.status,
             upstream_ms,
             duration_ms,

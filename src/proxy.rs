@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::error::ProxyError;
 use crate::headers;
 use crate::metrics::{Metrics, UpstreamErrorKind};
-use crate::observe::{Lifecycle, RequestLog, request_id};
+use crate::observe::{Lifecycle, RequestId, RequestLog};
 use crate::target::{self, Target};
 use crate::token::shared::StoreStatus;
 use crate::token::{Token, TokenCache, TokenError};
@@ -81,11 +81,12 @@ impl Proxy {
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<Response<ResponseBody>, Infallible> {
-        let path = req.uri().path().to_owned();
+        // A clone of the URI shares its bytes: no allocation for the log's path.
+        let uri = req.uri().clone();
         let mut log = RequestLog::new(
-            request_id(),
+            RequestId::new(),
             req.method().clone(),
-            path,
+            uri,
             self.lifecycle.enter(),
             Arc::clone(&self.metrics),
         );
@@ -99,17 +100,15 @@ impl Proxy {
                         | ProxyError::Unauthorized(_)
                         | ProxyError::MethodNotAllowed(_)
                 ) {
-                    tracing::warn!(request_id = log.id(), error_code = err.code(), rule = %err, "request refused");
+                    tracing::warn!(request_id = %log.id(), error_code = err.code(), rule = %err, "request refused");
                 }
                 err.to_response()
             }
         };
         log.set_status(response.status().as_u16());
-        if let Ok(id) = HeaderValue::from_str(log.id()) {
-            response
-                .headers_mut()
-                .insert(headers::REQUEST_ID.clone(), id);
-        }
+        response
+            .headers_mut()
+            .insert(headers::REQUEST_ID.clone(), log.id().header_value());
         let (parts, body) = response.into_parts();
         Ok(Response::from_parts(parts, body.with_log(log)))
     }
@@ -144,11 +143,7 @@ impl Proxy {
         log: &mut RequestLog,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
-        let uri = self
-            .config
-            .upstream
-            .join(&target.path_and_query)
-            .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded".into()))?;
+        let uri = self.upstream_uri(target)?;
         let body = RequestBody::read(body, self.config.replay_body_bytes).await?;
         let token = self.tokens.usable().await.map_err(token_error)?;
         headers::prepare_request(
@@ -164,13 +159,7 @@ impl Proxy {
             std::mem::take(&mut parts.headers)
         };
         let response = self
-            .send(
-                &parts,
-                first_headers,
-                uri.clone(),
-                body.into_upstream(),
-                log,
-            )
+            .send(&parts, first_headers, uri, body.into_upstream(), log)
             .await?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(into_client_response(response));
@@ -203,9 +192,24 @@ impl Proxy {
         log.set_retried();
         let headers = std::mem::take(&mut parts.headers);
         let response = self
-            .send(&parts, headers, uri, UpstreamBody::buffered(replay), log)
+            .send(
+                &parts,
+                headers,
+                self.upstream_uri(target)?,
+                UpstreamBody::buffered(replay),
+                log,
+            )
             .await?;
         Ok(into_client_response(response))
+    }
+
+    /// Desk's URL for the target (built again for a retry rather than kept: retries are
+    /// rare, requests are not).
+    fn upstream_uri(&self, target: &Target) -> Result<Uri, ProxyError> {
+        self.config
+            .upstream
+            .join_pq(target.path_and_query.clone())
+            .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded".into()))
     }
 
     async fn send(

@@ -1,6 +1,7 @@
 //! Where a request goes: the request target of SPEC §5 (origin-form, absolute-form,
 //! `CONNECT`) and the path checks that keep path rules meaningful.
 
+use http::uri::PathAndQuery;
 use http::{Method, Uri, Version};
 use percent_encoding::percent_decode_str;
 
@@ -10,8 +11,8 @@ use crate::error::ProxyError;
 /// A request that may be forwarded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
-    /// The path and query exactly as the client sent them.
-    pub path_and_query: String,
+    /// The path and query exactly as the client sent them (sharing the request's bytes).
+    pub path_and_query: PathAndQuery,
     /// The client used absolute-form, so its `Host` names the upstream (SPEC §5).
     pub absolute_form: bool,
 }
@@ -19,9 +20,7 @@ pub struct Target {
 impl Target {
     /// The path without the query.
     pub fn path(&self) -> &str {
-        self.path_and_query
-            .split_once('?')
-            .map_or(&self.path_and_query, |(p, _)| p)
+        self.path_and_query.path()
     }
 }
 
@@ -43,10 +42,13 @@ pub fn resolve(
     if absolute_form {
         check_absolute_host(uri, upstream)?;
     }
-    let path_and_query = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let path_and_query = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     check_path(uri.path())?;
     Ok(Target {
-        path_and_query: path_and_query.to_owned(),
+        path_and_query,
         absolute_form,
     })
 }
