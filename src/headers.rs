@@ -12,6 +12,8 @@ pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// `Keep-Alive`, not among `http`'s standard names.
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+/// A field named by the `close` connection option, should a client send one.
+static CLOSE: HeaderName = HeaderName::from_static("close");
 /// The legacy `Proxy-Connection`.
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -34,16 +36,21 @@ fn hop_by_hop() -> [&'static HeaderName; 8] {
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
         // Split the raw bytes: a value with non-ASCII bytes still names headers to remove.
-        // `close` and `keep-alive`, by far the most common, name nothing to look up.
+        // `close` and `keep-alive`, by far the most common, are matched without parsing.
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .flat_map(|v| v.as_bytes().split(|b| *b == b','))
             .map(<[u8]>::trim_ascii)
-            .filter(|name| {
-                !name.eq_ignore_ascii_case(b"close") && !name.eq_ignore_ascii_case(b"keep-alive")
+            .filter_map(|name| {
+                if name.eq_ignore_ascii_case(b"keep-alive") {
+                    Some(KEEP_ALIVE.clone())
+                } else if name.eq_ignore_ascii_case(b"close") {
+                    Some(CLOSE.clone())
+                } else {
+                    HeaderName::from_bytes(name).ok()
+                }
             })
-            .filter_map(|name| HeaderName::from_bytes(name).ok())
             .collect();
         for name in named {
             headers.remove(name);
@@ -118,6 +125,7 @@ mod tests {
                 None,
             ),
             (&[("connection", "close")], "connection", None),
+            (&[("connection", "close"), ("close", "x")], "close", None),
             (&[("keep-alive", "timeout=5")], "keep-alive", None),
             (&[("te", "trailers")], "te", None),
             (&[("trailer", "x")], "trailer", None),
