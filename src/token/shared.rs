@@ -56,6 +56,9 @@ pub enum StoreError {
     /// A stored value is not what the proxy writes.
     #[error("Redis holds an unreadable token: {0}")]
     Corrupt(String),
+    /// Redis stopped answering, or a lock was never released.
+    #[error("Redis: {0}")]
+    Unavailable(&'static str),
 }
 
 /// The health of the store, shown by `/_proxy/ready` and the metrics.
@@ -329,8 +332,8 @@ impl SharedStore {
                 return result;
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(StoreError::Corrupt(
-                    "another replica held the refresh lock past its expiry".into(),
+                return Err(StoreError::Unavailable(
+                    "another replica held the refresh lock past its expiry",
                 ));
             }
             // Another replica is refreshing: wait for its token.
@@ -421,7 +424,7 @@ impl SharedStore {
     async fn follow_once(&self, cache: &TokenCache) -> Result<(), StoreError> {
         let mut pubsub = tokio::time::timeout(COMMAND_TIMEOUT, self.client.get_async_pubsub())
             .await
-            .map_err(|_| StoreError::Corrupt("connection timed out".into()))??;
+            .map_err(|_| StoreError::Unavailable("connection timed out"))??;
         pubsub.subscribe(&self.keys.channel).await?;
         self.sync(cache).await?;
         self.status.ok();
@@ -431,7 +434,7 @@ impl SharedStore {
             tokio::select! {
                 message = messages.next() => {
                     if message.is_none() {
-                        return Err(StoreError::Corrupt("the subscription ended (Redis went away)".into()));
+                        return Err(StoreError::Unavailable("the subscription ended (Redis went away)"));
                     }
                     self.published.notify_waiters();
                     self.sync(cache).await?;
