@@ -1,17 +1,24 @@
 //! The outbound HTTP client: hyper-util's pooled client over rustls, HTTP/2 or HTTP/1.1 by
 //! ALPN. It never follows redirects, never reads `HTTP_PROXY`, and never decompresses.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use http::Uri;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::CertificateDer;
 
 /// The connector shared by the Desk and Accounts clients.
-pub type Connector = HttpsConnector<HttpConnector>;
+pub type Connector = HttpsConnector<BareConnector>;
 
 /// Builds a pooled client for request bodies of type `B`.
 ///
@@ -40,7 +47,7 @@ where
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
+        .wrap_connector(BareConnector(http));
 
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(idle)
@@ -67,6 +74,79 @@ fn tls_config(extra_roots: &[CertificateDer<'static>]) -> rustls::ClientConfig {
                 .with_root_certificates(roots)
                 .with_no_client_auth()
         })
+}
+
+/// hyper-util's TCP connector, minus the connection info (`HttpInfo`) it attaches to
+/// every response: an allocation per response that the proxy never reads.
+#[derive(Clone)]
+pub struct BareConnector(HttpConnector);
+
+impl tower_service::Service<Uri> for BareConnector {
+    type Response = TokioIo<BareTcp>;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        // Once per connection, not per request: the box is fine here.
+        let connecting = self.0.call(uri);
+        Box::pin(async move {
+            let io = connecting.await?;
+            Ok(TokioIo::new(BareTcp(io.into_inner())))
+        })
+    }
+}
+
+/// A TCP stream that reports no connection info.
+pub struct BareTcp(TcpStream);
+
+impl Connection for BareTcp {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl AsyncRead for BareTcp {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for BareTcp {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
 }
 
 /// Installs ring as the process' rustls provider, once: rustls panics when more than one
