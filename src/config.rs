@@ -405,6 +405,14 @@ pub const DATA_CENTRES: &[(&str, &str, &str)] = &[
 ];
 
 impl Config {
+    /// Whether other machines can reach the listener with neither a key nor a CIDR rule
+    /// in the way (refused unless `access.allow_unauthenticated_remote`).
+    pub fn is_open_remote(&self) -> bool {
+        !self.listen.ip().is_loopback()
+            && self.access.api_keys.is_empty()
+            && self.access.allow_cidrs.is_empty()
+    }
+
     /// Loads the configuration as `serve` does: the file (when given, or `./proxy.toml`
     /// when it exists), then the process environment.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {

@@ -57,12 +57,7 @@ pub fn check_startup(config: &Config) -> Result<(), ConfigError> {
         });
     }
     AccessPolicy::validate(config)?;
-    let access = &config.access;
-    if !config.listen.ip().is_loopback()
-        && access.api_keys.is_empty()
-        && access.allow_cidrs.is_empty()
-        && !access.allow_unauthenticated_remote
-    {
+    if config.is_open_remote() && !config.access.allow_unauthenticated_remote {
         return Err(ConfigError::Invalid {
             key: "listen",
             reason: format!(
@@ -184,10 +179,7 @@ pub async fn run_with_reload(
             "reusing the access token of the token file"
         );
     }
-    if !config.listen.ip().is_loopback()
-        && config.access.api_keys.is_empty()
-        && config.access.allow_cidrs.is_empty()
-    {
+    if config.is_open_remote() {
         tracing::warn!(listen = %config.listen, "listening on a non-loopback address without api_keys or allow_cidrs (access.allow_unauthenticated_remote = true): anyone who reaches this address acts as your Zoho user");
     }
 

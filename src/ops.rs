@@ -24,10 +24,6 @@ pub enum OpsError {
     Failed(String),
 }
 
-fn accounts_client(config: &Config) -> AccountsClient {
-    AccountsClient::from_config(config)
-}
-
 /// Exchanges a Self Client grant token for a refresh token and stores both tokens in the
 /// token file. Returns what to print.
 pub async fn exchange(config: &Config, code: &str) -> Result<String, OpsError> {
@@ -39,7 +35,7 @@ pub async fn exchange(config: &Config, code: &str) -> Result<String, OpsError> {
         .into());
     };
     let code = Secret::new(code.trim().to_owned());
-    let grant = accounts_client(config).exchange(&code).await.map_err(|err| {
+    let grant = AccountsClient::from_config(config).exchange(&code).await.map_err(|err| {
         OpsError::Failed(match &err {
             AccountsError::Rejected(c) if c == "invalid_code" => format!(
                 "{err}: the grant token is invalid, expired (grant tokens live only minutes) or already used (they are single-use). Generate a new one in the API console (Self Client → Generate Code) and run exchange again at once"
@@ -114,7 +110,9 @@ pub async fn check(config: &Config, origin: &str) -> (String, bool) {
         );
         return (report.text, false);
     };
-    let grant = accounts_client(config).refresh(refresh_token).await;
+    let grant = AccountsClient::from_config(config)
+        .refresh(refresh_token)
+        .await;
     let token = match grant {
         Ok(grant) => {
             report.line(true, "Zoho Accounts reachable", &config.accounts_url);
@@ -188,9 +186,8 @@ async fn desk_call(config: &Config, token: &Secret<String>) -> Result<(u16, Byte
         .upstream
         .join("/api/v1/organizations")
         .map_err(|e| e.to_string())?;
-    let mut auth = http::HeaderValue::from_str(&format!("Zoho-oauthtoken {}", token.expose()))
-        .map_err(|_| "the access token is not a valid header value".to_owned())?;
-    auth.set_sensitive(true);
+    let auth = crate::token::cache::authorization(token)
+        .ok_or_else(|| "the access token is not a valid header value".to_owned())?;
     let request = Request::get(uri)
         .header(header::AUTHORIZATION, auth)
         .body(Empty::new())

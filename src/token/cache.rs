@@ -51,9 +51,7 @@ impl Token {
 
     /// Builds a token; `None` when Zoho sent bytes that cannot be a header value.
     pub fn new(access_token: Secret<String>, lifetime: Duration, generation: u64) -> Option<Self> {
-        let mut header =
-            HeaderValue::from_str(&format!("Zoho-oauthtoken {}", access_token.expose())).ok()?;
-        header.set_sensitive(true);
+        let header = authorization(&access_token)?;
         Some(Self {
             header,
             access_token,
@@ -63,6 +61,15 @@ impl Token {
             generation,
         })
     }
+}
+
+/// `Zoho-oauthtoken <token>` as a header value marked sensitive; `None` when Zoho sent
+/// bytes that cannot be a header value.
+pub fn authorization(access_token: &Secret<String>) -> Option<HeaderValue> {
+    let mut header =
+        HeaderValue::from_str(&format!("Zoho-oauthtoken {}", access_token.expose())).ok()?;
+    header.set_sensitive(true);
+    Some(header)
 }
 
 /// Why no token can be had now.
