@@ -131,15 +131,7 @@ async fn sigterm_turns_ready_503_lets_in_flight_requests_finish_and_exits_0() {
     let port = free_port();
     let child = serve(dir.path(), &config, port).await;
     let base = format!("http://127.0.0.1:{port}");
-    assert_eq!(
-        client()
-            .get(format!("{base}/api/v1/tickets"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(format!("{base}/api/v1/tickets")).await, 200);
 
     zoho.set_desk_delay(Duration::from_millis(1500));
     let slow = tokio::spawn({
@@ -282,30 +274,17 @@ async fn rejected_credentials_recover_on_sighup_without_a_restart() {
 
     // The operator fixes the file and sends SIGHUP.
     std::fs::write(&config, &good).unwrap();
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(&child, "HUP");
     wait_for_token_requests(&zoho, calls + 1).await;
-    let mut status = 0;
+    let mut last = 0;
     for _ in 0..100 {
-        status = client()
-            .get(format!("{base}/api/v1/tickets"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16();
-        if status == 200 {
+        last = status(format!("{base}/api/v1/tickets")).await;
+        if last == 200 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(status, 200);
+    assert_eq!(last, 200);
     sigterm(&child);
     assert!(child.wait_with_output().await.unwrap().status.success());
 }

@@ -12,34 +12,10 @@ use zoho_desk_proxy::fake_zoho::{AccountsBehavior, FakeOptions, FakeZoho};
 #[tokio::test]
 async fn metrics_expose_the_series_after_traffic() {
     let s = Scenario::start().await;
-    assert_eq!(
-        client()
-            .get(s.url("/api/v1/tickets"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(s.url("/api/v1/tickets")).await, 200);
     s.zoho.fail_next_desk_requests(1, Some("INVALID_OAUTH"));
-    assert_eq!(
-        client()
-            .get(s.url("/api/v1/tickets"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        client()
-            .get(s.url("/api/v1/nothing"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
+    assert_eq!(status(s.url("/api/v1/tickets")).await, 200);
+    assert_eq!(status(s.url("/api/v1/nothing")).await, 404);
     let c = client();
     let response = c.get(s.url("/_proxy/metrics")).send().await.unwrap();
     assert_eq!(response.status(), 200);
@@ -113,7 +89,7 @@ async fn no_secret_token_or_query_appears_in_the_output_of_a_full_session() {
     let child = serve_with(
         dir.path(),
         &config,
-        port,
+        &format!("127.0.0.1:{port}"),
         &[("RUST_LOG", "trace")],
         Some(lines_tx),
     )

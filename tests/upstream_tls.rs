@@ -124,15 +124,7 @@ async fn http2_by_alpn_over_one_pooled_connection() {
     let upstream = TlsUpstream::start(&[b"h2", b"http/1.1"]).await;
     let proxy = proxy_to(&upstream, &fake, true).await;
     for _ in 0..5 {
-        assert_eq!(
-            client()
-                .get(proxy.url("/api/v1/tickets"))
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
+        assert_eq!(status(proxy.url("/api/v1/tickets")).await, 200);
     }
     // An h2c client too: its request is sent over the same pool.
     assert_eq!(
@@ -167,15 +159,7 @@ async fn http11_by_alpn_keeps_connections_alive() {
     let upstream = TlsUpstream::start(&[b"http/1.1"]).await;
     let proxy = proxy_to(&upstream, &fake, true).await;
     for _ in 0..5 {
-        assert_eq!(
-            client()
-                .get(proxy.url("/api/v1/tickets"))
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
+        assert_eq!(status(proxy.url("/api/v1/tickets")).await, 200);
     }
     let seen = upstream.seen.lock().unwrap().clone();
     assert!(

@@ -64,19 +64,19 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Starts `serve` with `envs` and waits for its "listening" log line; every stderr line
+/// Starts `serve` on `listen` with `envs` and waits for its "listening" log line; every stderr line
 /// is also sent to `lines` when given.
 pub async fn serve_with(
     dir: &Path,
     config: &Path,
-    port: u16,
+    listen: &str,
     envs: &[(&str, &str)],
     lines_out: Option<tokio::sync::mpsc::UnboundedSender<String>>,
 ) -> Child {
     let mut child = command(dir)
         .args(["serve", "--config"])
         .arg(config)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--listen", listen])
         .envs(envs.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -107,7 +107,7 @@ pub async fn serve_with(
 
 /// Starts `serve` and waits until it listens.
 pub async fn serve(dir: &Path, config: &Path, port: u16) -> Child {
-    serve_with(dir, config, port, &[], None).await
+    serve_with(dir, config, &format!("127.0.0.1:{port}"), &[], None).await
 }
 
 /// Sends a signal (`TERM`, `HUP`) to the child.

@@ -142,6 +142,17 @@ pub fn client() -> reqwest::Client {
         .expect("client")
 }
 
+/// The status of a plain GET (HTTP/1.1).
+pub async fn status(url: impl reqwest::IntoUrl) -> u16 {
+    client()
+        .get(url)
+        .send()
+        .await
+        .expect("request")
+        .status()
+        .as_u16()
+}
+
 /// An h2c (prior knowledge) client.
 pub fn h2c_client() -> reqwest::Client {
     reqwest::Client::builder()
