@@ -25,7 +25,7 @@
 # added to the anchor's locations), PRODUCT_ENV (extra environment of the product),
 # QUIET_WAIT_SECS (120: how long to wait for other work on the machine to stop),
 # PROFILE=1 (one more 64-connection run of each proxy under `perf record -e cpu-clock`,
-# top symbols printed before the summary).
+# top symbols printed before the summary; PROFILE_DIR=dir keeps the perf data files).
 #
 # Needs Linux, nginx and wrk (installed with apt-get when missing and running as root),
 # curl, and cargo. Exits non-zero only when the setup fails; failed requests are counted
@@ -589,6 +589,10 @@ profile_target() { # target
     echo "By kind ($1):"
     perf report -i "$WORK/perf-$1.data" --stdio --no-children -g none --sort dso \
         --percent-limit 0.5 2>/dev/null | grep -v '^#' | grep -v '^$' | sed 's/[ -]*$//' | head -10
+    if [[ -n ${PROFILE_DIR:-} ]]; then
+        mkdir -p "$PROFILE_DIR" && cp "$WORK/perf-$1.data" "$PROFILE_DIR/" &&
+            echo "(kept as $PROFILE_DIR/perf-$1.data)"
+    fi
 }
 if [[ ${PROFILE:-0} == 1 ]]; then
     if command -v perf >/dev/null 2>&1; then

@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::observe::RequestLog;
 
@@ -63,6 +64,8 @@ impl Body for UpstreamBody {
 pub struct ResponseBody {
     inner: Inner,
     log: Option<RequestLog>,
+    /// The upstream slot (`limits.max_upstream_requests`) taken while Desk's body streams.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 #[derive(Debug)]
@@ -78,14 +81,16 @@ impl ResponseBody {
         Self {
             inner: Inner::Full(Some(bytes).filter(|b| !b.is_empty())),
             log: None,
+            _slot: None,
         }
     }
 
-    /// Desk's body, streamed.
-    pub fn stream(incoming: Incoming) -> Self {
+    /// Desk's body, streamed, holding its upstream slot until dropped.
+    pub fn stream(incoming: Incoming, slot: OwnedSemaphorePermit) -> Self {
         Self {
             inner: Inner::Stream(incoming),
             log: None,
+            _slot: Some(slot),
         }
     }
 

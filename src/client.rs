@@ -23,11 +23,13 @@ pub type Connector = HttpsConnector<BareConnector>;
 /// Builds a pooled client for request bodies of type `B`.
 ///
 /// `connect` bounds TCP connect (TLS is bounded by the caller's response timeout),
-/// `idle` is how long a kept-alive connection waits in the pool. Servers are verified
-/// against Mozilla's roots plus `extra_roots` (`tls.ca_file`).
+/// `idle` is how long a kept-alive connection waits in the pool, and at most `max_idle`
+/// wait there per host (more are closed). Servers are verified against Mozilla's roots
+/// plus `extra_roots` (`tls.ca_file`).
 pub fn build<B>(
     connect: Duration,
     idle: Duration,
+    max_idle: usize,
     extra_roots: &[CertificateDer<'static>],
 ) -> Client<Connector, B>
 where
@@ -51,6 +53,7 @@ where
 
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(idle)
+        .pool_max_idle_per_host(max_idle)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .build(https)

@@ -131,6 +131,8 @@ struct RawTimeouts {
 struct RawLimits {
     replay_body_bytes: Option<u64>,
     max_connections: Option<usize>,
+    max_upstream_requests: Option<usize>,
+    workers: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -220,6 +222,10 @@ pub struct Config {
     pub replay_body_bytes: u64,
     /// Most client connections open at once; more are closed at accept.
     pub max_connections: usize,
+    /// Requests sent to Desk at once (`limits.max_upstream_requests`); more wait.
+    pub max_upstream_requests: usize,
+    /// Serving threads (`limits.workers`); 0 means one per CPU.
+    pub workers: usize,
     /// Log format; `None` picks by terminal.
     pub log_format: Option<LogFormat>,
     /// Certificates trusted besides Mozilla's roots (`tls.ca_file`), for Desk and Accounts.
@@ -405,6 +411,14 @@ pub const DATA_CENTRES: &[(&str, &str, &str)] = &[
 ];
 
 impl Config {
+    /// How many serving threads to run: `limits.workers`, or one per CPU.
+    pub fn worker_threads(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            n => n,
+        }
+    }
+
     /// Whether other machines can reach the listener with neither a key nor a CIDR rule
     /// in the way (refused unless `access.allow_unauthenticated_remote`).
     pub fn is_open_remote(&self) -> bool {
@@ -586,6 +600,16 @@ impl TryFrom<RawConfig> for Config {
                 }
                 n => n,
             },
+            max_upstream_requests: match raw.limits.max_upstream_requests.unwrap_or(256) {
+                0 => {
+                    return Err(ConfigError::Invalid {
+                        key: "limits.max_upstream_requests",
+                        reason: "must be at least 1".into(),
+                    });
+                }
+                n => n,
+            },
+            workers: raw.limits.workers.unwrap_or(0),
             log_format,
         })
     }

@@ -207,7 +207,7 @@ pub async fn run_with_reload(
         accounts = %proxy.config.accounts_url,
         "zoho-desk-proxy listening"
     );
-    server::serve(Arc::clone(&proxy), listener, shutdown).await;
+    server::serve(Arc::clone(&proxy), listener, shutdown).await?;
     let _ = stop_tasks.send(true);
     if let Some(reloader) = reloader {
         reloader.abort();

@@ -13,7 +13,9 @@ use zoho_desk_proxy::config::{Config, ConfigError, LogFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // This thread accepts connections and runs the background work (refreshes, signals,
+    // the token file); requests are served by the worker threads of `server`.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -180,6 +180,7 @@ async fn desk_call(config: &Config, token: &Secret<String>) -> Result<(u16, Byte
     let client = crate::client::build::<Empty<Bytes>>(
         config.timeouts.connect,
         Duration::from_secs(5),
+        1,
         &config.extra_roots,
     );
     let uri = config

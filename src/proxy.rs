@@ -13,6 +13,7 @@ use http_body::Body as _;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::access::AccessPolicy;
 use crate::body::{ResponseBody, UpstreamBody};
@@ -29,11 +30,18 @@ use crate::token::{Token, TokenCache, TokenError};
 /// The largest Desk 401 body read to find its `errorCode` (real ones are ~100 bytes).
 const MAX_401_BODY: usize = 64 * 1024;
 
-/// Everything a request needs, shared by all connections.
+/// A serving thread's way to Desk: its own connection pool, so that a request and its
+/// upstream connection are driven by the same thread, and its share of
+/// `limits.max_upstream_requests`.
+pub struct Upstream {
+    client: Client<Connector, UpstreamBody>,
+    slots: Arc<Semaphore>,
+}
+
+/// Everything a request needs, shared by all connections and serving threads.
 pub struct Proxy {
     pub(crate) config: Config,
     pub(crate) tokens: Arc<TokenCache>,
-    pub(crate) client: Client<Connector, UpstreamBody>,
     pub(crate) access: AccessPolicy,
     pub(crate) lifecycle: Arc<Lifecycle>,
     pub(crate) metrics: Arc<Metrics>,
@@ -46,16 +54,10 @@ pub struct Proxy {
 impl Proxy {
     /// Builds the proxy around its token cache.
     pub fn new(config: Config, tokens: Arc<TokenCache>, metrics: Arc<Metrics>) -> Self {
-        let client = crate::client::build(
-            config.timeouts.connect,
-            config.timeouts.idle,
-            &config.extra_roots,
-        );
         let access = AccessPolicy::new(&config);
         Self {
             config,
             tokens,
-            client,
             access,
             lifecycle: Arc::default(),
             metrics,
@@ -75,9 +77,27 @@ impl Proxy {
         &self.lifecycle
     }
 
-    /// Answers one request; never fails (errors become Zoho-shaped answers).
+    /// The way to Desk of one of `workers` serving threads.
+    pub fn upstream(&self, workers: usize) -> Upstream {
+        // Requests beyond a worker's share wait for a slot rather than open more
+        // connections; as many connections stay pooled.
+        let share = self.config.max_upstream_requests.div_ceil(workers.max(1));
+        Upstream {
+            client: crate::client::build(
+                self.config.timeouts.connect,
+                self.config.timeouts.idle,
+                share,
+                &self.config.extra_roots,
+            ),
+            slots: Arc::new(Semaphore::new(share)),
+        }
+    }
+
+    /// Answers one request, sending it upstream through `client`; never fails (errors
+    /// become Zoho-shaped answers).
     pub async fn handle(
-        self: Arc<Self>,
+        &self,
+        upstream: &Upstream,
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<Response<ResponseBody>, Infallible> {
@@ -90,7 +110,7 @@ impl Proxy {
             self.lifecycle.enter(),
             Arc::clone(&self.metrics),
         );
-        let mut response = match self.route(req, peer, &mut log).await {
+        let mut response = match self.route(upstream, req, peer, &mut log).await {
             Ok(response) => response,
             Err(err) => {
                 log.set_error_code(err.code());
@@ -115,6 +135,7 @@ impl Proxy {
 
     async fn route(
         &self,
+        upstream: &Upstream,
         req: Request<Incoming>,
         peer: SocketAddr,
         log: &mut RequestLog,
@@ -130,7 +151,7 @@ impl Proxy {
             &self.config.upstream,
         )?;
         self.access.check(&req, peer, &target)?;
-        self.forward(req, &target, log).await
+        self.forward(upstream, req, &target, log).await
     }
 
     /// Sends the request to Desk with a valid token; on a 401 that says the token is bad,
@@ -138,6 +159,7 @@ impl Proxy {
     /// when the body can be replayed.
     async fn forward(
         &self,
+        upstream: &Upstream,
         req: Request<Incoming>,
         target: &Target,
         log: &mut RequestLog,
@@ -158,11 +180,11 @@ impl Proxy {
         } else {
             std::mem::take(&mut parts.headers)
         };
-        let response = self
-            .send(&parts, first_headers, uri, body.into_upstream(), log)
+        let (response, slot) = self
+            .send(upstream, &parts, first_headers, uri, body.into_upstream(), log)
             .await?;
         if response.status() != StatusCode::UNAUTHORIZED {
-            return Ok(into_client_response(response));
+            return Ok(into_client_response(response, slot));
         }
 
         let (resp_parts, resp_body) = response.into_parts();
@@ -173,6 +195,7 @@ impl Proxy {
                 ProxyError::UpstreamUnreachable("Zoho Desk's 401 answer could not be read".into())
             })?
             .to_bytes();
+        drop(slot);
         if !token_is_invalid(&desk_401) {
             // SCOPE_MISMATCH and friends: the token is fine, the answer is the client's.
             return Ok(rebuild(resp_parts, desk_401));
@@ -191,8 +214,9 @@ impl Proxy {
             .insert(http::header::AUTHORIZATION, fresh.header.clone());
         log.set_retried();
         let headers = std::mem::take(&mut parts.headers);
-        let response = self
+        let (response, slot) = self
             .send(
+                upstream,
                 &parts,
                 headers,
                 self.upstream_uri(target)?,
@@ -200,7 +224,7 @@ impl Proxy {
                 log,
             )
             .await?;
-        Ok(into_client_response(response))
+        Ok(into_client_response(response, slot))
     }
 
     /// Desk's URL for the target (built again for a retry rather than kept: retries are
@@ -212,14 +236,17 @@ impl Proxy {
             .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded".into()))
     }
 
+    /// Sends one request to Desk once a slot is free (waiting counts against
+    /// `timeouts.response_secs`); the slot is held until the response body is done.
     async fn send(
         &self,
+        upstream: &Upstream,
         parts: &Parts,
         headers: HeaderMap,
         uri: Uri,
         body: UpstreamBody,
         log: &mut RequestLog,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<(Response<Incoming>, UpstreamSlot), ProxyError> {
         let mut request = Request::new(body);
         *request.method_mut() = parts.method.clone();
         *request.uri_mut() = uri;
@@ -230,15 +257,24 @@ impl Proxy {
 
         let started = Instant::now();
         let timeout = self.config.timeouts.response;
-        let result = tokio::time::timeout(timeout, self.client.request(request)).await;
+        let result = tokio::time::timeout(timeout, async {
+            let slot = Arc::clone(&upstream.slots).acquire_owned().await;
+            let response = upstream.client.request(request).await;
+            (slot, response)
+        })
+        .await;
         log.set_upstream_latency(started.elapsed());
         let result = match result {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(err)) if is_connect_timeout(&err) => Err(ProxyError::UpstreamTimeout(format!(
+            // The semaphore is never closed.
+            Ok((Err(_closed), _)) => Err(ProxyError::UpstreamUnreachable(
+                "the proxy is shutting down".into(),
+            )),
+            Ok((Ok(slot), Ok(response))) => Ok((response, slot)),
+            Ok((_, Err(err))) if is_connect_timeout(&err) => Err(ProxyError::UpstreamTimeout(format!(
                 "Zoho Desk could not be connected to within {} s (timeouts.connect_secs)",
                 self.config.timeouts.connect.as_secs_f64()
             ))),
-            Ok(Err(err)) => Err(ProxyError::UpstreamUnreachable(format!(
+            Ok((_, Err(err))) => Err(ProxyError::UpstreamUnreachable(format!(
                 "Zoho Desk could not be reached: {}",
                 describe_client_error(&err)
             ))),
@@ -328,10 +364,13 @@ pub fn token_is_invalid(body: &[u8]) -> bool {
     }
 }
 
-fn into_client_response(response: Response<Incoming>) -> Response<ResponseBody> {
+/// One of a worker's `limits.max_upstream_requests` slots.
+type UpstreamSlot = OwnedSemaphorePermit;
+
+fn into_client_response(response: Response<Incoming>, slot: UpstreamSlot) -> Response<ResponseBody> {
     let (mut parts, body) = response.into_parts();
     headers::prepare_response(&mut parts.headers);
-    Response::from_parts(parts, ResponseBody::stream(body))
+    Response::from_parts(parts, ResponseBody::stream(body, slot))
 }
 
 fn rebuild(mut parts: http::response::Parts, body: Bytes) -> Response<ResponseBody> {

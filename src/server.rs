@@ -1,7 +1,13 @@
-//! The accept loop: HTTP/1.1 and h2c on one listener, header read timeout, graceful
-//! shutdown that keeps answering while in-flight requests finish.
+//! The accept loop and the serving threads.
+//!
+//! One task accepts connections and hands each to the least-loaded worker. A worker is a
+//! thread running a single-threaded runtime with its own upstream connection pool, so a
+//! request, its upstream connection and every wake-up between them stay on one core, as in
+//! nginx's worker processes. Each worker serves HTTP/1.1 and h2c, enforces the header read
+//! timeout, and on shutdown lets requests in flight finish.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -11,9 +17,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, Upstream};
 
 /// Largest request head (request line + headers) accepted over HTTP/1.1.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -22,15 +29,19 @@ const MAX_HEADERS: usize = 128;
 
 /// Serves `listener` until `shutdown` resolves, then drains: `/_proxy/ready` answers 503
 /// at once, requests in flight finish (new ones are still answered meanwhile) within the
-/// grace period, and idle connections are closed.
-pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    let builder = connection_builder(&proxy);
-    let graceful = GracefulShutdown::new();
+/// grace period, and idle connections are closed. Fails only when the serving threads
+/// cannot be started.
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let workers = Workers::start(&proxy)?;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            accepted = listener.accept() => accept(&proxy, &builder, &graceful, accepted).await,
+            accepted = listener.accept() => accept(&proxy, &workers, accepted).await,
         }
     }
 
@@ -48,10 +59,153 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, shutdown: impl Futu
                 tracing::warn!(in_flight = lifecycle.in_flight(), "grace period over; closing requests still in flight");
                 break;
             }
-            accepted = listener.accept() => accept(&proxy, &builder, &graceful, accepted).await,
+            accepted = listener.accept() => accept(&proxy, &workers, accepted).await,
         }
     }
     drop(listener);
+    workers.stop(deadline).await;
+    Ok(())
+}
+
+async fn accept(
+    proxy: &Proxy,
+    workers: &Workers,
+    accepted: std::io::Result<(TcpStream, SocketAddr)>,
+) {
+    let (stream, peer) = match accepted {
+        Ok(accepted) => accepted,
+        Err(err) => {
+            // Out of file descriptors and the like: back off instead of spinning.
+            tracing::warn!(error = %err, "accept failed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return;
+        }
+    };
+    let Some(slot) = Counted::take(&proxy.connections, proxy.config.max_connections) else {
+        tracing::warn!(%peer, limit = proxy.config.max_connections, "connection refused: limits.max_connections reached");
+        return;
+    };
+    // The worker registers the socket with its own runtime.
+    match stream.into_std() {
+        Ok(stream) => workers.dispatch(Accepted { stream, peer, slot }),
+        Err(err) => tracing::debug!(error = %err, %peer, "accepted connection lost"),
+    }
+}
+
+/// A connection on its way to a worker.
+struct Accepted {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    slot: Counted,
+}
+
+enum Job {
+    Serve(Accepted, Counted),
+    /// Stop taking connections; close the idle ones, and the rest at the deadline.
+    Stop(Instant),
+}
+
+/// The serving threads.
+struct Workers {
+    workers: Vec<WorkerHandle>,
+    /// Where the search for the least-loaded worker starts, so that ties take turns.
+    next: AtomicUsize,
+}
+
+struct WorkerHandle {
+    jobs: mpsc::UnboundedSender<Job>,
+    /// Connections this worker serves.
+    load: Arc<AtomicUsize>,
+    done: oneshot::Receiver<()>,
+}
+
+impl Workers {
+    /// Starts the serving threads (`limits.workers`).
+    fn start(proxy: &Arc<Proxy>) -> std::io::Result<Self> {
+        let count = proxy.config.worker_threads();
+        let mut workers = Vec::with_capacity(count);
+        for index in 0..count {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (jobs, receiver) = mpsc::unbounded_channel();
+            let (finished, done) = oneshot::channel();
+            let proxy = Arc::clone(proxy);
+            std::thread::Builder::new()
+                .name(format!("zdp-worker-{index}"))
+                .spawn(move || {
+                    runtime.block_on(work(proxy, receiver, count));
+                    // Dropping the runtime drops the connections still open.
+                    drop(runtime);
+                    let _ = finished.send(());
+                })?;
+            workers.push(WorkerHandle {
+                jobs,
+                load: Arc::default(),
+                done,
+            });
+        }
+        Ok(Self {
+            workers,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Hands a connection to the worker serving the fewest (ties take turns).
+    fn dispatch(&self, mut accepted: Accepted) {
+        let count = self.workers.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let in_turn = (0..count).map(|i| &self.workers[(start + i) % count]);
+        let least_loaded = in_turn
+            .clone()
+            .min_by_key(|worker| worker.load.load(Ordering::Relaxed));
+        // A worker that is gone (it can only have panicked) is skipped.
+        for worker in least_loaded.into_iter().chain(in_turn) {
+            let load = Counted::enter(&worker.load);
+            match worker.jobs.send(Job::Serve(accepted, load)) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(Job::Serve(returned, _))) => accepted = returned,
+                Err(mpsc::error::SendError(Job::Stop(_))) => return,
+            }
+        }
+        tracing::error!(peer = %accepted.peer, "no serving thread is running; connection closed");
+    }
+
+    /// Tells every worker to stop and waits for them.
+    async fn stop(self, deadline: Instant) {
+        for worker in &self.workers {
+            let _ = worker.jobs.send(Job::Stop(deadline));
+        }
+        for worker in self.workers {
+            let _ = worker.done.await;
+        }
+    }
+}
+
+/// What a worker's connections share: the proxy and the worker's way to Desk.
+struct Worker {
+    proxy: Arc<Proxy>,
+    upstream: Upstream,
+}
+
+/// A worker's life: serve the connections it is given until told to stop, then close them
+/// gracefully until the deadline.
+async fn work(proxy: Arc<Proxy>, mut jobs: mpsc::UnboundedReceiver<Job>, workers: usize) {
+    let builder = connection_builder(&proxy);
+    let worker = Arc::new(Worker {
+        upstream: proxy.upstream(workers),
+        proxy,
+    });
+    let graceful = GracefulShutdown::new();
+    let deadline = loop {
+        match jobs.recv().await {
+            Some(Job::Serve(accepted, load)) => {
+                serve_connection(&worker, &builder, &graceful, accepted, load);
+            }
+            Some(Job::Stop(deadline)) => break deadline,
+            None => return,
+        }
+    };
     tokio::select! {
         () = graceful.shutdown() => {}
         () = tokio::time::sleep_until(deadline) => {}
@@ -76,42 +230,40 @@ fn connection_builder(proxy: &Proxy) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-async fn accept(
-    proxy: &Arc<Proxy>,
+/// Serves one connection on the current worker.
+fn serve_connection(
+    worker: &Arc<Worker>,
     builder: &auto::Builder<TokioExecutor>,
     graceful: &GracefulShutdown,
-    accepted: std::io::Result<(TcpStream, std::net::SocketAddr)>,
+    accepted: Accepted,
+    load: Counted,
 ) {
-    let (stream, peer) = match accepted {
-        Ok(accepted) => accepted,
+    let Accepted { stream, peer, slot } = accepted;
+    let stream = match TcpStream::from_std(stream) {
+        Ok(stream) => stream,
         Err(err) => {
-            // Out of file descriptors and the like: back off instead of spinning.
-            tracing::warn!(error = %err, "accept failed");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tracing::warn!(error = %err, %peer, "cannot register an accepted connection");
             return;
         }
-    };
-    let Some(slot) = ConnectionSlot::take(&proxy.connections, proxy.config.max_connections) else {
-        tracing::warn!(%peer, limit = proxy.config.max_connections, "connection refused: limits.max_connections reached");
-        return;
     };
     let _ = stream.set_nodelay(true);
     let first_request = Arc::new(AtomicBool::new(false));
     let service = {
-        let proxy = Arc::clone(proxy);
+        let worker = Arc::clone(worker);
         let first_request = Arc::clone(&first_request);
         service_fn(move |req| {
             first_request.store(true, Ordering::Relaxed);
-            Arc::clone(&proxy).handle(req, peer)
+            let worker = Arc::clone(&worker);
+            async move { worker.proxy.handle(&worker.upstream, req, peer).await }
         })
     };
     let connection = builder
         .serve_connection(TokioIo::new(stream), service)
         .into_owned();
     let connection = graceful.watch(connection);
-    let header_read = proxy.config.timeouts.header_read;
+    let header_read = worker.proxy.config.timeouts.header_read;
     tokio::spawn(async move {
-        let _slot = slot;
+        let _counted = (slot, load);
         tokio::pin!(connection);
         // hyper's header read timeout starts only once HTTP/1 is detected: a client that
         // sends nothing, or stalls in the HTTP/2 preface, is cut off here.
@@ -138,10 +290,12 @@ async fn accept(
     });
 }
 
-/// One accepted connection, counted against `limits.max_connections` until dropped.
-struct ConnectionSlot(Arc<AtomicUsize>);
+/// A counted connection: one of `limits.max_connections` (the process), or one of a
+/// worker's load. The count drops with it.
+struct Counted(Arc<AtomicUsize>);
 
-impl ConnectionSlot {
+impl Counted {
+    /// Counts one more unless `max` are already counted.
     fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
         let taken = count
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -150,9 +304,15 @@ impl ConnectionSlot {
             .is_ok();
         taken.then(|| Self(Arc::clone(count)))
     }
+
+    /// Counts one more.
+    fn enter(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(count))
+    }
 }
 
-impl Drop for ConnectionSlot {
+impl Drop for Counted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }

@@ -257,6 +257,42 @@ async fn slow_desk_is_504() {
 }
 
 #[tokio::test]
+async fn requests_beyond_max_upstream_requests_wait_their_turn() {
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.max_upstream_requests = 3;
+        c.workers = 1;
+    })
+    .await;
+    s.zoho.set_desk_delay(Duration::from_millis(200));
+    let requests = (0..9).map(|_| status(s.url("/api/v1/tickets")));
+    let statuses = futures_util::future::join_all(requests).await;
+    assert!(statuses.iter().all(|&code| code == 200), "{statuses:?}");
+    assert_eq!(s.zoho.desk_request_count(), 9);
+    assert_eq!(s.zoho.desk_max_concurrent(), 3, "at most 3 at Desk at once");
+}
+
+#[tokio::test]
+async fn a_queued_request_times_out_as_504() {
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.max_upstream_requests = 1;
+        c.workers = 1;
+        c.timeouts.response = Duration::from_millis(500);
+    })
+    .await;
+    s.zoho.set_desk_delay(Duration::from_millis(350));
+    let first = status(s.url("/api/v1/tickets"));
+    let queued = async {
+        // Sent once the first holds the only slot: it waits 350 ms, then its own 350 ms
+        // at Desk are past the 500 ms budget.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        client().get(s.url("/api/v1/tickets")).send().await.unwrap()
+    };
+    let (first, queued) = tokio::join!(first, queued);
+    assert_eq!(first, 200);
+    assert_proxy_error(queued, 504, "PROXY_UPSTREAM_TIMEOUT").await;
+}
+
+#[tokio::test]
 async fn uploads_and_downloads_stream() {
     let s = Scenario::start().await;
     let size: u64 = 8 * 1024 * 1024;

@@ -92,9 +92,16 @@ impl TlsUpstream {
     }
 }
 
-async fn proxy_to(upstream: &TlsUpstream, fake: &FakeZoho, trust: bool) -> TestProxy {
+/// A proxy in front of `upstream` with `workers` serving threads (each pools its own
+/// upstream connections).
+async fn proxy_to(
+    upstream: &TlsUpstream,
+    fake: &FakeZoho,
+    trust: bool,
+    workers: usize,
+) -> TestProxy {
     let mut toml = format!(
-        "upstream = \"https://localhost:{}\"\naccounts_url = \"{}\"\ntoken_file = \"\"\n",
+        "upstream = \"https://localhost:{}\"\naccounts_url = \"{}\"\ntoken_file = \"\"\n[limits]\nworkers = {workers}\n",
         upstream.addr.port(),
         fake.accounts_url()
     );
@@ -122,7 +129,7 @@ async fn proxy_to(upstream: &TlsUpstream, fake: &FakeZoho, trust: bool) -> TestP
 async fn http2_by_alpn_over_one_pooled_connection() {
     let fake = FakeZoho::start().await.unwrap();
     let upstream = TlsUpstream::start(&[b"h2", b"http/1.1"]).await;
-    let proxy = proxy_to(&upstream, &fake, true).await;
+    let proxy = proxy_to(&upstream, &fake, true, 1).await;
     for _ in 0..5 {
         assert_eq!(status(proxy.url("/api/v1/tickets")).await, 200);
     }
@@ -157,7 +164,7 @@ async fn http2_by_alpn_over_one_pooled_connection() {
 async fn http11_by_alpn_keeps_connections_alive() {
     let fake = FakeZoho::start().await.unwrap();
     let upstream = TlsUpstream::start(&[b"http/1.1"]).await;
-    let proxy = proxy_to(&upstream, &fake, true).await;
+    let proxy = proxy_to(&upstream, &fake, true, 1).await;
     for _ in 0..5 {
         assert_eq!(status(proxy.url("/api/v1/tickets")).await, 200);
     }
@@ -174,10 +181,28 @@ async fn http11_by_alpn_keeps_connections_alive() {
 }
 
 #[tokio::test]
+async fn each_worker_pools_its_own_upstream_connection() {
+    let fake = FakeZoho::start().await.unwrap();
+    let upstream = TlsUpstream::start(&[b"h2", b"http/1.1"]).await;
+    let proxy = proxy_to(&upstream, &fake, true, 2).await;
+    // Every request comes on a new client connection; connections take turns between the
+    // two workers, and each worker reuses its one upstream connection.
+    for _ in 0..8 {
+        assert_eq!(status(proxy.url("/api/v1/tickets")).await, 200);
+    }
+    assert_eq!(upstream.seen.lock().unwrap().len(), 8);
+    assert_eq!(
+        upstream.connections.load(Ordering::SeqCst),
+        2,
+        "one pooled connection per worker"
+    );
+}
+
+#[tokio::test]
 async fn an_untrusted_certificate_is_refused_and_no_token_is_sent() {
     let fake = FakeZoho::start().await.unwrap();
     let upstream = TlsUpstream::start(&[b"h2", b"http/1.1"]).await;
-    let proxy = proxy_to(&upstream, &fake, false).await;
+    let proxy = proxy_to(&upstream, &fake, false, 1).await;
     let response = client()
         .get(proxy.url("/api/v1/tickets"))
         .send()

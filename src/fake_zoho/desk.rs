@@ -82,7 +82,13 @@ async fn handle_inner(
     // Desk takes its time before any answer, 401s included.
     let delay = shared.lock().desk_delay;
     if !delay.is_zero() {
+        {
+            let mut st = shared.lock();
+            st.desk_waiting += 1;
+            st.desk_max_waiting = st.desk_max_waiting.max(st.desk_waiting);
+        }
         tokio::time::sleep(delay).await;
+        shared.lock().desk_waiting -= 1;
     }
 
     if let Some(code) = forced {

@@ -153,6 +153,9 @@ struct State {
     forced_401_remaining: u32,
     forced_401_code: Option<String>,
     desk_delay: Duration,
+    /// Requests inside the Desk delay now, and the most seen at once.
+    desk_waiting: usize,
+    desk_max_waiting: usize,
     desk_requests: Vec<RecordedRequest>,
     store: store::Store,
 }
@@ -318,6 +321,11 @@ impl FakeControl {
         self.shared.lock().desk_delay = d;
     }
 
+    /// The most Desk requests that were waiting out the Desk delay at the same time.
+    pub fn desk_max_concurrent(&self) -> usize {
+        self.shared.lock().desk_max_waiting
+    }
+
     /// Every request Desk received, in order, including rejected ones.
     pub fn desk_requests(&self) -> Vec<RecordedRequest> {
         self.shared.lock().desk_requests.clone()
@@ -381,6 +389,8 @@ impl FakeZoho {
             forced_401_remaining: 0,
             forced_401_code: None,
             desk_delay: Duration::ZERO,
+            desk_waiting: 0,
+            desk_max_waiting: 0,
             desk_requests: Vec::new(),
             store: store::Store::seeded(),
         };

@@ -168,6 +168,7 @@ impl AccountsClient {
         let http = crate::client::build(
             config.timeouts.connect,
             Duration::from_secs(30),
+            2,
             &config.extra_roots,
         );
         Self {
