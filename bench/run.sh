@@ -21,8 +21,11 @@
 #
 # Knobs (environment): ROUNDS (3), LOAD_SECS (10), LAT_SECS (5), WARM_SECS (2),
 # STREAM_MIB (1024), ROTATE_SECS (4), SKIP_BUILD=1 (use the binaries already built),
-# SCENARIOS ("c64 c1 c1000 download upload rotation"), ANCHOR_EXTRA (nginx directives
+# SCENARIOS ("c64 c1 c1000 download upload rotation client"; client = the upstream client
+# alone, hyper-util's against reqwest, examples/client_bench.rs), ANCHOR_EXTRA (nginx directives
 # added to the anchor's locations), PRODUCT_ENV (extra environment of the product),
+# PRODUCT_TOML (extra proxy.toml lines), PRODUCT_BIN (another build of the product, e.g.
+# with other release profile settings; implies nothing about SKIP_BUILD),
 # QUIET_WAIT_SECS (120: how long to wait for other work on the machine to stop),
 # PROFILE=1 (one more 64-connection run of each proxy under `perf record -e cpu-clock`,
 # top symbols printed before the summary; PROFILE_DIR=dir keeps the perf data files).
@@ -40,12 +43,15 @@ LAT_SECS=${LAT_SECS:-5}
 WARM_SECS=${WARM_SECS:-2}
 STREAM_MIB=${STREAM_MIB:-1024}
 ROTATE_SECS=${ROTATE_SECS:-4}
-SCENARIOS=${SCENARIOS:-"c64 c1 c1000 download upload rotation"}
+SCENARIOS=${SCENARIOS:-"c64 c1 c1000 download upload rotation client"}
 # Extra directives for the anchor's location, e.g. ANCHOR_EXTRA='proxy_buffer_size 64k;'.
 ANCHOR_EXTRA=${ANCHOR_EXTRA:-}
 # Extra environment for the product, e.g. PRODUCT_ENV='TOKIO_WORKER_THREADS=1' or an
 # LD_PRELOAD'ed allocator.
 PRODUCT_ENV=${PRODUCT_ENV:-}
+# Extra proxy.toml lines for the product (after [oauth]; \n for new lines), e.g.
+# PRODUCT_TOML='[limits]\nworkers = 1'.
+PRODUCT_TOML=${PRODUCT_TOML:-}
 STATIC_TOKEN="Zoho-oauthtoken 1000.0123456789abcdef0123456789abcdef.fedcba9876543210fedcba9876543210"
 
 say() { printf '%s\n' "$*"; }
@@ -112,7 +118,7 @@ export PATH="$PATH:/usr/sbin:/sbin"
 NGINX=$(command -v nginx) || die "nginx not found after install"
 
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-BIN=$TARGET_DIR/release/zoho-desk-proxy
+BIN=${PRODUCT_BIN:-$TARGET_DIR/release/zoho-desk-proxy}
 ACCOUNTS=$TARGET_DIR/debug/examples/bench_accounts
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
     say "building the release binary (cargo build --release; fat LTO takes minutes)"
@@ -120,7 +126,11 @@ if [[ ${SKIP_BUILD:-0} != 1 ]]; then
     # The fake Accounts only answers a few token calls: the dev profile is enough, and a
     # separate invocation keeps the dev-dependencies' features out of the release binary.
     cargo build --example bench_accounts || die "cargo build --example bench_accounts failed"
+    if has_scenario client; then
+        cargo build --release --example client_bench || die "cargo build --release --example client_bench failed"
+    fi
 fi
+CLIENT_BENCH=$TARGET_DIR/release/examples/client_bench
 [[ -x $BIN ]] || die "$BIN is missing (run without SKIP_BUILD=1)"
 [[ -x $ACCOUNTS ]] || die "$ACCOUNTS is missing (run without SKIP_BUILD=1)"
 
@@ -292,6 +302,7 @@ client_id = "$ACC_ID"
 client_secret = "$ACC_SECRET"
 refresh_token = "$ACC_REFRESH"
 max_refreshes_per_10min = 100000
+$(printf '%b' "$PRODUCT_TOML")
 EOF
     local unset_zoho=() var
     for var in $(compgen -e | grep '^ZOHO_'); do unset_zoho+=(-u "$var"); done
@@ -564,6 +575,16 @@ if has_scenario rotation; then
     ROT_REFRESHES=$(($(refreshes_ok "$ROT_PORT") - ROT_REFRESH_0))
     ROT_ELAPSED=$(($(date +%s) - ROT_TIME_0))
 fi
+if has_scenario client; then
+    if [[ -x $CLIENT_BENCH ]]; then
+        say "scenario client: the upstream client alone, 64 concurrent GETs to the upstream from one thread, $ROUNDS rounds"
+        CLIENT_BENCH_ROUNDS=$ROUNDS "$CLIENT_BENCH" "http://127.0.0.1:$UP_PORT/api/v1/tickets" >"$WORK/client.txt" 2>&1 ||
+            say "client_bench failed: $(tail -3 "$WORK/client.txt")"
+        sed 's/^/  /' "$WORK/client.txt"
+    else
+        say "scenario client: $CLIENT_BENCH is missing (run without SKIP_BUILD=1)"
+    fi
+fi
 ELAPSED=$(($(date +%s) - START))
 
 # ---------------------------------------------------------------- optional profile
@@ -663,7 +684,7 @@ DIRTY=$([[ -n $(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2
 echo
 echo "## Benchmark: zoho-desk-proxy vs nginx"
 echo
-echo "Machine: $MACHINE. nginx $NGINX_V (worker_processes 2, upstream keepalive 64, unbuffered both ways, 64 KiB buffers for the download, no access log), wrk $WRK_V, product at $COMMIT$DIRTY (release, $(nproc) tokio workers, RUST_LOG=warn: no per-request log lines${PRODUCT_ENV:+, $PRODUCT_ENV})."
+echo "Machine: $MACHINE. nginx $NGINX_V (worker_processes 2, upstream keepalive 64, unbuffered both ways, 64 KiB buffers for the download, no access log), wrk $WRK_V, product at $COMMIT$DIRTY (release, ${PRODUCT_BIN:+$PRODUCT_BIN, }one worker thread per core, RUST_LOG=warn: no per-request log lines${PRODUCT_ENV:+, $PRODUCT_ENV}${PRODUCT_TOML:+, $PRODUCT_TOML})."
 echo "Medians of $ROUNDS alternating rounds (direct, nginx, product; then nginx, product, direct; …); ratios are medians of per-round ratios. Load runs: ${LOAD_SECS} s (1 connection: ${LAT_SECS} s); wrk, the upstream and the proxy share the same $(nproc) cores. CPU = proxy process time per request (nginx: master + workers). Peak = VmHWM during the run (reset before each run; nginx: sum of its processes)."
 echo
 echo "| scenario | target | throughput | p50 | p99 | ×nginx | ×direct | p99 ×nginx | errors | CPU/req | peak RSS |"
@@ -756,6 +777,9 @@ if has_scenario rotation; then
     e=$(errors_sum rotation product-rot)
     x=$(ratio_med rotation product-rot product p99_us)
     echo "- rotation: $ROT_REFRESHES token refreshes in ${ROT_ELAPSED} s, $e failed requests — $( ((e == 0)) && echo met || echo MISSED); p99 $(f "$x" '%.2f×') steady (≤ 1.5×) — $(verdict 1.5 "$x")"
+fi
+if has_scenario client && [[ -s $WORK/client.txt ]]; then
+    echo "- upstream client (point 4): $(grep '^reqwest /' "$WORK/client.txt" || echo 'no result'); the product uses hyper-util's"
 fi
 other_all=$(awk '{for (i = 1; i <= NF; i++) if ($i ~ /^other_pct=/) print substr($i, 11)}' "$RESULTS")
 if [[ -n $other_all ]]; then

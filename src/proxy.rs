@@ -181,7 +181,14 @@ impl Proxy {
             std::mem::take(&mut parts.headers)
         };
         let (response, slot) = self
-            .send(upstream, &parts, first_headers, uri, body.into_upstream(), log)
+            .send(
+                upstream,
+                &parts,
+                first_headers,
+                uri,
+                body.into_upstream(),
+                log,
+            )
             .await?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(into_client_response(response, slot));
@@ -270,10 +277,12 @@ impl Proxy {
                 "the proxy is shutting down".into(),
             )),
             Ok((Ok(slot), Ok(response))) => Ok((response, slot)),
-            Ok((_, Err(err))) if is_connect_timeout(&err) => Err(ProxyError::UpstreamTimeout(format!(
-                "Zoho Desk could not be connected to within {} s (timeouts.connect_secs)",
-                self.config.timeouts.connect.as_secs_f64()
-            ))),
+            Ok((_, Err(err))) if is_connect_timeout(&err) => {
+                Err(ProxyError::UpstreamTimeout(format!(
+                    "Zoho Desk could not be connected to within {} s (timeouts.connect_secs)",
+                    self.config.timeouts.connect.as_secs_f64()
+                )))
+            }
             Ok((_, Err(err))) => Err(ProxyError::UpstreamUnreachable(format!(
                 "Zoho Desk could not be reached: {}",
                 describe_client_error(&err)
@@ -367,7 +376,10 @@ pub fn token_is_invalid(body: &[u8]) -> bool {
 /// One of a worker's `limits.max_upstream_requests` slots.
 type UpstreamSlot = OwnedSemaphorePermit;
 
-fn into_client_response(response: Response<Incoming>, slot: UpstreamSlot) -> Response<ResponseBody> {
+fn into_client_response(
+    response: Response<Incoming>,
+    slot: UpstreamSlot,
+) -> Response<ResponseBody> {
     let (mut parts, body) = response.into_parts();
     headers::prepare_response(&mut parts.headers);
     Response::from_parts(parts, ResponseBody::stream(body, slot))
