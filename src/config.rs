@@ -521,15 +521,11 @@ impl TryFrom<RawConfig> for Config {
             )?
             .map(Secret::new),
             refresh_margin: Duration::from_secs(raw.oauth.refresh_margin_secs.unwrap_or(300)),
-            max_refreshes_per_10min: match raw.oauth.max_refreshes_per_10min.unwrap_or(5) {
-                0 => {
-                    return Err(ConfigError::Invalid {
-                        key: "oauth.max_refreshes_per_10min",
-                        reason: "must be at least 1 (Zoho allows 10)".into(),
-                    });
-                }
-                n => n,
-            },
+            max_refreshes_per_10min: at_least_one(
+                "oauth.max_refreshes_per_10min",
+                raw.oauth.max_refreshes_per_10min.unwrap_or(5),
+                " (Zoho allows 10)",
+            )?,
         };
 
         let token_file = match raw.token_file {
@@ -591,28 +587,35 @@ impl TryFrom<RawConfig> for Config {
             access,
             timeouts,
             replay_body_bytes: raw.limits.replay_body_bytes.unwrap_or(1 << 20),
-            max_connections: match raw.limits.max_connections.unwrap_or(4096) {
-                0 => {
-                    return Err(ConfigError::Invalid {
-                        key: "limits.max_connections",
-                        reason: "must be at least 1".into(),
-                    });
-                }
-                n => n,
-            },
-            max_upstream_requests: match raw.limits.max_upstream_requests.unwrap_or(256) {
-                0 => {
-                    return Err(ConfigError::Invalid {
-                        key: "limits.max_upstream_requests",
-                        reason: "must be at least 1".into(),
-                    });
-                }
-                n => n,
-            },
+            max_connections: at_least_one(
+                "limits.max_connections",
+                raw.limits.max_connections.unwrap_or(4096),
+                "",
+            )?,
+            max_upstream_requests: at_least_one(
+                "limits.max_upstream_requests",
+                raw.limits.max_upstream_requests.unwrap_or(256),
+                "",
+            )?,
             workers: raw.limits.workers.unwrap_or(0),
             log_format,
         })
     }
+}
+
+/// A count of which 0 makes no sense.
+fn at_least_one<N: Default + PartialEq>(
+    key: &'static str,
+    value: N,
+    note: &str,
+) -> Result<N, ConfigError> {
+    if value == N::default() {
+        return Err(ConfigError::Invalid {
+            key,
+            reason: format!("must be at least 1{note}"),
+        });
+    }
+    Ok(value)
 }
 
 fn access_config(raw: RawAccess) -> Result<AccessConfig, ConfigError> {
@@ -841,11 +844,41 @@ mod tests {
             defaults.oauth.max_refreshes_per_10min
         );
         assert_eq!(example.replay_body_bytes, defaults.replay_body_bytes);
+        assert_eq!(example.max_connections, defaults.max_connections);
+        assert_eq!(
+            example.max_upstream_requests,
+            defaults.max_upstream_requests
+        );
+        assert_eq!(example.workers, defaults.workers);
         assert_eq!(
             format!("{:?}", example.timeouts),
             format!("{:?}", defaults.timeouts)
         );
         assert!(!example.access.allow_unauthenticated_remote);
+    }
+
+    #[test]
+    fn counts_of_zero_are_refused_by_name() {
+        // MINIMAL ends inside [oauth].
+        for (extra, key) in [
+            (
+                "max_refreshes_per_10min = 0",
+                "oauth.max_refreshes_per_10min",
+            ),
+            ("[limits]\nmax_connections = 0", "limits.max_connections"),
+            (
+                "[limits]\nmax_upstream_requests = 0",
+                "limits.max_upstream_requests",
+            ),
+        ] {
+            let err = Config::from_toml(&format!("{MINIMAL}\n{extra}\n")).unwrap_err();
+            let text = err.to_string();
+            assert!(text.contains(key) && text.contains("at least 1"), "{text}");
+        }
+        let c = Config::from_toml(&format!("{MINIMAL}\n[limits]\nworkers = 3\n")).unwrap();
+        assert_eq!(c.worker_threads(), 3);
+        let c = Config::from_toml(MINIMAL).unwrap();
+        assert!(c.worker_threads() >= 1, "0 means one per CPU");
     }
 
     #[test]
