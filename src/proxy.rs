@@ -93,7 +93,7 @@ impl Proxy {
         }
     }
 
-    /// Answers one request, sending it upstream through `client`; never fails (errors
+    /// Answers one request, sending it to Desk through `upstream`; never fails (errors
     /// become Zoho-shaped answers).
     pub async fn handle(
         &self,
@@ -266,11 +266,16 @@ impl Proxy {
         let timeout = self.config.timeouts.response;
         let result = tokio::time::timeout(timeout, async {
             let slot = Arc::clone(&upstream.slots).acquire_owned().await;
+            // Desk's latency, in the log, starts once a slot is free.
+            let sent = Instant::now();
             let response = upstream.client.request(request).await;
+            log.set_upstream_latency(sent.elapsed());
             (slot, response)
         })
         .await;
-        log.set_upstream_latency(started.elapsed());
+        if result.is_err() {
+            log.set_upstream_latency(started.elapsed());
+        }
         let result = match result {
             // The semaphore is never closed.
             Ok((Err(_closed), _)) => Err(ProxyError::UpstreamUnreachable(

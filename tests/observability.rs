@@ -208,3 +208,55 @@ async fn no_secret_token_or_query_appears_in_the_output_of_a_full_session() {
         );
     }
 }
+
+/// `upstream_ms` is Desk's time; a wait for a `limits.max_upstream_requests` slot shows in
+/// `duration_ms` only.
+#[tokio::test]
+async fn a_queued_request_logs_desk_time_apart_from_its_wait() {
+    let fake = FakeZoho::start().await.unwrap();
+    fake.control().set_desk_delay(Duration::from_millis(300));
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &fake,
+        true,
+        "",
+        "[limits]\nmax_upstream_requests = 1\nworkers = 1",
+    );
+    let port = free_port();
+    let (lines_tx, mut lines_rx) = tokio::sync::mpsc::unbounded_channel();
+    let child = serve_with(
+        dir.path(),
+        &config,
+        &format!("127.0.0.1:{port}"),
+        &[("RUST_LOG", "info")],
+        Some(lines_tx),
+    )
+    .await;
+    let url = format!("http://127.0.0.1:{port}/api/v1/tickets");
+    let (a, b) = tokio::join!(status(&url), status(&url));
+    assert_eq!((a, b), (200, 200));
+    sigterm(&child);
+    let out = child.wait_with_output().await.unwrap();
+    assert!(out.status.success());
+    let mut lines = Vec::new();
+    while let Some(line) = lines_rx.recv().await {
+        lines.push(line);
+    }
+
+    let timings: Vec<(f64, f64)> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "request" && v["path"] == "/api/v1/tickets")
+        .map(|v| {
+            let ms = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+            (ms("upstream_ms"), ms("duration_ms"))
+        })
+        .collect();
+    assert_eq!(timings.len(), 2, "{lines:?}");
+    for (upstream, _) in &timings {
+        assert!((290.0..550.0).contains(upstream), "{timings:?}");
+    }
+    let waited = timings.iter().map(|t| t.1).fold(0.0, f64::max);
+    assert!(waited >= 590.0, "the second request waited: {timings:?}");
+}
