@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod detect;
 pub mod error;
 pub mod fake_zoho;
 pub mod headers;

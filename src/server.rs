@@ -12,14 +12,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::detect::{self, Version};
 use crate::proxy::{Proxy, Upstream};
 
 /// Largest request head (request line + headers) accepted over HTTP/1.1.
@@ -182,25 +183,30 @@ impl Workers {
     }
 }
 
-/// What a worker's connections share: the proxy and the worker's way to Desk.
+/// What a worker's connections share: the proxy, the worker's way to Desk, and the
+/// connection settings.
 struct Worker {
     proxy: Arc<Proxy>,
     upstream: Upstream,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
 }
 
 /// A worker's life: serve the connections it is given until told to stop, then close them
 /// gracefully until the deadline.
 async fn work(proxy: Arc<Proxy>, mut jobs: mpsc::UnboundedReceiver<Job>, workers: usize) {
-    let builder = connection_builder(&proxy);
+    let (http1, http2) = connection_builders(&proxy);
     let worker = Arc::new(Worker {
         upstream: proxy.upstream(workers),
         proxy,
+        http1,
+        http2,
     });
     let graceful = GracefulShutdown::new();
     let deadline = loop {
         match jobs.recv().await {
             Some(Job::Serve(accepted, load)) => {
-                serve_connection(&worker, &builder, &graceful, accepted, load);
+                serve_connection(&worker, &graceful, accepted, load);
             }
             Some(Job::Stop(deadline)) => break deadline,
             None => return,
@@ -212,28 +218,29 @@ async fn work(proxy: Arc<Proxy>, mut jobs: mpsc::UnboundedReceiver<Job>, workers
     }
 }
 
-fn connection_builder(proxy: &Proxy) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+fn connection_builders(proxy: &Proxy) -> (http1::Builder, http2::Builder<TokioExecutor>) {
+    let mut http1 = http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(proxy.config.timeouts.header_read)
+        // The head limit itself (431); the buffer limit alone is enforced only when a
+        // read happens to end at it.
+        .max_header_size(MAX_HEAD_BYTES)
         .max_buf_size(MAX_HEAD_BYTES)
         .max_headers(MAX_HEADERS)
         .keep_alive(true);
-    builder
-        .http2()
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEAD_BYTES as u32)
         .max_concurrent_streams(256)
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    builder
+    (http1, http2)
 }
 
-/// Serves one connection on the current worker.
+/// Serves one connection on the current worker: HTTP/1.1, or h2c with prior knowledge.
 fn serve_connection(
     worker: &Arc<Worker>,
-    builder: &auto::Builder<TokioExecutor>,
     graceful: &GracefulShutdown,
     accepted: Accepted,
     load: Counted,
@@ -257,16 +264,29 @@ fn serve_connection(
             async move { worker.proxy.handle(&worker.upstream, req, peer).await }
         })
     };
-    let connection = builder
-        .serve_connection(TokioIo::new(stream), service)
-        .into_owned();
-    let connection = graceful.watch(connection);
+    let watcher = graceful.watcher();
+    let worker = Arc::clone(worker);
     let header_read = worker.proxy.config.timeouts.header_read;
     tokio::spawn(async move {
         let _counted = (slot, load);
+        let connection = async move {
+            let (version, io) = detect::detect(stream).await?;
+            let io = TokioIo::new(io);
+            match version {
+                Version::Http1 => {
+                    let connection = worker.http1.serve_connection(io, service);
+                    watcher.watch(connection).await
+                }
+                Version::Http2 => {
+                    let connection = worker.http2.serve_connection(io, service);
+                    watcher.watch(connection).await
+                }
+            }
+            .map_err(std::io::Error::other)
+        };
         tokio::pin!(connection);
-        // hyper's header read timeout starts only once HTTP/1 is detected: a client that
-        // sends nothing, or stalls in the HTTP/2 preface, is cut off here.
+        // hyper's header read timeout starts only once an HTTP/1 head begins: a client
+        // that sends nothing, or stalls in the HTTP/2 preface, is cut off here.
         let first_deadline = tokio::time::sleep(header_read);
         tokio::pin!(first_deadline);
         let mut checked = false;
