@@ -175,15 +175,8 @@ async fn a_remote_listener_needs_an_explicit_opt_in_and_then_warns() {
         "[access]\nallow_unauthenticated_remote = true\nallow_hosts = [\"*\"]",
     );
     let port = free_port();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut child = serve_with(
-        dir.path(),
-        &config,
-        &format!("0.0.0.0:{port}"),
-        &[],
-        Some(tx),
-    )
-    .await;
+    let (mut child, mut rx) =
+        serve_logged(dir.path(), &config, &format!("0.0.0.0:{port}"), &[]).await;
     // serve_with returns once the "listening" line was read, after the warning.
     let mut warned = false;
     while let Ok(line) = rx.try_recv() {

@@ -85,15 +85,9 @@ async fn no_secret_token_or_query_appears_in_the_output_of_a_full_session() {
         &format!("max_refreshes_per_10min = 100\n[access]\napi_keys = [\"{api_key}\"]"),
     );
     let port = free_port();
-    let (lines_tx, mut lines_rx) = tokio::sync::mpsc::unbounded_channel();
-    let child = serve_with(
-        dir.path(),
-        &config,
-        &format!("127.0.0.1:{port}"),
-        &[("RUST_LOG", "trace")],
-        Some(lines_tx),
-    )
-    .await;
+    let listen = format!("127.0.0.1:{port}");
+    let (child, mut lines_rx) =
+        serve_logged(dir.path(), &config, &listen, &[("RUST_LOG", "trace")]).await;
     let collector = tokio::spawn(async move {
         let mut all = String::new();
         while let Some(line) = lines_rx.recv().await {
@@ -224,15 +218,9 @@ async fn a_queued_request_logs_desk_time_apart_from_its_wait() {
         "[limits]\nmax_upstream_requests = 1\nworkers = 1",
     );
     let port = free_port();
-    let (lines_tx, mut lines_rx) = tokio::sync::mpsc::unbounded_channel();
-    let child = serve_with(
-        dir.path(),
-        &config,
-        &format!("127.0.0.1:{port}"),
-        &[("RUST_LOG", "info")],
-        Some(lines_tx),
-    )
-    .await;
+    let listen = format!("127.0.0.1:{port}");
+    let (child, mut lines_rx) =
+        serve_logged(dir.path(), &config, &listen, &[("RUST_LOG", "info")]).await;
     let url = format!("http://127.0.0.1:{port}/api/v1/tickets");
     let (a, b) = tokio::join!(status(&url), status(&url));
     assert_eq!((a, b), (200, 200));

@@ -105,6 +105,17 @@ pub async fn serve_with(
     child
 }
 
+/// [`serve_with`], with every stderr line of the child delivered on the returned channel.
+pub async fn serve_logged(
+    dir: &Path,
+    config: &Path,
+    listen: &str,
+    envs: &[(&str, &str)],
+) -> (Child, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    (serve_with(dir, config, listen, envs, Some(tx)).await, rx)
+}
+
 /// Starts `serve` and waits until it listens.
 pub async fn serve(dir: &Path, config: &Path, port: u16) -> Child {
     serve_with(dir, config, &format!("127.0.0.1:{port}"), &[], None).await
