@@ -83,11 +83,7 @@ async fn exchange_stores_the_refresh_token_masked_and_serve_reuses_the_access_to
     // serve: refresh token from the file, access token reused without any Accounts call.
     let port = free_port();
     let child = serve(dir.path(), &config, port).await;
-    let response = client()
-        .get(format!("http://127.0.0.1:{port}/api/v1/tickets"))
-        .send()
-        .await
-        .unwrap();
+    let response = fetch(format!("http://127.0.0.1:{port}/api/v1/tickets")).await;
     assert_eq!(response.status(), 200);
     assert_eq!(
         zoho.token_requests(),
@@ -108,11 +104,7 @@ async fn a_corrupt_token_file_is_reported_and_the_proxy_refreshes() {
     std::fs::write(dir.path().join("state/token.json"), "{{{ not json").unwrap();
     let port = free_port();
     let child = serve(dir.path(), &config, port).await;
-    let response = client()
-        .get(format!("http://127.0.0.1:{port}/api/v1/tickets"))
-        .send()
-        .await
-        .unwrap();
+    let response = fetch(format!("http://127.0.0.1:{port}/api/v1/tickets")).await;
     assert_eq!(response.status(), 200);
     assert_eq!(fake.control().token_requests(), 1);
     sigterm(&child);
@@ -254,21 +246,13 @@ async fn rejected_credentials_recover_on_sighup_without_a_restart() {
     let child = serve(dir.path(), &config, port).await;
     let base = format!("http://127.0.0.1:{port}");
 
-    let response = client()
-        .get(format!("{base}/api/v1/tickets"))
-        .send()
-        .await
-        .unwrap();
+    let response = fetch(format!("{base}/api/v1/tickets")).await;
     let body = assert_proxy_error(response, 503, "PROXY_AUTH_REJECTED").await;
     assert!(
         body["message"].as_str().unwrap().contains("client secret"),
         "{body}"
     );
-    let ready = client()
-        .get(format!("{base}/_proxy/ready"))
-        .send()
-        .await
-        .unwrap();
+    let ready = fetch(format!("{base}/_proxy/ready")).await;
     assert_eq!(ready.status(), 503);
     let calls = zoho.token_requests();
 

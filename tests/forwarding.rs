@@ -78,7 +78,7 @@ async fn a_client_org_id_is_kept() {
 #[tokio::test]
 async fn compressed_bodies_pass_unchanged() {
     let s = Scenario::start().await;
-    let response = client().get(s.url("/api/v1/gzip")).send().await.unwrap();
+    let response = fetch(s.url("/api/v1/gzip")).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-encoding"], "gzip");
     let bytes = response.bytes().await.unwrap();
@@ -108,11 +108,7 @@ async fn post_bodies_and_desk_errors_pass_unchanged() {
     let body: serde_json::Value = invalid.json().await.unwrap();
     assert_eq!(body["errorCode"], "INVALID_DATA");
 
-    let missing = client()
-        .get(s.url("/api/v1/nothing-here"))
-        .send()
-        .await
-        .unwrap();
+    let missing = fetch(s.url("/api/v1/nothing-here")).await;
     assert_eq!(missing.status(), 404);
 }
 
@@ -237,11 +233,7 @@ async fn unreachable_desk_is_502() {
     config.upstream =
         zoho_desk_proxy::config::BaseUrl::parse("upstream", &format!("http://{closed}")).unwrap();
     let proxy = start_proxy(config).await;
-    let response = client()
-        .get(proxy.url("/api/v1/tickets"))
-        .send()
-        .await
-        .unwrap();
+    let response = fetch(proxy.url("/api/v1/tickets")).await;
     assert_proxy_error(response, 502, "PROXY_UPSTREAM_UNREACHABLE").await;
 }
 
@@ -252,7 +244,7 @@ async fn slow_desk_is_504() {
     })
     .await;
     s.zoho.set_desk_delay(Duration::from_secs(3));
-    let response = client().get(s.url("/api/v1/tickets")).send().await.unwrap();
+    let response = fetch(s.url("/api/v1/tickets")).await;
     assert_proxy_error(response, 504, "PROXY_UPSTREAM_TIMEOUT").await;
 }
 
@@ -285,7 +277,7 @@ async fn a_queued_request_times_out_as_504() {
         // Sent once the first holds the only slot: it waits 350 ms, then its own 350 ms
         // at Desk are past the 500 ms budget.
         tokio::time::sleep(Duration::from_millis(50)).await;
-        client().get(s.url("/api/v1/tickets")).send().await.unwrap()
+        fetch(s.url("/api/v1/tickets")).await
     };
     let (first, queued) = tokio::join!(first, queued);
     assert_eq!(first, 200);
@@ -296,11 +288,7 @@ async fn a_queued_request_times_out_as_504() {
 async fn uploads_and_downloads_stream() {
     let s = Scenario::start().await;
     let size: u64 = 8 * 1024 * 1024;
-    let response = client()
-        .get(s.url(&format!("/api/v1/download?bytes={size}")))
-        .send()
-        .await
-        .unwrap();
+    let response = fetch(s.url(&format!("/api/v1/download?bytes={size}"))).await;
     assert_eq!(response.status(), 200);
     assert_eq!(
         response.headers()["content-length"],
@@ -328,7 +316,7 @@ async fn uploads_and_downloads_stream() {
 #[tokio::test]
 async fn health_and_ready() {
     let s = Scenario::start().await;
-    let health = client().get(s.url("/_proxy/health")).send().await.unwrap();
+    let health = fetch(s.url("/_proxy/health")).await;
     assert_eq!(health.status(), 200);
     assert_eq!(
         health.json::<serde_json::Value>().await.unwrap(),
@@ -336,16 +324,16 @@ async fn health_and_ready() {
     );
     // Ready after the first refresh.
     wait_for_token_requests(&s.zoho, 1).await;
-    let mut ready = client().get(s.url("/_proxy/ready")).send().await.unwrap();
+    let mut ready = fetch(s.url("/_proxy/ready")).await;
     for _ in 0..50 {
         if ready.status() == 200 {
             break;
         }
         tokio::task::yield_now().await;
-        ready = client().get(s.url("/_proxy/ready")).send().await.unwrap();
+        ready = fetch(s.url("/_proxy/ready")).await;
     }
     assert_eq!(ready.status(), 200);
-    let unknown = client().get(s.url("/_proxy/nothing")).send().await.unwrap();
+    let unknown = fetch(s.url("/_proxy/nothing")).await;
     assert_eq!(unknown.status(), 404);
     assert_eq!(
         s.zoho.desk_request_count(),

@@ -49,7 +49,7 @@ async fn metrics_expose_the_series_after_traffic() {
 #[tokio::test]
 async fn every_answer_carries_a_request_id() {
     let s = Scenario::start().await;
-    let ok = client().get(s.url("/api/v1/tickets")).send().await.unwrap();
+    let ok = fetch(s.url("/api/v1/tickets")).await;
     let refused = client()
         .get(s.url("/api/v1/tickets"))
         .header("Origin", "https://evil.example")

@@ -112,7 +112,7 @@ async fn fleet(
 }
 
 async fn get(proxy: &TestProxy, path: &str) -> reqwest::Response {
-    client().get(proxy.url(path)).send().await.unwrap()
+    fetch(proxy.url(path)).await
 }
 
 async fn ready(proxy: &TestProxy) -> serde_json::Value {

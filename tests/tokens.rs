@@ -9,7 +9,7 @@ use support::*;
 use zoho_desk_proxy::fake_zoho::{AccountsBehavior, FakeOptions};
 
 async fn get(s: &Scenario, path: &str) -> reqwest::Response {
-    client().get(s.url(path)).send().await.unwrap()
+    fetch(s.url(path)).await
 }
 
 #[tokio::test]
@@ -188,22 +188,14 @@ async fn rejected_credentials_answer_auth_rejected_and_are_not_retried() {
     let proxy = start_proxy(config_for(&fake, &options)).await;
     let zoho = fake.control();
     for _ in 0..3 {
-        let response = client()
-            .get(proxy.url("/api/v1/tickets"))
-            .send()
-            .await
-            .unwrap();
+        let response = fetch(proxy.url("/api/v1/tickets")).await;
         let body = assert_proxy_error(response, 503, "PROXY_AUTH_REJECTED").await;
         assert!(
             body["message"].as_str().unwrap().contains("exchange"),
             "{body}"
         );
     }
-    let ready = client()
-        .get(proxy.url("/_proxy/ready"))
-        .send()
-        .await
-        .unwrap();
+    let ready = fetch(proxy.url("/_proxy/ready")).await;
     assert_eq!(ready.status(), 503);
     let ready: serde_json::Value = ready.json().await.unwrap();
     assert!(

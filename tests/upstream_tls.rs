@@ -203,11 +203,7 @@ async fn an_untrusted_certificate_is_refused_and_no_token_is_sent() {
     let fake = FakeZoho::start().await.unwrap();
     let upstream = TlsUpstream::start(&[b"h2", b"http/1.1"]).await;
     let proxy = proxy_to(&upstream, &fake, false, 1).await;
-    let response = client()
-        .get(proxy.url("/api/v1/tickets"))
-        .send()
-        .await
-        .unwrap();
+    let response = fetch(proxy.url("/api/v1/tickets")).await;
     assert_proxy_error(response, 502, "PROXY_UPSTREAM_UNREACHABLE").await;
     assert!(upstream.seen.lock().unwrap().is_empty());
 }

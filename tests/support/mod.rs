@@ -144,13 +144,12 @@ pub fn client() -> reqwest::Client {
 
 /// The status of a plain GET (HTTP/1.1).
 pub async fn status(url: impl reqwest::IntoUrl) -> u16 {
-    client()
-        .get(url)
-        .send()
-        .await
-        .expect("request")
-        .status()
-        .as_u16()
+    fetch(url).await.status().as_u16()
+}
+
+/// A plain GET through [`client`].
+pub async fn fetch(url: impl reqwest::IntoUrl) -> reqwest::Response {
+    client().get(url).send().await.expect("request")
 }
 
 /// An h2c (prior knowledge) client.
