@@ -207,6 +207,8 @@ impl Proxy {
             // SCOPE_MISMATCH and friends: the token is fine, the answer is the client's.
             return Ok(rebuild(resp_parts, desk_401));
         }
+        // Requests arriving from now on wait for the new token instead of using this one.
+        self.tokens.mark_rejected(token.generation);
         let Some(replay) = replay else {
             self.refresh_in_background(&token);
             return Ok(rebuild(resp_parts, desk_401));

@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -159,6 +160,9 @@ pub struct TokenCache {
     /// The generation of the current token; the background task and the token file
     /// wait on it.
     changed: watch::Sender<u64>,
+    /// The newest generation Desk rejected (401 `INVALID_OAUTH`): tokens up to it are
+    /// no longer handed out, so requests wait for the refresh instead of failing.
+    rejected: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -187,6 +191,7 @@ impl TokenCache {
                 ..Default::default()
             }),
             changed: watch::channel(0).0,
+            rejected: AtomicU64::new(0),
             metrics,
         })
     }
@@ -215,7 +220,12 @@ impl TokenCache {
     pub async fn usable(self: &Arc<Self>) -> Result<Arc<Token>, TokenError> {
         let current = self.current.load();
         match &*current {
-            Some(token) if token.is_valid_at(Instant::now()) => Ok(token.clone()),
+            Some(token)
+                if token.is_valid_at(Instant::now())
+                    && token.generation > self.rejected.load(Ordering::Acquire) =>
+            {
+                Ok(token.clone())
+            }
             Some(token) => {
                 let generation = token.generation;
                 drop(current);
@@ -226,6 +236,12 @@ impl TokenCache {
                 self.refresh_after(0).await
             }
         }
+    }
+
+    /// Records that Desk rejected the token of `generation`: from now on requests wait
+    /// for a newer one (see [`Self::refresh_after`]) rather than use it.
+    pub fn mark_rejected(&self, generation: u64) {
+        self.rejected.fetch_max(generation, Ordering::AcqRel);
     }
 
     /// A token newer than `failed_generation`: the current one if someone already
@@ -601,6 +617,21 @@ mod tests {
             assert!(token.generation > first.generation);
         }
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_token_desk_rejected_is_not_handed_out_again() {
+        let (cache, calls) = cache(grant, 10);
+        let first = cache.usable().await.unwrap();
+        assert_eq!(cache.usable().await.unwrap().generation, first.generation);
+        cache.mark_rejected(first.generation);
+        let next = cache.usable().await.unwrap();
+        assert!(next.generation > first.generation);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "one refresh for the rejection"
+        );
     }
 
     #[tokio::test]
