@@ -186,15 +186,23 @@ JSON='{"data":[{"id":"1892000000143237","ticketNumber":"101","subject":"x","stat
 TEMP_PATHS="client_body_temp_path $SHM/body; proxy_temp_path $WORK/tmp/proxy;
   fastcgi_temp_path $WORK/tmp/fcgi; uwsgi_temp_path $WORK/tmp/uwsgi; scgi_temp_path $WORK/tmp/scgi;"
 
-cat >"$WORK/upstream.conf" <<EOF
+# The start shared by both nginx configs, up to the inside of `http {`.
+nginx_head() { # name
+    cat <<EOF
 worker_processes 2;
 worker_rlimit_nofile 65536;
-pid $WORK/upstream.pid;
-error_log $WORK/upstream.err warn;
+pid $WORK/$1.pid;
+error_log $WORK/$1.err warn;
 events { worker_connections 16384; }
 http {
   access_log off;
   $TEMP_PATHS
+EOF
+}
+
+{
+    nginx_head upstream
+    cat <<EOF
   sendfile on;
   tcp_nopush on;
   tcp_nodelay on;
@@ -212,16 +220,11 @@ http {
   }
 }
 EOF
+} >"$WORK/upstream.conf"
 
-cat >"$WORK/anchor.conf" <<EOF
-worker_processes 2;
-worker_rlimit_nofile 65536;
-pid $WORK/anchor.pid;
-error_log $WORK/anchor.err warn;
-events { worker_connections 16384; }
-http {
-  access_log off;
-  $TEMP_PATHS
+{
+    nginx_head anchor
+    cat <<EOF
   tcp_nodelay on;
   keepalive_requests 1000000;
   keepalive_timeout 120s;
@@ -258,6 +261,7 @@ http {
   }
 }
 EOF
+} >"$WORK/anchor.conf"
 
 start_nginx() { # name conf port
     "$NGINX" -t -q -c "$2" -e "$WORK/$1.err" >"$WORK/$1.test" 2>&1 ||
