@@ -22,7 +22,7 @@
 # Knobs (environment): ROUNDS (3), LOAD_SECS (10), LAT_SECS (5), WARM_SECS (2),
 # STREAM_MIB (1024), ROTATE_SECS (4), SKIP_BUILD=1 (use the binaries already built),
 # SCENARIOS ("c64 c1 c1000 download upload rotation client"; client = the upstream client
-# alone, hyper-util's against reqwest, examples/client_bench.rs), ANCHOR_EXTRA (nginx directives
+# alone, hyper-util's against reqwest and a lean-h1 experiment, examples/client_bench.rs), ANCHOR_EXTRA (nginx directives
 # added to the anchor's locations), PRODUCT_ENV (extra environment of the product),
 # PRODUCT_TOML (extra proxy.toml lines), PRODUCT_BIN (another build of the product, e.g.
 # with other release profile settings; implies nothing about SKIP_BUILD),
@@ -784,6 +784,7 @@ if has_scenario rotation; then
 fi
 if has_scenario client && [[ -s $WORK/client.txt ]]; then
     echo "- upstream client (point 4): $(grep '^reqwest /' "$WORK/client.txt" || echo 'no result'); the product uses hyper-util's"
+    echo "- upstream client, what replacing hyper-util's pool could save: $(grep '^lean-h1 /' "$WORK/client.txt" || echo 'no result')"
 fi
 other_all=$(awk '{for (i = 1; i <= NF; i++) if ($i ~ /^other_pct=/) print substr($i, 11)}' "$RESULTS")
 if [[ -n $other_all ]]; then

@@ -8,13 +8,15 @@
 //! Sends GETs to the URL from 64 concurrent tasks on one single-threaded runtime (as one
 //! proxy worker does) through each client in turn: the product's (`client::build`, the
 //! hyper-util pooled client) and reqwest's (no proxy, no redirects, no decompression, which
-//! is what a proxy would need). Rounds alternate (A B, B A, …) so that machine drift
-//! cancels; prints requests/s and CPU per request for each, and the medians of the
-//! per-round ratios. Knobs: `CLIENT_BENCH_SECS` (5), `CLIENT_BENCH_ROUNDS` (3),
+//! is what a proxy would need), and `lean-h1`, an experiment bounding what replacing
+//! hyper-util's pool could save (see [`LeanPool`]). Each round starts with another client
+//! so that machine drift cancels; prints requests/s and CPU per request for each, and the
+//! medians of the per-round ratios to hyper-util's. Knobs: `CLIENT_BENCH_SECS` (5), `CLIENT_BENCH_ROUNDS` (3),
 //! `CLIENT_BENCH_CONCURRENCY` (64).
 
 use std::future::Future;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -45,6 +47,59 @@ impl Client for HyperUtil {
                 .collect()
                 .await
                 .map_err(|e| e.to_string())?;
+            Ok(body.to_bytes().len())
+        })
+    }
+}
+
+/// An experiment, not the product: a worker-local pool of hyper's connection-level HTTP/1
+/// clients (no hyper-util pool, no lock, `Host` precomputed), each connection driven by its
+/// own local task. It bounds what replacing hyper-util's pool could save.
+struct LeanPool {
+    addr: std::net::SocketAddr,
+    host: http::HeaderValue,
+    idle: Rc<std::cell::RefCell<Vec<hyper::client::conn::http1::SendRequest<Empty<Bytes>>>>>,
+}
+
+impl Client for LeanPool {
+    fn get(&self, url: &str) -> Send {
+        let (addr, host, idle) = (self.addr, self.host.clone(), Rc::clone(&self.idle));
+        let path = url
+            .parse::<http::Uri>()
+            .ok()
+            .and_then(|u| u.path_and_query().cloned());
+        Box::pin(async move {
+            let path = path.ok_or("no path")?;
+            let popped = idle.borrow_mut().pop();
+            let mut sender = match popped {
+                Some(sender) => sender,
+                None => {
+                    let tcp = tokio::net::TcpStream::connect(addr)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let _ = tcp.set_nodelay(true);
+                    let (sender, connection) =
+                        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    tokio::task::spawn_local(connection);
+                    sender
+                }
+            };
+            let mut request = http::Request::new(Empty::<Bytes>::new());
+            *request.uri_mut() = http::Uri::from(path);
+            request.headers_mut().insert(http::header::HOST, host);
+            sender.ready().await.map_err(|e| e.to_string())?;
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| e.to_string())?;
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?;
+            idle.borrow_mut().push(sender);
             Ok(body.to_bytes().len())
         })
     }
@@ -100,7 +155,7 @@ fn cpu_time() -> Duration {
     Duration::from_secs_f64((field(11) + field(12)) / ticks_per_sec)
 }
 
-async fn run(client: Arc<dyn Client>, url: Arc<str>, concurrency: usize, secs: u64) -> Run {
+async fn run(client: Rc<dyn Client>, url: Arc<str>, concurrency: usize, secs: u64) -> Run {
     let stop = Arc::new(AtomicBool::new(false));
     let requests = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -110,7 +165,7 @@ async fn run(client: Arc<dyn Client>, url: Arc<str>, concurrency: usize, secs: u
     let cpu_started = cpu_time();
     let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
-            let (client, url) = (Arc::clone(&client), Arc::clone(&url));
+            let (client, url) = (Rc::clone(&client), Arc::clone(&url));
             let (stop, requests, errors) = (
                 Arc::clone(&stop),
                 Arc::clone(&requests),
@@ -155,6 +210,25 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
+fn lean_addr(url: &str) -> Result<std::net::SocketAddr, String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| e.to_string())?;
+    let host = uri.host().ok_or("no host")?;
+    let port = uri.port_u16().unwrap_or(80);
+    format!("{host}:{port}")
+        .parse()
+        .map_err(|e: std::net::AddrParseError| e.to_string())
+}
+
+fn lean_host(url: &str) -> Result<http::HeaderValue, String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| e.to_string())?;
+    let authority = uri.authority().ok_or("no authority")?;
+    http::HeaderValue::from_str(authority.as_str()).map_err(|e| e.to_string())
+}
+
 fn main() -> Result<(), String> {
     let url: Arc<str> = std::env::args()
         .nth(1)
@@ -169,13 +243,13 @@ fn main() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async {
-        let hyper_util: Arc<dyn Client> = Arc::new(HyperUtil(zoho_desk_proxy::client::build(
+        let hyper_util: Rc<dyn Client> = Rc::new(HyperUtil(zoho_desk_proxy::client::build(
             Duration::from_secs(10),
             Duration::from_secs(90),
             concurrency,
             &[],
         )));
-        let reqwest: Arc<dyn Client> = Arc::new(Reqwest(
+        let reqwest: Rc<dyn Client> = Rc::new(Reqwest(
             reqwest::Client::builder()
                 .no_proxy()
                 .redirect(reqwest::redirect::Policy::none())
@@ -184,17 +258,22 @@ fn main() -> Result<(), String> {
                 .build()
                 .map_err(|e| e.to_string())?,
         ));
-        let clients = [("hyper-util", hyper_util), ("reqwest", reqwest)];
-        let (mut rps_ratios, mut cpu_ratios) = (Vec::new(), Vec::new());
+        let lean: Rc<dyn Client> = Rc::new(LeanPool {
+            addr: lean_addr(&url)?,
+            host: lean_host(&url)?,
+            idle: Rc::default(),
+        });
+        // The first is the baseline the others are compared with.
+        let clients = [("hyper-util", hyper_util), ("reqwest", reqwest), ("lean-h1", lean)];
+        let mut ratios: Vec<(Vec<f64>, Vec<f64>)> = vec![Default::default(); clients.len()];
         for round in 1..=rounds {
-            let mut order = [0, 1];
-            if round % 2 == 0 {
-                order.reverse();
-            }
-            let mut runs: [Option<Run>; 2] = [None, None];
+            // Each round starts with a different client, so that none always runs first.
+            let mut order: Vec<usize> = (0..clients.len()).collect();
+            order.rotate_left(round as usize % clients.len());
+            let mut runs: Vec<Option<Run>> = (0..clients.len()).map(|_| None).collect();
             for i in order {
                 let (name, client) = &clients[i];
-                let r = run(Arc::clone(client), Arc::clone(&url), concurrency, secs).await;
+                let r = run(Rc::clone(client), Arc::clone(&url), concurrency, secs).await;
                 println!(
                     "round {round} {name:<10} {:>8.0} req/s  cpu {:>6.1} us/req  errors {}",
                     r.rps(),
@@ -203,16 +282,23 @@ fn main() -> Result<(), String> {
                 );
                 runs[i] = Some(r);
             }
-            if let [Some(h), Some(r)] = &runs {
-                rps_ratios.push(r.rps() / h.rps());
-                cpu_ratios.push(r.cpu_per_request_us() / h.cpu_per_request_us());
+            if let Some(Some(base)) = runs.first() {
+                for (i, run) in runs.iter().enumerate().skip(1) {
+                    if let Some(r) = run {
+                        ratios[i].0.push(r.rps() / base.rps());
+                        ratios[i].1.push(r.cpu_per_request_us() / base.cpu_per_request_us());
+                    }
+                }
             }
         }
-        println!(
-            "reqwest / hyper-util (medians of {rounds} rounds): throughput {:.2}x, CPU per request {:.2}x",
-            median(rps_ratios),
-            median(cpu_ratios)
-        );
+        for (i, (rps, cpu)) in ratios.into_iter().enumerate().skip(1) {
+            println!(
+                "{} / hyper-util (medians of {rounds} rounds): throughput {:.2}x, CPU per request {:.2}x",
+                clients[i].0,
+                median(rps),
+                median(cpu)
+            );
+        }
         Ok(())
     })
 }
