@@ -352,3 +352,26 @@ fn urlencode(s: &str) -> String {
         })
         .collect()
 }
+
+#[tokio::test]
+async fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let s = Scenario::start().await;
+    // Desk is slow, so the client's FIN arrives while the request is at Desk.
+    s.zoho.set_desk_delay(Duration::from_millis(200));
+    let mut stream = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /api/v1/tickets HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    stream.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("the proxy answered or closed in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert_eq!(raw_status(&answer), 200, "{answer}");
+    assert_eq!(s.zoho.desk_request_count(), 1);
+}
