@@ -594,7 +594,7 @@ impl TryFrom<RawConfig> for Config {
             )?,
             max_upstream_requests: at_least_one(
                 "limits.max_upstream_requests",
-                raw.limits.max_upstream_requests.unwrap_or(256),
+                raw.limits.max_upstream_requests.unwrap_or(64),
                 "",
             )?,
             workers: raw.limits.workers.unwrap_or(0),
