@@ -135,7 +135,7 @@ impl Workers {
             std::thread::Builder::new()
                 .name(format!("zdp-worker-{index}"))
                 .spawn(move || {
-                    runtime.block_on(work(proxy, receiver, count));
+                    runtime.block_on(work(proxy, receiver, index, count));
                     // Dropping the runtime drops the connections still open.
                     drop(runtime);
                     let _ = finished.send(());
@@ -194,10 +194,15 @@ struct Worker {
 
 /// A worker's life: serve the connections it is given until told to stop, then close them
 /// gracefully until the deadline.
-async fn work(proxy: Arc<Proxy>, mut jobs: mpsc::UnboundedReceiver<Job>, workers: usize) {
+async fn work(
+    proxy: Arc<Proxy>,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    index: usize,
+    workers: usize,
+) {
     let (http1, http2) = connection_builders(&proxy);
     let worker = Arc::new(Worker {
-        upstream: proxy.upstream(workers),
+        upstream: proxy.upstream(index, workers),
         proxy,
         http1,
         http2,

@@ -264,6 +264,23 @@ async fn requests_beyond_max_upstream_requests_wait_their_turn() {
 }
 
 #[tokio::test]
+async fn max_upstream_requests_holds_for_the_whole_process_across_workers() {
+    // Split into parts that add up to 3 (2 and 1); parts rounded up would allow 4.
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.max_upstream_requests = 3;
+        c.workers = 2;
+    })
+    .await;
+    s.zoho.set_desk_delay(Duration::from_millis(200));
+    // Concurrent requests go on separate connections, spread over both workers.
+    let requests = (0..12).map(|_| status(s.url("/api/v1/tickets")));
+    let statuses = futures_util::future::join_all(requests).await;
+    assert!(statuses.iter().all(|&code| code == 200), "{statuses:?}");
+    assert_eq!(s.zoho.desk_request_count(), 12);
+    assert_eq!(s.zoho.desk_max_concurrent(), 3, "at most 3 at Desk at once");
+}
+
+#[tokio::test]
 async fn a_queued_request_times_out_as_504() {
     let s = Scenario::with(FakeOptions::default(), |c| {
         c.max_upstream_requests = 1;
