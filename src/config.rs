@@ -411,12 +411,14 @@ pub const DATA_CENTRES: &[(&str, &str, &str)] = &[
 ];
 
 impl Config {
-    /// How many serving threads to run: `limits.workers`, or one per CPU.
+    /// How many serving threads to run: `limits.workers`, or one per CPU; never more than
+    /// `limits.max_upstream_requests`, since each thread needs a slot of its own.
     pub fn worker_threads(&self) -> usize {
-        match self.workers {
+        let threads = match self.workers {
             0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
             n => n,
-        }
+        };
+        threads.min(self.max_upstream_requests)
     }
 
     /// Whether other machines can reach the listener with neither a key nor a CIDR rule
@@ -877,6 +879,11 @@ mod tests {
         }
         let c = Config::from_toml(&format!("{MINIMAL}\n[limits]\nworkers = 3\n")).unwrap();
         assert_eq!(c.worker_threads(), 3);
+        let c = Config::from_toml(&format!(
+            "{MINIMAL}\n[limits]\nworkers = 8\nmax_upstream_requests = 2\n"
+        ))
+        .unwrap();
+        assert_eq!(c.worker_threads(), 2, "each thread has a slot of its own");
         let c = Config::from_toml(MINIMAL).unwrap();
         assert!(c.worker_threads() >= 1, "0 means one per CPU");
     }

@@ -371,24 +371,37 @@ fn urlencode(s: &str) -> String {
 }
 
 #[tokio::test]
-async fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+async fn a_request_whose_client_left_while_it_waited_for_a_slot_is_never_sent() {
+    use tokio::io::AsyncWriteExt;
 
-    let s = Scenario::start().await;
-    // Desk is slow, so the client's FIN arrives while the request is at Desk.
-    s.zoho.set_desk_delay(Duration::from_millis(200));
-    let mut stream = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
-    stream
-        .write_all(b"GET /api/v1/tickets HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    stream.shutdown().await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
-        .await
-        .expect("the proxy answered or closed in time")
-        .expect("read");
-    let answer = String::from_utf8_lossy(&answer);
-    assert_eq!(raw_status(&answer), 200, "{answer}");
-    assert_eq!(s.zoho.desk_request_count(), 1);
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.max_upstream_requests = 1;
+        c.workers = 1;
+    })
+    .await;
+    s.zoho.set_desk_delay(Duration::from_millis(300));
+    // The first request holds the only slot for 300 ms.
+    let first = tokio::spawn(status(s.url("/api/v1/tickets?n=1")));
+    while s.zoho.desk_request_count() == 0 {
+        tokio::task::yield_now().await;
+    }
+    // The second queues behind it, and its client goes away.
+    let mut gone = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
+    gone.write_all(
+        b"POST /api/v1/tickets?n=2 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\n{}",
+    )
+    .await
+    .unwrap();
+    drop(gone);
+    // The slot is first come, first served: had the second still been waiting, it would
+    // reach Desk before the third.
+    let third = status(s.url("/api/v1/tickets?n=3")).await;
+    assert_eq!((first.await.unwrap(), third), (200, 200));
+    let seen: Vec<String> = s
+        .zoho
+        .desk_requests()
+        .into_iter()
+        .map(|r| r.path_and_query)
+        .collect();
+    assert_eq!(seen, ["/api/v1/tickets?n=1", "/api/v1/tickets?n=3"]);
 }
