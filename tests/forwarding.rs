@@ -248,36 +248,31 @@ async fn slow_desk_is_504() {
     assert_proxy_error(response, 504, "PROXY_UPSTREAM_TIMEOUT").await;
 }
 
-#[tokio::test]
-async fn requests_beyond_max_upstream_requests_wait_their_turn() {
+/// Sends `requests` at once (each on its own connection, spread over the workers) to a
+/// proxy allowing 3 at Desk; all get 200, and Desk never sees more than 3 at once.
+async fn at_most_three_reach_desk_at_once(workers: usize, requests: usize) {
     let s = Scenario::with(FakeOptions::default(), |c| {
         c.max_upstream_requests = 3;
-        c.workers = 1;
+        c.workers = workers;
     })
     .await;
     s.zoho.set_desk_delay(Duration::from_millis(200));
-    let requests = (0..9).map(|_| status(s.url("/api/v1/tickets")));
-    let statuses = futures_util::future::join_all(requests).await;
+    let sent = (0..requests).map(|_| status(s.url("/api/v1/tickets")));
+    let statuses = futures_util::future::join_all(sent).await;
     assert!(statuses.iter().all(|&code| code == 200), "{statuses:?}");
-    assert_eq!(s.zoho.desk_request_count(), 9);
+    assert_eq!(s.zoho.desk_request_count(), requests as u64);
     assert_eq!(s.zoho.desk_max_concurrent(), 3, "at most 3 at Desk at once");
+}
+
+#[tokio::test]
+async fn requests_beyond_max_upstream_requests_wait_their_turn() {
+    at_most_three_reach_desk_at_once(1, 9).await;
 }
 
 #[tokio::test]
 async fn max_upstream_requests_holds_for_the_whole_process_across_workers() {
     // Split into parts that add up to 3 (2 and 1); parts rounded up would allow 4.
-    let s = Scenario::with(FakeOptions::default(), |c| {
-        c.max_upstream_requests = 3;
-        c.workers = 2;
-    })
-    .await;
-    s.zoho.set_desk_delay(Duration::from_millis(200));
-    // Concurrent requests go on separate connections, spread over both workers.
-    let requests = (0..12).map(|_| status(s.url("/api/v1/tickets")));
-    let statuses = futures_util::future::join_all(requests).await;
-    assert!(statuses.iter().all(|&code| code == 200), "{statuses:?}");
-    assert_eq!(s.zoho.desk_request_count(), 12);
-    assert_eq!(s.zoho.desk_max_concurrent(), 3, "at most 3 at Desk at once");
+    at_most_three_reach_desk_at_once(2, 12).await;
 }
 
 #[tokio::test]
