@@ -380,10 +380,10 @@ pub fn token_is_invalid(body: &[u8]) -> bool {
 
 /// Serving thread `index`'s part of `limits.max_upstream_requests`: the limit split as
 /// evenly as it goes, so the parts add up to it (there are never more threads than slots:
-/// [`Config::worker_threads`]). Requests beyond
-/// a part wait for a slot rather than open more connections; as many stay pooled. A slot
-/// is never borrowed from another thread: a process-wide semaphore measured 0.68–0.74×
-/// nginx at 1000 connections against 1.03–1.16× with parts, waking waiters across threads.
+/// [`Config::worker_threads`]). Requests beyond a part wait for a slot rather than open
+/// more connections; as many stay pooled. A slot is never borrowed from another thread: a
+/// process-wide semaphore measured 0.68–0.74× nginx at 1000 connections against
+/// 1.03–1.16× with parts, waking waiters across threads.
 fn upstream_share(limit: usize, index: usize, workers: usize) -> usize {
     let workers = workers.max(1);
     (limit / workers + usize::from(index < limit % workers)).max(1)
