@@ -166,17 +166,18 @@ async fn method_and_path_rules_apply_to_forwarded_requests() {
 #[tokio::test]
 async fn a_remote_listener_needs_an_explicit_opt_in_and_then_warns() {
     let fake = FakeZoho::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
+    let Logged {
+        dir: _dir,
+        mut child,
+        lines: mut rx,
+        port,
+    } = serve_fake_logged(
         &fake,
-        true,
-        "",
         "[access]\nallow_unauthenticated_remote = true\nallow_hosts = [\"*\"]",
-    );
-    let port = free_port();
-    let (mut child, mut rx) =
-        serve_logged(dir.path(), &config, &format!("0.0.0.0:{port}"), &[]).await;
+        "0.0.0.0",
+        &[],
+    )
+    .await;
     // serve_with returns once the "listening" line was read, after the warning.
     let mut warned = false;
     while let Ok(line) = rx.try_recv() {

@@ -75,19 +75,19 @@ async fn no_secret_token_or_query_appears_in_the_output_of_a_full_session() {
     };
     let fake = FakeZoho::start_with(options.clone()).await.unwrap();
     let zoho = fake.control();
-    let dir = tempfile::tempdir().unwrap();
     let api_key = "proxy-key-7f3a9c1e5b";
-    let config = write_config(
-        dir.path(),
+    let Logged {
+        dir: _dir,
+        child,
+        lines: mut lines_rx,
+        port,
+    } = serve_fake_logged(
         &fake,
-        true,
-        "",
         &format!("max_refreshes_per_10min = 100\n[access]\napi_keys = [\"{api_key}\"]"),
-    );
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let (child, mut lines_rx) =
-        serve_logged(dir.path(), &config, &listen, &[("RUST_LOG", "trace")]).await;
+        "127.0.0.1",
+        &[("RUST_LOG", "trace")],
+    )
+    .await;
     let collector = tokio::spawn(async move {
         let mut all = String::new();
         while let Some(line) = lines_rx.recv().await {
@@ -209,18 +209,18 @@ async fn no_secret_token_or_query_appears_in_the_output_of_a_full_session() {
 async fn a_queued_request_logs_desk_time_apart_from_its_wait() {
     let fake = FakeZoho::start().await.unwrap();
     fake.control().set_desk_delay(Duration::from_millis(300));
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
+    let Logged {
+        dir: _dir,
+        child,
+        lines: mut lines_rx,
+        port,
+    } = serve_fake_logged(
         &fake,
-        true,
-        "",
         "[limits]\nmax_upstream_requests = 1\nworkers = 1",
-    );
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let (child, mut lines_rx) =
-        serve_logged(dir.path(), &config, &listen, &[("RUST_LOG", "info")]).await;
+        "127.0.0.1",
+        &[("RUST_LOG", "info")],
+    )
+    .await;
     let url = format!("http://127.0.0.1:{port}/api/v1/tickets");
     let (a, b) = tokio::join!(status(&url), status(&url));
     assert_eq!((a, b), (200, 200));

@@ -116,6 +116,35 @@ pub async fn serve_logged(
     (serve_with(dir, config, listen, envs, Some(tx)).await, rx)
 }
 
+/// The binary serving a fake, with every stderr line on `lines`.
+pub struct Logged {
+    /// Holds `proxy.toml` and the token file; removed when dropped.
+    pub dir: tempfile::TempDir,
+    pub child: Child,
+    pub lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    pub port: u16,
+}
+
+/// Starts `serve` for `fake` (config of [`write_config`] with the refresh token and
+/// `after_oauth`) on `host` and a free port, with `envs`.
+pub async fn serve_fake_logged(
+    fake: &FakeZoho,
+    after_oauth: &str,
+    host: &str,
+    envs: &[(&str, &str)],
+) -> Logged {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), fake, true, "", after_oauth);
+    let port = free_port();
+    let (child, lines) = serve_logged(dir.path(), &config, &format!("{host}:{port}"), envs).await;
+    Logged {
+        dir,
+        child,
+        lines,
+        port,
+    }
+}
+
 /// Starts `serve` and waits until it listens.
 pub async fn serve(dir: &Path, config: &Path, port: u16) -> Child {
     serve_with(dir, config, &format!("127.0.0.1:{port}"), &[], None).await
