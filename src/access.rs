@@ -1,74 +1,54 @@
-//! Access rules of SPEC §7: client keys, `Host` and `Origin`, methods, paths, client IPs.
+//! Access rules (README "Security model"): client keys, `Host`, `Origin` and
+//! `Sec-Fetch-Site`, methods (and the headers that override them), paths, client IPs.
 //! Every refusal names the rule that fired.
 
 use std::net::{IpAddr, SocketAddr};
 
-use globset::GlobMatcher;
-use http::{HeaderMap, Method, Request, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, header};
 use ipnet::IpNet;
 use subtle::ConstantTimeEq;
 
 use crate::config::{AccessConfig, Config, ConfigError};
 use crate::error::ProxyError;
 use crate::headers::PROXY_KEY;
+use crate::paths::{Case, PathRule};
 use crate::secret::Secret;
-use crate::target::Target;
+use crate::target::{self, Target};
+
+/// Methods never forwarded: `CONNECT` (this is not a tunnel), and `TRACE` / `TRACK`, whose
+/// echo would hand the injected token to the client.
+const NEVER_FORWARDED: [&str; 3] = ["CONNECT", "TRACE", "TRACK"];
+
+/// The methods a proxy without `allow_methods` answers, for the `Allow` header.
+const DEFAULT_ALLOW: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
+/// Headers through which some servers let a request claim another method.
+static METHOD_OVERRIDES: [HeaderName; 3] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
+
+static SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
 
 /// The compiled access rules.
 #[derive(Debug)]
 pub struct AccessPolicy {
     api_keys: Vec<Secret<String>>,
     allow_methods: Option<Vec<Method>>,
-    allow_paths: Vec<PathPattern>,
-    deny_paths: Vec<PathPattern>,
+    /// The `Allow` header of a 405.
+    allow: HeaderValue,
+    allow_paths: Vec<PathRule>,
+    deny_paths: Vec<PathRule>,
     /// Lower-case host names; `*` accepts any.
     allow_hosts: Vec<String>,
     allow_origins: Vec<String>,
     allow_cidrs: Vec<IpNet>,
 }
 
-/// A path rule: a prefix that matches whole segments, or a glob (`*` within a segment,
-/// `**` across segments).
-#[derive(Debug)]
-enum PathPattern {
-    Prefix(String),
-    Glob(GlobMatcher),
-}
-
-impl PathPattern {
-    fn parse(key: &'static str, text: &str) -> Result<Self, ConfigError> {
-        if text.contains(['*', '?', '[', '{']) {
-            let glob = globset::GlobBuilder::new(text)
-                .literal_separator(true)
-                .build()
-                .map_err(|e| ConfigError::Invalid {
-                    key,
-                    reason: format!("bad glob {text:?}: {e}"),
-                })?;
-            Ok(Self::Glob(glob.compile_matcher()))
-        } else if text.starts_with('/') {
-            Ok(Self::Prefix(text.trim_end_matches('/').to_owned()))
-        } else {
-            Err(ConfigError::Invalid {
-                key,
-                reason: format!("{text:?} must start with \"/\""),
-            })
-        }
-    }
-
-    fn matches(&self, path: &str) -> bool {
-        match self {
-            Self::Glob(glob) => glob.is_match(path),
-            Self::Prefix(prefix) => path
-                .strip_prefix(prefix.as_str())
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
-        }
-    }
-}
-
 impl AccessPolicy {
-    /// Compiles the rules of a validated config; patterns and CIDRs were checked by
-    /// [`AccessPolicy::validate`], so a bad one here is skipped.
+    /// Compiles the rules of a validated config; they were checked by
+    /// [`AccessPolicy::validate`], so a failure here refuses every request.
     pub fn new(config: &Config) -> Self {
         Self::compile(&config.access, config.listen).unwrap_or_else(|err| {
             tracing::error!(error = %err, "access rules could not be compiled; refusing everything");
@@ -85,8 +65,9 @@ impl AccessPolicy {
         Self {
             api_keys: Vec::new(),
             allow_methods: Some(Vec::new()),
+            allow: HeaderValue::from_static(""),
             allow_paths: Vec::new(),
-            deny_paths: vec![PathPattern::Prefix(String::new())],
+            deny_paths: PathRule::parse("/", Case::Sensitive).into_iter().collect(),
             allow_hosts: Vec::new(),
             allow_origins: Vec::new(),
             allow_cidrs: Vec::new(),
@@ -94,9 +75,14 @@ impl AccessPolicy {
     }
 
     fn compile(access: &AccessConfig, listen: SocketAddr) -> Result<Self, ConfigError> {
-        let patterns = |key: &'static str, list: &[String]| {
+        let rules = |key: &'static str, list: &[String], case: Case| {
             list.iter()
-                .map(|p| PathPattern::parse(key, p))
+                .map(|p| {
+                    PathRule::parse(p, case).map_err(|e| ConfigError::Invalid {
+                        key,
+                        reason: e.to_string(),
+                    })
+                })
                 .collect::<Result<Vec<_>, _>>()
         };
         let allow_hosts = match &access.allow_hosts {
@@ -108,11 +94,26 @@ impl AccessPolicy {
             .iter()
             .map(|c| parse_cidr(c))
             .collect::<Result<Vec<_>, _>>()?;
+        let allow = match &access.allow_methods {
+            None => HeaderValue::from_static(DEFAULT_ALLOW),
+            Some(methods) => {
+                let listed: Vec<&str> = methods
+                    .iter()
+                    .map(Method::as_str)
+                    .filter(|m| !NEVER_FORWARDED.contains(m))
+                    .collect();
+                HeaderValue::from_str(&listed.join(", ")).map_err(|_| ConfigError::Invalid {
+                    key: "access.allow_methods",
+                    reason: "a method name is not a valid token".into(),
+                })?
+            }
+        };
         Ok(Self {
             api_keys: access.api_keys.clone(),
             allow_methods: access.allow_methods.clone(),
-            allow_paths: patterns("access.allow_paths", &access.allow_paths)?,
-            deny_paths: patterns("access.deny_paths", &access.deny_paths)?,
+            allow,
+            allow_paths: rules("access.allow_paths", &access.allow_paths, Case::Sensitive)?,
+            deny_paths: rules("access.deny_paths", &access.deny_paths, Case::Insensitive)?,
             allow_hosts,
             allow_origins: access
                 .allow_origins
@@ -128,6 +129,20 @@ impl AccessPolicy {
         !self.api_keys.is_empty()
     }
 
+    /// Refuses the methods that are never forwarded, whatever the rules: `CONNECT`,
+    /// `TRACE`, `TRACK` (405 with `Allow`).
+    pub fn check_method_is_forwardable(&self, method: &Method) -> Result<(), ProxyError> {
+        if NEVER_FORWARDED.contains(&method.as_str()) {
+            let why = if method == Method::CONNECT {
+                "CONNECT is not supported: this is a reverse proxy for the Zoho Desk API, send plain HTTP requests to it"
+            } else {
+                "TRACE and TRACK are never forwarded: Desk's echo would carry the proxy's token"
+            };
+            return Err(self.method_not_allowed(why.into()));
+        }
+        Ok(())
+    }
+
     /// Rules for a request to be forwarded.
     pub fn check<B>(
         &self,
@@ -141,7 +156,7 @@ impl AccessPolicy {
         }
         self.check_origin(req.headers())?;
         self.check_key(req.headers())?;
-        self.check_method(req.method())?;
+        self.check_method(req.method(), req.headers())?;
         self.check_path(target.path())
     }
 
@@ -173,6 +188,8 @@ impl AccessPolicy {
         }
     }
 
+    /// Every name the request gives for the proxy (its `Host`, and the `:authority` of an
+    /// HTTP/2 request) must be allowed.
     fn check_host<B>(&self, req: &Request<B>) -> Result<(), ProxyError> {
         if self.allow_hosts.iter().any(|h| h == "*") {
             return Ok(());
@@ -180,42 +197,57 @@ impl AccessPolicy {
         let host = req
             .headers()
             .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().authority().map(|a| a.as_str()))
-            .ok_or_else(|| {
-                ProxyError::Forbidden("access.allow_hosts: the request has no Host header".into())
-            })?;
-        // Allowed names are stored lower-cased; compare without allocating.
-        let name = host_name(host);
-        if self
-            .allow_hosts
-            .iter()
-            .any(|h| h.eq_ignore_ascii_case(name))
-        {
-            Ok(())
-        } else {
-            Err(ProxyError::Forbidden(format!(
-                "access.allow_hosts: Host {name:?} is not allowed (a guard against DNS rebinding; add it to access.allow_hosts if you use that name)"
-            )))
+            .and_then(|h| h.to_str().ok());
+        let authority = req.uri().authority().map(|a| a.as_str());
+        if host.is_none() && authority.is_none() {
+            return Err(ProxyError::Forbidden(
+                "access.allow_hosts: the request has no Host header".into(),
+            ));
         }
+        for given in host.into_iter().chain(authority) {
+            let name = target::host_name(given)?;
+            // Allowed names are stored lower-cased; compare without allocating.
+            if !self
+                .allow_hosts
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(name))
+            {
+                return Err(ProxyError::Forbidden(format!(
+                    "access.allow_hosts: Host {name:?} is not allowed (a guard against DNS rebinding; add it to access.allow_hosts if you use that name)"
+                )));
+            }
+        }
+        Ok(())
     }
 
+    /// A browser's request is refused unless its `Origin` is allowed: one with another
+    /// `Origin`, and one that says it comes from another site (`Sec-Fetch-Site`) without
+    /// an allowed `Origin` (a blind cross-site GET must not spend the user's token).
     fn check_origin(&self, headers: &HeaderMap) -> Result<(), ProxyError> {
-        let Some(origin) = headers.get(header::ORIGIN) else {
-            return Ok(());
-        };
-        let origin = origin
-            .to_str()
-            .unwrap_or("")
-            .trim_end_matches('/')
-            .to_ascii_lowercase();
-        if self.allow_origins.contains(&origin) {
-            Ok(())
-        } else {
-            Err(ProxyError::Forbidden(format!(
-                "access.allow_origins: browser Origin {origin:?} is not allowed (web pages must not drive the proxy)"
-            )))
+        if let Some(origin) = headers.get(header::ORIGIN) {
+            let origin = origin
+                .to_str()
+                .unwrap_or("")
+                .trim_end_matches('/')
+                .to_ascii_lowercase();
+            return if self.allow_origins.contains(&origin) {
+                Ok(())
+            } else {
+                Err(ProxyError::Forbidden(format!(
+                    "access.allow_origins: browser Origin {origin:?} is not allowed (web pages must not drive the proxy)"
+                )))
+            };
         }
+        let site = headers.get(&SEC_FETCH_SITE).map(HeaderValue::as_bytes);
+        if let Some(site) = site.filter(|s| {
+            s.eq_ignore_ascii_case(b"cross-site") || s.eq_ignore_ascii_case(b"same-site")
+        }) {
+            return Err(ProxyError::Forbidden(format!(
+                "access.allow_origins: a browser request from another site (Sec-Fetch-Site: {}) without an allowed Origin is refused (web pages must not drive the proxy)",
+                String::from_utf8_lossy(site)
+            )));
+        }
+        Ok(())
     }
 
     fn check_key(&self, headers: &HeaderMap) -> Result<(), ProxyError> {
@@ -246,22 +278,55 @@ impl AccessPolicy {
         }
     }
 
-    fn check_method(&self, method: &Method) -> Result<(), ProxyError> {
-        match &self.allow_methods {
-            Some(methods) if !methods.contains(method) => Err(ProxyError::MethodNotAllowed(
-                format!("access.allow_methods: {method} is not allowed by this proxy"),
-            )),
-            _ => Ok(()),
+    /// The method, and any method an override header claims, must be allowed: Desk (or a
+    /// gateway before it) may honour `X-HTTP-Method-Override`, so a read-only proxy must
+    /// not forward a GET that says it is a DELETE.
+    fn check_method(&self, method: &Method, headers: &HeaderMap) -> Result<(), ProxyError> {
+        if let Some(methods) = &self.allow_methods
+            && !methods.contains(method)
+        {
+            return Err(self.method_not_allowed(format!(
+                "access.allow_methods: {method} is not allowed by this proxy"
+            )));
+        }
+        for name in &METHOD_OVERRIDES {
+            for value in headers.get_all(name) {
+                for claimed in value.as_bytes().split(|b| *b == b',') {
+                    let claimed =
+                        String::from_utf8_lossy(claimed.trim_ascii()).to_ascii_uppercase();
+                    let allowed = !NEVER_FORWARDED.contains(&claimed.as_str())
+                        && self
+                            .allow_methods
+                            .as_ref()
+                            .is_none_or(|methods| methods.iter().any(|m| m.as_str() == claimed));
+                    if !allowed {
+                        return Err(self.method_not_allowed(format!(
+                            "access.allow_methods: {name} claims {claimed:?}, which this proxy does not allow"
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn method_not_allowed(&self, message: String) -> ProxyError {
+        ProxyError::MethodNotAllowed {
+            message,
+            allow: self.allow.clone(),
         }
     }
 
+    /// `path` is canonical ([`crate::paths`]): deny rules compare in any case, allow
+    /// rules exactly.
     fn check_path(&self, path: &str) -> Result<(), ProxyError> {
-        if self.deny_paths.iter().any(|p| p.matches(path)) {
+        if let Some(rule) = self.deny_paths.iter().find(|p| p.covers(path)) {
             return Err(ProxyError::Forbidden(format!(
-                "access.deny_paths: {path} is denied"
+                "access.deny_paths: {path} is denied (by {:?})",
+                rule.as_str()
             )));
         }
-        if !self.allow_paths.is_empty() && !self.allow_paths.iter().any(|p| p.matches(path)) {
+        if !self.allow_paths.is_empty() && !self.allow_paths.iter().any(|p| p.covers(path)) {
             return Err(ProxyError::Forbidden(format!(
                 "access.allow_paths: {path} is not allowed"
             )));
@@ -280,24 +345,11 @@ fn default_hosts(listen: SocketAddr) -> Vec<String> {
     hosts
 }
 
-/// The host name of a `Host` value: lower case, port and IPv6 brackets removed, trailing
-/// dot removed.
+/// A configured host name: lower case, port and IPv6 brackets removed, trailing dot
+/// removed.
 fn normalize_host(host: &str) -> String {
-    host_name(host).to_ascii_lowercase()
-}
-
-/// The host name of a `Host` value, as written: port and IPv6 brackets removed, trailing
-/// dot removed.
-fn host_name(host: &str) -> &str {
     let host = host.trim();
-    let name = if let Some(rest) = host.strip_prefix('[') {
-        rest.split(']').next().unwrap_or("")
-    } else if host.matches(':').count() == 1 {
-        host.split(':').next().unwrap_or("")
-    } else {
-        host
-    };
-    name.trim_end_matches('.')
+    target::host_name(host).unwrap_or(host).to_ascii_lowercase()
 }
 
 fn parse_cidr(text: &str) -> Result<IpNet, ConfigError> {

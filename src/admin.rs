@@ -16,6 +16,12 @@ pub fn is_public(endpoint: &str) -> bool {
     matches!(endpoint, "health" | "ready")
 }
 
+/// Whether a request's path (as sent, before it is made canonical) names one of the
+/// proxy's own endpoints, which it answers at once without going to Desk.
+pub fn is_local(raw_path: &str) -> bool {
+    raw_path.starts_with(PREFIX)
+}
+
 /// Answers `GET /_proxy/<endpoint>`.
 pub fn answer<B>(
     proxy: &Proxy,
@@ -28,9 +34,10 @@ pub fn answer<B>(
         )));
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Err(ProxyError::MethodNotAllowed(format!(
-            "{PREFIX}{endpoint} answers GET and HEAD only"
-        )));
+        return Err(ProxyError::MethodNotAllowed {
+            message: format!("{PREFIX}{endpoint} answers GET and HEAD only"),
+            allow: HeaderValue::from_static("GET, HEAD"),
+        });
     }
     Ok(match endpoint {
         "health" => json(StatusCode::OK, serde_json::json!({ "status": "ok" })),
@@ -76,7 +83,8 @@ fn metrics(proxy: &Proxy) -> Response<ResponseBody> {
         .current()
         .filter(|t| t.is_valid_at(now))
         .map(|t| t.expires_at - now);
-    let mut response = Response::new(ResponseBody::full(proxy.metrics.encode(expires_in)));
+    let text = proxy.metrics.encode(expires_in, proxy.buffered.held());
+    let mut response = Response::new(ResponseBody::full(text));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
@@ -85,7 +93,9 @@ fn metrics(proxy: &Proxy) -> Response<ResponseBody> {
 }
 
 fn json(status: StatusCode, body: serde_json::Value) -> Response<ResponseBody> {
-    let mut response = Response::new(ResponseBody::full(Bytes::from(body.to_string())));
+    let mut text = body.to_string();
+    text.push('\n');
+    let mut response = Response::new(ResponseBody::full(Bytes::from(text)));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -1,16 +1,235 @@
-//! Body types: what goes to Desk (a stream, or the bounded replay buffer) and what comes
-//! back to the client (a stream that counts its bytes and writes the request's log line
-//! when it ends).
+//! Body types: the client's body as the proxy reads it (bounded in silence, and held for a
+//! 401 retry only within the process-wide budget), what goes to Desk (a stream, or the
+//! bounded replay buffer) and what comes back to the client (a stream that counts its
+//! bytes and writes the request's log line when it ends).
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{Instant, Sleep};
 
+use crate::budget::{ByteBudget, Reservation};
+use crate::connection::StreamGuard;
 use crate::observe::RequestLog;
+
+/// Why the client's body ended before its end.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The client sent nothing for longer than `timeouts.body_read_secs`.
+    #[error("the request body stalled for more than {0:?} (timeouts.body_read_secs)")]
+    Stalled(Duration),
+    /// The client's framing broke: bad chunk encoding, early end, a reset stream.
+    #[error("the request body could not be read: {0}")]
+    Broken(#[source] hyper::Error),
+    /// More bytes than the body's declared length.
+    #[error("the request body is longer than its Content-Length")]
+    Overlong,
+}
+
+/// What became of a client body that was handed to the upstream client, which reports
+/// only that the request failed: shared between the body and the request path.
+#[derive(Debug, Default)]
+pub struct BodyOutcome(AtomicU8);
+
+impl BodyOutcome {
+    const STALLED: u8 = 1;
+    const BROKEN: u8 = 2;
+
+    fn record(&self, err: &BodyError) {
+        let value = match err {
+            BodyError::Stalled(_) => Self::STALLED,
+            BodyError::Broken(_) | BodyError::Overlong => Self::BROKEN,
+        };
+        self.0.store(value, Ordering::Release);
+    }
+
+    /// `Some(true)` when the body stalled, `Some(false)` when it broke, `None` when it
+    /// did neither.
+    pub fn stalled(&self) -> Option<bool> {
+        match self.0.load(Ordering::Acquire) {
+            Self::STALLED => Some(true),
+            Self::BROKEN => Some(false),
+            _ => None,
+        }
+    }
+}
+
+/// The client's request body, ended with [`BodyError::Stalled`] when the client stays
+/// silent for longer than `silence` while the proxy waits for it. Only the time spent
+/// waiting on the client counts: a Desk slow to take the bytes stalls nothing.
+#[derive(Debug)]
+pub struct ClientBody {
+    inner: Incoming,
+    silence: Duration,
+    /// Armed while a read waits on the client.
+    timer: Option<Pin<Box<Sleep>>>,
+    waiting: bool,
+    outcome: Option<Arc<BodyOutcome>>,
+}
+
+impl ClientBody {
+    /// The body `inner`, allowed `silence` between two reads.
+    pub fn new(inner: Incoming, silence: Duration) -> Self {
+        Self {
+            inner,
+            silence,
+            timer: None,
+            waiting: false,
+            outcome: None,
+        }
+    }
+
+    /// Reports how the body ended to `outcome` (for a body given away to be streamed).
+    pub fn report_to(mut self, outcome: Arc<BodyOutcome>) -> Self {
+        self.outcome = Some(outcome);
+        self
+    }
+
+    fn fail(&mut self, err: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if let Some(outcome) = &self.outcome {
+            outcome.record(&err);
+        }
+        Poll::Ready(Some(Err(err)))
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(err))) => this.fail(BodyError::Broken(err)),
+            Poll::Ready(frame) => {
+                this.waiting = false;
+                Poll::Ready(frame.map(|f| f.map_err(BodyError::Broken)))
+            }
+            Poll::Pending => {
+                let deadline = Instant::now() + this.silence;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if !this.waiting {
+                    this.waiting = true;
+                    timer.as_mut().reset(deadline);
+                }
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => this.fail(BodyError::Stalled(this.silence)),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request body as the request path holds it: read whole when it is small enough to
+/// replay after a 401 and fits the process-wide budget, else left to stream.
+#[derive(Debug)]
+pub enum RequestBody {
+    /// Held for a replay; the reservation is given back when this drops.
+    Replayable(Bytes, Option<Reservation>),
+    /// Streamed to Desk; cannot be replayed.
+    Streaming(ClientBody),
+}
+
+/// Why a request body must stream rather than be held for a replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamReason {
+    /// No length, or longer than `limits.replay_body_bytes`.
+    Size,
+    /// `limits.buffered_body_bytes` is spent.
+    Budget,
+}
+
+impl RequestBody {
+    /// Reads `body` whole when its length is known, at most `replay_limit`, and the
+    /// budget has room for it; otherwise leaves it to stream, saying why.
+    pub async fn read(
+        body: Incoming,
+        silence: Duration,
+        replay_limit: u64,
+        budget: &Arc<ByteBudget>,
+    ) -> Result<(Self, Option<StreamReason>), BodyError> {
+        if body.is_end_stream() {
+            return Ok((Self::Replayable(Bytes::new(), None), None));
+        }
+        let body = ClientBody::new(body, silence);
+        let Some(len) = body.size_hint().exact().filter(|len| *len <= replay_limit) else {
+            return Ok((Self::Streaming(body), Some(StreamReason::Size)));
+        };
+        let Some(reservation) = budget.reserve(len) else {
+            return Ok((Self::Streaming(body), Some(StreamReason::Budget)));
+        };
+        let bytes = read_exact(body, len).await?;
+        Ok((Self::Replayable(bytes, Some(reservation)), None))
+    }
+
+    /// The body to send to Desk; what it will tell of a streamed body's end; and a held
+    /// body's copy for a replay, which keeps its place in the budget until dropped.
+    pub fn into_parts(self) -> (UpstreamBody, Option<Arc<BodyOutcome>>, Option<Replay>) {
+        match self {
+            Self::Replayable(bytes, reservation) => (
+                UpstreamBody::buffered(bytes.clone()),
+                None,
+                Some(Replay {
+                    bytes,
+                    _held: reservation,
+                }),
+            ),
+            Self::Streaming(body) => {
+                let outcome = Arc::new(BodyOutcome::default());
+                (
+                    UpstreamBody::Stream(body.report_to(Arc::clone(&outcome))),
+                    Some(outcome),
+                    None,
+                )
+            }
+        }
+    }
+}
+
+/// A request body kept for a retry after a 401.
+#[derive(Debug)]
+pub struct Replay {
+    /// The body's bytes.
+    pub bytes: Bytes,
+    _held: Option<Reservation>,
+}
+
+/// Reads a body of a known length into one buffer of that size.
+async fn read_exact(mut body: ClientBody, len: u64) -> Result<Bytes, BodyError> {
+    use http_body_util::BodyExt;
+    // The length is at most limits.replay_body_bytes, and reserved in the budget.
+    let mut buffer = BytesMut::with_capacity(usize::try_from(len).unwrap_or(0));
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            if (buffer.len() + data.len()) as u64 > len {
+                return Err(BodyError::Overlong);
+            }
+            buffer.extend_from_slice(&data);
+        }
+    }
+    Ok(buffer.freeze())
+}
 
 /// A request body on its way to Desk.
 #[derive(Debug)]
@@ -18,7 +237,7 @@ pub enum UpstreamBody {
     /// A whole body held for a possible retry after a 401 (taken when sent).
     Buffered(Option<Bytes>),
     /// The client's body, streamed through; cannot be replayed.
-    Stream(Incoming),
+    Stream(ClientBody),
 }
 
 impl UpstreamBody {
@@ -30,12 +249,12 @@ impl UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             Self::Buffered(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Self::Stream(incoming) => Pin::new(incoming).poll_frame(cx),
@@ -66,6 +285,8 @@ pub struct ResponseBody {
     log: Option<RequestLog>,
     /// The upstream slot (`limits.max_upstream_requests`) taken while Desk's body streams.
     _slot: Option<OwnedSemaphorePermit>,
+    /// The request counts as open on its connection until its answer is done.
+    _stream: Option<StreamGuard>,
 }
 
 #[derive(Debug)]
@@ -82,6 +303,7 @@ impl ResponseBody {
             inner: Inner::Full(Some(bytes).filter(|b| !b.is_empty())),
             log: None,
             _slot: None,
+            _stream: None,
         }
     }
 
@@ -91,6 +313,7 @@ impl ResponseBody {
             inner: Inner::Stream(incoming),
             log: None,
             _slot: Some(slot),
+            _stream: None,
         }
     }
 
@@ -98,6 +321,11 @@ impl ResponseBody {
     pub fn with_log(mut self, log: RequestLog) -> Self {
         self.log = Some(log);
         self
+    }
+
+    /// Keeps the request open on its connection until the body ends or is dropped.
+    pub fn hold_stream(&mut self, stream: StreamGuard) {
+        self._stream = Some(stream);
     }
 }
 

@@ -81,6 +81,9 @@ pub struct RawConfig {
     log: RawLog,
     #[serde(default)]
     tls: RawTls,
+    /// `ZOHO_PROXY_API_KEYS` as set in the environment, split when validated.
+    #[serde(skip)]
+    api_keys_env: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -123,6 +126,7 @@ struct RawTimeouts {
     response_secs: Option<f64>,
     idle_secs: Option<f64>,
     header_read_secs: Option<f64>,
+    body_read_secs: Option<f64>,
     shutdown_grace_secs: Option<f64>,
 }
 
@@ -130,6 +134,7 @@ struct RawTimeouts {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     replay_body_bytes: Option<u64>,
+    buffered_body_bytes: Option<u64>,
     max_connections: Option<usize>,
     max_upstream_requests: Option<usize>,
     workers: Option<usize>,
@@ -184,12 +189,7 @@ impl RawConfig {
             self.oauth.refresh_token_file = Some(v.into());
         }
         if let Some(v) = env("ZOHO_PROXY_API_KEYS") {
-            let keys = v
-                .split(',')
-                .map(str::trim)
-                .filter(|k| !k.is_empty())
-                .map(str::to_owned);
-            self.access.api_keys = Some(keys.collect());
+            self.api_keys_env = Some(v);
         }
     }
 }
@@ -220,6 +220,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// Largest request body kept for a retry after a 401.
     pub replay_body_bytes: u64,
+    /// Request-body bytes held for 401 retries across the whole process.
+    pub buffered_body_bytes: u64,
     /// Most client connections open at once; more are closed at accept.
     pub max_connections: usize,
     /// Requests sent to Desk at once (`limits.max_upstream_requests`); more wait.
@@ -277,8 +279,11 @@ pub struct Timeouts {
     pub response: Duration,
     /// How long an idle pooled upstream connection is kept.
     pub idle: Duration,
-    /// How long a client may take to send its request headers.
+    /// How long a client may take to send its request headers; also how long an idle
+    /// connection is kept.
     pub header_read: Duration,
+    /// The longest silence between two reads of a request body.
+    pub body_read: Duration,
     /// How long in-flight requests may run after SIGTERM.
     pub shutdown_grace: Duration,
 }
@@ -426,7 +431,8 @@ impl Config {
     pub fn is_open_remote(&self) -> bool {
         !self.listen.ip().is_loopback()
             && self.access.api_keys.is_empty()
-            && self.access.allow_cidrs.is_empty()
+            && (self.access.allow_cidrs.is_empty()
+                || self.access.allow_cidrs.iter().any(|c| admits_everyone(c)))
     }
 
     /// Loads the configuration as `serve` does: the file (when given, or `./proxy.toml`
@@ -545,7 +551,7 @@ impl TryFrom<RawConfig> for Config {
             });
         }
 
-        let access = access_config(raw.access)?;
+        let access = access_config(raw.access, raw.api_keys_env)?;
         let timeouts = Timeouts {
             connect: secs("timeouts.connect_secs", raw.timeouts.connect_secs, 10.0)?,
             response: secs("timeouts.response_secs", raw.timeouts.response_secs, 120.0)?,
@@ -555,6 +561,7 @@ impl TryFrom<RawConfig> for Config {
                 raw.timeouts.header_read_secs,
                 10.0,
             )?,
+            body_read: secs("timeouts.body_read_secs", raw.timeouts.body_read_secs, 30.0)?,
             shutdown_grace: secs(
                 "timeouts.shutdown_grace_secs",
                 raw.timeouts.shutdown_grace_secs,
@@ -589,6 +596,7 @@ impl TryFrom<RawConfig> for Config {
             access,
             timeouts,
             replay_body_bytes: raw.limits.replay_body_bytes.unwrap_or(1 << 20),
+            buffered_body_bytes: raw.limits.buffered_body_bytes.unwrap_or(64 << 20),
             max_connections: at_least_one(
                 "limits.max_connections",
                 raw.limits.max_connections.unwrap_or(4096),
@@ -620,13 +628,36 @@ fn at_least_one<N: Default + PartialEq>(
     Ok(value)
 }
 
-fn access_config(raw: RawAccess) -> Result<AccessConfig, ConfigError> {
-    let mut api_keys: Vec<Secret<String>> = raw
-        .api_keys
-        .unwrap_or_default()
-        .into_iter()
-        .map(Secret::new)
-        .collect();
+/// Whether an `allow_cidrs` entry admits every address (`0.0.0.0/0`, `::/0`): it protects
+/// nothing, so a listener guarded only by it counts as open.
+fn admits_everyone(cidr: &str) -> bool {
+    cidr.trim()
+        .parse::<ipnet::IpNet>()
+        .is_ok_and(|net| net.prefix_len() == 0)
+}
+
+fn access_config(raw: RawAccess, env_keys: Option<String>) -> Result<AccessConfig, ConfigError> {
+    let keys = match env_keys {
+        // The environment replaces the file's keys; a blank value (what a compose file
+        // substitutes for an unset variable) must not mean "no keys".
+        Some(text) => {
+            let keys: Vec<String> = text
+                .split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(str::to_owned)
+                .collect();
+            if keys.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "ZOHO_PROXY_API_KEYS",
+                    reason: "is set but holds no key (empty, or only commas and spaces): set it to one or more comma-separated keys, or unset it to use access.api_keys".into(),
+                });
+            }
+            keys
+        }
+        None => raw.api_keys.unwrap_or_default(),
+    };
+    let mut api_keys: Vec<Secret<String>> = keys.into_iter().map(Secret::new).collect();
     if let Some(path) = raw.api_keys_file {
         let text = read_secret_file("access.api_keys_file", &path)?;
         api_keys.extend(
@@ -747,6 +778,8 @@ mod tests {
         assert_eq!(c.oauth.refresh_margin, Duration::from_secs(300));
         assert_eq!(c.oauth.max_refreshes_per_10min, 5);
         assert_eq!(c.replay_body_bytes, 1_048_576);
+        assert_eq!(c.buffered_body_bytes, 64 * 1_048_576);
+        assert_eq!(c.timeouts.body_read, Duration::from_secs(30));
         assert_eq!(c.timeouts.connect, Duration::from_secs(10));
         assert_eq!(c.timeouts.response, Duration::from_secs(120));
         assert_eq!(c.timeouts.idle, Duration::from_secs(90));
@@ -811,6 +844,41 @@ mod tests {
     }
 
     #[test]
+    fn a_blank_api_keys_variable_is_an_error_never_no_keys() {
+        for blank in ["", " ", ",", " , ,, "] {
+            let mut raw = RawConfig::from_toml(
+                &format!("{MINIMAL}\n[access]\napi_keys = [\"from-file\"]\n"),
+                "t",
+            )
+            .unwrap();
+            raw.apply_env(|name| (name == "ZOHO_PROXY_API_KEYS").then(|| blank.to_owned()));
+            let err = Config::try_from(raw).unwrap_err();
+            assert!(
+                err.to_string().contains("ZOHO_PROXY_API_KEYS"),
+                "{blank:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_everyone_cidr_protects_nothing() {
+        for (cidrs, open) in [
+            ("[\"0.0.0.0/0\"]", true),
+            ("[\"::/0\"]", true),
+            ("[\"0.0.0.0/0\", \"::/0\"]", true),
+            ("[\"10.0.0.0/8\"]", false),
+            ("[\"10.0.0.0/8\", \"0.0.0.0/0\"]", true),
+            ("[]", true),
+        ] {
+            let c = Config::from_toml(&format!(
+                "listen = \"0.0.0.0:8080\"\n{MINIMAL}\n[access]\nallow_cidrs = {cidrs}\n"
+            ))
+            .unwrap();
+            assert_eq!(c.is_open_remote(), open, "{cidrs}");
+        }
+    }
+
+    #[test]
     fn secrets_can_come_from_files() {
         let dir = std::env::temp_dir().join(format!("zdp-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -846,6 +914,7 @@ mod tests {
             defaults.oauth.max_refreshes_per_10min
         );
         assert_eq!(example.replay_body_bytes, defaults.replay_body_bytes);
+        assert_eq!(example.buffered_body_bytes, defaults.buffered_body_bytes);
         assert_eq!(example.max_connections, defaults.max_connections);
         assert_eq!(
             example.max_upstream_requests,

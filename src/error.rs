@@ -33,15 +33,30 @@ pub enum ProxyError {
     /// An access rule refused the request; the message names the rule.
     #[error("{0}")]
     Forbidden(String),
-    /// `CONNECT`, or a method outside `allow_methods`.
-    #[error("{0}")]
-    MethodNotAllowed(String),
+    /// `CONNECT`, `TRACE`, `TRACK`, or a method outside `allow_methods`.
+    #[error("{message}")]
+    MethodNotAllowed {
+        /// Which rule refused it.
+        message: String,
+        /// The methods that would be accepted, for the `Allow` header.
+        allow: HeaderValue,
+    },
     /// A request the proxy cannot forward.
     #[error("{0}")]
     BadRequest(String),
     /// A path under the reserved `/_proxy/` prefix that names no endpoint.
     #[error("{0}")]
     NotFound(String),
+    /// The client's request body stalled longer than `timeouts.body_read_secs`.
+    #[error("{0}")]
+    RequestTimeout(String),
+    /// The client's request body broke (bad chunk framing, early end): a bad request,
+    /// never Desk's failure.
+    #[error("{0}")]
+    BrokenBody(String),
+    /// More header fields than the proxy accepts (431, as for an oversized HTTP/1 head).
+    #[error("{0}")]
+    HeadersTooLarge(String),
 }
 
 impl ProxyError {
@@ -54,9 +69,12 @@ impl ProxyError {
             Self::UpstreamTimeout(_) => "PROXY_UPSTREAM_TIMEOUT",
             Self::Unauthorized(_) => "PROXY_UNAUTHORIZED",
             Self::Forbidden(_) => "PROXY_FORBIDDEN",
-            Self::MethodNotAllowed(_) => "PROXY_METHOD_NOT_ALLOWED",
-            Self::BadRequest(_) => "PROXY_BAD_REQUEST",
+            Self::MethodNotAllowed { .. } => "PROXY_METHOD_NOT_ALLOWED",
+            Self::BadRequest(_) | Self::BrokenBody(_) | Self::HeadersTooLarge(_) => {
+                "PROXY_BAD_REQUEST"
+            }
             Self::NotFound(_) => "PROXY_NOT_FOUND",
+            Self::RequestTimeout(_) => "PROXY_REQUEST_TIMEOUT",
         }
     }
 
@@ -70,16 +88,27 @@ impl ProxyError {
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
-            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::BadRequest(_) | Self::BrokenBody(_) => StatusCode::BAD_REQUEST,
+            Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
-    /// The JSON body, `{"errorCode":…,"message":…}`.
+    /// The JSON body, `{"errorCode":…,"message":…}` and a newline.
     pub fn body(&self) -> Bytes {
         let body = serde_json::json!({ "errorCode": self.code(), "message": self.to_string() });
-        Bytes::from(body.to_string())
+        let mut text = body.to_string();
+        text.push('\n');
+        Bytes::from(text)
+    }
+
+    /// Whether the client's connection is closed after this answer: the request's body
+    /// was left unread (it stalled, or its framing broke), so nothing more on that
+    /// connection can be trusted to start where a request starts.
+    pub fn closes_connection(&self) -> bool {
+        matches!(self, Self::RequestTimeout(_) | Self::BrokenBody(_))
     }
 
     /// The whole answer, with `Retry-After` where the error has one.
@@ -97,11 +126,17 @@ impl ProxyError {
                 HeaderValue::from(retry_after_secs(*retry_after)),
             );
         }
-        if let Self::Unauthorized(_) = self {
-            headers.insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"zoho-desk-proxy\""),
-            );
+        match self {
+            Self::Unauthorized(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"zoho-desk-proxy\""),
+                );
+            }
+            Self::MethodNotAllowed { allow, .. } => {
+                headers.insert(header::ALLOW, allow.clone());
+            }
+            _ => {}
         }
         response
     }
@@ -150,18 +185,36 @@ mod tests {
             ),
             (ProxyError::Forbidden("x".into()), "PROXY_FORBIDDEN", 403),
             (
-                ProxyError::MethodNotAllowed("x".into()),
+                ProxyError::MethodNotAllowed {
+                    message: "x".into(),
+                    allow: HeaderValue::from_static("GET, HEAD"),
+                },
                 "PROXY_METHOD_NOT_ALLOWED",
                 405,
             ),
             (ProxyError::BadRequest("x".into()), "PROXY_BAD_REQUEST", 400),
+            (
+                ProxyError::RequestTimeout("x".into()),
+                "PROXY_REQUEST_TIMEOUT",
+                408,
+            ),
+            (ProxyError::BrokenBody("x".into()), "PROXY_BAD_REQUEST", 400),
+            (
+                ProxyError::HeadersTooLarge("x".into()),
+                "PROXY_BAD_REQUEST",
+                431,
+            ),
         ];
         for (err, code, status) in table {
             let response: Response<Bytes> = err.to_response();
             assert_eq!(response.status().as_u16(), status, "{code}");
+            assert!(response.body().ends_with(b"}\n"), "{code}: a line of JSON");
             let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
             assert_eq!(body["errorCode"], code);
             assert_eq!(body["message"], "x");
+            if status == 405 {
+                assert_eq!(response.headers()[header::ALLOW], "GET, HEAD");
+            }
         }
     }
 

@@ -15,6 +15,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::budget::Limit;
+
 /// Methods with their own label; the rest count as `OTHER`.
 const METHODS: [&str; 8] = [
     "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "OTHER",
@@ -36,6 +38,11 @@ struct KindLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: &'static str,
 }
 
 /// Kinds of upstream errors.
@@ -74,6 +81,8 @@ pub struct Metrics {
     retries: Counter,
     in_flight: Gauge,
     store_errors: Counter,
+    limits: [Counter; Limit::ALL.len()],
+    buffered_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -157,6 +166,23 @@ impl Metrics {
             store_errors.clone(),
         );
 
+        let limits_family = Family::<LimitLabels, Counter>::default();
+        let limits =
+            Limit::ALL.map(|l| limits_family.get_or_create_owned(&LimitLabels { limit: l.key() }));
+        registry.register(
+            "limits_reached",
+            "Requests or connections that ran into one of the proxy's bounds, by its key",
+            limits_family,
+        );
+
+        let buffered_bytes = Gauge::default();
+        registry.register_with_unit(
+            "buffered_body",
+            "Request-body bytes held for 401 retries now (bounded by limits.buffered_body_bytes)",
+            prometheus_client::registry::Unit::Bytes,
+            buffered_bytes.clone(),
+        );
+
         Self {
             registry,
             requests,
@@ -167,6 +193,8 @@ impl Metrics {
             retries,
             in_flight,
             store_errors,
+            limits,
+            buffered_bytes,
         }
     }
 
@@ -198,6 +226,17 @@ impl Metrics {
         self.retries.inc();
     }
 
+    /// Counts a request or connection that ran into `limit`.
+    pub fn record_limit(&self, limit: Limit) {
+        if let Some(counter) = Limit::ALL
+            .iter()
+            .position(|l| *l == limit)
+            .and_then(|i| self.limits.get(i))
+        {
+            counter.inc();
+        }
+    }
+
     /// Counts a failed operation on the shared token store.
     pub fn record_store_error(&self) {
         self.store_errors.inc();
@@ -208,10 +247,13 @@ impl Metrics {
         &self.in_flight
     }
 
-    /// The text exposition, with the token expiry as of now.
-    pub fn encode(&self, token_expires_in: Option<Duration>) -> String {
+    /// The text exposition, with the token expiry and the request-body bytes held as of
+    /// now.
+    pub fn encode(&self, token_expires_in: Option<Duration>, buffered_bytes: u64) -> String {
         self.token_expiry
             .set(token_expires_in.map_or(0.0, |d| d.as_secs_f64()));
+        self.buffered_bytes
+            .set(i64::try_from(buffered_bytes).unwrap_or(i64::MAX));
         let mut text = String::new();
         if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
             text.clear();
@@ -237,7 +279,9 @@ mod tests {
         m.record_refresh(RefreshResult::Throttled);
         m.record_upstream_error(UpstreamErrorKind::Timeout);
         m.record_retry();
-        let text = m.encode(Some(Duration::from_secs(42)));
+        m.record_limit(Limit::BodyRead);
+        m.record_request(&Method::GET, 499, Duration::from_millis(3));
+        let text = m.encode(Some(Duration::from_secs(42)), 800);
         for line in [
             "zoho_proxy_requests_total{method=\"GET\",status_class=\"2xx\"} 1",
             "zoho_proxy_requests_total{method=\"OTHER\",status_class=\"5xx\"} 1",
@@ -245,8 +289,12 @@ mod tests {
             "zoho_proxy_upstream_errors_total{kind=\"timeout\"} 1",
             "zoho_proxy_retries_after_401_total 1",
             "zoho_proxy_token_expiry_seconds 42.0",
-            "zoho_proxy_request_duration_seconds_count 2",
+            "zoho_proxy_request_duration_seconds_count 3",
             "zoho_proxy_in_flight_requests 0",
+            "zoho_proxy_limits_reached_total{limit=\"timeouts.body_read_secs\"} 1",
+            "zoho_proxy_limits_reached_total{limit=\"limits.buffered_body_bytes\"} 0",
+            "zoho_proxy_requests_total{method=\"GET\",status_class=\"4xx\"} 1",
+            "zoho_proxy_buffered_body_bytes 800",
         ] {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }

@@ -71,31 +71,59 @@ fn millis(d: Duration) -> f64 {
     (d.as_micros() as f64) / 1000.0
 }
 
-/// A random id for a request: 16 hex digits in logs and in `x-request-id`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RequestId(u64);
+/// A request's id: the client's `X-Request-Id` when it is 1–128 visible ASCII
+/// characters, else 16 random hex digits. It is in the request's log line, on its answer,
+/// and on the request forwarded to Desk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestId {
+    /// Made by the proxy.
+    Generated(u64),
+    /// The client's own, checked.
+    Client(http::HeaderValue),
+}
+
+/// The longest `X-Request-Id` taken from a client.
+const MAX_CLIENT_ID: usize = 128;
 
 impl RequestId {
     /// A new random id.
     pub fn new() -> Self {
-        Self(fastrand::u64(..))
+        Self::Generated(fastrand::u64(..))
     }
 
-    /// As a header value, formatted on the stack.
-    pub fn header_value(self) -> http::HeaderValue {
-        let digits = self.hex();
-        // Hex digits are always a valid header value.
-        http::HeaderValue::from_bytes(&digits).unwrap_or(http::HeaderValue::from_static("0"))
-    }
-
-    fn hex(self) -> [u8; 16] {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut out = [0u8; 16];
-        for (i, byte) in out.iter_mut().enumerate() {
-            *byte = HEX[((self.0 >> (60 - 4 * i)) & 0xf) as usize];
+    /// The client's id when it sent exactly one that is sane, else a new one.
+    pub fn of_request(headers: &http::HeaderMap) -> Self {
+        let mut ids = headers.get_all(&crate::headers::REQUEST_ID).iter();
+        match (ids.next(), ids.next()) {
+            (Some(id), None) if is_sane(id.as_bytes()) => Self::Client(id.clone()),
+            _ => Self::new(),
         }
-        out
     }
+
+    /// As a header value (a generated one formatted on the stack).
+    pub fn header_value(&self) -> http::HeaderValue {
+        match self {
+            Self::Client(value) => value.clone(),
+            Self::Generated(n) => {
+                // Hex digits are always a valid header value.
+                http::HeaderValue::from_bytes(&hex(*n))
+                    .unwrap_or(http::HeaderValue::from_static("0"))
+            }
+        }
+    }
+}
+
+fn is_sane(id: &[u8]) -> bool {
+    (1..=MAX_CLIENT_ID).contains(&id.len()) && id.iter().all(|b| (0x21..=0x7e).contains(b))
+}
+
+fn hex(n: u64) -> [u8; 16] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 16];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = HEX[((n >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    out
 }
 
 impl Default for RequestId {
@@ -106,10 +134,17 @@ impl Default for RequestId {
 
 impl std::fmt::Display for RequestId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let digits = self.hex();
-        f.write_str(std::str::from_utf8(&digits).unwrap_or("0"))
+        match self {
+            Self::Generated(n) => f.write_str(std::str::from_utf8(&hex(*n)).unwrap_or("0")),
+            // Checked to be visible ASCII.
+            Self::Client(value) => f.write_str(value.to_str().unwrap_or("-")),
+        }
     }
 }
+
+/// The status logged and counted for a request whose client went away before its answer
+/// began, as nginx does.
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
 
 /// The record of one request, written as one log line when its response ends (or the
 /// client goes away). Never holds a query string, token or secret.
@@ -158,8 +193,8 @@ impl RequestLog {
     }
 
     /// The request id.
-    pub fn id(&self) -> RequestId {
-        self.id
+    pub fn id(&self) -> &RequestId {
+        &self.id
     }
 
     /// Records the status sent to the client.
@@ -201,6 +236,10 @@ impl RequestLog {
 
 impl Drop for RequestLog {
     fn drop(&mut self) {
+        if self.status == 0 {
+            // Dropped before an answer was chosen: the client went away.
+            self.status = CLIENT_CLOSED_REQUEST;
+        }
         let duration = self.started.elapsed();
         self.metrics.in_flight().dec();
         self.metrics

@@ -1,7 +1,6 @@
-//! The request path: `handle()` reads as a request's life — reserved endpoints, target,
-//! access rules, body, token, send, 401 retry, response.
+//! The request path: `handle()` reads as a request's life — method, target, reserved
+//! endpoints, access rules, body, token, send, 401 retry, response.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,14 +8,14 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
-use http_body::Body as _;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::access::AccessPolicy;
-use crate::body::{ResponseBody, UpstreamBody};
+use crate::body::{BodyError, BodyOutcome, RequestBody, ResponseBody, StreamReason, UpstreamBody};
+use crate::budget::{ByteBudget, Limit, MAX_HEADERS};
 use crate::client::{Connector, describe_client_error};
 use crate::config::Config;
 use crate::error::ProxyError;
@@ -26,6 +25,11 @@ use crate::observe::{Lifecycle, RequestId, RequestLog};
 use crate::target::{self, Target};
 use crate::token::shared::StoreStatus;
 use crate::token::{Token, TokenCache, TokenError};
+
+/// Marks an answer after which the client's connection is closed (its request's body was
+/// left unread, so nothing after it can be trusted to start a request).
+#[derive(Debug, Clone, Copy)]
+pub struct CloseConnection;
 
 /// The largest Desk 401 body read to find its `errorCode` (real ones are ~100 bytes).
 const MAX_401_BODY: usize = 64 * 1024;
@@ -47,6 +51,8 @@ pub struct Proxy {
     pub(crate) metrics: Arc<Metrics>,
     /// Open client connections, bounded by `limits.max_connections`.
     pub(crate) connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// Request-body bytes held for 401 retries, bounded by `limits.buffered_body_bytes`.
+    pub(crate) buffered: Arc<ByteBudget>,
     /// The shared token store's health, when there is one.
     pub(crate) store: Option<Arc<StoreStatus>>,
 }
@@ -55,6 +61,7 @@ impl Proxy {
     /// Builds the proxy around its token cache.
     pub fn new(config: Config, tokens: Arc<TokenCache>, metrics: Arc<Metrics>) -> Self {
         let access = AccessPolicy::new(&config);
+        let buffered = ByteBudget::new(config.buffered_body_bytes);
         Self {
             config,
             tokens,
@@ -62,6 +69,7 @@ impl Proxy {
             lifecycle: Arc::default(),
             metrics,
             connections: Arc::default(),
+            buffered,
             store: None,
         }
     }
@@ -91,6 +99,20 @@ impl Proxy {
         }
     }
 
+    /// Starts a request's record (its id, and its log line when it ends). Called as soon
+    /// as the request arrives, so that a request whose client leaves before it is ever
+    /// looked at is still logged (status 499).
+    pub fn start_log<B>(&self, req: &Request<B>) -> RequestLog {
+        RequestLog::new(
+            RequestId::of_request(req.headers()),
+            req.method().clone(),
+            // A clone of the URI shares its bytes: no allocation for the log's path.
+            req.uri().clone(),
+            self.lifecycle.enter(),
+            Arc::clone(&self.metrics),
+        )
+    }
+
     /// Answers one request, sending it to Desk through `upstream`; never fails (errors
     /// become Zoho-shaped answers).
     pub async fn handle(
@@ -98,37 +120,36 @@ impl Proxy {
         upstream: &Upstream,
         req: Request<Incoming>,
         peer: SocketAddr,
-    ) -> Result<Response<ResponseBody>, Infallible> {
-        // A clone of the URI shares its bytes: no allocation for the log's path.
-        let uri = req.uri().clone();
-        let mut log = RequestLog::new(
-            RequestId::new(),
-            req.method().clone(),
-            uri,
-            self.lifecycle.enter(),
-            Arc::clone(&self.metrics),
-        );
+        mut log: RequestLog,
+    ) -> Response<ResponseBody> {
         let mut response = match self.route(upstream, req, peer, &mut log).await {
             Ok(response) => response,
-            Err(err) => {
-                log.set_error_code(err.code());
-                if matches!(
-                    err,
-                    ProxyError::Forbidden(_)
-                        | ProxyError::Unauthorized(_)
-                        | ProxyError::MethodNotAllowed(_)
-                ) {
-                    tracing::warn!(request_id = %log.id(), error_code = err.code(), rule = %err, "request refused");
-                }
-                err.to_response()
-            }
+            Err(err) => self.refusal(err, &mut log),
         };
         log.set_status(response.status().as_u16());
         response
             .headers_mut()
             .insert(headers::REQUEST_ID.clone(), log.id().header_value());
         let (parts, body) = response.into_parts();
-        Ok(Response::from_parts(parts, body.with_log(log)))
+        Response::from_parts(parts, body.with_log(log))
+    }
+
+    /// The answer for a request the proxy refused or could not forward.
+    fn refusal(&self, err: ProxyError, log: &mut RequestLog) -> Response<ResponseBody> {
+        log.set_error_code(err.code());
+        if matches!(
+            err,
+            ProxyError::Forbidden(_)
+                | ProxyError::Unauthorized(_)
+                | ProxyError::MethodNotAllowed { .. }
+        ) {
+            tracing::warn!(request_id = %log.id(), error_code = err.code(), rule = %err, "request refused");
+        }
+        let mut response = err.to_response();
+        if err.closes_connection() {
+            response.extensions_mut().insert(CloseConnection);
+        }
+        response
     }
 
     async fn route(
@@ -138,16 +159,19 @@ impl Proxy {
         peer: SocketAddr,
         log: &mut RequestLog,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        if let Some(endpoint) = req.uri().path().strip_prefix(crate::admin::PREFIX) {
+        self.access.check_method_is_forwardable(req.method())?;
+        if req.headers().len() > MAX_HEADERS {
+            self.metrics.record_limit(Limit::Headers);
+            return Err(ProxyError::HeadersTooLarge(format!(
+                "the request has more than {MAX_HEADERS} header fields"
+            )));
+        }
+        target::check_host_syntax(req.uri(), req.headers())?;
+        let target = target::resolve(req.uri(), req.version(), &self.config.upstream)?;
+        if let Some(endpoint) = target.path().strip_prefix(crate::admin::PREFIX) {
             self.access.check_admin(&req, peer, endpoint)?;
             return crate::admin::answer(self, &req, endpoint);
         }
-        let target = target::resolve(
-            req.method(),
-            req.uri(),
-            req.version(),
-            &self.config.upstream,
-        )?;
         self.access.check(&req, peer, &target)?;
         self.forward(upstream, req, &target, log).await
     }
@@ -164,15 +188,18 @@ impl Proxy {
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         let uri = self.upstream_uri(target)?;
-        let body = RequestBody::read(body, self.config.replay_body_bytes).await?;
+        let body = self.read_body(body, log).await?;
         let token = self.tokens.usable().await.map_err(token_error)?;
         headers::prepare_request(
             &mut parts.headers,
             &token.header,
             self.config.org_id.as_ref(),
         );
+        parts
+            .headers
+            .insert(headers::REQUEST_ID.clone(), log.id().header_value());
 
-        let replay = body.replay();
+        let (upstream_body, outcome, replay) = body.into_parts();
         let first_headers = if replay.is_some() {
             parts.headers.clone()
         } else {
@@ -184,7 +211,7 @@ impl Proxy {
                 &parts,
                 first_headers,
                 uri,
-                body.into_upstream(),
+                (upstream_body, outcome),
                 log,
             )
             .await?;
@@ -227,11 +254,53 @@ impl Proxy {
                 &parts,
                 headers,
                 self.upstream_uri(target)?,
-                UpstreamBody::buffered(replay),
+                (UpstreamBody::buffered(replay.bytes.clone()), None),
                 log,
             )
             .await?;
         Ok(into_client_response(response, slot))
+    }
+
+    /// Reads the client's body whole when it can be replayed after a 401 and the
+    /// process-wide budget has room; otherwise it streams.
+    async fn read_body(&self, body: Incoming, log: &RequestLog) -> Result<RequestBody, ProxyError> {
+        let read = RequestBody::read(
+            body,
+            self.config.timeouts.body_read,
+            self.config.replay_body_bytes,
+            &self.buffered,
+        )
+        .await;
+        match read {
+            Ok((body, reason)) => {
+                if reason == Some(StreamReason::Budget) {
+                    self.metrics.record_limit(Limit::BufferedBodyBytes);
+                    tracing::info!(
+                        request_id = %log.id(),
+                        budget = Limit::BufferedBodyBytes.key(),
+                        held = self.buffered.held(),
+                        "request body streams without a 401 retry: the budget for held bodies is spent"
+                    );
+                }
+                Ok(body)
+            }
+            Err(err) => Err(self.body_failed(matches!(err, BodyError::Stalled(_)))),
+        }
+    }
+
+    /// The answer for a client body that stalled or broke.
+    fn body_failed(&self, stalled: bool) -> ProxyError {
+        if stalled {
+            self.metrics.record_limit(Limit::BodyRead);
+            ProxyError::RequestTimeout(format!(
+                "the request body stalled: nothing arrived for {} s (timeouts.body_read_secs); nothing more was sent to Zoho Desk",
+                self.config.timeouts.body_read.as_secs_f64()
+            ))
+        } else {
+            ProxyError::BrokenBody(
+                "the request body could not be read (broken chunked framing, or the client ended it early)".into(),
+            )
+        }
     }
 
     /// Desk's URL for the target (built again for a retry rather than kept: retries are
@@ -244,14 +313,16 @@ impl Proxy {
     }
 
     /// Sends one request to Desk once a slot is free (waiting counts against
-    /// `timeouts.response_secs`); the slot is held until the response body is done.
+    /// `timeouts.response_secs`); the slot is held until the response body is done. A
+    /// failure caused by the client's streamed body (`outcome`) is the client's error,
+    /// not Desk's.
     async fn send(
         &self,
         upstream: &Upstream,
         parts: &Parts,
         headers: HeaderMap,
         uri: Uri,
-        body: UpstreamBody,
+        (body, outcome): (UpstreamBody, Option<Arc<BodyOutcome>>),
         log: &mut RequestLog,
     ) -> Result<(Response<Incoming>, UpstreamSlot), ProxyError> {
         let mut request = Request::new(body);
@@ -282,6 +353,12 @@ impl Proxy {
                 "the proxy is shutting down".into(),
             )),
             Ok((Ok(slot), Ok(response))) => Ok((response, slot)),
+            Ok((_, Err(_)))
+                if let Some(stalled) = outcome.as_deref().and_then(BodyOutcome::stalled) =>
+            {
+                // Desk never had the whole request: the client's body was at fault.
+                return Err(self.body_failed(stalled));
+            }
             Ok((_, Err(err))) if is_connect_timeout(&err) => {
                 Err(ProxyError::UpstreamTimeout(format!(
                     "Zoho Desk could not be connected to within {} s (timeouts.connect_secs)",
@@ -317,48 +394,6 @@ impl Proxy {
         tokio::spawn(async move {
             let _ = tokens.refresh_after(generation).await;
         });
-    }
-}
-
-/// A request body, read whole when it is small enough to replay after a 401.
-enum RequestBody {
-    Replayable(Bytes),
-    Streaming(Incoming),
-}
-
-impl RequestBody {
-    async fn read(body: Incoming, limit: u64) -> Result<Self, ProxyError> {
-        if body.is_end_stream() {
-            return Ok(Self::Replayable(Bytes::new()));
-        }
-        match body.size_hint().exact() {
-            Some(len) if len <= limit => {
-                let bytes = Limited::new(body, limit as usize)
-                    .collect()
-                    .await
-                    .map_err(|_| {
-                        ProxyError::BadRequest("the request body could not be read".into())
-                    })?
-                    .to_bytes();
-                Ok(Self::Replayable(bytes))
-            }
-            _ => Ok(Self::Streaming(body)),
-        }
-    }
-
-    /// The bytes to send again after a 401; `None` when the body streams.
-    fn replay(&self) -> Option<Bytes> {
-        match self {
-            Self::Replayable(bytes) => Some(bytes.clone()),
-            Self::Streaming(_) => None,
-        }
-    }
-
-    fn into_upstream(self) -> UpstreamBody {
-        match self {
-            Self::Replayable(bytes) => UpstreamBody::buffered(bytes),
-            Self::Streaming(incoming) => UpstreamBody::Stream(incoming),
-        }
     }
 }
 

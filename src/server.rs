@@ -3,30 +3,30 @@
 //! One task accepts connections and hands each to the least-loaded worker. A worker is a
 //! thread running a single-threaded runtime with its own upstream connection pool, so a
 //! request, its upstream connection and every wake-up between them stay on one core, as in
-//! nginx's worker processes. Each worker serves HTTP/1.1 and h2c, enforces the header read
-//! timeout, and on shutdown lets requests in flight finish.
+//! nginx's worker processes. Each worker serves HTTP/1.1 and h2c, enforces the time
+//! bounds of a connection (head, idle; see [`crate::budget`]), and on shutdown lets
+//! requests in flight finish.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use crate::budget::{Limit, MAX_HEAD_BYTES, MAX_HEADERS, MAX_STREAMS_PER_CONNECTION};
+use crate::connection::{ConnectionState, Gated};
 use crate::detect::{self, Version};
-use crate::proxy::{Proxy, Upstream};
-
-/// Largest request head (request line + headers) accepted over HTTP/1.1.
-const MAX_HEAD_BYTES: usize = 64 * 1024;
-/// Most header fields accepted in one request.
-const MAX_HEADERS: usize = 128;
+use crate::proxy::{CloseConnection, Proxy, Upstream};
 
 /// Serves `listener` until `shutdown` resolves, then drains: `/_proxy/ready` answers 503
 /// at once, requests in flight finish (new ones are still answered meanwhile) within the
@@ -83,7 +83,8 @@ async fn accept(
         }
     };
     let Some(slot) = Counted::take(&proxy.connections, proxy.config.max_connections) else {
-        tracing::warn!(%peer, limit = proxy.config.max_connections, "connection refused: limits.max_connections reached");
+        proxy.metrics.record_limit(Limit::Connections);
+        tracing::warn!(%peer, limit = proxy.config.max_connections, budget = Limit::Connections.key(), "connection refused: limits.max_connections reached");
         return;
     };
     // The worker registers the socket with its own runtime.
@@ -183,13 +184,15 @@ impl Workers {
     }
 }
 
-/// What a worker's connections share: the proxy, the worker's way to Desk, and the
-/// connection settings.
+/// What a worker's connections share: the proxy, the worker's way to Desk, the
+/// connection settings, and the signal to stop.
 struct Worker {
     proxy: Arc<Proxy>,
     upstream: Upstream,
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
+    /// Every connection holds a receiver until it ends, so the worker knows when all have.
+    stop: watch::Sender<bool>,
 }
 
 /// A worker's life: serve the connections it is given until told to stop, then close them
@@ -206,19 +209,18 @@ async fn work(
         proxy,
         http1,
         http2,
+        stop: watch::Sender::new(false),
     });
-    let graceful = GracefulShutdown::new();
     let deadline = loop {
         match jobs.recv().await {
-            Some(Job::Serve(accepted, load)) => {
-                serve_connection(&worker, &graceful, accepted, load);
-            }
+            Some(Job::Serve(accepted, load)) => serve_connection(&worker, accepted, load),
             Some(Job::Stop(deadline)) => break deadline,
             None => return,
         }
     };
+    worker.stop.send_replace(true);
     tokio::select! {
-        () = graceful.shutdown() => {}
+        () = worker.stop.closed() => {}
         () = tokio::time::sleep_until(deadline) => {}
     }
 }
@@ -242,18 +244,13 @@ fn connection_builders(proxy: &Proxy) -> (http1::Builder, http2::Builder<TokioEx
     http2
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEAD_BYTES as u32)
-        .max_concurrent_streams(256)
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     (http1, http2)
 }
 
 /// Serves one connection on the current worker: HTTP/1.1, or h2c with prior knowledge.
-fn serve_connection(
-    worker: &Arc<Worker>,
-    graceful: &GracefulShutdown,
-    accepted: Accepted,
-    load: Counted,
-) {
+fn serve_connection(worker: &Arc<Worker>, accepted: Accepted, load: Counted) {
     let Accepted { stream, peer, slot } = accepted;
     let stream = match TcpStream::from_std(stream) {
         Ok(stream) => stream,
@@ -263,60 +260,112 @@ fn serve_connection(
         }
     };
     let _ = stream.set_nodelay(true);
-    let first_request = Arc::new(AtomicBool::new(false));
+    let state = ConnectionState::new();
     let service = {
         let worker = Arc::clone(worker);
-        let first_request = Arc::clone(&first_request);
-        service_fn(move |req| {
-            first_request.store(true, Ordering::Relaxed);
+        let state = Arc::clone(&state);
+        service_fn(move |req: hyper::Request<Incoming>| {
+            // Before the first poll: hyper may drop a request's future unpolled when its
+            // client goes away, and the request is still logged.
+            let open = state.open(crate::admin::is_local(req.uri().path()));
+            let log = worker.proxy.start_log(&req);
             let worker = Arc::clone(&worker);
-            async move { worker.proxy.handle(&worker.upstream, req, peer).await }
+            let state = Arc::clone(&state);
+            async move {
+                let mut response = worker.proxy.handle(&worker.upstream, req, peer, log).await;
+                if response.extensions().get::<CloseConnection>().is_some() {
+                    state.close_after_answers();
+                }
+                response.body_mut().hold_stream(open);
+                Ok::<_, Infallible>(response)
+            }
         })
     };
-    let watcher = graceful.watcher();
+    let stop = worker.stop.subscribe();
     let worker = Arc::clone(worker);
-    let header_read = worker.proxy.config.timeouts.header_read;
     tokio::spawn(async move {
         let _counted = (slot, load);
-        let connection = async move {
-            let (version, io) = detect::detect(stream).await?;
-            let io = TokioIo::new(io);
-            match version {
-                Version::Http1 => {
-                    let connection = worker.http1.serve_connection(io, service);
-                    watcher.watch(connection).await
-                }
-                Version::Http2 => {
-                    let connection = worker.http2.serve_connection(io, service);
-                    watcher.watch(connection).await
-                }
-            }
-            .map_err(std::io::Error::other)
-        };
-        tokio::pin!(connection);
+        let idle = worker.proxy.config.timeouts.header_read;
         // hyper's header read timeout starts only once an HTTP/1 head begins: a client
         // that sends nothing, or stalls in the HTTP/2 preface, is cut off here.
-        let first_deadline = tokio::time::sleep(header_read);
-        tokio::pin!(first_deadline);
-        let mut checked = false;
-        loop {
-            tokio::select! {
-                result = &mut connection => {
-                    if let Err(err) = result {
-                        tracing::debug!(error = %err, %peer, "connection ended with an error");
-                    }
-                    return;
-                }
-                () = &mut first_deadline, if !checked => {
-                    checked = true;
-                    if !first_request.load(Ordering::Relaxed) {
-                        tracing::debug!(%peer, "closing a connection that sent no request in time");
-                        return;
-                    }
-                }
+        let (version, io) = match tokio::time::timeout(idle, detect::detect(stream)).await {
+            Ok(Ok(detected)) => detected,
+            Ok(Err(err)) => {
+                tracing::debug!(error = %err, %peer, "connection ended before its first request");
+                return;
             }
+            Err(_) => {
+                tracing::debug!(%peer, budget = "timeouts.header_read_secs", "closing a connection that sent no request in time");
+                return;
+            }
+        };
+        let io = TokioIo::new(Gated::new(io, Arc::clone(&state)));
+        let result = match version {
+            Version::Http1 => {
+                let connection = worker.http1.serve_connection(io, service);
+                drive(connection, &state, stop, idle, peer).await
+            }
+            Version::Http2 => {
+                let connection = worker.http2.serve_connection(io, service);
+                drive(connection, &state, stop, idle, peer).await
+            }
+        };
+        if let Err(err) = result {
+            tracing::debug!(error = %err, %peer, "connection ended with an error");
         }
     });
+}
+
+/// Runs a connection to its end, closing it gracefully (after the answers in progress;
+/// GOAWAY on HTTP/2) when the worker stops, when a request asked for it, or when it has
+/// had no open request for `idle`. A connection still there `idle` after that with no
+/// open request (an HTTP/2 client that never acknowledges the GOAWAY) is dropped.
+async fn drive<C>(
+    connection: C,
+    state: &ConnectionState,
+    mut stop: watch::Receiver<bool>,
+    idle: Duration,
+    peer: SocketAddr,
+) -> Result<(), C::Error>
+where
+    C: GracefulConnection,
+{
+    tokio::pin!(connection);
+    let idle_timer = tokio::time::sleep(idle);
+    tokio::pin!(idle_timer);
+    let mut idle_armed = true;
+    let mut closing = false;
+    loop {
+        let close = tokio::select! {
+            result = connection.as_mut() => return result,
+            _ = stop.wait_for(|stop| *stop), if !closing => true,
+            () = state.changed() => {
+                if state.open_requests() == 0 {
+                    idle_timer.as_mut().reset(Instant::now() + idle);
+                    idle_armed = true;
+                }
+                state.close_requested() && !closing
+            }
+            () = idle_timer.as_mut(), if idle_armed => {
+                idle_armed = false;
+                if state.open_requests() > 0 {
+                    false
+                } else if closing {
+                    tracing::debug!(%peer, "dropping a connection that did not close after being asked to");
+                    return Ok(());
+                } else {
+                    tracing::debug!(%peer, budget = "timeouts.header_read_secs", "closing an idle connection");
+                    true
+                }
+            }
+        };
+        if close {
+            closing = true;
+            connection.as_mut().graceful_shutdown();
+            idle_timer.as_mut().reset(Instant::now() + idle);
+            idle_armed = true;
+        }
+    }
 }
 
 /// A counted connection: one of `limits.max_connections` (the process), or one of a

@@ -1,64 +1,153 @@
-//! Where a request goes: the request target of SPEC §5 (origin-form, absolute-form,
-//! `CONNECT`) and the path checks that keep path rules meaningful.
+//! Where a request goes: the request target (origin-form, absolute-form; see README "How
+//! requests are forwarded"), brought to its canonical path ([`crate::paths`]), and the
+//! strict syntax of the host names a request gives (`Host`, `:authority`, absolute-form).
+
+use std::borrow::Cow;
+use std::net::Ipv6Addr;
 
 use http::uri::PathAndQuery;
-use http::{Method, Uri, Version};
-use percent_encoding::percent_decode_str;
+use http::{HeaderMap, Uri, Version, header};
 
 use crate::config::BaseUrl;
 use crate::error::ProxyError;
+use crate::paths::{self, PathError};
 
 /// A request that may be forwarded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
-    /// The path and query exactly as the client sent them (sharing the request's bytes).
+    /// The canonical path and the query exactly as the client sent it: what the rules
+    /// check and what is forwarded (sharing the request's bytes when the path was already
+    /// canonical).
     pub path_and_query: PathAndQuery,
-    /// The client used absolute-form, so its `Host` names the upstream (SPEC §5).
+    /// The client used absolute-form, so its `Host` names the upstream.
     pub absolute_form: bool,
 }
 
 impl Target {
-    /// The path without the query.
+    /// The canonical path, without the query.
     pub fn path(&self) -> &str {
         self.path_and_query.path()
     }
 }
 
-/// Decides whether and where a request may be forwarded.
-pub fn resolve(
-    method: &Method,
-    uri: &Uri,
-    version: Version,
-    upstream: &BaseUrl,
-) -> Result<Target, ProxyError> {
-    if method == Method::CONNECT {
-        return Err(ProxyError::MethodNotAllowed(
-            "CONNECT is not supported: this is a reverse proxy for the Zoho Desk API, send plain HTTP requests to it".into(),
-        ));
-    }
+/// Decides whether and where a request may be forwarded: its path brought to the
+/// canonical form (400 when it has none), and an absolute-form target only for the
+/// upstream's host (403 otherwise).
+pub fn resolve(uri: &Uri, version: Version, upstream: &BaseUrl) -> Result<Target, ProxyError> {
     // HTTP/2 requests always carry :scheme and :authority; only HTTP/1 absolute-form
     // names a target host.
     let absolute_form = version != Version::HTTP_2 && uri.authority().is_some();
     if absolute_form {
         check_absolute_host(uri, upstream)?;
     }
-    let path_and_query = uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    check_path(uri.path())?;
+    let path_and_query = match uri.path_and_query() {
+        Some(pq) => canonical(pq)?,
+        None => PathAndQuery::from_static("/"),
+    };
     Ok(Target {
         path_and_query,
         absolute_form,
     })
 }
 
+/// The path and query with the path in canonical form.
+fn canonical(pq: &PathAndQuery) -> Result<PathAndQuery, ProxyError> {
+    match paths::canonicalize(pq.path()).map_err(bad_path)? {
+        Cow::Borrowed(_) => Ok(pq.clone()),
+        Cow::Owned(path) => {
+            let text = match pq.query() {
+                Some(query) => format!("{path}?{query}"),
+                None => path,
+            };
+            PathAndQuery::try_from(text).map_err(|_| {
+                ProxyError::BadRequest("the request target cannot be forwarded".into())
+            })
+        }
+    }
+}
+
+fn bad_path(err: PathError) -> ProxyError {
+    ProxyError::BadRequest(err.to_string())
+}
+
+/// Checks the syntax of every host name the request gives: each `Host` header and the
+/// URI's authority. A host name or IP literal with an optional numeric port; userinfo,
+/// anything after `]`, a non-numeric port, or two `Host` headers are 400.
+pub fn check_host_syntax(uri: &Uri, headers: &HeaderMap) -> Result<(), ProxyError> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    if let Some(host) = hosts.next() {
+        if hosts.next().is_some() {
+            return Err(ProxyError::BadRequest(
+                "the request has more than one Host header".into(),
+            ));
+        }
+        let text = host
+            .to_str()
+            .map_err(|_| ProxyError::BadRequest("the Host header is not ASCII".into()))?;
+        host_name(text)?;
+    }
+    if let Some(authority) = uri.authority() {
+        host_name(authority.as_str())?;
+    }
+    Ok(())
+}
+
+/// The host name of a `Host` value or an authority, strictly parsed: a name of letters,
+/// digits, `-`, `.` and `_`, an IPv4 address, or an IPv6 address in brackets, then an
+/// optional `:port` of digits. Brackets and a trailing dot are removed.
+pub fn host_name(value: &str) -> Result<&str, ProxyError> {
+    let bad = |what: &str| {
+        ProxyError::BadRequest(format!(
+            "the host {:?} is not a host name or IP address with an optional numeric port: {what}",
+            truncate(value)
+        ))
+    };
+    let (name, port) = if let Some(rest) = value.strip_prefix('[') {
+        let (literal, after) = rest.split_once(']').ok_or_else(|| bad("no \"]\""))?;
+        literal
+            .parse::<Ipv6Addr>()
+            .map_err(|_| bad("not an IPv6 address between the brackets"))?;
+        let port = match after {
+            "" => None,
+            _ => Some(
+                after
+                    .strip_prefix(':')
+                    .ok_or_else(|| bad("something after \"]\""))?,
+            ),
+        };
+        (literal, port)
+    } else {
+        match value.split_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (value, None),
+        }
+    };
+    if let Some(port) = port {
+        let numeric =
+            !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit());
+        if !numeric || port.parse::<u16>().is_err() {
+            return Err(bad("the port is not a number from 0 to 65535"));
+        }
+    }
+    if !value.starts_with('[') {
+        if name.is_empty() {
+            return Err(bad("no host name"));
+        }
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        {
+            return Err(bad(
+                "a host name has only letters, digits, \"-\", \".\" and \"_\"",
+            ));
+        }
+    }
+    Ok(name.strip_suffix('.').unwrap_or(name))
+}
+
 fn check_absolute_host(uri: &Uri, upstream: &BaseUrl) -> Result<(), ProxyError> {
-    let host = uri
-        .host()
-        .unwrap_or_default()
-        .trim_start_matches('[')
-        .trim_end_matches(']');
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    let host = host_name(authority)?;
     let same_host = host.eq_ignore_ascii_case(&upstream.host());
     let same_port = uri.port_u16().is_none_or(|port| port == upstream.port());
     if same_host && same_port {
@@ -66,38 +155,15 @@ fn check_absolute_host(uri: &Uri, upstream: &BaseUrl) -> Result<(), ProxyError> 
     } else {
         Err(ProxyError::Forbidden(format!(
             "absolute-form request to {} refused: this proxy forwards only to {}",
-            uri.authority().map_or("", |a| a.as_str()),
+            truncate(authority),
             upstream.authority
         )))
     }
 }
 
-/// Refuses paths with dot-segments (`/../`, `/./`, percent-encoded too) or empty segments
-/// (`//`): Desk never needs them, and they would defeat path rules.
+/// Refuses a path that has no canonical form (see [`crate::paths`]).
 pub fn check_path(path: &str) -> Result<(), ProxyError> {
-    if !path.starts_with('/') {
-        return Err(ProxyError::BadRequest(format!(
-            "the request target must be a path starting with \"/\" (got {:?})",
-            truncate(path)
-        )));
-    }
-    if path.contains("//") {
-        return Err(ProxyError::BadRequest(
-            "the path has an empty segment (\"//\"); Zoho Desk paths never do".into(),
-        ));
-    }
-    for segment in path.split('/') {
-        let decoded: Vec<u8> = percent_decode_str(segment).collect();
-        let dotted = decoded
-            .split(|b| *b == b'/' || *b == b'\\')
-            .any(|piece| piece == b"." || piece == b"..");
-        if dotted {
-            return Err(ProxyError::BadRequest(
-                "the path has a dot-segment (\".\" or \"..\", possibly percent-encoded); Zoho Desk paths never do".into(),
-            ));
-        }
-    }
-    Ok(())
+    paths::canonicalize(path).map(|_| ()).map_err(bad_path)
 }
 
 fn truncate(s: &str) -> &str {
@@ -115,14 +181,9 @@ mod tests {
         BaseUrl::parse("upstream", "https://desk.zoho.com").unwrap()
     }
 
-    fn resolve_str(method: &str, target: &str, version: Version) -> Result<Target, ProxyError> {
+    fn resolve_str(target: &str, version: Version) -> Result<Target, ProxyError> {
         let uri: Uri = target.parse().unwrap();
-        resolve(
-            &Method::from_bytes(method.as_bytes()).unwrap(),
-            &uri,
-            version,
-            &upstream(),
-        )
+        resolve(&uri, version, &upstream())
     }
 
     #[test]
@@ -145,9 +206,11 @@ mod tests {
             ("/api/v1//tickets", false),
             ("//api/v1/tickets", false),
             ("/..", false),
+            ("/api/v1/tickets/..;/agents", false),
+            ("/api/v1/agents;x=1", false),
         ];
         for (target, ok) in table {
-            let result = resolve_str("GET", target, Version::HTTP_11);
+            let result = resolve_str(target, Version::HTTP_11);
             assert_eq!(result.is_ok(), ok, "{target}: {result:?}");
             if let Err(e) = result {
                 assert_eq!(e.code(), "PROXY_BAD_REQUEST");
@@ -156,53 +219,88 @@ mod tests {
     }
 
     #[test]
-    fn path_and_query_are_kept_byte_for_byte() {
-        let t = resolve_str(
-            "GET",
-            "/api/v1/tickets?q=a%2Fb+c%20d&x=%7E",
-            Version::HTTP_11,
-        )
-        .unwrap();
+    fn the_query_is_kept_byte_for_byte_and_the_path_made_canonical() {
+        let t = resolve_str("/api/v1/tickets?q=a%2Fb+c%20d&x=%7E", Version::HTTP_11).unwrap();
         assert_eq!(t.path_and_query, "/api/v1/tickets?q=a%2Fb+c%20d&x=%7E");
         assert_eq!(t.path(), "/api/v1/tickets");
+        let t = resolve_str("/api/v1/%61gents/caf%c3%a9?q=%61", Version::HTTP_11).unwrap();
+        assert_eq!(t.path_and_query, "/api/v1/agents/caf%C3%A9?q=%61");
     }
 
     #[test]
     fn absolute_form_only_to_the_upstream() {
         let table = [
-            ("http://desk.zoho.com/api/v1/tickets", true),
-            ("http://DESK.zoho.com/api/v1/tickets", true),
-            ("https://desk.zoho.com:443/api/v1/tickets", true),
-            ("http://desk.zoho.com:80/api/v1/tickets", false),
-            ("http://evil.example/api/v1/tickets", false),
-            ("http://desk.zoho.com.evil.example/api/v1/tickets", false),
+            ("http://desk.zoho.com/api/v1/tickets", Some(true)),
+            ("http://DESK.zoho.com/api/v1/tickets", Some(true)),
+            ("https://desk.zoho.com:443/api/v1/tickets", Some(true)),
+            ("http://desk.zoho.com:80/api/v1/tickets", Some(false)),
+            ("http://evil.example/api/v1/tickets", Some(false)),
+            (
+                "http://desk.zoho.com.evil.example/api/v1/tickets",
+                Some(false),
+            ),
+            ("http://user@desk.zoho.com/api/v1/tickets", None),
         ];
         for (target, ok) in table {
-            let result = resolve_str("GET", target, Version::HTTP_11);
-            assert_eq!(result.is_ok(), ok, "{target}: {result:?}");
-            match result {
-                Ok(t) => assert!(t.absolute_form),
-                Err(e) => assert_eq!(e.status(), 403),
+            let result = resolve_str(target, Version::HTTP_11);
+            match (ok, result) {
+                (Some(true), Ok(t)) => assert!(t.absolute_form),
+                (Some(false), Err(e)) => assert_eq!(e.status(), 403, "{target}"),
+                (None, Err(e)) => assert_eq!(e.status(), 400, "{target}"),
+                (_, other) => panic!("{target}: {other:?}"),
             }
         }
     }
 
     #[test]
     fn http2_authority_is_not_absolute_form() {
-        let t = resolve_str(
-            "GET",
-            "http://127.0.0.1:8080/api/v1/tickets",
-            Version::HTTP_2,
-        )
-        .unwrap();
+        let t = resolve_str("http://127.0.0.1:8080/api/v1/tickets", Version::HTTP_2).unwrap();
         assert!(!t.absolute_form);
         assert_eq!(t.path_and_query, "/api/v1/tickets");
     }
 
     #[test]
-    fn connect_is_refused() {
-        let uri: Uri = "desk.zoho.com:443".parse().unwrap();
-        let err = resolve(&Method::CONNECT, &uri, Version::HTTP_11, &upstream()).unwrap_err();
-        assert_eq!(err.code(), "PROXY_METHOD_NOT_ALLOWED");
+    fn host_names_are_parsed_strictly() {
+        let table: &[(&str, Option<&str>)] = &[
+            ("localhost", Some("localhost")),
+            ("localhost:8080", Some("localhost")),
+            ("localhost.", Some("localhost")),
+            ("127.0.0.1:8080", Some("127.0.0.1")),
+            ("[::1]", Some("::1")),
+            ("[::1]:8080", Some("::1")),
+            ("zoho-proxy_1.ci", Some("zoho-proxy_1.ci")),
+            ("user@localhost", None),
+            ("user:pw@localhost:8080", None),
+            ("localhost:80a", None),
+            ("localhost:", None),
+            ("localhost:99999", None),
+            ("localhost:8080:1", None),
+            ("[::1]x", None),
+            ("[::1]:8080x", None),
+            ("[::1", None),
+            ("[evil.example]", None),
+            ("::1", None),
+            ("", None),
+            (":8080", None),
+            ("local host", None),
+            ("evil.example/path", None),
+        ];
+        for (value, expected) in table {
+            let got = host_name(value);
+            assert_eq!(got.as_ref().ok().copied(), *expected, "{value:?}: {got:?}");
+            if let Err(e) = got {
+                assert_eq!(e.code(), "PROXY_BAD_REQUEST");
+            }
+        }
+    }
+
+    #[test]
+    fn two_host_headers_are_a_bad_request() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::HOST, "localhost".parse().unwrap());
+        let uri: Uri = "/".parse().unwrap();
+        assert!(check_host_syntax(&uri, &headers).is_ok());
+        headers.append(header::HOST, "evil.example".parse().unwrap());
+        assert_eq!(check_host_syntax(&uri, &headers).unwrap_err().status(), 400);
     }
 }

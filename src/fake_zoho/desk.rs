@@ -63,6 +63,7 @@ async fn handle_inner(
             version: parts.version,
             headers: parts.headers.clone(),
             body_len: 0,
+            body_complete: false,
         });
         let forced = if st.forced_401_remaining > 0 {
             st.forced_401_remaining -= 1;
@@ -70,6 +71,9 @@ async fn handle_inner(
         } else {
             None
         };
+        shared
+            .desk_requests_tx
+            .send_replace(st.desk_requests.len() as u64);
         (st.desk_requests.len() - 1, forced)
     };
     let mut req = Req {
@@ -140,6 +144,7 @@ impl Req<'_> {
         let (len, content) = read_body(body, keep).await?;
         if let Some(r) = self.shared.lock().desk_requests.get_mut(self.idx) {
             r.body_len = len;
+            r.body_complete = true;
         }
         Ok((len, content))
     }

@@ -119,6 +119,9 @@ pub struct RecordedRequest {
     pub headers: http::HeaderMap,
     /// Number of body bytes read (counted for streamed endpoints).
     pub body_len: u64,
+    /// Whether the whole body arrived (false while it is read, and for one that broke
+    /// off).
+    pub body_complete: bool,
 }
 
 /// One access token ever issued by the fake.
@@ -229,6 +232,8 @@ struct Shared {
     refresh_token: String,
     state: Mutex<State>,
     token_requests_tx: watch::Sender<u64>,
+    /// The number of Desk requests received, for waiting on it.
+    desk_requests_tx: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -264,6 +269,11 @@ impl FakeControl {
     /// Watches [`FakeControl::token_requests`]; updated on every refresh-token call.
     pub fn subscribe_token_requests(&self) -> watch::Receiver<u64> {
         self.shared.token_requests_tx.subscribe()
+    }
+
+    /// Watches the number of Desk requests received (counted when their head arrives).
+    pub fn subscribe_desk_requests(&self) -> watch::Receiver<u64> {
+        self.shared.desk_requests_tx.subscribe()
     }
 
     /// Every access token ever issued, oldest first.
@@ -400,6 +410,7 @@ impl FakeZoho {
             refresh_token: options.refresh_token,
             state: Mutex::new(state),
             token_requests_tx: watch::Sender::new(0),
+            desk_requests_tx: watch::Sender::new(0),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let tasks = vec![

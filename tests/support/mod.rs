@@ -243,3 +243,32 @@ pub async fn wait_for_token_requests(zoho: &FakeControl, n: u64) {
         .expect("timed out waiting for token requests")
         .expect("fake stopped");
 }
+
+/// Waits until the fake Desk has received at least `n` requests (their heads).
+pub async fn wait_for_desk_requests(zoho: &FakeControl, n: u64) {
+    let mut rx = zoho.subscribe_desk_requests();
+    tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|count| *count >= n))
+        .await
+        .expect("timed out waiting for Desk requests")
+        .expect("fake stopped");
+}
+
+/// Waits until `/_proxy/metrics` has `line` (a series and its value); the proxy tells of
+/// its state only there, so the test reads it until it says so.
+pub async fn wait_for_metric(proxy: &TestProxy, line: &str) {
+    let found = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let text = fetch(proxy.url("/_proxy/metrics"))
+                .await
+                .text()
+                .await
+                .unwrap_or_default();
+            if text.lines().any(|l| l == line) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(found.is_ok(), "/_proxy/metrics never showed {line:?}");
+}

@@ -1,0 +1,195 @@
+//! What one client connection shares with the requests it carries: how many are open (an
+//! HTTP/2 connection with none open is idle, and closed like an idle HTTP/1 one), a way
+//! for a request to have the connection closed after its answer, and a gate that keeps a
+//! client's half-close from cancelling the proxy's own answers.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+
+use futures_util::task::AtomicWaker;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+
+/// The state of one client connection.
+#[derive(Debug, Default)]
+pub struct ConnectionState {
+    /// Requests whose answer is not done yet.
+    open: AtomicUsize,
+    /// Requests answered by the proxy itself, which a half-close must not cancel.
+    local: AtomicUsize,
+    /// The connection's reader, parked on an end of stream held back for them.
+    reader: AtomicWaker,
+    close: AtomicBool,
+    /// Told when the connection turns idle or must close.
+    changed: Notify,
+}
+
+impl ConnectionState {
+    /// A new connection's state.
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// Counts a request as open until the guard drops. `local` requests (the proxy's own
+    /// endpoints) also hold back the client's end of stream until they are answered.
+    pub fn open(self: &Arc<Self>, local: bool) -> StreamGuard {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        if local {
+            self.local.fetch_add(1, Ordering::AcqRel);
+        }
+        StreamGuard {
+            state: Arc::clone(self),
+            local,
+        }
+    }
+
+    /// Requests whose answer is not done.
+    pub fn open_requests(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Asks for the connection to be closed once the answers in progress are sent.
+    pub fn close_after_answers(&self) {
+        self.close.store(true, Ordering::Release);
+        self.changed.notify_one();
+    }
+
+    /// Whether a close was asked for.
+    pub fn close_requested(&self) -> bool {
+        self.close.load(Ordering::Acquire)
+    }
+
+    /// Resolves when the connection may have turned idle or a close was asked for.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+}
+
+/// One open request; see [`ConnectionState::open`].
+#[derive(Debug)]
+pub struct StreamGuard {
+    state: Arc<ConnectionState>,
+    local: bool,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.local && self.state.local.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.state.reader.wake();
+        }
+        if self.state.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.state.changed.notify_one();
+        }
+    }
+}
+
+/// The connection's IO, holding back the client's end of stream while a local answer is
+/// in progress. hyper cancels an HTTP/1 request when its client half-closes (so that a
+/// request queued for Desk is never sent once its client has gone); the proxy's own
+/// endpoints answer at once, and `printf 'GET /_proxy/health …' | nc -N` must get that
+/// answer.
+#[derive(Debug)]
+pub struct Gated<IO> {
+    io: IO,
+    state: Arc<ConnectionState>,
+}
+
+impl<IO> Gated<IO> {
+    /// `io`, gated by `state`.
+    pub fn new(io: IO, state: Arc<ConnectionState>) -> Self {
+        Self { io, state }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Gated<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) if buf.filled().len() == before && buf.remaining() > 0 => {
+                // End of stream: hold it back while a local answer is in progress. The
+                // waker is registered before the count is read, so a release in between
+                // still wakes this reader.
+                this.state.reader.register(cx.waker());
+                if this.state.local.load(Ordering::Acquire) > 0 {
+                    Poll::Pending
+                } else {
+                    Poll::Ready(Ok(()))
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Gated<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn end_of_stream_waits_for_local_answers() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let state = ConnectionState::new();
+        let mut gated = Gated::new(server, Arc::clone(&state));
+        client.write_all(b"x").await.unwrap();
+        drop(client);
+        let local = state.open(true);
+        let mut buf = [0u8; 8];
+        assert_eq!(gated.read(&mut buf).await.unwrap(), 1);
+        let held = tokio::time::timeout(std::time::Duration::from_millis(50), gated.read(&mut buf));
+        assert!(held.await.is_err(), "end of stream held back");
+        let reader = tokio::spawn(async move { gated.read(&mut [0u8; 8]).await.unwrap() });
+        tokio::task::yield_now().await;
+        drop(local);
+        assert_eq!(reader.await.unwrap(), 0, "released with the answer");
+        assert_eq!(state.open_requests(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_forwarded_request_does_not_hold_the_end_of_stream() {
+        let (client, server) = tokio::io::duplex(64);
+        let state = ConnectionState::new();
+        let mut gated = Gated::new(server, Arc::clone(&state));
+        let _forwarded = state.open(false);
+        drop(client);
+        assert_eq!(gated.read(&mut [0u8; 8]).await.unwrap(), 0);
+    }
+}

@@ -1,0 +1,533 @@
+//! The bounds on what a client can make the proxy hold (README "Limits"), tried as an
+//! attacker would, over HTTP/1.1 and HTTP/2: a body that stalls, a body that breaks, more
+//! bodies than the replay budget, HTTP/2 connections left idle, too many header fields,
+//! clients that leave or half-close.
+//!
+//! Each bound answers with its Desk-shaped error (or a closed connection), sends nothing
+//! half-done to Desk, and leaves the proxy serving everyone else.
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::Frame;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, StreamBody};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::binary::*;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, timeout};
+use zoho_desk_proxy::fake_zoho::{FakeOptions, FakeZoho};
+use zoho_desk_proxy::secret::Secret;
+
+/// Longest the proxy may take to answer or close before the test calls it a hang.
+const LIMIT: Duration = Duration::from_secs(5);
+/// `timeouts.body_read_secs` in these tests.
+const BODY_READ: Duration = Duration::from_millis(400);
+/// `timeouts.header_read_secs` (and so the idle time) in these tests.
+const IDLE: Duration = Duration::from_millis(500);
+
+type TestBody = BoxBody<Bytes, Infallible>;
+
+/// An h2c (prior knowledge) connection to the proxy; the task ends when the proxy
+/// closes the connection.
+async fn h2(addr: SocketAddr) -> (SendRequest<TestBody>, JoinHandle<()>) {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    let task = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    (sender, task)
+}
+
+/// A request body fed by hand: each `Bytes` sent is a frame; holding the sender stalls
+/// the body, dropping it ends the body.
+fn fed_body() -> (TestBody, mpsc::Sender<Bytes>) {
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|data| (Ok::<_, Infallible>(Frame::data(data)), rx))
+    });
+    (StreamBody::new(stream).boxed(), tx)
+}
+
+fn empty() -> TestBody {
+    Empty::new().boxed()
+}
+
+/// Sends `request` on an h2 connection; the status and the JSON body of the answer.
+async fn h2_send(
+    sender: &mut SendRequest<TestBody>,
+    request: http::Request<TestBody>,
+) -> (u16, serde_json::Value) {
+    timeout(LIMIT, async {
+        let response = sender.send_request(request).await.expect("h2 response");
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        (
+            status,
+            serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        )
+    })
+    .await
+    .expect("no h2 answer in time")
+}
+
+fn h2_request(method: &str, addr: SocketAddr, path: &str) -> http::request::Builder {
+    http::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+}
+
+/// Reads from `stream` until the proxy closes it; panics if it stays open past [`LIMIT`].
+async fn read_until_closed(stream: &mut TcpStream) -> String {
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    timeout(LIMIT, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("the proxy kept the connection open");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Waits for an h2 connection's task to end (the proxy closed the connection).
+async fn closed_within(task: JoinHandle<()>, limit: Duration) -> bool {
+    timeout(limit, task).await.is_ok()
+}
+
+async fn assert_still_serving(s: &Scenario) {
+    let response = timeout(LIMIT, client().get(s.url("/api/v1/tickets")).send())
+        .await
+        .expect("a normal request timed out")
+        .expect("a normal request failed");
+    assert_eq!(response.status(), 200, "a normal request afterwards");
+}
+
+fn stalling() -> impl FnOnce(&mut zoho_desk_proxy::config::Config) {
+    |c| {
+        c.timeouts.body_read = BODY_READ;
+        c.max_upstream_requests = 1;
+        c.workers = 1;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// timeouts.body_read_secs
+
+#[tokio::test]
+async fn a_body_that_stalls_while_held_for_replay_gets_408_and_never_reaches_desk() {
+    let s = Scenario::with(FakeOptions::default(), stalling()).await;
+
+    // HTTP/1.1: a declared length, a few bytes, then silence.
+    let mut stream = TcpStream::connect(s.proxy.addr).await.unwrap();
+    let started = Instant::now();
+    stream
+        .write_all(
+            b"POST /api/v1/tickets HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"subj",
+        )
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut stream).await;
+    let waited = started.elapsed();
+    assert_eq!(raw_status(&answer), 408, "{answer}");
+    assert_eq!(raw_json(&answer)["errorCode"], "PROXY_REQUEST_TIMEOUT");
+    assert!(waited >= BODY_READ, "answered after {waited:?}");
+
+    // HTTP/2: the same on a stream; the connection is then closed (GOAWAY).
+    let (mut sender, connection) = h2(s.proxy.addr).await;
+    let (body, feed) = fed_body();
+    feed.send(Bytes::from_static(b"{\"subj")).await.unwrap();
+    let request = h2_request("POST", s.proxy.addr, "/api/v1/tickets")
+        .header("content-length", "100")
+        .body(body)
+        .unwrap();
+    let (status, json) = h2_send(&mut sender, request).await;
+    assert_eq!(status, 408, "{json}");
+    assert_eq!(json["errorCode"], "PROXY_REQUEST_TIMEOUT");
+    assert!(
+        closed_within(connection, LIMIT).await,
+        "the h2 connection is closed after a stalled body"
+    );
+    drop(feed);
+
+    assert_eq!(s.zoho.desk_request_count(), 0, "nothing reached Desk");
+    assert_still_serving(&s).await;
+}
+
+#[tokio::test]
+async fn a_body_that_stalls_while_streaming_is_aborted_at_desk_and_frees_its_slot() {
+    // One upstream slot: a stalled body that kept it would lock everyone out.
+    let s = Scenario::with(FakeOptions::default(), stalling()).await;
+
+    // HTTP/1.1 chunked (no length: it streams).
+    let mut stream = TcpStream::connect(s.proxy.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /api/v1/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        )
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut stream).await;
+    assert_eq!(raw_status(&answer), 408, "{answer}");
+    assert_eq!(raw_json(&answer)["errorCode"], "PROXY_REQUEST_TIMEOUT");
+    assert_still_serving(&s).await;
+
+    // HTTP/2, a body with no length.
+    let (mut sender, connection) = h2(s.proxy.addr).await;
+    let (body, feed) = fed_body();
+    feed.send(Bytes::from_static(b"hello")).await.unwrap();
+    let request = h2_request("POST", s.proxy.addr, "/api/v1/upload")
+        .body(body)
+        .unwrap();
+    let (status, json) = h2_send(&mut sender, request).await;
+    assert_eq!(status, 408, "{json}");
+    assert_eq!(json["errorCode"], "PROXY_REQUEST_TIMEOUT");
+    assert!(closed_within(connection, LIMIT).await);
+    drop(feed);
+
+    let uploads: Vec<_> = s
+        .zoho
+        .desk_requests()
+        .into_iter()
+        .filter(|r| r.path_and_query == "/api/v1/upload")
+        .collect();
+    assert_eq!(uploads.len(), 2, "both streamed to Desk");
+    for upload in uploads {
+        assert!(!upload.body_complete, "Desk never got a whole body");
+    }
+    assert_still_serving(&s).await;
+}
+
+#[tokio::test]
+async fn a_body_that_trickles_within_the_bound_is_forwarded() {
+    let s = Scenario::with(FakeOptions::default(), stalling()).await;
+    let (mut sender, _connection) = h2(s.proxy.addr).await;
+    let (body, feed) = fed_body();
+    let request = h2_request("POST", s.proxy.addr, "/api/v1/upload")
+        .body(body)
+        .unwrap();
+    let answer = tokio::spawn(async move { h2_send(&mut sender, request).await });
+    // Four pauses of 60 % of the bound: 2.4 × the bound in all, never silent for long.
+    for _ in 0..4 {
+        feed.send(Bytes::from_static(b"data")).await.unwrap();
+        tokio::time::sleep(BODY_READ.mul_f64(0.6)).await;
+    }
+    drop(feed);
+    let (status, json) = answer.await.unwrap();
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["bytes"], 16);
+}
+
+// ---------------------------------------------------------------------------------------
+// Broken bodies
+
+#[tokio::test]
+async fn a_broken_body_is_400_and_not_an_upstream_error() {
+    let s = Scenario::start().await;
+    let cases: &[(&str, &[u8])] = &[
+        (
+            "bad chunk size",
+            b"POST /api/v1/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZ\r\n",
+        ),
+        (
+            "chunk longer than announced",
+            b"POST /api/v1/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhello\r\n0\r\n\r\n",
+        ),
+        (
+            "bad chunk size, replayable length",
+            b"POST /api/v1/tickets HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nQ\r\n",
+        ),
+    ];
+    for (case, bytes) in cases {
+        let mut stream = TcpStream::connect(s.proxy.addr).await.unwrap();
+        stream.write_all(bytes).await.unwrap();
+        let answer = read_until_closed(&mut stream).await;
+        assert_eq!(raw_status(&answer), 400, "{case}: {answer}");
+        assert_eq!(
+            raw_json(&answer)["errorCode"],
+            "PROXY_BAD_REQUEST",
+            "{case}"
+        );
+    }
+
+    // An early end: a declared length, part of it, and the client's end of stream.
+    for path in ["/api/v1/tickets", "/api/v1/upload"] {
+        let mut stream = TcpStream::connect(s.proxy.addr).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n0123456789",
+            if path.ends_with("upload") {
+                5_000_000
+            } else {
+                100
+            }
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let answer = read_until_closed(&mut stream).await;
+        assert_eq!(raw_status(&answer), 400, "early end on {path}: {answer}");
+        assert_eq!(raw_json(&answer)["errorCode"], "PROXY_BAD_REQUEST");
+    }
+
+    let metrics = fetch(s.url("/_proxy/metrics")).await.text().await.unwrap();
+    for kind in ["unreachable", "timeout"] {
+        let line = format!("zoho_proxy_upstream_errors_total{{kind=\"{kind}\"}} 0");
+        assert!(metrics.contains(&line), "{line} missing in\n{metrics}");
+    }
+    assert!(
+        !metrics.contains("status_class=\"5xx\"} 1"),
+        "no 5xx was answered:\n{metrics}"
+    );
+    assert_still_serving(&s).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// limits.buffered_body_bytes
+
+#[tokio::test]
+async fn a_body_over_the_replay_budget_streams_and_only_loses_its_retry() {
+    // Room for one 800-byte body at a time.
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.buffered_body_bytes = 1000;
+        c.timeouts.body_read = Duration::from_secs(10);
+    })
+    .await;
+    // A holds the budget: its 800 bytes are declared, 10 sent, the rest withheld.
+    let mut a = TcpStream::connect(s.proxy.addr).await.unwrap();
+    let body_a = format!("{{\"subject\":\"{}\"}}", "a".repeat(800 - 14));
+    assert_eq!(body_a.len(), 800);
+    a.write_all(
+        format!(
+            "POST /api/v1/tickets HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 800\r\nConnection: close\r\n\r\n{}",
+            &body_a[..10]
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    wait_for_metric(&s.proxy, "zoho_proxy_buffered_body_bytes 800").await;
+    // B does not fit beside A: it streams, so Desk's 401 comes back unretried.
+    s.zoho.revoke_all_tokens();
+    let body_b = format!("{{\"subject\":\"{}\"}}", "b".repeat(800 - 14));
+    let response = client()
+        .post(s.url("/api/v1/tickets"))
+        .header("content-type", "application/json")
+        .body(body_b)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401, "B streamed and lost its retry");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["errorCode"], "INVALID_OAUTH", "Desk's own 401");
+
+    // A completes: it was held, so its own 401 is retried with a new token.
+    s.zoho.revoke_all_tokens();
+    a.write_all(&body_a.as_bytes()[10..]).await.unwrap();
+    let answer = read_until_closed(&mut a).await;
+    assert_eq!(raw_status(&answer), 200, "{answer}");
+    let metrics = fetch(s.url("/_proxy/metrics")).await.text().await.unwrap();
+    assert!(
+        metrics.contains("zoho_proxy_limits_reached_total{limit=\"limits.buffered_body_bytes\"} 1"),
+        "{metrics}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Idle HTTP/2 connections, header fields
+
+#[tokio::test]
+async fn an_idle_h2_connection_is_closed_like_an_idle_http1_one() {
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.timeouts.header_read = IDLE;
+        c.access.api_keys = vec![Secret::new("k-123456".into())];
+    })
+    .await;
+    // One served request, one refused for its missing key: both connections then idle.
+    for key in [Some("k-123456"), None] {
+        let (mut sender, connection) = h2(s.proxy.addr).await;
+        let mut request = h2_request("GET", s.proxy.addr, "/api/v1/tickets");
+        if let Some(key) = key {
+            request = request.header("x-proxy-key", key);
+        }
+        let (status, _) = h2_send(&mut sender, request.body(empty()).unwrap()).await;
+        assert_eq!(status, if key.is_some() { 200 } else { 401 });
+        let started = Instant::now();
+        assert!(
+            closed_within(connection, LIMIT).await,
+            "an idle h2 connection stays open"
+        );
+        let after = started.elapsed();
+        assert!(
+            after >= IDLE / 2,
+            "closed after {after:?}, before it was idle"
+        );
+    }
+}
+
+#[tokio::test]
+async fn idle_h2_connections_cannot_lock_out_a_client_with_a_key() {
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.timeouts.header_read = IDLE;
+        c.max_connections = 20;
+        c.access.api_keys = vec![Secret::new("k-123456".into())];
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        let (mut sender, connection) = h2(s.proxy.addr).await;
+        let request = h2_request("GET", s.proxy.addr, "/api/v1/tickets")
+            .body(empty())
+            .unwrap();
+        assert_eq!(h2_send(&mut sender, request).await.0, 401);
+        held.push((sender, connection));
+    }
+    // Within a few idle periods the keyed client gets in.
+    let deadline = Instant::now() + IDLE * 6;
+    loop {
+        let response = client()
+            .get(s.url("/api/v1/tickets"))
+            .header("x-proxy-key", "k-123456")
+            .send()
+            .await;
+        if let Ok(response) = response
+            && response.status() == 200
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "locked out by idle h2 connections"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn too_many_header_fields_are_refused_over_h2_as_over_http1() {
+    let s = Scenario::start().await;
+    let (mut sender, _connection) = h2(s.proxy.addr).await;
+    let mut request = h2_request("GET", s.proxy.addr, "/api/v1/tickets");
+    for i in 0..200 {
+        request = request.header(format!("x-h{i}"), "v");
+    }
+    let (status, json) = h2_send(&mut sender, request.body(empty()).unwrap()).await;
+    assert_eq!(status, 431, "{json}");
+    assert_eq!(s.zoho.desk_request_count(), 0);
+    assert_eq!(
+        json["errorCode"], "PROXY_BAD_REQUEST",
+        "the proxy's own answer"
+    );
+    // 90 are fine (the fake Desk, like hyper's HTTP/1 server, takes at most 100).
+    let mut request = h2_request("GET", s.proxy.addr, "/api/v1/tickets");
+    for i in 0..90 {
+        request = request.header(format!("x-h{i}"), "v");
+    }
+    let (status, json) = h2_send(&mut sender, request.body(empty()).unwrap()).await;
+    assert_eq!(status, 200, "{json}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Clients that leave, clients that half-close
+
+#[tokio::test]
+async fn a_client_that_leaves_is_logged_and_counted_as_499() {
+    let fake = FakeZoho::start().await.unwrap();
+    let zoho = fake.control();
+    zoho.set_desk_delay(Duration::from_secs(3));
+    let mut proxy = serve_fake_logged(&fake, "", "127.0.0.1", &[]).await;
+    let addr: SocketAddr = format!("127.0.0.1:{}", proxy.port).parse().unwrap();
+
+    // HTTP/1.1: the client closes while Desk takes its time.
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /api/v1/tickets?left=h1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    wait_for_desk_requests(&zoho, 1).await;
+    drop(stream);
+
+    // HTTP/2: the client resets its stream.
+    let (mut sender, _connection) = h2(addr).await;
+    let request = h2_request("GET", addr, "/api/v1/tickets?left=h2")
+        .body(empty())
+        .unwrap();
+    let pending = tokio::spawn(async move { sender.send_request(request).await });
+    wait_for_desk_requests(&zoho, 2).await;
+    pending.abort();
+
+    let mut statuses = Vec::new();
+    while statuses.len() < 2 {
+        let line = timeout(LIMIT, proxy.lines.recv())
+            .await
+            .expect("a request line")
+            .expect("log open");
+        if line.contains("\"path\":\"/api/v1/tickets\"") {
+            let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+            statuses.push(json["status"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(statuses, vec![499, 499]);
+    zoho.set_desk_delay(Duration::ZERO);
+    let metrics = fetch(format!("http://{addr}/_proxy/metrics"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("zoho_proxy_requests_total{method=\"GET\",status_class=\"4xx\"} 2"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("status_class=\"1xx\"} 1"), "{metrics}");
+    sigterm(&proxy.child);
+    let _ = proxy.child.wait().await;
+}
+
+#[tokio::test]
+async fn a_client_that_half_closes_still_gets_the_proxys_own_answers() {
+    let s = Scenario::start().await;
+    // Ready once a token is held.
+    assert_eq!(status(s.url("/api/v1/tickets")).await, 200);
+    for path in ["/_proxy/health", "/_proxy/ready", "/_proxy/metrics"] {
+        // `printf 'GET … HTTP/1.1\r\nHost: …\r\n\r\n' | nc -N 127.0.0.1 PORT`
+        let mut stream = TcpStream::connect(s.proxy.addr).await.unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        stream.shutdown().await.unwrap();
+        let answer = read_until_closed(&mut stream).await;
+        assert_eq!(raw_status(&answer), 200, "{path}: {answer:?}");
+    }
+    let answer = {
+        let mut stream = TcpStream::connect(s.proxy.addr).await.unwrap();
+        stream
+            .write_all(b"GET /_proxy/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .unwrap();
+        stream.shutdown().await.unwrap();
+        read_until_closed(&mut stream).await
+    };
+    assert_eq!(raw_json(&answer), serde_json::json!({"status": "ok"}));
+}
