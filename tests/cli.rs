@@ -209,7 +209,11 @@ async fn configuration_errors_exit_2_and_name_the_key() {
     let cases = [
         ("lisen = \"127.0.0.1:1\"", "lisen"),
         (
-            "listen = \"0.0.0.0:18080\"",
+            "listen = \"0.0.0.0:0\"",
+            "access.allow_unauthenticated_remote",
+        ),
+        (
+            "listen = \"0.0.0.0:0\"\n[access]\nallow_cidrs = [\"0.0.0.0/0\", \"::/0\"]",
             "access.allow_unauthenticated_remote",
         ),
         ("dc = \"mars\"", "dc"),
@@ -225,6 +229,21 @@ async fn configuration_errors_exit_2_and_name_the_key() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{extra}: {stderr}");
         assert!(stderr.contains(named), "{extra}: {stderr}");
+    }
+    // A blank key list in the environment (a compose file's unset variable) never opens
+    // the proxy: exit 2, naming the variable, even with keys in the file.
+    for blank in ["", " , "] {
+        let config = write_config(dir.path(), &fake, true, "", "[access]\napi_keys = [\"k\"]");
+        let out = command(dir.path())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("ZOHO_PROXY_API_KEYS", blank)
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{blank:?}: {stderr}");
+        assert!(stderr.contains("ZOHO_PROXY_API_KEYS"), "{stderr}");
     }
     let out = command(dir.path())
         .args(["serve", "--bogus"])

@@ -1,8 +1,11 @@
-//! Bodies stream both ways with bounded memory (SPEC §5): 1 GiB down and 1 GiB up
-//! through the built binary, whose peak resident memory is then read from `/proc`.
+//! Memory stays bounded whatever clients send, read from the built binary's `/proc`:
+//! - bodies stream both ways (README "How requests are forwarded"): 1 GiB down and 1 GiB
+//!   up keep the peak flat;
+//! - bodies held for a 401 replay stay within `limits.buffered_body_bytes`, however many
+//!   HTTP/2 streams declare one and stall.
 //!
 //! `cargo test --test memory -- --nocapture` prints the throughput each way and the
-//! peak; `bench/stream.sh` runs the same against the release binary.
+//! peaks; `bench/stream.sh` runs the streaming case against the release binary.
 #![cfg(target_os = "linux")]
 
 mod support;
@@ -94,6 +97,133 @@ async fn streaming_1_gib_each_way_keeps_the_proxy_under_64_mib() {
         "the proxy's peak resident memory is {hwm} bytes (VmHWM), over {MAX_PEAK_RSS}"
     );
 
+    sigterm(&child);
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("the proxy exits after SIGTERM")
+        .unwrap()
+        .status;
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+/// HTTP/2 streams per connection in the replay-budget test (the proxy's most).
+const STREAMS: usize = 256;
+/// HTTP/2 connections in the replay-budget test.
+const H2_CONNECTIONS: usize = 4;
+/// `limits.buffered_body_bytes` in the replay-budget test.
+const BUDGET: u64 = 16 * MIB;
+/// What the proxy may hold beyond the budget with 1024 streams open: its idle footprint
+/// (~8 MiB), per-stream state, and HTTP/2 flow-control windows (1 MiB a connection).
+const FOOTPRINT: u64 = 40 * MIB;
+
+/// 4 HTTP/2 connections × 256 streams, each declaring a 1 MiB body (replayable by size)
+/// and sending all of it but its last byte: without a process-wide budget the proxy
+/// would hold 1 GiB; with one, the budget plus its footprint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_h2_bodies_stay_within_the_replay_budget() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let fake = FakeZoho::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let limits = format!(
+        "[limits]\nbuffered_body_bytes = {BUDGET}\nmax_upstream_requests = 4\nworkers = 1\n[timeouts]\nbody_read_secs = 120\nheader_read_secs = 120"
+    );
+    let config = write_config(dir.path(), &fake, true, "", &limits);
+    let port = free_port();
+    let child = serve(dir.path(), &config, port).await;
+    let pid = child.id().expect("running");
+    let addr = format!("127.0.0.1:{port}");
+    let (started_hwm, _) = peak_and_current_rss(pid);
+
+    let declared = MIB;
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut connections = Vec::new();
+    let mut requests = Vec::new();
+    for _ in 0..H2_CONNECTIONS {
+        let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .expect("h2 handshake");
+        connections.push(tokio::spawn(connection));
+        for _ in 0..STREAMS {
+            let mut sender = sender.clone();
+            let sent = Arc::clone(&sent);
+            // All but the last byte, in 16 KiB frames, then silence.
+            let chunk = Bytes::from(vec![b'x'; 16 * 1024]);
+            let frames = (declared - 1).div_ceil(chunk.len() as u64);
+            let body = futures_util::stream::unfold(0u64, move |i| {
+                let chunk = chunk.clone();
+                let sent = Arc::clone(&sent);
+                async move {
+                    if i == frames {
+                        futures_util::future::pending::<()>().await;
+                    }
+                    let len = if i + 1 == frames {
+                        (declared - 1) as usize - (frames as usize - 1) * chunk.len()
+                    } else {
+                        chunk.len()
+                    };
+                    sent.fetch_add(len as u64, Ordering::Relaxed);
+                    Some((
+                        Ok::<_, std::convert::Infallible>(http_body::Frame::data(
+                            chunk.slice(..len),
+                        )),
+                        i + 1,
+                    ))
+                }
+            });
+            let request = http::Request::post(format!("http://{addr}/api/v1/upload"))
+                .header("content-length", declared)
+                .body(StreamBody::new(body).boxed())
+                .unwrap();
+            requests.push(tokio::spawn(async move {
+                let _ = sender.send_request(request).await;
+            }));
+        }
+    }
+    // Held bodies (the budget), the 4 streaming to Desk, and what HTTP/2 windows admit:
+    // wait until at least the first two have arrived in full.
+    let expected = BUDGET + 4 * (declared - 1);
+    tokio::time::timeout(STALL_LIMIT, async {
+        while sent.load(Ordering::Relaxed) < expected - MIB {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the streams sent their bodies");
+    // Let whatever else the windows admit arrive too.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (hwm, rss) = peak_and_current_rss(pid);
+    println!(
+        "{H2_CONNECTIONS} h2 connections × {STREAMS} streams × 1 MiB declared: {:.1} MiB sent; proxy VmHWM {:.1} MiB (at start {:.1} MiB, VmRSS now {:.1} MiB), budget {} MiB",
+        sent.load(Ordering::Relaxed) as f64 / MIB as f64,
+        hwm as f64 / MIB as f64,
+        started_hwm as f64 / MIB as f64,
+        rss as f64 / MIB as f64,
+        BUDGET / MIB
+    );
+    assert!(
+        hwm < BUDGET + FOOTPRINT,
+        "the proxy's peak resident memory is {hwm} bytes, over the budget {BUDGET} + {FOOTPRINT}"
+    );
+
+    // The attackers leave; the proxy serves the next client.
+    for task in requests.into_iter().chain(connections.into_iter().map(|c| {
+        tokio::spawn(async move {
+            c.abort();
+        })
+    })) {
+        task.abort();
+    }
+    assert_eq!(
+        support::status(format!("http://{addr}/api/v1/tickets")).await,
+        200
+    );
     sigterm(&child);
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
         .await

@@ -65,6 +65,58 @@ async fn every_answer_carries_a_request_id() {
     assert_ne!(a, b);
 }
 
+/// A sane `X-Request-Id` from the client is the request's id everywhere: its log line,
+/// its answer, and the request Desk receives; an insane one is replaced, everywhere too.
+#[tokio::test]
+async fn a_client_request_id_is_used_in_the_log_the_answer_and_at_desk() {
+    let fake = FakeZoho::start().await.unwrap();
+    let zoho = fake.control();
+    let mut proxy = serve_fake_logged(&fake, "", "127.0.0.1", &[]).await;
+    let url = format!("http://127.0.0.1:{}/api/v1/tickets", proxy.port);
+    let long = "x".repeat(129);
+    let cases: [(&str, bool); 5] = [
+        ("build-42/step-7:a1b2", true),
+        (&long, false),
+        ("has space", false),
+        ("tab\there", false),
+        ("", false),
+    ];
+    for (sent, kept) in cases {
+        let response = client()
+            .get(&url)
+            .header("X-Request-Id", sent)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let id = response.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        if kept {
+            assert_eq!(id, sent);
+        } else {
+            assert_eq!(id.len(), 16, "{sent:?} replaced by a new id: {id}");
+            assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        }
+        let at_desk = zoho.desk_requests().pop().unwrap();
+        assert_eq!(at_desk.headers["x-request-id"], id.as_str(), "{sent:?}");
+        assert_eq!(at_desk.headers.get_all("x-request-id").iter().count(), 1);
+        let logged = loop {
+            let line = tokio::time::timeout(Duration::from_secs(5), proxy.lines.recv())
+                .await
+                .expect("a log line")
+                .expect("log open");
+            if line.contains("\"path\":\"/api/v1/tickets\"") {
+                break serde_json::from_str::<serde_json::Value>(&line).unwrap();
+            }
+        };
+        assert_eq!(logged["request_id"], id.as_str(), "{sent:?}");
+    }
+    sigterm(&proxy.child);
+    let _ = proxy.child.wait().await;
+}
+
 /// Runs the binary through refreshes, Accounts errors, 401 retries, refusals and upstream
 /// errors with `RUST_LOG=trace`, then greps everything it printed for every secret.
 #[tokio::test]
