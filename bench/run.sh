@@ -25,7 +25,10 @@
 # alone, hyper-util's against reqwest and a lean-h1 experiment, examples/client_bench.rs), ANCHOR_EXTRA (nginx directives
 # added to the anchor's locations), PRODUCT_ENV (extra environment of the product),
 # PRODUCT_TOML (extra proxy.toml lines), PRODUCT_BIN (another build of the product, e.g.
-# with other release profile settings; implies nothing about SKIP_BUILD),
+# with other release profile settings; implies nothing about SKIP_BUILD), BASELINE_BIN
+# (a second build run as the target "baseline" in the same alternating rounds of the
+# load scenarios, with the same config, so that a change is measured against the build
+# before it in one run: the summary adds its row and the product/baseline ratios),
 # QUIET_WAIT_SECS (120: how long to wait for other work on the machine to stop),
 # PROFILE=1 (one more 64-connection run of each proxy under `perf record -e cpu-clock`,
 # top symbols printed before the summary; PROFILE_DIR=dir keeps the perf data files).
@@ -180,6 +183,9 @@ UP_PORT=$(free_port)
 NG_PORT=$(free_port)
 PR_PORT=$(free_port)
 ROT_PORT=$(free_port)
+BASE_PORT=$(free_port)
+BASELINE_BIN=${BASELINE_BIN:-}
+[[ -z $BASELINE_BIN || -x $BASELINE_BIN ]] || die "BASELINE_BIN $BASELINE_BIN is not an executable"
 
 # A Desk-like list answer of ~200 bytes.
 JSON='{"data":[{"id":"1892000000143237","ticketNumber":"101","subject":"x","status":"Open","statusType":"Open","channel":"Email","email":"c@example.com","createdTime":"2024-01-01T00:00:00.000Z","priority":"High"}]}'
@@ -294,7 +300,7 @@ start_accounts() { # name lifetime_secs; sets ACC_URL ACC_ID ACC_SECRET ACC_REFR
         read -r ACC_REFRESH
     } <"$WORK/$1.out"
 }
-start_product() { # name port; uses ACC_* the first time; sets LAST_PID
+start_product() { # name port [binary]; uses ACC_* the first time; sets LAST_PID
     [[ -f $WORK/$1.toml ]] || cat >"$WORK/$1.toml" <<EOF
 listen = "127.0.0.1:$2"
 upstream = "http://127.0.0.1:$UP_PORT"
@@ -312,7 +318,7 @@ EOF
     for var in $(compgen -e | grep '^ZOHO_'); do unset_zoho+=(-u "$var"); done
     # shellcheck disable=SC2086 # PRODUCT_ENV is a list of NAME=value words
     env "${unset_zoho[@]}" RUST_LOG=warn $PRODUCT_ENV \
-        "$BIN" serve --config "$WORK/$1.toml" >>"$WORK/$1.out" 2>>"$WORK/$1.log" &
+        "${3:-$BIN}" serve --config "$WORK/$1.toml" >>"$WORK/$1.out" 2>>"$WORK/$1.log" &
     LAST_PID=$!
     PIDS+=("$LAST_PID")
     local _
@@ -331,6 +337,10 @@ NG_MASTER=${PIDS[-1]}
 start_accounts accounts 3600
 start_product product "$PR_PORT"
 PR_PID=$LAST_PID
+if [[ -n $BASELINE_BIN ]]; then
+    start_product baseline "$BASE_PORT" "$BASELINE_BIN"
+    BASE_PID=$LAST_PID
+fi
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 hwm_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
 IDLE_START_KB=$(rss_kb "$PR_PID")
@@ -350,6 +360,11 @@ restart_proxies() {
     NG_MASTER=${PIDS[-1]}
     start_product product "$PR_PORT"
     PR_PID=$LAST_PID
+    if [[ -n $BASELINE_BIN ]]; then
+        stop_pid "$BASE_PID"
+        start_product baseline "$BASE_PORT" "$BASELINE_BIN"
+        BASE_PID=$LAST_PID
+    fi
 }
 
 # Every target answers, and each proxy injects its header.
@@ -391,6 +406,7 @@ target_pids() {
     nginx) nginx_pids "$NG_MASTER" ;;
     product) echo "$PR_PID" ;;
     product-rot) echo "$ROT_PID" ;;
+    baseline) echo "$BASE_PID" ;;
     esac
 }
 target_url() {
@@ -399,6 +415,7 @@ target_url() {
     nginx) echo "http://127.0.0.1:$NG_PORT" ;;
     product) echo "http://127.0.0.1:$PR_PORT" ;;
     product-rot) echo "http://127.0.0.1:$ROT_PORT" ;;
+    baseline) echo "http://127.0.0.1:$BASE_PORT" ;;
     esac
 }
 refreshes_ok() { # port: successful token refreshes so far
@@ -507,6 +524,7 @@ stream_run() {
 
 # ---------------------------------------------------------------- the scenarios
 TARGETS=(direct nginx product)
+[[ -n $BASELINE_BIN ]] && TARGETS+=(baseline)
 wrk_scenario() { # scen conns secs
     say "scenario $1: wrk, $2 connection(s), ${3} s per run, $ROUNDS rounds"
     restart_proxies
@@ -700,14 +718,14 @@ for scen in c64 c1 c1000; do
     c1) label="1 connection" ;;
     c1000) label="1000 conns" ;;
     esac
-    for t in direct nginx product; do
+    for t in "${TARGETS[@]}"; do
         rps=$(med $scen $t rps)
         p50=$(med $scen $t p50_us)
         p99=$(med $scen $t p99_us)
-        if [[ $t == product ]]; then
-            xn=$(f "$(ratio_med $scen product nginx rps)" '%.2f×')
-            xd=$(f "$(ratio_med $scen product direct rps)" '%.2f×')
-            pn=$(f "$(ratio_med $scen product nginx p99_us)" '%.2f×')
+        if [[ $t == product || $t == baseline ]]; then
+            xn=$(f "$(ratio_med $scen $t nginx rps)" '%.2f×')
+            xd=$(f "$(ratio_med $scen $t direct rps)" '%.2f×')
+            pn=$(f "$(ratio_med $scen $t nginx p99_us)" '%.2f×')
         elif [[ $t == nginx ]]; then
             xn="1×"
             xd=$(f "$(ratio_med $scen nginx direct rps)" '%.2f×')
@@ -753,6 +771,14 @@ if has_scenario rotation; then
     done
 fi
 echo "| idle | product | | | | | | | | | $(mib "$IDLE_START_KB") at start, $(mib "$IDLE_ONE_KB") after 1 request |"
+if [[ -n $BASELINE_BIN ]]; then
+    echo
+    echo "Against the baseline ($BASELINE_BIN), same rounds (medians of per-round ratios):"
+    for scen in c64 c1 c1000; do
+        has_scenario $scen || continue
+        echo "- $scen: throughput $(f "$(ratio_med $scen product baseline rps)" '%.2f×'), p99 $(f "$(ratio_med $scen product baseline p99_us)" '%.2f×'), CPU per request $(f "$(ratio_med $scen product baseline cpu_us)" '%.2f×'), peak RSS $(mib "$(maxv $scen product hwm_kb)") against $(mib "$(maxv $scen baseline hwm_kb)")"
+    done
+fi
 echo
 echo "Goals of issue 5 (medians):"
 if has_scenario c64; then

@@ -77,7 +77,7 @@ fn ready(proxy: &Proxy) -> Response<ResponseBody> {
 }
 
 fn metrics(proxy: &Proxy) -> Response<ResponseBody> {
-    let now = std::time::Instant::now();
+    let now = tokio::time::Instant::now();
     let expires_in = proxy
         .tokens
         .current()

@@ -1,20 +1,23 @@
-//! What one client connection shares with the requests it carries: how many are open (an
-//! HTTP/2 connection with none open is idle, and closed like an idle HTTP/1 one), a way
-//! for a request to have the connection closed after its answer, and a gate that keeps a
-//! client's half-close from cancelling the proxy's own answers.
+//! What one client connection shares with the requests it carries: how many are open and
+//! since when none is (an HTTP/2 connection with none open is idle, and closed like an
+//! idle HTTP/1 one), a way to have the connection closed after its answers, and a gate
+//! that keeps a client's half-close from cancelling the proxy's own answers.
+//!
+//! A request touches only atomics here: no lock, no timer, no wake-up of the connection's
+//! task (its idle timer re-reads the state when it fires).
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
 
 /// The state of one client connection.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ConnectionState {
     /// Requests whose answer is not done yet.
     open: AtomicUsize,
@@ -22,15 +25,27 @@ pub struct ConnectionState {
     local: AtomicUsize,
     /// The connection's reader, parked on an end of stream held back for them.
     reader: AtomicWaker,
+    /// A close was asked for (by a request, or by the worker stopping).
     close: AtomicBool,
-    /// Told when the connection turns idle or must close.
-    changed: Notify,
+    /// The connection's task, woken when a close is asked for.
+    task: AtomicWaker,
+    born: Instant,
+    /// When the last open request ended, in milliseconds since `born`.
+    idle_since_ms: AtomicU64,
 }
 
 impl ConnectionState {
     /// A new connection's state.
     pub fn new() -> Arc<Self> {
-        Arc::default()
+        Arc::new(Self {
+            open: AtomicUsize::new(0),
+            local: AtomicUsize::new(0),
+            reader: AtomicWaker::new(),
+            close: AtomicBool::new(false),
+            task: AtomicWaker::new(),
+            born: Instant::now(),
+            idle_since_ms: AtomicU64::new(0),
+        })
     }
 
     /// Counts a request as open until the guard drops. `local` requests (the proxy's own
@@ -51,10 +66,20 @@ impl ConnectionState {
         self.open.load(Ordering::Acquire)
     }
 
+    /// When the connection, idle since its last request ended, has been idle for `idle`;
+    /// `None` while a request is open.
+    pub fn idle_deadline(&self, idle: Duration) -> Option<Instant> {
+        if self.open_requests() > 0 {
+            return None;
+        }
+        let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
+        Some(self.born + since + idle)
+    }
+
     /// Asks for the connection to be closed once the answers in progress are sent.
     pub fn close_after_answers(&self) {
         self.close.store(true, Ordering::Release);
-        self.changed.notify_one();
+        self.task.wake();
     }
 
     /// Whether a close was asked for.
@@ -62,9 +87,9 @@ impl ConnectionState {
         self.close.load(Ordering::Acquire)
     }
 
-    /// Resolves when the connection may have turned idle or a close was asked for.
-    pub async fn changed(&self) {
-        self.changed.notified().await;
+    /// Registers the connection's task, to be woken by [`Self::close_after_answers`].
+    pub fn register_task(&self, cx: &Context<'_>) {
+        self.task.register(cx.waker());
     }
 }
 
@@ -77,11 +102,13 @@ pub struct StreamGuard {
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        if self.local && self.state.local.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.state.reader.wake();
+        let state = &self.state;
+        if self.local && state.local.fetch_sub(1, Ordering::AcqRel) == 1 {
+            state.reader.wake();
         }
-        if self.state.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.state.changed.notify_one();
+        if state.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let since = u64::try_from(state.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+            state.idle_since_ms.store(since, Ordering::Release);
         }
     }
 }

@@ -62,16 +62,16 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Turns the client's headers into Desk's: hop-by-hop, `Host`, `Cookie`, `Expect`, the
-/// proxy key and the client's `Authorization` go; the token goes in; `orgId` is added when
-/// configured and absent. Everything else passes unchanged.
-pub fn prepare_request(headers: &mut HeaderMap, token: &HeaderValue, org_id: Option<&HeaderValue>) {
+/// proxy key and the client's `Authorization` go (the token goes in when the request is
+/// sent); `orgId` is added when configured and absent. Everything else passes unchanged.
+pub fn prepare_request(headers: &mut HeaderMap, org_id: Option<&HeaderValue>) {
     remove_hop_by_hop(headers);
     headers.remove(header::HOST);
     headers.remove(header::COOKIE);
     // The proxy answered `100 Continue` itself when it started reading the body.
     headers.remove(header::EXPECT);
     headers.remove(&PROXY_KEY);
-    headers.insert(header::AUTHORIZATION, token.clone());
+    headers.remove(header::AUTHORIZATION);
     if let Some(org_id) = org_id
         && !headers.contains_key(&ORG_ID)
     {
@@ -101,16 +101,11 @@ mod tests {
 
     #[test]
     fn request_rules() {
-        let token = HeaderValue::from_static("Zoho-oauthtoken 1000.x.y");
         let org = HeaderValue::from_static("123");
         // (incoming headers, header, expected value after; None = removed)
         type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, Option<&'a str>);
         let table: &[Case] = &[
-            (
-                &[("authorization", "Bearer client")],
-                "authorization",
-                Some("Zoho-oauthtoken 1000.x.y"),
-            ),
+            (&[("authorization", "Bearer client")], "authorization", None),
             (&[("host", "127.0.0.1:8080")], "host", None),
             (&[("cookie", "session=1")], "cookie", None),
             (&[("x-proxy-key", "k")], "x-proxy-key", None),
@@ -160,7 +155,7 @@ mod tests {
         ];
         for (incoming, name, expected) in table {
             let mut h = map(incoming);
-            prepare_request(&mut h, &token, Some(&org));
+            prepare_request(&mut h, Some(&org));
             assert_eq!(
                 h.get(*name).map(|v| v.to_str().unwrap()),
                 *expected,
@@ -172,7 +167,7 @@ mod tests {
     #[test]
     fn org_id_is_not_added_when_unconfigured() {
         let mut h = HeaderMap::new();
-        prepare_request(&mut h, &HeaderValue::from_static("Zoho-oauthtoken t"), None);
+        prepare_request(&mut h, None);
         assert!(h.get("orgid").is_none());
     }
 

@@ -99,8 +99,9 @@ pub fn shared_store(
     else {
         return Ok(None);
     };
-    // The lock outlives the slowest Accounts call.
-    let lock_ttl = AccountsClient::call_timeout(config) + std::time::Duration::from_secs(15);
+    // The lock outlives the slowest Accounts call, with room for the Redis commands
+    // around it.
+    let lock_ttl = AccountsClient::call_timeout(config) * 2 + std::time::Duration::from_secs(1);
     SharedStore::new(
         url,
         &config.oauth.client_id,

@@ -73,14 +73,9 @@ fn millis(d: Duration) -> f64 {
 
 /// A request's id: the client's `X-Request-Id` when it is 1–128 visible ASCII
 /// characters, else 16 random hex digits. It is in the request's log line, on its answer,
-/// and on the request forwarded to Desk.
+/// and on the request forwarded to Desk; held as the header value it is sent as.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RequestId {
-    /// Made by the proxy.
-    Generated(u64),
-    /// The client's own, checked.
-    Client(http::HeaderValue),
-}
+pub struct RequestId(http::HeaderValue);
 
 /// The longest `X-Request-Id` taken from a client.
 const MAX_CLIENT_ID: usize = 128;
@@ -88,28 +83,23 @@ const MAX_CLIENT_ID: usize = 128;
 impl RequestId {
     /// A new random id.
     pub fn new() -> Self {
-        Self::Generated(fastrand::u64(..))
+        let digits = hex(fastrand::u64(..));
+        // Hex digits are always a valid header value.
+        Self(http::HeaderValue::from_bytes(&digits).unwrap_or(http::HeaderValue::from_static("0")))
     }
 
     /// The client's id when it sent exactly one that is sane, else a new one.
     pub fn of_request(headers: &http::HeaderMap) -> Self {
         let mut ids = headers.get_all(&crate::headers::REQUEST_ID).iter();
         match (ids.next(), ids.next()) {
-            (Some(id), None) if is_sane(id.as_bytes()) => Self::Client(id.clone()),
+            (Some(id), None) if is_sane(id.as_bytes()) => Self(id.clone()),
             _ => Self::new(),
         }
     }
 
-    /// As a header value (a generated one formatted on the stack).
+    /// As a header value (shares its bytes).
     pub fn header_value(&self) -> http::HeaderValue {
-        match self {
-            Self::Client(value) => value.clone(),
-            Self::Generated(n) => {
-                // Hex digits are always a valid header value.
-                http::HeaderValue::from_bytes(&hex(*n))
-                    .unwrap_or(http::HeaderValue::from_static("0"))
-            }
-        }
+        self.0.clone()
     }
 }
 
@@ -134,11 +124,8 @@ impl Default for RequestId {
 
 impl std::fmt::Display for RequestId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Generated(n) => f.write_str(std::str::from_utf8(&hex(*n)).unwrap_or("0")),
-            // Checked to be visible ASCII.
-            Self::Client(value) => f.write_str(value.to_str().unwrap_or("-")),
-        }
+        // Checked to be visible ASCII, or made of hex digits.
+        f.write_str(self.0.to_str().unwrap_or("-"))
     }
 }
 

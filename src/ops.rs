@@ -10,7 +10,8 @@ use http_body_util::{BodyExt, Empty, Limited};
 
 use crate::config::{Config, ConfigError};
 use crate::secret::Secret;
-use crate::token::accounts::{AccountsClient, AccountsError};
+use crate::token::accounts::AccountsClient;
+use crate::token::source::AccountsError;
 use crate::token::store::{StoredTokens, TokenFile};
 
 /// Why a command failed.
@@ -129,7 +130,9 @@ pub async fn check(config: &Config, origin: &str) -> (String, bool) {
         Err(err) => {
             let reachable = !matches!(
                 err,
-                AccountsError::Unreachable(_) | AccountsError::Timeout(_)
+                AccountsError::Unreachable(_)
+                    | AccountsError::Interrupted(_)
+                    | AccountsError::Timeout(_)
             );
             report.line(
                 reachable,
@@ -187,7 +190,7 @@ async fn desk_call(config: &Config, token: &Secret<String>) -> Result<(u16, Byte
         .upstream
         .join("/api/v1/organizations")
         .map_err(|e| e.to_string())?;
-    let auth = crate::token::cache::authorization(token)
+    let auth = crate::token::source::authorization(token)
         .ok_or_else(|| "the access token is not a valid header value".to_owned())?;
     let request = Request::get(uri)
         .header(header::AUTHORIZATION, auth)

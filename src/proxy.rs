@@ -176,9 +176,9 @@ impl Proxy {
         self.forward(upstream, req, &target, log).await
     }
 
-    /// Sends the request to Desk with a valid token; on a 401 that says the token is bad,
-    /// refreshes once (shared with every request that saw the same token fail) and retries
-    /// when the body can be replayed.
+    /// Sends the request to Desk with a usable token; on a 401 that says the token is
+    /// bad, retries once (with a token newer than the rejected one) when the body can be
+    /// replayed.
     async fn forward(
         &self,
         upstream: &Upstream,
@@ -189,12 +189,7 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         let uri = self.upstream_uri(target)?;
         let body = self.read_body(body, log).await?;
-        let token = self.tokens.usable().await.map_err(token_error)?;
-        headers::prepare_request(
-            &mut parts.headers,
-            &token.header,
-            self.config.org_id.as_ref(),
-        );
+        headers::prepare_request(&mut parts.headers, self.config.org_id.as_ref());
         parts
             .headers
             .insert(headers::REQUEST_ID.clone(), log.id().header_value());
@@ -205,60 +200,63 @@ impl Proxy {
         } else {
             std::mem::take(&mut parts.headers)
         };
-        let (response, slot) = self
-            .send(
-                upstream,
-                &parts,
-                first_headers,
-                uri,
-                (upstream_body, outcome),
-                log,
-            )
-            .await?;
-        if response.status() != StatusCode::UNAUTHORIZED {
-            return Ok(into_client_response(response, slot));
+        let first = Attempt {
+            headers: first_headers,
+            uri,
+            body: (upstream_body, outcome),
+            token: Want::Usable,
+        };
+        let (response, slot, token) = self.send(upstream, &parts, first, log).await?;
+        let desk_401 = match self.answer(response, slot, &token).await? {
+            Answer::Pass(response) => return Ok(response),
+            Answer::TokenRejected(desk_401) => desk_401,
+        };
+        // Without a replayable body Desk's 401 goes back; the refresh happens anyway, for
+        // the requests after it.
+        let Some(replay) = replay else {
+            return Ok(desk_401);
+        };
+        log.set_retried();
+        let retry = Attempt {
+            headers: std::mem::take(&mut parts.headers),
+            uri: self.upstream_uri(target)?,
+            body: (UpstreamBody::buffered(replay.bytes.clone()), None),
+            token: Want::NewerThan(token.generation),
+        };
+        let (response, slot, token) = self.send(upstream, &parts, retry, log).await?;
+        // A second 401 goes to the client as Desk sent it (its token marked rejected too).
+        match self.answer(response, slot, &token).await? {
+            Answer::Pass(response) | Answer::TokenRejected(response) => Ok(response),
         }
+    }
 
-        let (resp_parts, resp_body) = response.into_parts();
-        let desk_401 = Limited::new(resp_body, MAX_401_BODY)
+    /// Desk's answer for the client. A 401 that says the token itself is bad is read
+    /// whole, and the token marked rejected before the upstream slot is freed, so that
+    /// the request taking the slot never sends it.
+    async fn answer(
+        &self,
+        response: Response<Incoming>,
+        slot: UpstreamSlot,
+        token: &Token,
+    ) -> Result<Answer, ProxyError> {
+        if response.status() != StatusCode::UNAUTHORIZED {
+            return Ok(Answer::Pass(into_client_response(response, slot)));
+        }
+        let (parts, body) = response.into_parts();
+        let desk_401 = Limited::new(body, MAX_401_BODY)
             .collect()
             .await
             .map_err(|_| {
                 ProxyError::UpstreamUnreachable("Zoho Desk's 401 answer could not be read".into())
             })?
             .to_bytes();
-        drop(slot);
         if !token_is_invalid(&desk_401) {
             // SCOPE_MISMATCH and friends: the token is fine, the answer is the client's.
-            return Ok(rebuild(resp_parts, desk_401));
+            return Ok(Answer::Pass(rebuild(parts, desk_401)));
         }
-        // Requests arriving from now on wait for the new token instead of using this one.
-        self.tokens.mark_rejected(token.generation);
-        let Some(replay) = replay else {
-            self.refresh_in_background(&token);
-            return Ok(rebuild(resp_parts, desk_401));
-        };
-        let fresh = self
-            .tokens
-            .refresh_after(token.generation)
-            .await
-            .map_err(token_error)?;
-        parts
-            .headers
-            .insert(http::header::AUTHORIZATION, fresh.header.clone());
-        log.set_retried();
-        let headers = std::mem::take(&mut parts.headers);
-        let (response, slot) = self
-            .send(
-                upstream,
-                &parts,
-                headers,
-                self.upstream_uri(target)?,
-                (UpstreamBody::buffered(replay.bytes.clone()), None),
-                log,
-            )
-            .await?;
-        Ok(into_client_response(response, slot))
+        self.tokens.mark_rejected(token);
+        drop(slot);
+        Ok(Answer::TokenRejected(rebuild(parts, desk_401)))
     }
 
     /// Reads the client's body whole when it can be replayed after a 401 and the
@@ -312,89 +310,123 @@ impl Proxy {
             .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded".into()))
     }
 
-    /// Sends one request to Desk once a slot is free (waiting counts against
-    /// `timeouts.response_secs`); the slot is held until the response body is done. A
-    /// failure caused by the client's streamed body (`outcome`) is the client's error,
-    /// not Desk's.
+    /// Sends one request to Desk once a slot is free, with the token chosen at that
+    /// moment; the slot is held until the response body is done. The wait for a slot and
+    /// Desk's answer count against `timeouts.response_secs`; the wait for a token has its
+    /// own bound (an Accounts call) and does not. A failure caused by the client's
+    /// streamed body is the client's error, not Desk's.
     async fn send(
         &self,
         upstream: &Upstream,
         parts: &Parts,
-        headers: HeaderMap,
-        uri: Uri,
-        (body, outcome): (UpstreamBody, Option<Arc<BodyOutcome>>),
+        attempt: Attempt,
         log: &mut RequestLog,
-    ) -> Result<(Response<Incoming>, UpstreamSlot), ProxyError> {
-        let mut request = Request::new(body);
-        *request.method_mut() = parts.method.clone();
-        *request.uri_mut() = uri;
-        *request.headers_mut() = headers;
-        // The pool speaks HTTP/2 or HTTP/1.1 as ALPN decided; an inbound h2 request must
-        // not ask for h2 on an HTTP/1 connection.
-        *request.version_mut() = Version::HTTP_11;
-
-        let started = Instant::now();
+    ) -> Result<(Response<Incoming>, UpstreamSlot, Arc<Token>), ProxyError> {
+        let Attempt {
+            mut headers,
+            uri,
+            body: (body, outcome),
+            token: want,
+        } = attempt;
+        let started = tokio::time::Instant::now();
         let timeout = self.config.timeouts.response;
-        let result = tokio::time::timeout(timeout, async {
-            let slot = Arc::clone(&upstream.slots).acquire_owned().await;
-            // Desk's latency, in the log, starts once a slot is free.
-            let sent = Instant::now();
-            let response = upstream.client.request(request).await;
-            log.set_upstream_latency(sent.elapsed());
-            (slot, response)
-        })
+        let slot = tokio::time::timeout_at(
+            started + timeout,
+            Arc::clone(&upstream.slots).acquire_owned(),
+        )
         .await;
-        if result.is_err() {
-            log.set_upstream_latency(started.elapsed());
-        }
-        let result = match result {
+        let answered = match slot {
             // The semaphore is never closed.
-            Ok((Err(_closed), _)) => Err(ProxyError::UpstreamUnreachable(
-                "the proxy is shutting down".into(),
-            )),
-            Ok((Ok(slot), Ok(response))) => Ok((response, slot)),
-            Ok((_, Err(_)))
+            Ok(Ok(slot)) => {
+                // Chosen now, not when the request was queued: a token Desk rejected while
+                // it waited is never sent.
+                let token_wait = tokio::time::Instant::now();
+                let token = match want {
+                    Want::Usable => self.tokens.usable().await,
+                    Want::NewerThan(generation) => self.tokens.refresh_after(generation).await,
+                }
+                .map_err(token_error)?;
+                headers.insert(http::header::AUTHORIZATION, token.header.clone());
+                let mut request = Request::new(body);
+                *request.method_mut() = parts.method.clone();
+                *request.uri_mut() = uri;
+                *request.headers_mut() = headers;
+                // The pool speaks HTTP/2 or HTTP/1.1 as ALPN decided; an inbound h2 request
+                // must not ask for h2 on an HTTP/1 connection.
+                *request.version_mut() = Version::HTTP_11;
+                // Desk's latency, in the log, starts once a slot is free.
+                let sent = Instant::now();
+                let deadline = started + timeout + token_wait.elapsed();
+                let response =
+                    tokio::time::timeout_at(deadline, upstream.client.request(request)).await;
+                log.set_upstream_latency(sent.elapsed());
+                response.map(|response| (slot, token, response))
+            }
+            Ok(Err(_closed)) => {
+                return Err(ProxyError::UpstreamUnreachable(
+                    "the proxy is shutting down".into(),
+                ));
+            }
+            Err(elapsed) => {
+                log.set_upstream_latency(started.elapsed());
+                Err(elapsed)
+            }
+        };
+        let err = match answered {
+            Ok((slot, token, Ok(response))) => return Ok((response, slot, token)),
+            Ok((_, _, Err(_)))
                 if let Some(stalled) = outcome.as_deref().and_then(BodyOutcome::stalled) =>
             {
                 // Desk never had the whole request: the client's body was at fault.
                 return Err(self.body_failed(stalled));
             }
-            Ok((_, Err(err))) if is_connect_timeout(&err) => {
-                Err(ProxyError::UpstreamTimeout(format!(
+            Ok((_, _, Err(err))) if is_connect_timeout(&err) => {
+                ProxyError::UpstreamTimeout(format!(
                     "Zoho Desk could not be connected to within {} s (timeouts.connect_secs)",
                     self.config.timeouts.connect.as_secs_f64()
-                )))
+                ))
             }
-            Ok((_, Err(err))) => Err(ProxyError::UpstreamUnreachable(format!(
+            Ok((_, _, Err(err))) => ProxyError::UpstreamUnreachable(format!(
                 "Zoho Desk could not be reached: {}",
                 describe_client_error(&err)
-            ))),
-            Err(_) => Err(ProxyError::UpstreamTimeout(format!(
+            )),
+            Err(_) => ProxyError::UpstreamTimeout(format!(
                 "Zoho Desk did not answer within {} s (timeouts.response_secs)",
                 timeout.as_secs_f64()
-            ))),
+            )),
         };
-        match &result {
-            Err(ProxyError::UpstreamTimeout(_)) => self
-                .metrics
-                .record_upstream_error(UpstreamErrorKind::Timeout),
-            Err(_) => self
-                .metrics
-                .record_upstream_error(UpstreamErrorKind::Unreachable),
-            Ok(_) => {}
-        }
-        result
-    }
-
-    /// A non-replayable request got Desk's 401: it goes back as is, and the token is still
-    /// renewed for the requests after it. The refresh runs in its own task.
-    fn refresh_in_background(&self, failed: &Token) {
-        let tokens = Arc::clone(&self.tokens);
-        let generation = failed.generation;
-        tokio::spawn(async move {
-            let _ = tokens.refresh_after(generation).await;
+        self.metrics.record_upstream_error(match err {
+            ProxyError::UpstreamTimeout(_) => UpstreamErrorKind::Timeout,
+            _ => UpstreamErrorKind::Unreachable,
         });
+        Err(err)
     }
+}
+
+/// One attempt at Desk: the request's headers, where it goes, its body (and what that
+/// body will tell of its end), and which token it needs.
+struct Attempt {
+    headers: HeaderMap,
+    uri: Uri,
+    body: (UpstreamBody, Option<Arc<BodyOutcome>>),
+    token: Want,
+}
+
+/// The token an attempt is sent with, chosen once its upstream slot is free.
+#[derive(Debug, Clone, Copy)]
+enum Want {
+    /// The current token, while it is usable.
+    Usable,
+    /// A usable token newer than this generation (Desk rejected it).
+    NewerThan(u64),
+}
+
+/// Desk's answer to one attempt.
+enum Answer {
+    /// For the client as it is.
+    Pass(Response<ResponseBody>),
+    /// A 401 saying the token is bad (read whole; the token marked rejected).
+    TokenRejected(Response<ResponseBody>),
 }
 
 /// Whether a Desk 401 body says the token itself is bad (`INVALID_OAUTH`, or no

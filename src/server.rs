@@ -10,8 +10,9 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::Poll;
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -185,14 +186,41 @@ impl Workers {
 }
 
 /// What a worker's connections share: the proxy, the worker's way to Desk, the
-/// connection settings, and the signal to stop.
+/// connection settings, and what the worker needs to close them all when it stops.
 struct Worker {
     proxy: Arc<Proxy>,
     upstream: Upstream,
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
+    /// The connections' states, to ask them all to close (pruned as they end).
+    connections: Mutex<Vec<Weak<ConnectionState>>>,
     /// Every connection holds a receiver until it ends, so the worker knows when all have.
-    stop: watch::Sender<bool>,
+    alive: watch::Sender<()>,
+}
+
+impl Worker {
+    fn register(&self, state: &Arc<ConnectionState>) {
+        let mut connections = self
+            .connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Pruned whenever the list doubles: amortized, and bounded by twice the open ones.
+        if connections.len() == connections.capacity() {
+            connections.retain(|c| c.strong_count() > 0);
+        }
+        connections.push(Arc::downgrade(state));
+    }
+
+    /// Asks every connection to close after its answers in progress.
+    fn close_all(&self) {
+        let connections = self
+            .connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for state in connections.iter().filter_map(Weak::upgrade) {
+            state.close_after_answers();
+        }
+    }
 }
 
 /// A worker's life: serve the connections it is given until told to stop, then close them
@@ -209,7 +237,8 @@ async fn work(
         proxy,
         http1,
         http2,
-        stop: watch::Sender::new(false),
+        connections: Mutex::default(),
+        alive: watch::Sender::new(()),
     });
     let deadline = loop {
         match jobs.recv().await {
@@ -218,9 +247,9 @@ async fn work(
             None => return,
         }
     };
-    worker.stop.send_replace(true);
+    worker.close_all();
     tokio::select! {
-        () = worker.stop.closed() => {}
+        () = worker.alive.closed() => {}
         () = tokio::time::sleep_until(deadline) => {}
     }
 }
@@ -281,10 +310,11 @@ fn serve_connection(worker: &Arc<Worker>, accepted: Accepted, load: Counted) {
             }
         })
     };
-    let stop = worker.stop.subscribe();
+    worker.register(&state);
+    let alive = worker.alive.subscribe();
     let worker = Arc::clone(worker);
     tokio::spawn(async move {
-        let _counted = (slot, load);
+        let _counted = (slot, load, alive);
         let idle = worker.proxy.config.timeouts.header_read;
         // hyper's header read timeout starts only once an HTTP/1 head begins: a client
         // that sends nothing, or stalls in the HTTP/2 preface, is cut off here.
@@ -303,11 +333,11 @@ fn serve_connection(worker: &Arc<Worker>, accepted: Accepted, load: Counted) {
         let result = match version {
             Version::Http1 => {
                 let connection = worker.http1.serve_connection(io, service);
-                drive(connection, &state, stop, idle, peer).await
+                drive(connection, &state, idle, peer).await
             }
             Version::Http2 => {
                 let connection = worker.http2.serve_connection(io, service);
-                drive(connection, &state, stop, idle, peer).await
+                drive(connection, &state, idle, peer).await
             }
         };
         if let Err(err) = result {
@@ -317,13 +347,15 @@ fn serve_connection(worker: &Arc<Worker>, accepted: Accepted, load: Counted) {
 }
 
 /// Runs a connection to its end, closing it gracefully (after the answers in progress;
-/// GOAWAY on HTTP/2) when the worker stops, when a request asked for it, or when it has
-/// had no open request for `idle`. A connection still there `idle` after that with no
-/// open request (an HTTP/2 client that never acknowledges the GOAWAY) is dropped.
+/// GOAWAY on HTTP/2) when a close is asked for (a request's, or the worker stopping), or
+/// when it has had no open request for `idle`. A connection still there `idle` after that
+/// with no open request (an HTTP/2 client that never acknowledges the GOAWAY) is dropped.
+///
+/// A request costs this loop nothing: only the idle timer, when it fires, and a close
+/// request wake it besides the connection itself.
 async fn drive<C>(
     connection: C,
     state: &ConnectionState,
-    mut stop: watch::Receiver<bool>,
     idle: Duration,
     peer: SocketAddr,
 ) -> Result<(), C::Error>
@@ -333,39 +365,48 @@ where
     tokio::pin!(connection);
     let idle_timer = tokio::time::sleep(idle);
     tokio::pin!(idle_timer);
-    let mut idle_armed = true;
     let mut closing = false;
-    loop {
-        let close = tokio::select! {
-            result = connection.as_mut() => return result,
-            _ = stop.wait_for(|stop| *stop), if !closing => true,
-            () = state.changed() => {
-                if state.open_requests() == 0 {
-                    idle_timer.as_mut().reset(Instant::now() + idle);
-                    idle_armed = true;
-                }
-                state.close_requested() && !closing
+    std::future::poll_fn(|cx| {
+        loop {
+            if let Poll::Ready(result) = connection.as_mut().poll(cx) {
+                return Poll::Ready(result);
             }
-            () = idle_timer.as_mut(), if idle_armed => {
-                idle_armed = false;
-                if state.open_requests() > 0 {
-                    false
-                } else if closing {
-                    tracing::debug!(%peer, "dropping a connection that did not close after being asked to");
-                    return Ok(());
-                } else {
-                    tracing::debug!(%peer, budget = "timeouts.header_read_secs", "closing an idle connection");
-                    true
+            state.register_task(cx);
+            let close = if !closing && state.close_requested() {
+                true
+            } else if idle_timer.as_mut().poll(cx).is_ready() {
+                let now = Instant::now();
+                match state.idle_deadline(idle).map(Instant::from_std) {
+                    // Requests are open: look again one idle period later.
+                    None => {
+                        idle_timer.as_mut().reset(now + idle);
+                        continue;
+                    }
+                    Some(deadline) if deadline > now => {
+                        idle_timer.as_mut().reset(deadline);
+                        continue;
+                    }
+                    Some(_) if closing => {
+                        tracing::debug!(%peer, "dropping a connection that did not close after being asked to");
+                        return Poll::Ready(Ok(()));
+                    }
+                    Some(_) => {
+                        tracing::debug!(%peer, budget = "timeouts.header_read_secs", "closing an idle connection");
+                        true
+                    }
                 }
+            } else {
+                false
+            };
+            if !close {
+                return Poll::Pending;
             }
-        };
-        if close {
             closing = true;
             connection.as_mut().graceful_shutdown();
             idle_timer.as_mut().reset(Instant::now() + idle);
-            idle_armed = true;
         }
-    }
+    })
+    .await
 }
 
 /// A counted connection: one of `limits.max_connections` (the process), or one of a

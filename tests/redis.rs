@@ -392,6 +392,138 @@ async fn nothing_secret_is_stored_in_redis() {
     }
 }
 
+/// The keys of the one portal the tests use.
+async fn key(redis: &RedisServer, suffix: &str) -> Option<String> {
+    let mut conn = redis.connection().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("zoho-desk-proxy:*:{suffix}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    keys.into_iter().next()
+}
+
+#[tokio::test]
+async fn a_token_obtained_when_redis_fails_after_the_call_is_used_not_fetched_again() {
+    let mut redis = RedisServer::start().await;
+    let options = FakeOptions::default();
+    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
+    let zoho = fake.control();
+    let proxies = fleet(&fake, &options, Some(&redis), 1, |_| {}).await;
+    assert_eq!(get(&proxies[0], "/api/v1/tickets").await.status(), 200);
+    assert_eq!(zoho.token_requests(), 1);
+
+    // The refresh has the lock and the guard's count, and is at Accounts when Redis dies.
+    zoho.set_accounts_delay(Duration::from_millis(800));
+    zoho.revoke_all_tokens();
+    let request = tokio::spawn({
+        let url = proxies[0].url("/api/v1/tickets");
+        async move { fetch(url).await.status().as_u16() }
+    });
+    wait_for_token_requests(&zoho, 2).await;
+    redis.kill();
+    assert_eq!(request.await.unwrap(), 200);
+    assert_eq!(
+        zoho.token_requests(),
+        2,
+        "one refresh, one Accounts call: the token obtained is used"
+    );
+    let ready = ready(&proxies[0]).await;
+    assert_eq!(ready["status"], "ready", "{ready}");
+    assert_eq!(ready["token_store"], "degraded", "{ready}");
+}
+
+#[tokio::test]
+async fn a_fleet_restarted_with_a_valid_token_in_redis_makes_no_call() {
+    let redis = RedisServer::start().await;
+    let options = FakeOptions::default();
+    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
+    let zoho = fake.control();
+    let proxies = fleet(&fake, &options, Some(&redis), 3, |_| {}).await;
+    for p in &proxies {
+        assert_eq!(get(p, "/api/v1/tickets").await.status(), 200);
+    }
+    assert_eq!(zoho.token_requests(), 1);
+    for p in proxies {
+        p.stop().await;
+    }
+    for restart in 0..5 {
+        // All three start together, and are asked at once.
+        let proxies = fleet(&fake, &options, Some(&redis), 3, |_| {}).await;
+        let requests = proxies.iter().flat_map(|p| {
+            (0..5).map(move |_| async move { get(p, "/api/v1/tickets").await.status() })
+        });
+        for status in futures_util::future::join_all(requests).await {
+            assert_eq!(status, 200);
+        }
+        assert_eq!(
+            zoho.token_requests(),
+            1,
+            "restart {restart}: the token in Redis was valid, yet Accounts was called"
+        );
+        for p in proxies {
+            p.stop().await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_replica_that_cannot_get_the_fleet_lock_never_calls_accounts_without_it() {
+    let redis = RedisServer::start().await;
+    let options = FakeOptions::default();
+    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
+    let zoho = fake.control();
+    // Accounts calls bounded at 1 s: the lock lives 3 s, a replica waits 5 s for it.
+    let proxies = fleet(&fake, &options, Some(&redis), 1, |c| {
+        c.timeouts.response = Duration::from_secs(1)
+    })
+    .await;
+    assert_eq!(get(&proxies[0], "/api/v1/tickets").await.status(), 200);
+    // A replica stuck in its refresh keeps the lock (it renews it, say, forever).
+    let lock = key(&redis, "token")
+        .await
+        .unwrap()
+        .replace(":token", ":lock");
+    let mut conn = redis.connection().await;
+    let () = redis::cmd("SET")
+        .arg(&lock)
+        .arg("a-stuck-replica")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    zoho.revoke_all_tokens();
+    let response = get(&proxies[0], "/api/v1/tickets").await;
+    assert_proxy_error(response, 503, "PROXY_TOKEN_UNAVAILABLE").await;
+    assert_eq!(zoho.token_requests(), 1, "no call without the fleet's lock");
+}
+
+#[tokio::test]
+async fn a_rejected_token_is_never_offered_back_to_a_restarted_redis() {
+    let mut redis = RedisServer::start().await;
+    let options = FakeOptions::default();
+    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
+    let zoho = fake.control();
+    let proxies = fleet(&fake, &options, Some(&redis), 1, |_| {}).await;
+    assert_eq!(get(&proxies[0], "/api/v1/tickets").await.status(), 200);
+    redis.kill();
+    // Redis is down and Accounts failing when Desk rejects the token.
+    zoho.set_accounts_behavior(zoho_desk_proxy::fake_zoho::AccountsBehavior::Unavailable);
+    zoho.revoke_all_tokens();
+    assert_eq!(get(&proxies[0], "/api/v1/tickets").await.status(), 503);
+    redis.restart().await;
+    eventually("the replica rejoins", async || {
+        ready(&proxies[0]).await["token_store"] == "ok"
+    })
+    .await;
+    assert_eq!(
+        key(&redis, "token").await,
+        None,
+        "the token Desk rejected was written back to Redis"
+    );
+}
+
 /// The Token economy figure of the README: Accounts calls per hour for 3 replicas with
 /// 5 s tokens, with and without the shared store. Run by `bench/token_economy.sh`.
 #[tokio::test]

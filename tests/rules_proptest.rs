@@ -330,6 +330,35 @@ proptest! {
         }
     }
 
+    /// The request-target parser never panics on any target http accepts, and what it
+    /// forwards is canonical.
+    #[test]
+    fn resolve_is_total(
+        target in prop_oneof![
+            "/[ -~]{0,40}",
+            "https?://[a-zA-Z0-9.:@\\[\\]-]{0,20}/[ -~]{0,20}",
+            "[ -~]{0,40}",
+        ],
+        h2 in any::<bool>(),
+    ) {
+        if let Ok(uri) = target.parse::<Uri>() {
+            let version = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
+            if let Ok(t) = resolve(&uri, version, &upstream()) {
+                let canonical = canonicalize(t.path()).expect("forwarded paths are canonical");
+                prop_assert_eq!(canonical.as_ref(), t.path());
+            }
+        }
+    }
+
+    /// The strict host parser never panics, and a name it accepts has no userinfo, no
+    /// path and a numeric port at most.
+    #[test]
+    fn host_parser_is_total(value in "[ -~]{0,30}") {
+        if let Ok(name) = zoho_desk_proxy::target::host_name(&value) {
+            prop_assert!(!name.contains(['@', '/', ' ', '?', '#']), "{}", name);
+        }
+    }
+
     /// The path checks never panic, and what they accept has the shape they promise.
     #[test]
     fn check_path_is_total(path in any::<String>()) {
@@ -619,7 +648,10 @@ fn check_prepare_request(
     let token = HeaderValue::from_str(token).expect("token");
     let org = org_id.map(|o| HeaderValue::from_str(o).expect("org"));
     let mut headers = header_map(pairs);
-    prepare_request(&mut headers, &token, org.as_ref());
+    prepare_request(&mut headers, org.as_ref());
+    // The client's Authorization is gone; the token goes in when the request is sent.
+    prop_assert!(!headers.contains_key("authorization"), "{:?}", headers);
+    headers.insert(http::header::AUTHORIZATION, token.clone());
 
     let input = by_name(&header_map(pairs));
     let connection_values = input.get("connection").cloned().unwrap_or_default();

@@ -62,10 +62,22 @@ async fn a_second_401_goes_back_as_desk_sent_it() {
     assert_eq!(response.status(), 401);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["errorCode"], "INVALID_OAUTH");
-    assert_eq!(
-        s.zoho.token_requests(),
-        2,
-        "one refresh for the first 401, none for the second"
+    // The retry's token was rejected too: it is never sent again, and one refresh
+    // replaces it for the requests after it.
+    wait_for_token_requests(&s.zoho, 3).await;
+    assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+    assert_eq!(s.zoho.token_requests(), 3, "one refresh per rejected token");
+    let sent: Vec<_> = s
+        .zoho
+        .desk_requests()
+        .iter()
+        .map(|r| r.headers["authorization"].clone())
+        .collect();
+    assert_eq!(sent.len(), 4);
+    assert_ne!(sent[1], sent[2], "the retry used a new token");
+    assert_ne!(
+        sent[2], sent[3],
+        "the rejected retry's token was not sent again"
     );
 }
 
@@ -296,4 +308,126 @@ async fn a_hanging_accounts_gives_503_within_a_bounded_wait() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// Sends `n` GETs at once, each on its own connection; their statuses.
+async fn burst(s: &Scenario, n: usize) -> Vec<u16> {
+    let requests = (0..n).map(|_| async {
+        client()
+            .get(s.url("/api/v1/tickets"))
+            .send()
+            .await
+            .map_or(0, |r| r.status().as_u16())
+    });
+    futures_util::future::join_all(requests).await
+}
+
+/// Two upstream slots on one thread, and a Desk that takes 100 ms per request: requests
+/// queue for Desk, as behind a busy portal.
+async fn queued() -> Scenario {
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.max_upstream_requests = 2;
+        c.workers = 1;
+    })
+    .await;
+    assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+    s.zoho.set_desk_delay(DESK);
+    s
+}
+
+const DESK: Duration = Duration::from_millis(100);
+
+#[tokio::test]
+async fn queued_requests_never_send_a_token_desk_already_rejected() {
+    let s = queued().await;
+    let zoho = s.zoho.clone();
+    let revoke = tokio::spawn(async move {
+        // Revoked while ~6 requests went through and the rest wait for a slot.
+        wait_for_desk_requests(&zoho, 7).await;
+        zoho.revoke_all_tokens();
+    });
+    let statuses = burst(&s, 60).await;
+    revoke.await.unwrap();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+
+    let seen = s.zoho.desk_requests();
+    let rejected: Vec<_> = seen
+        .iter()
+        .filter(|r| r.token_accepted == Some(false))
+        .collect();
+    let first_401 = rejected
+        .iter()
+        .map(|r| r.received_at + DESK)
+        .min()
+        .expect("Desk rejected the revoked token");
+    let late: Vec<_> = rejected
+        .iter()
+        .filter(|r| r.received_at > first_401 + Duration::from_millis(50))
+        .map(|r| r.received_at - first_401)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "{} of {} rejected sends arrived after Desk's first 401 (after {late:?})",
+        late.len(),
+        rejected.len()
+    );
+    assert!(
+        rejected.len() <= 2,
+        "only the 2 in flight: {}",
+        rejected.len()
+    );
+    assert_eq!(s.zoho.token_requests(), 2, "one refresh");
+}
+
+#[tokio::test]
+async fn a_retry_that_meets_a_revoked_new_token_marks_it_and_refreshes_at_once() {
+    let s = queued().await;
+    let zoho = s.zoho.clone();
+    let revoke = tokio::spawn(async move {
+        wait_for_desk_requests(&zoho, 5).await;
+        zoho.revoke_all_tokens();
+        // The new token is revoked soon after it is issued.
+        wait_for_token_requests(&zoho, 2).await;
+        tokio::time::sleep(DESK).await;
+        zoho.revoke_all_tokens();
+    });
+    let statuses = burst(&s, 40).await;
+    revoke.await.unwrap();
+    let refused = statuses.iter().filter(|s| **s == 401).count();
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 401),
+        "{statuses:?}"
+    );
+    // At most the retries in flight with the second token when it was revoked.
+    assert!(refused <= 2, "{refused} of 40 clients got Desk's 401");
+    assert_eq!(s.zoho.token_requests(), 3, "one refresh per revocation");
+}
+
+#[tokio::test]
+async fn credentials_reloaded_during_a_refresh_are_not_undone_by_its_answer() {
+    let options = FakeOptions::default();
+    let fake = zoho_desk_proxy::fake_zoho::FakeZoho::start_with(options.clone())
+        .await
+        .unwrap();
+    let zoho = fake.control();
+    let good = config_for(&fake, &options);
+    let mut wrong = good.clone();
+    wrong.oauth.client_secret = zoho_desk_proxy::secret::Secret::new("wrong-secret".into());
+    let (proxy, reload) = start_proxy_with_reload(wrong).await;
+    // The wrong secret's call is slow: the operator fixes it while it is in flight.
+    zoho.set_accounts_delay(Duration::from_secs(1));
+    let request = tokio::spawn({
+        let url = proxy.url("/api/v1/tickets");
+        async move { fetch(url).await.status().as_u16() }
+    });
+    wait_for_token_requests(&zoho, 1).await;
+    reload.send(good).await.unwrap();
+    assert_eq!(
+        request.await.unwrap(),
+        200,
+        "served with the reloaded credentials"
+    );
+    let ready = fetch(proxy.url("/_proxy/ready")).await;
+    assert_eq!(ready.status(), 200, "ready without a second reload");
+    assert_eq!(zoho.token_requests(), 2, "one call with each secret");
 }

@@ -64,6 +64,8 @@ async fn handle_inner(
             headers: parts.headers.clone(),
             body_len: 0,
             body_complete: false,
+            received_at: Instant::now(),
+            token_accepted: None,
         });
         let forced = if st.forced_401_remaining > 0 {
             st.forced_401_remaining -= 1;
@@ -111,8 +113,15 @@ async fn handle_inner(
         });
     }
 
-    let authorized =
-        bearer(&parts.headers).is_some_and(|t| shared.lock().token_is_valid(t, Instant::now()));
+    let authorized = {
+        let mut st = shared.lock();
+        let authorized =
+            bearer(&parts.headers).is_some_and(|t| st.token_is_valid(t, Instant::now()));
+        if let Some(r) = st.desk_requests.get_mut(idx) {
+            r.token_accepted = Some(authorized);
+        }
+        authorized
+    };
     if !authorized {
         req.consume(0).await?;
         tracing::debug!("fake desk: invalid or missing oauth token");

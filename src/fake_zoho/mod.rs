@@ -122,6 +122,11 @@ pub struct RecordedRequest {
     /// Whether the whole body arrived (false while it is read, and for one that broke
     /// off).
     pub body_complete: bool,
+    /// When its head arrived.
+    pub received_at: Instant,
+    /// Whether its token was accepted (decided after the Desk delay, when Desk answers);
+    /// `None` until then, and for forced 401s.
+    pub token_accepted: Option<bool>,
 }
 
 /// One access token ever issued by the fake.

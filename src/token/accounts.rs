@@ -1,8 +1,5 @@
 //! Calls to Zoho Accounts (`POST /oauth/v2/token`) and the parsing of its quirky answers.
 
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,90 +8,13 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use serde::Deserialize;
 
-use super::cache::{Token, TokenSource};
+use super::source::{AccountsError, FetchFuture, Fetched, Grant, Refresh, TokenSource};
 use crate::client::Connector;
 use crate::config::{BaseUrl, Config};
 use crate::secret::Secret;
 
 /// Largest Accounts answer read; real ones are a few hundred bytes.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
-
-/// A token granted by Accounts.
-#[derive(Debug, Clone)]
-pub struct Grant {
-    /// The access token.
-    pub access_token: Secret<String>,
-    /// Its lifetime from now.
-    pub expires_in: Duration,
-    /// A refresh token, present on the `authorization_code` grant only.
-    pub refresh_token: Option<Secret<String>>,
-    /// The API domain Zoho reports (informational).
-    pub api_domain: Option<String>,
-    /// Whether Accounts issued it just now (and the refresh guard counts it), or another
-    /// replica did and it came from the shared store.
-    pub issued_here: bool,
-}
-
-/// Why Accounts gave no token. Decided on Zoho's `error` code, never on its wording,
-/// which may be localized.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AccountsError {
-    /// No connection, or it broke before an answer.
-    #[error("Zoho Accounts could not be reached: {0}")]
-    Unreachable(String),
-    /// No answer in time.
-    #[error("Zoho Accounts did not answer within {0:?}")]
-    Timeout(Duration),
-    /// "Access Denied" / too many requests: back off for at least 60 s.
-    #[error("Zoho Accounts is throttling token requests (error \"{0}\")")]
-    Throttled(String),
-    /// The client id, secret, refresh token or grant code was refused: an operator must act.
-    #[error("Zoho Accounts rejected the credentials (error \"{0}\")")]
-    Rejected(String),
-    /// The fleet-wide refresh guard of the shared store refused the call.
-    #[error(
-        "refresh guard: the fleet made oauth.max_refreshes_per_10min token refreshes in the last 10 minutes"
-    )]
-    GuardRefused {
-        /// When the oldest counted refresh leaves the window.
-        retry_after: Duration,
-    },
-    /// Any other failure: a server error, an unexpected answer.
-    #[error("Zoho Accounts answered HTTP {status}{}", code.as_ref().map(|c| format!(" with error \"{c}\"")).unwrap_or_default())]
-    Failed {
-        /// The HTTP status.
-        status: u16,
-        /// Zoho's `error` code, when the answer had one.
-        code: Option<String>,
-    },
-}
-
-impl AccountsError {
-    /// The fix an operator should apply, in plain words.
-    pub fn advice(&self) -> &'static str {
-        match self {
-            Self::Rejected(code) if code == "invalid_code" => {
-                "the refresh token (or grant code) is invalid, expired or revoked: generate a new grant token in the Zoho API console (Self Client) and run `zoho-desk-proxy exchange --code <grant token>`"
-            }
-            Self::Rejected(code) if code == "invalid_client_secret" => {
-                "the client secret is wrong: copy it again from the Self Client's \"Client Secret\" tab into oauth.client_secret"
-            }
-            Self::Rejected(_) => {
-                "the client id is unknown to this data centre: check oauth.client_id, and that `dc` (or accounts_url) is the data centre your Zoho account lives in"
-            }
-            Self::Throttled(_) => {
-                "Zoho limits refreshes to 10 per refresh token in 10 minutes: stop other programs that refresh with the same refresh token, or wait"
-            }
-            Self::Unreachable(_) | Self::Timeout(_) => {
-                "check the network path to accounts_url (DNS, firewall, outbound proxy)"
-            }
-            Self::Failed { .. } => "Zoho Accounts is failing; the proxy retries with backoff",
-            Self::GuardRefused { .. } => {
-                "Desk keeps rejecting tokens, or replicas refresh too often: check Desk 401s in the logs"
-            }
-        }
-    }
-}
 
 #[derive(Deserialize)]
 struct TokenAnswer {
@@ -127,7 +47,6 @@ pub fn parse_token_answer(status: u16, body: &[u8]) -> Result<Grant, AccountsErr
                 .filter(|t| !t.is_empty())
                 .map(Secret::new),
             api_domain: answer.api_domain,
-            issued_here: true,
         });
     }
     match answer.error {
@@ -226,13 +145,19 @@ impl AccountsClient {
 
         let exchange = async {
             let response = self.http.request(request).await.map_err(|e| {
-                AccountsError::Unreachable(crate::client::describe_client_error(&e))
+                let why = crate::client::describe_client_error(&e);
+                // Only a failed connect is sure never to have reached Accounts.
+                if e.is_connect() {
+                    AccountsError::Unreachable(why)
+                } else {
+                    AccountsError::Interrupted(why)
+                }
             })?;
             let status = response.status().as_u16();
             let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
                 .collect()
                 .await
-                .map_err(|e| AccountsError::Unreachable(format!("answer unreadable: {e}")))?
+                .map_err(|e| AccountsError::Interrupted(format!("answer unreadable: {e}")))?
                 .to_bytes();
             Ok::<_, AccountsError>((status, body))
         };
@@ -253,11 +178,16 @@ pub struct RefreshTokenSource {
 }
 
 impl TokenSource for RefreshTokenSource {
-    fn fetch(
-        &self,
-        _stale: Option<Arc<Token>>,
-    ) -> Pin<Box<dyn Future<Output = Result<Grant, AccountsError>> + Send + '_>> {
-        Box::pin(self.client.refresh(&self.refresh_token))
+    fn fetch<'a>(&'a self, refresh: &'a Refresh<'a>) -> FetchFuture<'a> {
+        Box::pin(async move {
+            if refresh.arrived() {
+                return Ok(Fetched::Arrived);
+            }
+            self.client
+                .refresh(&self.refresh_token)
+                .await
+                .map(Fetched::Issued)
+        })
     }
 }
 

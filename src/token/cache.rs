@@ -1,18 +1,27 @@
-//! The current access token, read without locks, and its renewal: single flight,
-//! generation check, background refresh before expiry, backoff, and the refresh guard.
+//! The current access token, read without locks, and its renewal.
+//!
+//! A token's state is checked when a request is about to be sent, never when it was
+//! queued: a token is *usable* while it is valid and Desk has not rejected its generation
+//! (a 401 `INVALID_OAUTH` marks it, [`TokenCache::mark_rejected`]); a newer token
+//! supersedes it. Renewal is one refresh at a time (single flight), tagged with the
+//! credentials it used: a refresh started before a reload (SIGHUP) never decides the
+//! state of the new credentials, and one whose credentials were replaced while it failed
+//! tries again with the new ones. Every answer of a source is accounted for once: the
+//! refresh guard counts each call that may have issued a token, the metrics count each
+//! refresh by its result. See docs/ARCHITECTURE.md ("The token's life").
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use http::HeaderValue;
 use tokio::sync::watch;
+// tokio's clock, so that tests can pause and advance it.
+use tokio::time::Instant;
 
-use super::accounts::{AccountsError, Grant};
+use super::source::{AccountsError, Fetched, Grant, Refresh, Token, TokenSource};
 use crate::metrics::{Metrics, RefreshResult};
 use crate::secret::Secret;
 
@@ -20,58 +29,9 @@ use crate::secret::Secret;
 const GUARD_WINDOW: Duration = Duration::from_secs(600);
 /// Zoho blocks for the rest of its window when throttling; never come back sooner.
 const THROTTLE_BACKOFF: Duration = Duration::from_secs(60);
-
-/// An access token ready for the request path.
-#[derive(Debug)]
-pub struct Token {
-    /// `Zoho-oauthtoken <token>`, precomputed and marked sensitive.
-    pub header: HeaderValue,
-    /// The bare token, for the token file.
-    pub access_token: Secret<String>,
-    /// When Zoho stops accepting it.
-    pub expires_at: Instant,
-    /// The same moment on the wall clock, for the token file.
-    pub expires_at_wall: SystemTime,
-    /// Its whole lifetime, to cap the refresh margin.
-    pub lifetime: Duration,
-    /// Increases with every new token; a 401 on generation `g` refreshes only while the
-    /// current token is still `g`.
-    pub generation: u64,
-}
-
-impl Token {
-    /// Whether Zoho still accepts it at `now`.
-    pub fn is_valid_at(&self, now: Instant) -> bool {
-        now < self.expires_at
-    }
-
-    /// When the background task renews it: `margin` before expiry, at most half its life.
-    pub fn refresh_at(&self, margin: Duration) -> Instant {
-        self.expires_at - margin.min(self.lifetime / 2)
-    }
-
-    /// Builds a token; `None` when Zoho sent bytes that cannot be a header value.
-    pub fn new(access_token: Secret<String>, lifetime: Duration, generation: u64) -> Option<Self> {
-        let header = authorization(&access_token)?;
-        Some(Self {
-            header,
-            access_token,
-            expires_at: Instant::now() + lifetime,
-            expires_at_wall: SystemTime::now() + lifetime,
-            lifetime,
-            generation,
-        })
-    }
-}
-
-/// `Zoho-oauthtoken <token>` as a header value marked sensitive; `None` when Zoho sent
-/// bytes that cannot be a header value.
-pub fn authorization(access_token: &Secret<String>) -> Option<HeaderValue> {
-    let mut header =
-        HeaderValue::from_str(&format!("Zoho-oauthtoken {}", access_token.expose())).ok()?;
-    header.set_sensitive(true);
-    Some(header)
-}
+/// Access tokens Desk rejected, remembered so that none is installed again (the shared
+/// store may still hold one).
+const REMEMBERED_REJECTIONS: usize = 4;
 
 /// Why no token can be had now.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -87,25 +47,6 @@ pub enum TokenError {
     /// Accounts refused the credentials; only an operator can fix it.
     #[error("{0}")]
     Rejected(String),
-}
-
-/// Where new tokens come from: Zoho Accounts in production, anything in unit tests.
-pub trait TokenSource: Send + Sync + 'static {
-    /// Obtains an access token to replace `stale` (the token held when the refresh began;
-    /// `None` at start).
-    fn fetch(
-        &self,
-        stale: Option<Arc<Token>>,
-    ) -> Pin<Box<dyn Future<Output = Result<Grant, AccountsError>> + Send + '_>>;
-}
-
-impl<T: TokenSource + ?Sized> TokenSource for Box<T> {
-    fn fetch(
-        &self,
-        stale: Option<Arc<Token>>,
-    ) -> Pin<Box<dyn Future<Output = Result<Grant, AccountsError>> + Send + '_>> {
-        (**self).fetch(stale)
-    }
 }
 
 /// How tokens are renewed.
@@ -133,35 +74,49 @@ impl RefreshPolicy {
     }
 }
 
+/// The credentials in use: a source and the generation of the reload that brought it.
+struct Credentials {
+    generation: u64,
+    source: Box<dyn TokenSource>,
+}
+
 type FlightResult = Option<Result<Arc<Token>, TokenError>>;
 
+/// The refresh in flight: every caller that needs a new token waits on it.
+struct Flight {
+    id: u64,
+    result: watch::Receiver<FlightResult>,
+}
+
 /// Refresh bookkeeping; only the refresh path takes this lock, never a request that has a
-/// valid token.
+/// usable token.
 #[derive(Default)]
 struct RefreshState {
-    /// The refresh in flight, if any: every caller waits on the same one.
-    flight: Option<watch::Receiver<FlightResult>>,
+    flight: Option<Flight>,
+    flights: u64,
     consecutive_failures: u32,
     backoff_until: Option<Instant>,
     last_error: Option<TokenError>,
+    /// Accounts refused the current credentials (cleared by a reload).
     rejected: Option<String>,
     /// Accounts calls that may have issued a token, in the last 10 minutes.
     issued: VecDeque<Instant>,
     next_generation: u64,
+    /// The last access tokens Desk rejected.
+    rejected_tokens: VecDeque<Secret<String>>,
 }
 
 /// Holds the current token and renews it.
 pub struct TokenCache {
     current: ArcSwapOption<Token>,
-    /// Swapped whole when the operator reloads the credentials (SIGHUP).
-    source: ArcSwap<Box<dyn TokenSource>>,
+    /// Replaced whole when the operator reloads the credentials (SIGHUP).
+    credentials: ArcSwap<Credentials>,
     policy: RefreshPolicy,
     state: Mutex<RefreshState>,
-    /// The generation of the current token; the background task and the token file
-    /// wait on it.
+    /// The generation of the current token; the background task, the token file and
+    /// the shared store wait on it.
     changed: watch::Sender<u64>,
-    /// The newest generation Desk rejected (401 `INVALID_OAUTH`): tokens up to it are
-    /// no longer handed out, so requests wait for the refresh instead of failing.
+    /// The newest generation Desk rejected: tokens up to it are never handed out again.
     rejected: AtomicU64,
     metrics: Arc<Metrics>,
 }
@@ -169,9 +124,9 @@ pub struct TokenCache {
 /// What `/_proxy/ready` reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Readiness {
-    /// A valid token is held, valid for this long.
+    /// A usable token is held, valid for this long.
     Ready(Duration),
-    /// No valid token; the reason in plain words.
+    /// No usable token; the reason in plain words.
     NotReady(String),
 }
 
@@ -184,7 +139,10 @@ impl TokenCache {
     ) -> Arc<Self> {
         Arc::new(Self {
             current: ArcSwapOption::empty(),
-            source: ArcSwap::from_pointee(Box::new(source)),
+            credentials: ArcSwap::from_pointee(Credentials {
+                generation: 0,
+                source: Box::new(source),
+            }),
             policy,
             state: Mutex::new(RefreshState {
                 next_generation: 1,
@@ -196,17 +154,35 @@ impl TokenCache {
         })
     }
 
-    /// Installs a token obtained elsewhere (the token file), if it is still valid.
+    /// Installs a token obtained elsewhere (the token file, the fleet's store) when it is
+    /// still valid, outlives the current one, and is not one Desk rejected. A token read
+    /// before a newer one arrived never replaces it.
     pub fn install(&self, access_token: Secret<String>, remaining: Duration) -> Option<Arc<Token>> {
         let mut state = self.lock();
-        let token = Arc::new(Token::new(access_token, remaining, state.next_generation)?);
+        if state
+            .rejected_tokens
+            .iter()
+            .any(|t| t.expose() == access_token.expose())
+        {
+            return None;
+        }
+        let token = Token::new(access_token, remaining, state.next_generation)?;
+        if let Some(current) = self.current.load_full()
+            && self.is_usable(&current, Instant::now())
+            && (current.access_token.expose() == token.access_token.expose()
+                || current.expires_at >= token.expires_at)
+        {
+            return None;
+        }
         state.next_generation += 1;
+        let token = Arc::new(token);
         self.current.store(Some(token.clone()));
+        drop(state);
         self.changed.send_replace(token.generation);
         Some(token)
     }
 
-    /// The current token, valid or not; lock-free.
+    /// The current token, usable or not; lock-free.
     pub fn current(&self) -> Option<Arc<Token>> {
         self.current.load_full()
     }
@@ -216,16 +192,16 @@ impl TokenCache {
         self.changed.subscribe()
     }
 
-    /// A valid token: the current one when it is valid (lock-free), else a refresh.
+    /// Whether `token` may be sent at `now`: valid, and not rejected by Desk.
+    pub fn is_usable(&self, token: &Token, now: Instant) -> bool {
+        token.is_valid_at(now) && token.generation > self.rejected.load(Ordering::Acquire)
+    }
+
+    /// A usable token: the current one (lock-free), else the result of a refresh.
     pub async fn usable(self: &Arc<Self>) -> Result<Arc<Token>, TokenError> {
         let current = self.current.load();
         match &*current {
-            Some(token)
-                if token.is_valid_at(Instant::now())
-                    && token.generation > self.rejected.load(Ordering::Acquire) =>
-            {
-                Ok(token.clone())
-            }
+            Some(token) if self.is_usable(token, Instant::now()) => Ok(token.clone()),
             Some(token) => {
                 let generation = token.generation;
                 drop(current);
@@ -238,36 +214,42 @@ impl TokenCache {
         }
     }
 
-    /// Records that Desk rejected the token of `generation`: from now on requests wait
-    /// for a newer one (see [`Self::refresh_after`]) rather than use it.
-    pub fn mark_rejected(&self, generation: u64) {
-        self.rejected.fetch_max(generation, Ordering::AcqRel);
+    /// Records that Desk rejected `token` (401 `INVALID_OAUTH`): it is never handed out
+    /// again, and requests wait for a newer one.
+    /// The background task starts the refresh at once.
+    pub fn mark_rejected(&self, token: &Token) {
+        let before = self.rejected.fetch_max(token.generation, Ordering::AcqRel);
+        if before < token.generation {
+            let mut state = self.lock();
+            if state.rejected_tokens.len() == REMEMBERED_REJECTIONS {
+                state.rejected_tokens.pop_front();
+            }
+            state.rejected_tokens.push_back(token.access_token.clone());
+            drop(state);
+            self.changed.send_modify(|_| {});
+        }
     }
 
-    /// A token newer than `failed_generation`: the current one if someone already
-    /// replaced the failed token, else the result of the single refresh in flight,
-    /// started here if none is.
+    /// A usable token newer than `failed_generation`: the current one if it is, else the
+    /// result of the single refresh in flight, started here if none is.
     pub async fn refresh_after(
         self: &Arc<Self>,
         failed_generation: u64,
     ) -> Result<Arc<Token>, TokenError> {
         let mut flight = {
             let mut state = self.lock();
-            if let Some(token) = self.current.load_full()
-                && token.generation > failed_generation
-                && token.is_valid_at(Instant::now())
-            {
+            if let Some(token) = self.newer_than(failed_generation) {
                 return Ok(token);
             }
             match &state.flight {
-                Some(flight) => flight.clone(),
+                Some(flight) => flight.result.clone(),
                 None => self.start_flight(&mut state)?,
             }
         };
         let result = flight.wait_for(Option::is_some).await.map(|r| r.clone());
         match result {
             Ok(Some(result)) => result,
-            // The flight's task ended without a word: only a panic does that.
+            // The flight always sends a result, even when its task panics.
             _ => Err(TokenError::Unavailable {
                 reason: "the token refresh failed unexpectedly".into(),
                 retry_after: self.policy.backoff_min,
@@ -275,12 +257,16 @@ impl TokenCache {
         }
     }
 
-    /// Starts a refresh unless backoff, rejection or the guard forbids it. The refresh runs
-    /// in its own task, so that a client hanging up cannot cancel it.
-    fn start_flight(
-        self: &Arc<Self>,
-        state: &mut RefreshState,
-    ) -> Result<watch::Receiver<FlightResult>, TokenError> {
+    /// The current token when it is usable and newer than `generation`.
+    fn newer_than(&self, generation: u64) -> Option<Arc<Token>> {
+        self.current
+            .load_full()
+            .filter(|t| t.generation > generation && self.is_usable(t, Instant::now()))
+    }
+
+    /// Whether a call to a source may be made now: not rejected, not backing off, and
+    /// under the refresh guard.
+    fn admit(&self, state: &mut RefreshState) -> Result<(), TokenError> {
         let now = Instant::now();
         if let Some(reason) = &state.rejected {
             return Err(TokenError::Rejected(reason.clone()));
@@ -320,87 +306,152 @@ impl TokenCache {
                 retry_after,
             });
         }
+        Ok(())
+    }
 
+    /// Starts a refresh unless rejection, backoff or the guard forbids it. The refresh
+    /// runs in its own task, so that a client hanging up cannot cancel it.
+    fn start_flight(
+        self: &Arc<Self>,
+        state: &mut RefreshState,
+    ) -> Result<watch::Receiver<FlightResult>, TokenError> {
+        self.admit(state)?;
         let (tx, rx) = watch::channel(None);
-        state.flight = Some(rx.clone());
-        let cache = Arc::clone(self);
+        state.flights += 1;
+        let id = state.flights;
+        state.flight = Some(Flight {
+            id,
+            result: rx.clone(),
+        });
+        let stale = self.current.load_full();
+        let landing = Landing {
+            cache: Arc::clone(self),
+            id,
+            result: tx,
+        };
         tokio::spawn(async move {
-            let started = Instant::now();
-            let source = cache.source.load_full();
-            let result = source.fetch(cache.current()).await;
-            let outcome = cache.finish_flight(result, started);
-            tx.send_replace(Some(outcome));
+            let outcome = landing.cache.fly(stale).await;
+            landing.land(outcome);
         });
         Ok(rx)
     }
 
-    /// Records a refresh's result; runs in the flight's task.
-    fn finish_flight(
+    /// The refresh itself: asks the source for a token to replace `stale`, again with
+    /// new credentials when they were reloaded while it failed.
+    async fn fly(&self, stale: Option<Arc<Token>>) -> Result<Arc<Token>, TokenError> {
+        let stale_generation = stale.as_ref().map_or(0, |t| t.generation);
+        let arrived = || self.newer_than(stale_generation).is_some();
+        let mut first = true;
+        loop {
+            if !first {
+                self.admit(&mut self.lock())?;
+            }
+            first = false;
+            let credentials = self.credentials.load_full();
+            if let Some(token) = self.newer_than(stale_generation) {
+                return Ok(token);
+            }
+            let started = Instant::now();
+            let refresh = Refresh::new(stale.clone(), &arrived);
+            let result = credentials.source.fetch(&refresh).await;
+            let reloaded = self.credentials.load().generation != credentials.generation;
+            if let Err(err) = &result
+                && reloaded
+            {
+                // Counted, but it decides nothing about the new credentials.
+                self.count_call(&result);
+                tracing::info!(error = %err, "a refresh with the replaced credentials failed; trying the reloaded ones");
+                continue;
+            }
+            return self.record(result, started);
+        }
+    }
+
+    /// Counts a call in the refresh guard when it may have issued a token.
+    fn count_call(&self, result: &Result<Fetched, AccountsError>) {
+        let counted = match result {
+            Ok(Fetched::Issued(_)) => true,
+            Ok(_) => false,
+            Err(err) => err.may_have_issued(),
+        };
+        if counted {
+            self.lock().issued.push_back(Instant::now());
+        }
+    }
+
+    /// Records a source's answer: the guard, the metrics, the log, and the new token or
+    /// the failure.
+    fn record(
         &self,
-        result: Result<Grant, AccountsError>,
+        result: Result<Fetched, AccountsError>,
         started: Instant,
     ) -> Result<Arc<Token>, TokenError> {
-        let now = Instant::now();
-        let latency_ms = now.duration_since(started).as_millis() as u64;
-        let mut state = self.lock();
-        state.flight = None;
-        // Calls whose outcome Zoho may have counted as an issued token.
-        if matches!(&result, Ok(grant) if grant.issued_here)
-            || matches!(result, Err(AccountsError::Timeout(_)))
-        {
-            state.issued.push_back(now);
-        }
+        self.count_call(&result);
+        let latency_ms = started.elapsed().as_millis() as u64;
         let outcome = match result {
-            Ok(grant) => {
-                match Token::new(grant.access_token, grant.expires_in, state.next_generation) {
-                    Some(token) => {
-                        state.next_generation += 1;
-                        state.consecutive_failures = 0;
-                        state.backoff_until = None;
-                        state.last_error = None;
-                        state.rejected = None;
-                        let token = Arc::new(token);
-                        self.current.store(Some(token.clone()));
-                        self.metrics.record_refresh(RefreshResult::Ok);
-                        tracing::info!(
-                            result = "ok",
-                            latency_ms,
-                            expires_in_secs = grant.expires_in.as_secs(),
-                            generation = token.generation,
-                            "token refreshed"
-                        );
-                        Ok(token)
-                    }
-                    None => self.fail(
-                        &mut state,
-                        now,
-                        AccountsError::Failed {
-                            status: 200,
-                            code: None,
-                        },
-                        latency_ms,
-                    ),
-                }
+            Ok(Fetched::Issued(grant)) => self.take(grant, latency_ms, "token refreshed"),
+            Ok(Fetched::Shared(grant)) => {
+                self.take(grant, latency_ms, "token store: took the fleet's token")
             }
-            Err(err) => self.fail(&mut state, now, err, latency_ms),
+            Ok(Fetched::Arrived) => self
+                .current
+                .load_full()
+                .filter(|t| self.is_usable(t, Instant::now()))
+                .ok_or_else(|| TokenError::Unavailable {
+                    reason: "the token that arrived during the refresh is no longer usable".into(),
+                    retry_after: self.policy.backoff_min,
+                }),
+            Err(err) => Err(self.fail(err, latency_ms)),
         };
-        drop(state);
-        if let Ok(token) = &outcome {
-            self.changed.send_replace(token.generation);
-        } else {
+        if outcome.is_err() {
             // Wake the background task so it re-plans around the backoff.
             self.changed.send_modify(|_| {});
         }
         outcome
     }
 
-    fn fail(
-        &self,
-        state: &mut RefreshState,
-        now: Instant,
-        err: AccountsError,
-        latency_ms: u64,
-    ) -> Result<Arc<Token>, TokenError> {
+    /// Installs a granted token as the next generation (or keeps the current one when it
+    /// is the same token).
+    fn take(&self, grant: Grant, latency_ms: u64, what: &str) -> Result<Arc<Token>, TokenError> {
+        let mut state = self.lock();
+        if let Some(current) = self.current.load_full()
+            && current.access_token.expose() == grant.access_token.expose()
+            && self.is_usable(&current, Instant::now())
+        {
+            return Ok(current);
+        }
+        let Some(token) = Token::new(grant.access_token, grant.expires_in, state.next_generation)
+        else {
+            drop(state);
+            return Err(self.fail(
+                AccountsError::Failed {
+                    status: 200,
+                    code: None,
+                },
+                latency_ms,
+            ));
+        };
+        state.next_generation += 1;
+        state.consecutive_failures = 0;
+        state.backoff_until = None;
+        state.last_error = None;
+        let token = Arc::new(token);
+        self.current.store(Some(token.clone()));
+        drop(state);
+        self.metrics.record_refresh(RefreshResult::Ok);
+        tracing::info!(
+            result = "ok",
+            latency_ms,
+            expires_in_secs = grant.expires_in.as_secs(),
+            generation = token.generation,
+            "{what}"
+        );
+        self.changed.send_replace(token.generation);
+        Ok(token)
+    }
+
+    fn fail(&self, err: AccountsError, latency_ms: u64) -> TokenError {
+        let mut state = self.lock();
         let error = match &err {
             AccountsError::Rejected(_) => {
                 let reason = format!("{err}; fix: {}", err.advice());
@@ -423,7 +474,7 @@ impl TokenCache {
                     self.metrics.record_refresh(RefreshResult::Error);
                     "error"
                 };
-                state.backoff_until = Some(now + delay);
+                state.backoff_until = Some(Instant::now() + delay);
                 tracing::warn!(
                     result,
                     latency_ms,
@@ -438,7 +489,7 @@ impl TokenCache {
             }
         };
         state.last_error = Some(error.clone());
-        Err(error)
+        error
     }
 
     /// What `/_proxy/ready` says.
@@ -448,20 +499,34 @@ impl TokenCache {
             return Readiness::NotReady(reason.clone());
         }
         let now = Instant::now();
-        match self.current.load_full() {
-            Some(token) if token.is_valid_at(now) => Readiness::Ready(token.expires_at - now),
-            _ => Readiness::NotReady(match &state.last_error {
-                Some(err) => format!("no valid access token: {err}"),
-                None => "no valid access token yet: the first refresh is in progress".into(),
-            }),
+        let current = self.current.load_full();
+        match (current, &state.last_error) {
+            (Some(token), _) if self.is_usable(&token, now) => {
+                Readiness::Ready(token.expires_at - now)
+            }
+            (_, Some(err)) => Readiness::NotReady(format!("no valid access token: {err}")),
+            (Some(token), None) if token.is_valid_at(now) => Readiness::NotReady(
+                "Zoho Desk rejected the access token; a new one is being requested".into(),
+            ),
+            (Some(_), None) => {
+                Readiness::NotReady("the access token expired; a new one is being requested".into())
+            }
+            (None, None) => Readiness::NotReady(
+                "no valid access token yet: the first refresh is in progress".into(),
+            ),
         }
     }
 
     /// Takes new credentials (after the operator fixed them) and forgets a rejection and
-    /// any backoff, so that the next request or the background task tries at once. The
-    /// current token stays in use while it is valid.
+    /// any backoff, so that the next request or the background task tries at once. A
+    /// refresh still running with the old credentials decides nothing about the new ones.
+    /// The current token stays in use while it is usable.
     pub fn replace_source(&self, source: impl TokenSource) {
-        self.source.store(Arc::new(Box::new(source)));
+        let generation = self.credentials.load().generation + 1;
+        self.credentials.store(Arc::new(Credentials {
+            generation,
+            source: Box::new(source),
+        }));
         self.clear_rejection();
     }
 
@@ -472,39 +537,45 @@ impl TokenCache {
         state.rejected = None;
         state.backoff_until = None;
         state.consecutive_failures = 0;
+        state.last_error = None;
         drop(state);
         self.changed.send_modify(|_| {});
     }
 
-    /// Keeps a valid token at all times: refreshes `margin` before expiry, retries after
-    /// failures once their backoff ends, and stops when `shutdown` resolves.
+    /// Keeps a usable token at all times: refreshes `margin` before expiry (at once when
+    /// Desk rejected the current one), retries after failures once their backoff ends,
+    /// and stops when `shutdown` resolves.
     pub async fn run_background(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
         let mut changed = self.subscribe();
         tokio::pin!(shutdown);
         loop {
-            let wake_at = self.next_wake();
+            let (wake_at, due) = self.next_wake();
             tokio::select! {
                 () = &mut shutdown => return,
                 res = changed.changed() => if res.is_err() { return },
                 () = sleep_until(wake_at) => {
-                    let generation = self.current().map_or(0, |t| t.generation);
+                    // A refresh of the token that was due: if another refresh replaced it
+                    // meanwhile, that token is taken and no call is made.
                     // Errors are logged and recorded by the flight; the loop re-plans.
-                    let _ = self.refresh_after(generation).await;
+                    let _ = self.refresh_after(due).await;
                 }
             }
         }
     }
 
-    /// When the background task should act next; `None` while rejected.
-    fn next_wake(&self) -> Option<Instant> {
+    /// When the background task should act next (`None` while rejected), and the
+    /// generation it should replace then.
+    fn next_wake(&self) -> (Option<Instant>, u64) {
         let state = self.lock();
+        let current = self.current.load_full();
+        let generation = current.as_ref().map_or(0, |t| t.generation);
         if state.rejected.is_some() {
-            return None;
+            return (None, generation);
         }
         let now = Instant::now();
-        let due = match self.current.load_full() {
-            Some(token) => token.refresh_at(self.policy.margin),
-            None => now,
+        let due = match current {
+            Some(token) if self.is_usable(&token, now) => token.refresh_at(self.policy.margin),
+            _ => now,
         };
         let due = match state.backoff_until {
             Some(until) => due.max(until),
@@ -517,7 +588,7 @@ impl TokenCache {
             }
             _ => due,
         };
-        Some(due)
+        (Some(due), generation)
     }
 
     fn lock(&self) -> MutexGuard<'_, RefreshState> {
@@ -529,9 +600,48 @@ impl TokenCache {
     }
 }
 
+/// Ends a flight: clears it, and hands its result to every waiter. Dropped without
+/// landing (the flight's task panicked), it ends the flight with an error, so that a
+/// later refresh can start.
+struct Landing {
+    cache: Arc<TokenCache>,
+    id: u64,
+    result: watch::Sender<FlightResult>,
+}
+
+impl Landing {
+    fn land(self, outcome: Result<Arc<Token>, TokenError>) {
+        self.clear();
+        self.result.send_replace(Some(outcome));
+        // `Drop` finds the flight cleared and the result sent.
+    }
+
+    fn clear(&self) {
+        let mut state = self.cache.lock();
+        if state.flight.as_ref().is_some_and(|f| f.id == self.id) {
+            state.flight = None;
+        }
+    }
+}
+
+impl Drop for Landing {
+    fn drop(&mut self) {
+        if self.result.borrow().is_none() {
+            self.clear();
+            tracing::error!(
+                "the token refresh task ended without a result (a panic); the next refresh starts afresh"
+            );
+            self.result.send_replace(Some(Err(TokenError::Unavailable {
+                reason: "the token refresh failed unexpectedly".into(),
+                retry_after: self.cache.policy.backoff_min,
+            })));
+        }
+    }
+}
+
 async fn sleep_until(at: Option<Instant>) {
     match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
+        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }
@@ -550,19 +660,18 @@ fn backoff(policy: &RefreshPolicy, failures: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use crate::token::source::{FetchFuture, Grant};
+    use std::sync::atomic::AtomicU32;
 
+    /// A source answering call `n` with `answer(n)` after `delay`.
     struct Counting {
         calls: Arc<AtomicU32>,
-        answer: fn(u32) -> Result<Grant, AccountsError>,
+        answer: fn(u32) -> Result<Fetched, AccountsError>,
         delay: Duration,
     }
 
     impl TokenSource for Counting {
-        fn fetch(
-            &self,
-            _stale: Option<Arc<Token>>,
-        ) -> Pin<Box<dyn Future<Output = Result<Grant, AccountsError>> + Send + '_>> {
+        fn fetch<'a>(&'a self, _refresh: &'a Refresh<'a>) -> FetchFuture<'a> {
             Box::pin(async move {
                 let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
                 tokio::time::sleep(self.delay).await;
@@ -571,26 +680,35 @@ mod tests {
         }
     }
 
-    fn grant(n: u32) -> Result<Grant, AccountsError> {
-        Ok(Grant {
+    fn grant(n: u32) -> Result<Fetched, AccountsError> {
+        Ok(Fetched::Issued(Grant {
             access_token: Secret::new(format!("1000.token.{n}")),
             expires_in: Duration::from_secs(3600),
             refresh_token: None,
             api_domain: None,
-            issued_here: true,
-        })
+        }))
+    }
+
+    fn counting(
+        answer: fn(u32) -> Result<Fetched, AccountsError>,
+        delay: Duration,
+    ) -> (Counting, Arc<AtomicU32>) {
+        let calls = Arc::new(AtomicU32::new(0));
+        (
+            Counting {
+                calls: calls.clone(),
+                answer,
+                delay,
+            },
+            calls,
+        )
     }
 
     fn cache(
-        answer: fn(u32) -> Result<Grant, AccountsError>,
+        answer: fn(u32) -> Result<Fetched, AccountsError>,
         max: u32,
     ) -> (Arc<TokenCache>, Arc<AtomicU32>) {
-        let calls = Arc::new(AtomicU32::new(0));
-        let source = Counting {
-            calls: calls.clone(),
-            answer,
-            delay: Duration::from_millis(20),
-        };
+        let (source, calls) = counting(answer, Duration::from_millis(20));
         (
             TokenCache::new(
                 source,
@@ -624,7 +742,7 @@ mod tests {
         let (cache, calls) = cache(grant, 10);
         let first = cache.usable().await.unwrap();
         assert_eq!(cache.usable().await.unwrap().generation, first.generation);
-        cache.mark_rejected(first.generation);
+        cache.mark_rejected(&first);
         let next = cache.usable().await.unwrap();
         assert!(next.generation > first.generation);
         assert_eq!(
@@ -632,6 +750,20 @@ mod tests {
             2,
             "one refresh for the rejection"
         );
+    }
+
+    #[tokio::test]
+    async fn a_refresh_after_an_old_failure_never_returns_a_rejected_token() {
+        let (cache, calls) = cache(grant, 10);
+        let a = cache.usable().await.unwrap();
+        cache.mark_rejected(&a);
+        let b = cache.refresh_after(a.generation).await.unwrap();
+        // Desk rejects the new token too, while requests that failed on `a` still ask.
+        cache.mark_rejected(&b);
+        let c = cache.refresh_after(a.generation).await.unwrap();
+        assert!(c.generation > b.generation, "b was rejected: a newer one");
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert!(!cache.is_usable(&b, Instant::now()));
     }
 
     #[tokio::test]
@@ -673,6 +805,179 @@ mod tests {
             matches!(err, TokenError::Unavailable { retry_after, .. } if retry_after > Duration::from_secs(590))
         );
         assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_whose_answer_was_lost_count_in_the_guard() {
+        let (cache, calls) = cache(
+            |n| match n % 2 {
+                1 => Err(AccountsError::Interrupted("connection reset".into())),
+                _ => Err(AccountsError::Unreachable("connection refused".into())),
+            },
+            2,
+        );
+        // Interrupted (counted), unreachable (not counted), interrupted (counted): then
+        // the guard of 2 is closed.
+        for _ in 0..3 {
+            assert!(cache.usable().await.is_err());
+            tokio::time::advance(Duration::from_secs(120)).await;
+        }
+        let err = cache.usable().await.unwrap_err();
+        assert!(err.to_string().contains("refresh guard"), "{err}");
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    /// A source whose call `n` answers after `delays[n]`, rejected while the cache's
+    /// credentials are "old".
+    struct Credentialed {
+        name: &'static str,
+        calls: Arc<AtomicU32>,
+        delay: Duration,
+    }
+
+    impl TokenSource for Credentialed {
+        fn fetch<'a>(&'a self, _refresh: &'a Refresh<'a>) -> FetchFuture<'a> {
+            Box::pin(async move {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(self.delay).await;
+                match self.name {
+                    "wrong" => Err(AccountsError::Rejected("invalid_client".into())),
+                    _ => grant(1),
+                }
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_during_a_refresh_is_not_undone_by_the_old_answer() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let cache = TokenCache::new(
+            Credentialed {
+                name: "wrong",
+                calls: calls.clone(),
+                delay: Duration::from_secs(2),
+            },
+            RefreshPolicy::new(Duration::from_secs(300), 10),
+            Arc::default(),
+        );
+        let waiting = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.usable().await }
+        });
+        // The wrong-secret call is in flight when the operator fixes it (SIGHUP).
+        tokio::time::advance(Duration::from_millis(500)).await;
+        cache.replace_source(Credentialed {
+            name: "right",
+            calls: calls.clone(),
+            delay: Duration::from_secs(2),
+        });
+        let token = waiting
+            .await
+            .unwrap()
+            .expect("the reloaded credentials answer");
+        assert_eq!(token.access_token.expose(), "1000.token.1");
+        assert!(matches!(cache.readiness(), Readiness::Ready(_)));
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "one call each");
+    }
+
+    /// A source that panics.
+    struct Panicking;
+
+    impl TokenSource for Panicking {
+        fn fetch<'a>(&'a self, _refresh: &'a Refresh<'a>) -> FetchFuture<'a> {
+            Box::pin(async move { panic!("a bug in a source") })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_a_refresh_does_not_leave_the_flight_stuck() {
+        let cache = TokenCache::new(
+            Panicking,
+            RefreshPolicy::new(Duration::from_secs(300), 10),
+            Arc::default(),
+        );
+        let err = cache.usable().await.unwrap_err();
+        assert!(err.to_string().contains("unexpectedly"), "{err}");
+        let (source, calls) = counting(grant, Duration::ZERO);
+        cache.replace_source(source);
+        cache.usable().await.expect("a later refresh runs");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    /// A source that reports what arrived in the cache instead of calling when it can.
+    struct Patient {
+        calls: Arc<AtomicU32>,
+        delay: Duration,
+    }
+
+    impl TokenSource for Patient {
+        fn fetch<'a>(&'a self, refresh: &'a Refresh<'a>) -> FetchFuture<'a> {
+            Box::pin(async move {
+                // Waiting on something (Redis) before deciding to call.
+                tokio::time::sleep(self.delay).await;
+                if refresh.arrived() {
+                    return Ok(Fetched::Arrived);
+                }
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                grant(9)
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_that_arrives_while_a_refresh_waits_costs_no_call() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let cache = TokenCache::new(
+            Patient {
+                calls: calls.clone(),
+                delay: Duration::from_secs(1),
+            },
+            RefreshPolicy::new(Duration::from_secs(300), 10),
+            Arc::default(),
+        );
+        let waiting = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.usable().await }
+        });
+        tokio::time::advance(Duration::from_millis(100)).await;
+        // The fleet's token arrives (the store's follower adopts it).
+        let adopted = cache
+            .install(Secret::new("1000.fleet".into()), Duration::from_secs(3000))
+            .unwrap();
+        let token = waiting.await.unwrap().unwrap();
+        assert_eq!(token.generation, adopted.generation);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn install_never_replaces_a_newer_token_nor_brings_back_a_rejected_one() {
+        let (cache, _) = cache(grant, 10);
+        let long = cache
+            .install(Secret::new("1000.long".into()), Duration::from_secs(3000))
+            .unwrap();
+        assert!(
+            cache
+                .install(Secret::new("1000.short".into()), Duration::from_secs(100))
+                .is_none(),
+            "a token read before a newer one arrived"
+        );
+        assert!(
+            cache
+                .install(Secret::new("1000.long".into()), Duration::from_secs(3500))
+                .is_none(),
+            "the same token"
+        );
+        cache.mark_rejected(&long);
+        assert!(
+            cache
+                .install(Secret::new("1000.long".into()), Duration::from_secs(3500))
+                .is_none(),
+            "a token Desk rejected"
+        );
+        let later = cache
+            .install(Secret::new("1000.other".into()), Duration::from_secs(100))
+            .expect("any usable token beats a rejected one");
+        assert!(later.generation > long.generation);
     }
 
     #[test]

@@ -1,10 +1,15 @@
-//! Access tokens: where they come from ([`accounts`]) and how the proxy holds and renews
-//! them ([`cache`]).
+//! Access tokens: what they are ([`source`]), where they come from ([`accounts`], through
+//! the fleet's [`shared`] store when there is one), how the proxy holds and renews them
+//! ([`cache`]), and the token file ([`store`]).
 
 pub mod accounts;
 pub mod cache;
+#[cfg(test)]
+mod interleavings;
 pub mod shared;
+pub mod source;
 pub mod store;
 
-pub use accounts::{AccountsClient, AccountsError, Grant, RefreshTokenSource};
-pub use cache::{Readiness, RefreshPolicy, Token, TokenCache, TokenError, TokenSource};
+pub use accounts::{AccountsClient, RefreshTokenSource};
+pub use cache::{Readiness, RefreshPolicy, TokenCache, TokenError};
+pub use source::{AccountsError, Fetched, Grant, Token, TokenSource};

@@ -7,16 +7,19 @@
 //!   fleet-wide generation check); only if there is none does it take a lock with an
 //!   expiry (`SET NX PX`), look again, count the call in a fleet-wide guard, call
 //!   Accounts, store and publish the token, and release the lock if it still owns it.
-//! - When Redis is unreachable the replica keeps its token, reports the store as
-//!   degraded, and refreshes on its own (local single flight and guard); it rejoins when
-//!   Redis is back.
+//! - A token obtained from Accounts is never thrown away: when Redis fails after the
+//!   call, the replica uses the token alone (one call, one token) and reports the store
+//!   as degraded.
+//! - When Redis is unreachable before any call, the replica keeps its token, reports the
+//!   store as degraded, and refreshes on its own (local single flight and guard), unless
+//!   a usable token arrived meanwhile; it rejoins when Redis is back. A replica that
+//!   cannot get the fleet's lock in time never calls Accounts without it.
 //!
 //! Keys live under `zoho-desk-proxy:<hash>:`, the hash of client id and refresh token, so
 //! one Redis serves several portals. The access token is stored; the refresh token and the
 //! client secret never are.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -28,8 +31,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
-use super::accounts::{AccountsError, Grant};
-use super::cache::{Token, TokenCache, TokenSource};
+use super::cache::TokenCache;
+use super::source::{AccountsError, FetchFuture, Fetched, Grant, Refresh, Token, TokenSource};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 
@@ -136,7 +139,6 @@ impl StoredToken {
             expires_in,
             refresh_token: None,
             api_domain: None,
-            issued_here: false,
         })
     }
 }
@@ -268,6 +270,30 @@ impl SharedStore {
         Ok(())
     }
 
+    /// Stores `token` only when Redis holds none (`SET NX`): never over another
+    /// replica's newer token.
+    async fn offer(&self, token: &Secret<String>, expires_in: Duration) -> Result<(), StoreError> {
+        let stored = StoredToken {
+            access_token: token.expose().clone(),
+            expires_at_ms: unix_ms(SystemTime::now() + expires_in),
+        };
+        let json =
+            serde_json::to_string(&stored).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut conn = self.conn.clone();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(&self.keys.token)
+            .arg(json)
+            .arg("NX")
+            .arg("PX")
+            .arg(expires_in.as_millis().max(1) as u64)
+            .query_async(&mut conn)
+            .await?;
+        if set.is_some() {
+            let _: i64 = conn.publish(&self.keys.channel, "token").await?;
+        }
+        Ok(())
+    }
+
     async fn try_lock(&self) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
         let set: Option<String> = redis::cmd("SET")
@@ -311,30 +337,36 @@ impl SharedStore {
         })
     }
 
-    /// A token to replace `stale`: the stored one when it is newer, else a refresh by
-    /// this replica under the lock, else the one another replica stores meanwhile.
+    /// A token to replace `refresh.stale`: the stored one when it is newer, else a
+    /// refresh by this replica under the lock, else the one another replica stores
+    /// meanwhile. `Err` only when Redis failed before Accounts was called (the caller
+    /// may then refresh alone); after the call, a store failure never loses the token.
     async fn fetch_shared(
         &self,
-        stale: Option<&Token>,
+        refresh: &Refresh<'_>,
         accounts: &dyn TokenSource,
-        stale_arc: Option<Arc<Token>>,
-    ) -> Result<Result<Grant, AccountsError>, StoreError> {
+    ) -> Result<Result<Fetched, AccountsError>, StoreError> {
+        let stale = refresh.stale.as_deref();
         let deadline = tokio::time::Instant::now() + self.lock_ttl + COMMAND_TIMEOUT;
         loop {
             if let Some(grant) = self.newer_than(stale).await? {
-                return Ok(Ok(grant));
+                return Ok(Ok(Fetched::Shared(grant)));
             }
             if self.try_lock().await? {
-                let result = self
-                    .refresh_locked(stale, accounts, stale_arc.clone())
-                    .await;
+                let result = self.refresh_locked(refresh, accounts).await;
                 self.unlock().await;
                 return result;
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(StoreError::Unavailable(
-                    "another replica held the refresh lock past its expiry",
-                ));
+                // Calling Accounts without the lock or the fleet's guard could break the
+                // fleet's limits: the request waits for the next try instead.
+                tracing::warn!(
+                    "token store: another replica held the refresh lock past its expiry; no call made"
+                );
+                return Ok(Err(AccountsError::FleetBusy));
+            }
+            if refresh.arrived() {
+                return Ok(Ok(Fetched::Arrived));
             }
             // Another replica is refreshing: wait for its token.
             let _ = tokio::time::timeout(WAIT_STEP, self.published.notified()).await;
@@ -343,20 +375,27 @@ impl SharedStore {
 
     async fn refresh_locked(
         &self,
-        stale: Option<&Token>,
+        refresh: &Refresh<'_>,
         accounts: &dyn TokenSource,
-        stale_arc: Option<Arc<Token>>,
-    ) -> Result<Result<Grant, AccountsError>, StoreError> {
+    ) -> Result<Result<Fetched, AccountsError>, StoreError> {
         // Another replica may have finished between our look and our lock.
-        if let Some(grant) = self.newer_than(stale).await? {
-            return Ok(Ok(grant));
+        if let Some(grant) = self.newer_than(refresh.stale.as_deref()).await? {
+            return Ok(Ok(Fetched::Shared(grant)));
         }
         if let Err(retry_after) = self.count_refresh().await? {
             return Ok(Err(AccountsError::GuardRefused { retry_after }));
         }
-        let result = accounts.fetch(stale_arc).await;
-        if let Ok(grant) = &result {
-            self.write(&grant.access_token, grant.expires_in).await?;
+        let result = accounts.fetch(refresh).await;
+        if let Ok(Fetched::Issued(grant)) = &result {
+            match self.write(&grant.access_token, grant.expires_in).await {
+                Ok(()) => self.status.ok(),
+                Err(err) => {
+                    // The token is Zoho's now, and counted: keep it, and let the fleet pick
+                    // it up once Redis is back (the follower offers it then).
+                    self.status.failed(&err, &self.metrics);
+                    tracing::warn!(error = %err, "token store: the new token could not be stored; using it alone");
+                }
+            }
         }
         Ok(result)
     }
@@ -369,8 +408,10 @@ impl SharedStore {
             .and_then(StoredToken::grant))
     }
 
-    /// Adopts the stored token when it is newer than the local one; offers the local one
-    /// to the fleet when it is newer than the stored one (after Redis was down).
+    /// Adopts the stored token when it is newer than the local one (the cache refuses it
+    /// if a newer one arrived while Redis answered, or if Desk rejected it); offers the
+    /// local one to the fleet when Redis has none (after Redis was down), unless Desk
+    /// rejected it, and never over a token another replica stored meanwhile.
     async fn sync(&self, cache: &TokenCache) -> Result<(), StoreError> {
         let local = cache.current();
         let stored = self.read().await?;
@@ -389,9 +430,10 @@ impl SharedStore {
             }
             Some(_) => {}
             None => {
-                if let Some(local) = local.filter(|t| t.is_valid_at(std::time::Instant::now())) {
-                    let remaining = local.expires_at - std::time::Instant::now();
-                    self.write(&local.access_token, remaining).await?;
+                let now = tokio::time::Instant::now();
+                if let Some(local) = local.filter(|t| cache.is_usable(t, now)) {
+                    self.offer(&local.access_token, local.expires_at - now)
+                        .await?;
                 }
             }
         }
@@ -455,23 +497,20 @@ pub struct SharedSource<S> {
 }
 
 impl<S: TokenSource> TokenSource for SharedSource<S> {
-    fn fetch(
-        &self,
-        stale: Option<Arc<Token>>,
-    ) -> Pin<Box<dyn Future<Output = Result<Grant, AccountsError>> + Send + '_>> {
+    fn fetch<'a>(&'a self, refresh: &'a Refresh<'a>) -> FetchFuture<'a> {
         Box::pin(async move {
-            match self
-                .store
-                .fetch_shared(stale.as_deref(), &self.accounts, stale.clone())
-                .await
-            {
+            match self.store.fetch_shared(refresh, &self.accounts).await {
                 Ok(result) => {
-                    self.store.status.ok();
+                    if !matches!(result, Ok(Fetched::Issued(_))) {
+                        self.store.status.ok();
+                    }
                     result
                 }
                 Err(err) => {
+                    // Redis failed before any call: refresh alone (the Accounts source
+                    // first checks whether a usable token arrived meanwhile).
                     self.store.status.failed(&err, &self.store.metrics);
-                    self.accounts.fetch(stale).await
+                    self.accounts.fetch(refresh).await
                 }
             }
         })

@@ -272,3 +272,31 @@ pub async fn wait_for_metric(proxy: &TestProxy, line: &str) {
     .await;
     assert!(found.is_ok(), "/_proxy/metrics never showed {line:?}");
 }
+
+/// Starts `run_with_reload` on 127.0.0.1:0; every config sent on the returned channel is
+/// taken as the binary takes one on SIGHUP.
+pub async fn start_proxy_with_reload(
+    mut config: Config,
+) -> (TestProxy, tokio::sync::mpsc::Sender<Config>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    config.listen = addr;
+    let (tx, rx) = oneshot::channel::<()>();
+    let (reload, reloads) = tokio::sync::mpsc::channel(1);
+    let task = tokio::spawn(zoho_desk_proxy::run_with_reload(
+        config,
+        listener,
+        async {
+            let _ = rx.await;
+        },
+        Some(reloads),
+    ));
+    (
+        TestProxy {
+            addr,
+            shutdown: Some(tx),
+            task: Some(task),
+        },
+        reload,
+    )
+}
