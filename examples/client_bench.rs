@@ -32,7 +32,7 @@ trait Client: 'static {
 }
 
 struct HyperUtil(
-    hyper_util::client::legacy::Client<zoho_desk_proxy::client::Connector, Empty<Bytes>>,
+    hyper_util::client::legacy::Client<zoho_desk_proxy::upstream::Connector, Empty<Bytes>>,
 );
 
 impl Client for HyperUtil {
@@ -243,7 +243,7 @@ fn main() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async {
-        let hyper_util: Rc<dyn Client> = Rc::new(HyperUtil(zoho_desk_proxy::client::build(
+        let hyper_util: Rc<dyn Client> = Rc::new(HyperUtil(zoho_desk_proxy::upstream::build(
             Duration::from_secs(10),
             Duration::from_secs(90),
             concurrency,

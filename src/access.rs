@@ -2,16 +2,16 @@
 //! `Sec-Fetch-Site`, methods (and the headers that override them), paths, client IPs.
 //! Every refusal names the rule that fired.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, header};
 use ipnet::IpNet;
 use subtle::ConstantTimeEq;
 
-use crate::config::{AccessConfig, Config, ConfigError};
+use crate::config::AccessConfig;
 use crate::error::ProxyError;
 use crate::headers::PROXY_KEY;
-use crate::paths::{Case, PathRule};
+use crate::paths::PathRule;
 use crate::secret::Secret;
 use crate::target::{self, Target};
 
@@ -47,81 +47,29 @@ pub struct AccessPolicy {
 }
 
 impl AccessPolicy {
-    /// Compiles the rules of a validated config; they were checked by
-    /// [`AccessPolicy::validate`], so a failure here refuses every request.
-    pub fn new(config: &Config) -> Self {
-        Self::compile(&config.access, config.listen).unwrap_or_else(|err| {
-            tracing::error!(error = %err, "access rules could not be compiled; refusing everything");
-            Self::deny_all()
-        })
-    }
-
-    /// Checks the rules of a config, as `serve` does before it starts.
-    pub fn validate(config: &Config) -> Result<(), ConfigError> {
-        Self::compile(&config.access, config.listen).map(|_| ())
-    }
-
-    fn deny_all() -> Self {
-        Self {
-            api_keys: Vec::new(),
-            allow_methods: Some(Vec::new()),
-            allow: HeaderValue::from_static(""),
-            allow_paths: Vec::new(),
-            deny_paths: PathRule::parse("/", Case::Sensitive).into_iter().collect(),
-            allow_hosts: Vec::new(),
-            allow_origins: Vec::new(),
-            allow_cidrs: Vec::new(),
-        }
-    }
-
-    fn compile(access: &AccessConfig, listen: SocketAddr) -> Result<Self, ConfigError> {
-        let rules = |key: &'static str, list: &[String], case: Case| {
-            list.iter()
-                .map(|p| {
-                    PathRule::parse(p, case).map_err(|e| ConfigError::Invalid {
-                        key,
-                        reason: e.to_string(),
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()
-        };
-        let allow_hosts = match &access.allow_hosts {
-            Some(hosts) => hosts.iter().map(|h| normalize_host(h)).collect(),
-            None => default_hosts(listen),
-        };
-        let allow_cidrs = access
-            .allow_cidrs
-            .iter()
-            .map(|c| parse_cidr(c))
-            .collect::<Result<Vec<_>, _>>()?;
+    /// The policy of a validated configuration (its rules are compiled already).
+    pub fn new(access: &AccessConfig, listen: SocketAddr) -> Self {
         let allow = match &access.allow_methods {
             None => HeaderValue::from_static(DEFAULT_ALLOW),
             Some(methods) => {
-                let listed: Vec<&str> = methods
-                    .iter()
-                    .map(Method::as_str)
-                    .filter(|m| !NEVER_FORWARDED.contains(m))
-                    .collect();
-                HeaderValue::from_str(&listed.join(", ")).map_err(|_| ConfigError::Invalid {
-                    key: "access.allow_methods",
-                    reason: "a method name is not a valid token".into(),
-                })?
+                let listed: Vec<&str> = methods.iter().map(Method::as_str).collect();
+                HeaderValue::from_str(&listed.join(", "))
+                    .unwrap_or(HeaderValue::from_static(DEFAULT_ALLOW))
             }
         };
-        Ok(Self {
+        Self {
             api_keys: access.api_keys.clone(),
             allow_methods: access.allow_methods.clone(),
             allow,
-            allow_paths: rules("access.allow_paths", &access.allow_paths, Case::Sensitive)?,
-            deny_paths: rules("access.deny_paths", &access.deny_paths, Case::Insensitive)?,
-            allow_hosts,
-            allow_origins: access
-                .allow_origins
-                .iter()
-                .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
-                .collect(),
-            allow_cidrs,
-        })
+            allow_paths: access.allow_paths.clone(),
+            deny_paths: access.deny_paths.clone(),
+            allow_hosts: access
+                .allow_hosts
+                .clone()
+                .unwrap_or_else(|| default_hosts(listen)),
+            allow_origins: access.allow_origins.clone(),
+            allow_cidrs: access.allow_cidrs.clone(),
+        }
     }
 
     /// Whether clients must present a key.
@@ -160,24 +108,18 @@ impl AccessPolicy {
         self.check_path(target.path())
     }
 
-    /// Rules for `/_proxy/<endpoint>`: health and ready are open to every client that may
-    /// connect; the rest need the key like forwarded requests.
-    pub fn check_admin<B>(
-        &self,
-        req: &Request<B>,
-        peer: SocketAddr,
-        endpoint: &str,
-    ) -> Result<(), ProxyError> {
+    /// Rules for the proxy's own endpoints that reveal something (metrics): the client's
+    /// address, `Host`, `Origin` and key, as for forwarded requests.
+    pub fn check_private<B>(&self, req: &Request<B>, peer: SocketAddr) -> Result<(), ProxyError> {
         self.check_peer(peer)?;
-        if crate::admin::is_public(endpoint) {
-            return Ok(());
-        }
         self.check_host(req)?;
         self.check_origin(req.headers())?;
         self.check_key(req.headers())
     }
 
-    fn check_peer(&self, peer: SocketAddr) -> Result<(), ProxyError> {
+    /// Rules for the proxy's endpoints that reveal nothing (health, ready): only the
+    /// client's address, so that load balancers and probes reach them.
+    pub fn check_peer(&self, peer: SocketAddr) -> Result<(), ProxyError> {
         let ip = peer.ip().to_canonical();
         if self.allow_cidrs.is_empty() || self.allow_cidrs.iter().any(|net| net.contains(&ip)) {
             Ok(())
@@ -345,35 +287,17 @@ fn default_hosts(listen: SocketAddr) -> Vec<String> {
     hosts
 }
 
-/// A configured host name: lower case, port and IPv6 brackets removed, trailing dot
-/// removed.
-fn normalize_host(host: &str) -> String {
-    let host = host.trim();
-    target::host_name(host).unwrap_or(host).to_ascii_lowercase()
-}
-
-fn parse_cidr(text: &str) -> Result<IpNet, ConfigError> {
-    let text = text.trim();
-    text.parse::<IpNet>()
-        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
-        .map_err(|_| ConfigError::Invalid {
-            key: "access.allow_cidrs",
-            reason: format!(
-                "{text:?} is not an address range such as \"10.0.0.0/8\" or \"fd00::/8\""
-            ),
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     fn policy(toml_access: &str) -> AccessPolicy {
         let config = Config::from_toml(&format!(
             "[oauth]\nclient_id = \"i\"\nclient_secret = \"s\"\n[access]\n{toml_access}"
         ))
         .unwrap();
-        AccessPolicy::compile(&config.access, config.listen).unwrap()
+        AccessPolicy::new(&config.access, config.listen)
     }
 
     fn request(method: &str, path: &str, headers: &[(&str, &str)]) -> Request<()> {
@@ -714,23 +638,23 @@ mod tests {
     }
 
     #[test]
-    fn health_is_open_but_metrics_needs_the_key() {
-        let p = policy("api_keys = [\"k\"]");
-        let req = request("GET", "/_proxy/health", &[("host", "10.0.0.5:8080")]);
-        assert!(p.check_admin(&req, peer("127.0.0.1"), "health").is_ok());
+    fn public_endpoints_check_the_address_only_private_ones_the_key_too() {
+        let p = policy("api_keys = [\"k\"]\nallow_cidrs = [\"127.0.0.0/8\"]");
+        assert!(p.check_peer(peer("127.0.0.1")).is_ok());
+        assert_eq!(
+            p.check_peer(peer("10.0.0.1")).unwrap_err().code(),
+            "PROXY_FORBIDDEN"
+        );
         let req = request("GET", "/_proxy/metrics", &[("host", "localhost")]);
         assert_eq!(
-            p.check_admin(&req, peer("127.0.0.1"), "metrics")
-                .unwrap_err()
-                .code(),
+            p.check_private(&req, peer("127.0.0.1")).unwrap_err().code(),
             "PROXY_UNAUTHORIZED"
         );
-    }
-
-    #[test]
-    fn bad_rules_are_config_errors() {
-        let config = Config::from_toml("[oauth]\nclient_id = \"i\"\nclient_secret = \"s\"\n[access]\nallow_cidrs = [\"10.0.0.0/33\"]").unwrap();
-        let err = AccessPolicy::validate(&config).unwrap_err();
-        assert!(err.to_string().contains("access.allow_cidrs"), "{err}");
+        let req = request(
+            "GET",
+            "/_proxy/metrics",
+            &[("host", "localhost"), ("x-proxy-key", "k")],
+        );
+        assert!(p.check_private(&req, peer("127.0.0.1")).is_ok());
     }
 }

@@ -1,19 +1,74 @@
-//! The proxy's own endpoints under `/_proxy/` (SPEC §4); never forwarded.
+//! The proxy's own endpoints under `/_proxy/` (README "Operations"); never forwarded.
+//! They see the proxy through a narrow [`Status`] view, and say which of them reveal
+//! nothing ([`Endpoint::is_public`]); the router applies the access rules.
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 
 use crate::body::ResponseBody;
+use crate::budget::ByteBudget;
 use crate::error::ProxyError;
-use crate::proxy::Proxy;
-use crate::token::cache::Readiness;
+use crate::metrics::Metrics;
+use crate::observe::Lifecycle;
+use crate::token::Readiness;
+use crate::token::TokenCache;
+use crate::token::shared::StoreStatus;
 
 /// The reserved prefix.
 pub const PREFIX: &str = "/_proxy/";
 
-/// Endpoints that reveal nothing and stay open to every client that may connect.
-pub fn is_public(endpoint: &str) -> bool {
-    matches!(endpoint, "health" | "ready")
+/// What the endpoints report from: the proxy's state, read-only.
+pub struct Status<'a> {
+    /// Draining after SIGTERM?
+    pub lifecycle: &'a Lifecycle,
+    /// The token.
+    pub tokens: &'a TokenCache,
+    /// The series.
+    pub metrics: &'a Metrics,
+    /// Request-body bytes held for 401 retries.
+    pub buffered: &'a ByteBudget,
+    /// The shared token store's health, when there is one.
+    pub store: Option<&'a StoreStatus>,
+}
+
+/// One of the proxy's endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `GET /_proxy/health`.
+    Health,
+    /// `GET /_proxy/ready`.
+    Ready,
+    /// `GET /_proxy/metrics`.
+    Metrics,
+}
+
+impl Endpoint {
+    /// The endpoint `/_proxy/<name>` names, or a 404 that lists them.
+    pub fn parse(name: &str) -> Result<Self, ProxyError> {
+        match name {
+            "health" => Ok(Self::Health),
+            "ready" => Ok(Self::Ready),
+            "metrics" => Ok(Self::Metrics),
+            _ => Err(ProxyError::NotFound(format!(
+                "{PREFIX}{name} is not an endpoint of the proxy (there are {PREFIX}health, {PREFIX}ready and {PREFIX}metrics)"
+            ))),
+        }
+    }
+
+    /// Its name under `/_proxy/`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Health => "health",
+            Self::Ready => "ready",
+            Self::Metrics => "metrics",
+        }
+    }
+
+    /// Whether it reveals nothing, and so stays open to every client that may connect
+    /// (load balancers and probes carry no key).
+    pub fn is_public(self) -> bool {
+        matches!(self, Self::Health | Self::Ready)
+    }
 }
 
 /// Whether a request's path (as sent, before it is made canonical) names one of the
@@ -22,38 +77,33 @@ pub fn is_local(raw_path: &str) -> bool {
     raw_path.starts_with(PREFIX)
 }
 
-/// Answers `GET /_proxy/<endpoint>`.
+/// Answers `GET` or `HEAD` of an endpoint.
 pub fn answer<B>(
-    proxy: &Proxy,
+    status: &Status<'_>,
+    endpoint: Endpoint,
     req: &Request<B>,
-    endpoint: &str,
 ) -> Result<Response<ResponseBody>, ProxyError> {
-    if !matches!(endpoint, "health" | "ready" | "metrics") {
-        return Err(ProxyError::NotFound(format!(
-            "{PREFIX}{endpoint} is not an endpoint of the proxy (there are {PREFIX}health, {PREFIX}ready and {PREFIX}metrics)"
-        )));
-    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Err(ProxyError::MethodNotAllowed {
-            message: format!("{PREFIX}{endpoint} answers GET and HEAD only"),
+            message: format!("{PREFIX}{} answers GET and HEAD only", endpoint.name()),
             allow: HeaderValue::from_static("GET, HEAD"),
         });
     }
     Ok(match endpoint {
-        "health" => json(StatusCode::OK, serde_json::json!({ "status": "ok" })),
-        "ready" => ready(proxy),
-        _ => metrics(proxy),
+        Endpoint::Health => json(StatusCode::OK, serde_json::json!({ "status": "ok" })),
+        Endpoint::Ready => ready(status),
+        Endpoint::Metrics => metrics(status, req),
     })
 }
 
-fn ready(proxy: &Proxy) -> Response<ResponseBody> {
-    if proxy.lifecycle.is_draining() {
+fn ready(status: &Status<'_>) -> Response<ResponseBody> {
+    if status.lifecycle.is_draining() {
         return json(
             StatusCode::SERVICE_UNAVAILABLE,
             serde_json::json!({ "status": "not_ready", "reason": "shutting down" }),
         );
     }
-    let (status, mut body) = match proxy.tokens.readiness() {
+    let (code, mut body) = match status.tokens.readiness() {
         Readiness::Ready(remaining) => (
             StatusCode::OK,
             serde_json::json!({ "status": "ready", "token_expires_in_secs": remaining.as_secs() }),
@@ -64,7 +114,7 @@ fn ready(proxy: &Proxy) -> Response<ResponseBody> {
         ),
     };
     // A degraded store does not stop the proxy serving: it says so and stays ready.
-    if let Some(store) = &proxy.store {
+    if let Some(store) = status.store {
         body["token_store"] = match store.degraded() {
             None => "ok".into(),
             Some(error) => {
@@ -73,22 +123,30 @@ fn ready(proxy: &Proxy) -> Response<ResponseBody> {
             }
         };
     }
-    json(status, body)
+    json(code, body)
 }
 
-fn metrics(proxy: &Proxy) -> Response<ResponseBody> {
+/// Classic Prometheus text, or OpenMetrics when the scraper asks for it.
+fn metrics<B>(status: &Status<'_>, req: &Request<B>) -> Response<ResponseBody> {
     let now = tokio::time::Instant::now();
-    let expires_in = proxy
+    let expires_in = status
         .tokens
         .current()
-        .filter(|t| t.is_valid_at(now))
+        .filter(|t| status.tokens.is_usable(t, now))
         .map(|t| t.expires_at - now);
-    let text = proxy.metrics.encode(expires_in, proxy.buffered.held());
+    let openmetrics = req.headers().get_all(header::ACCEPT).iter().any(|v| {
+        String::from_utf8_lossy(v.as_bytes())
+            .to_ascii_lowercase()
+            .contains("application/openmetrics-text")
+    });
+    let (text, content_type) =
+        status
+            .metrics
+            .encode(expires_in, status.buffered.held(), openmetrics);
     let mut response = Response::new(ResponseBody::full(text));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-    );
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
 

@@ -1,4 +1,4 @@
-//! The command line of SPEC §2.
+//! The command line (README "Command line").
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

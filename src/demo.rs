@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use crate::app::{RunError, run};
 use crate::config::Config;
 use crate::fake_zoho::{FakeOptions, FakeZoho};
-use crate::{RunError, run};
 
 /// Token lifetime in the demo: the proxy refreshes at half-life, every 30 s.
 pub const DEMO_TOKEN_LIFETIME: Duration = Duration::from_secs(60);

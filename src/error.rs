@@ -6,7 +6,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
 /// A failure of the proxy, as a client sees it: a status and a Zoho-shaped JSON body
-/// `{"errorCode":"PROXY_…","message":"…"}` (SPEC §5).
+/// `{"errorCode":"PROXY_…","message":"…"}` (README "How requests are forwarded").
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProxyError {
     /// No valid token, and Accounts is unreachable, failing, throttling, or the refresh

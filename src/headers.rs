@@ -1,9 +1,9 @@
-//! Header rules of SPEC §5: what is removed, replaced and added on the way to Desk and
+//! Header rules (README "How requests are forwarded"): what is removed, replaced and added on the way to Desk and
 //! on the way back.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-/// The proxy's own client-key header (SPEC §7).
+/// The proxy's own client-key header (README "Security model").
 pub static PROXY_KEY: HeaderName = HeaderName::from_static("x-proxy-key");
 /// Zoho Desk's organisation header.
 pub static ORG_ID: HeaderName = HeaderName::from_static("orgid");

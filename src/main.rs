@@ -43,19 +43,18 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Some(Command::Check(args)) => {
-                let config = match Config::load(args.config.as_deref()) {
+                // The same validation as `serve`, so that `check` never passes a
+                // configuration `serve` refuses.
+                let config = match Config::load(args.config.as_deref())
+                    .and_then(zoho_desk_proxy::ready_config)
+                {
                     Ok(config) => config,
                     Err(err) => {
-                        println!("[FAIL] configuration: {err}");
+                        println!("[FAIL] configuration:\n{err}");
                         return Err(err.into());
                     }
                 };
-                let config = zoho_desk_proxy::with_stored_refresh_token(config);
-                let origin = args.config.as_ref().map_or_else(
-                    || "defaults, ./proxy.toml if present, and environment".to_owned(),
-                    |p| p.display().to_string(),
-                );
-                let (report, ok) = zoho_desk_proxy::ops::check(&config, &origin).await;
+                let (report, ok) = zoho_desk_proxy::ops::check(&config).await;
                 print!("{report}");
                 if ok {
                     Ok(())
@@ -74,7 +73,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// 2 for configuration and usage errors, 1 for everything else (SPEC §2).
+/// 2 for configuration and usage errors, 1 for everything else (README "Command line").
 fn exit_code(err: &anyhow::Error) -> u8 {
     let is_config = err.chain().any(|cause| {
         cause.is::<ConfigError>()
@@ -93,6 +92,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
+    // Every problem is reported before anything binds.
+    let config = zoho_desk_proxy::ready_config(config)?;
     init_logging(config.log_format);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -114,10 +115,9 @@ fn reload_on_sighup(
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
             while hangup.recv().await.is_some() {
-                match Config::load(path.as_deref()) {
+                match Config::load(path.as_deref()).and_then(zoho_desk_proxy::ready_config) {
                     Ok(config) => {
                         tracing::info!("SIGHUP: configuration re-read");
-                        let config = zoho_desk_proxy::with_stored_refresh_token(config);
                         if tx.send(config).await.is_err() {
                             return;
                         }

@@ -1,4 +1,4 @@
-//! The `/_proxy/metrics` registry (Prometheus text format, SPEC §8).
+//! The `/_proxy/metrics` registry (Prometheus text format, README "Operations").
 //!
 //! Counters on the request path are created once at start and bumped as plain atomics:
 //! no label lookup and no lock per request (the duration histogram's own short mutex
@@ -247,9 +247,15 @@ impl Metrics {
         &self.in_flight
     }
 
-    /// The text exposition, with the token expiry and the request-body bytes held as of
-    /// now.
-    pub fn encode(&self, token_expires_in: Option<Duration>, buffered_bytes: u64) -> String {
+    /// The exposition, with the token expiry and the request-body bytes held as of now:
+    /// OpenMetrics when `openmetrics`, else the classic Prometheus text format. Series
+    /// within a family come in a stable order. Returns the text and its content type.
+    pub fn encode(
+        &self,
+        token_expires_in: Option<Duration>,
+        buffered_bytes: u64,
+        openmetrics: bool,
+    ) -> (String, &'static str) {
         self.token_expiry
             .set(token_expires_in.map_or(0.0, |d| d.as_secs_f64()));
         self.buffered_bytes
@@ -259,8 +265,83 @@ impl Metrics {
             text.clear();
             let _ = writeln!(text, "# metrics could not be encoded");
         }
-        text
+        let text = sorted(&text);
+        if openmetrics {
+            (text, OPENMETRICS)
+        } else {
+            (classic(&text), CLASSIC)
+        }
     }
+}
+
+/// OpenMetrics' content type.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The classic Prometheus text format's.
+const CLASSIC: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The exposition with the samples of each counter or gauge family sorted (a family's
+/// labelled series come out of a hash map).
+fn sorted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut samples: Vec<&str> = Vec::new();
+    let mut sortable = false;
+    let flush = |out: &mut String, samples: &mut Vec<&str>, sortable: bool| {
+        if sortable {
+            samples.sort_unstable();
+        }
+        for line in samples.drain(..) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    };
+    for line in text.lines() {
+        if line.starts_with('#') {
+            flush(&mut out, &mut samples, sortable);
+            if line.starts_with("# TYPE ") {
+                sortable = line.ends_with(" counter") || line.ends_with(" gauge");
+            }
+            out.push_str(line);
+            out.push('\n');
+        } else {
+            samples.push(line);
+        }
+    }
+    flush(&mut out, &mut samples, sortable);
+    out
+}
+
+/// OpenMetrics text turned into the classic Prometheus text format: no `# UNIT` and no
+/// `# EOF` lines, and a counter's family named as its samples (`…_total`).
+fn classic(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut counters: Vec<String> = Vec::new();
+    for line in openmetrics.lines() {
+        if let Some(family) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|rest| rest.strip_suffix(" counter"))
+        {
+            counters.push(family.to_owned());
+        }
+    }
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (family, tail) = rest.split_once(' ')?;
+            counters
+                .iter()
+                .any(|c| c == family)
+                .then(|| format!("{prefix}{family}_total {tail}"))
+        });
+        match renamed {
+            Some(line) => out.push_str(&line),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -281,7 +362,8 @@ mod tests {
         m.record_retry();
         m.record_limit(Limit::BodyRead);
         m.record_request(&Method::GET, 499, Duration::from_millis(3));
-        let text = m.encode(Some(Duration::from_secs(42)), 800);
+        let (text, content_type) = m.encode(Some(Duration::from_secs(42)), 800, true);
+        assert!(content_type.starts_with("application/openmetrics-text"));
         for line in [
             "zoho_proxy_requests_total{method=\"GET\",status_class=\"2xx\"} 1",
             "zoho_proxy_requests_total{method=\"OTHER\",status_class=\"5xx\"} 1",
@@ -298,5 +380,43 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn the_classic_format_is_what_prometheus_scrapes_by_default() {
+        let m = Metrics::new();
+        m.record_request(&Method::GET, 200, Duration::from_millis(3));
+        let (text, content_type) = m.encode(None, 0, false);
+        assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE zoho_proxy_requests_total counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE zoho_proxy_token_expiry_seconds gauge"),
+            "{text}"
+        );
+        assert!(text.contains("zoho_proxy_request_duration_seconds_bucket{le=\"0.005\"} 1"));
+    }
+
+    #[test]
+    fn series_come_in_a_stable_order() {
+        let a = Metrics::new().encode(None, 0, false).0;
+        for _ in 0..5 {
+            assert_eq!(Metrics::new().encode(None, 0, false).0, a);
+        }
+        let requests: Vec<&str> = a
+            .lines()
+            .filter(|l| l.starts_with("zoho_proxy_requests_total{"))
+            .collect();
+        let mut sorted = requests.clone();
+        sorted.sort_unstable();
+        assert_eq!(requests, sorted);
+        assert_eq!(requests.len(), 40);
     }
 }

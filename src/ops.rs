@@ -29,10 +29,10 @@ pub enum OpsError {
 /// token file. Returns what to print.
 pub async fn exchange(config: &Config, code: &str) -> Result<String, OpsError> {
     let Some(path) = &config.token_file else {
-        return Err(ConfigError::Invalid {
-            key: "token_file",
-            reason: "is disabled (\"\"), so there is nowhere to store the refresh token: set token_file to a path".into(),
-        }
+        return Err(ConfigError::invalid(
+            "token_file",
+            "is disabled (\"\"), so there is nowhere to store the refresh token: set token_file to a path",
+        )
         .into());
     };
     let code = Secret::new(code.trim().to_owned());
@@ -90,7 +90,7 @@ impl Report {
 /// Validates the config, obtains one access token, calls `GET /api/v1/organizations`,
 /// and reports each step with the fix for what failed. Returns the report and whether
 /// everything worked.
-pub async fn check(config: &Config, origin: &str) -> (String, bool) {
+pub async fn check(config: &Config) -> (String, bool) {
     let mut report = Report {
         text: String::new(),
         ok: true,
@@ -99,8 +99,8 @@ pub async fn check(config: &Config, origin: &str) -> (String, bool) {
         true,
         "configuration",
         format!(
-            "{origin}; Accounts {}, Desk {}",
-            config.accounts_url, config.upstream
+            "{}; Accounts {}, Desk {}",
+            config.source, config.accounts_url, config.upstream
         ),
     );
     let Some(refresh_token) = &config.oauth.refresh_token else {
@@ -121,8 +121,13 @@ pub async fn check(config: &Config, origin: &str) -> (String, bool) {
                 true,
                 "token refresh",
                 format!(
-                    "access token obtained, valid for {} s",
-                    grant.expires_in.as_secs()
+                    "access token obtained, valid for {} s{}",
+                    grant.expires_in.as_secs(),
+                    grant
+                        .api_domain
+                        .as_deref()
+                        .map(|d| format!(" (Zoho's API domain for this account: {d})"))
+                        .unwrap_or_default()
                 ),
             );
             grant.access_token

@@ -14,6 +14,7 @@ use hyper_util::client::legacy::Client;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::access::AccessPolicy;
+use crate::admin;
 use crate::body::{BodyError, BodyOutcome, RequestBody, ResponseBody, StreamReason, UpstreamBody};
 use crate::budget::{ByteBudget, Limit, MAX_HEADERS};
 use crate::client::{Connector, describe_client_error};
@@ -60,7 +61,7 @@ pub struct Proxy {
 impl Proxy {
     /// Builds the proxy around its token cache.
     pub fn new(config: Config, tokens: Arc<TokenCache>, metrics: Arc<Metrics>) -> Self {
-        let access = AccessPolicy::new(&config);
+        let access = AccessPolicy::new(&config.access, config.listen);
         let buffered = ByteBudget::new(config.buffered_body_bytes);
         Self {
             config,
@@ -78,6 +79,17 @@ impl Proxy {
     pub fn with_store_status(mut self, store: Option<Arc<StoreStatus>>) -> Self {
         self.store = store;
         self
+    }
+
+    /// What the proxy's own endpoints report from.
+    fn status(&self) -> admin::Status<'_> {
+        admin::Status {
+            lifecycle: &self.lifecycle,
+            tokens: &self.tokens,
+            metrics: &self.metrics,
+            buffered: &self.buffered,
+            store: self.store.as_deref(),
+        }
     }
 
     /// The lifecycle shared with the server (draining, in flight).
@@ -168,9 +180,14 @@ impl Proxy {
         }
         target::check_host_syntax(req.uri(), req.headers())?;
         let target = target::resolve(req.uri(), req.version(), &self.config.upstream)?;
-        if let Some(endpoint) = target.path().strip_prefix(crate::admin::PREFIX) {
-            self.access.check_admin(&req, peer, endpoint)?;
-            return crate::admin::answer(self, &req, endpoint);
+        if let Some(name) = target.path().strip_prefix(admin::PREFIX) {
+            let endpoint = admin::Endpoint::parse(name)?;
+            if endpoint.is_public() {
+                self.access.check_peer(peer)?;
+            } else {
+                self.access.check_private(&req, peer)?;
+            }
+            return admin::answer(&self.status(), endpoint, &req);
         }
         self.access.check(&req, peer, &target)?;
         self.forward(upstream, req, &target, log).await

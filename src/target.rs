@@ -8,9 +8,9 @@ use std::net::Ipv6Addr;
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Uri, Version, header};
 
-use crate::config::BaseUrl;
 use crate::error::ProxyError;
 use crate::paths::{self, PathError};
+use crate::url::BaseUrl;
 
 /// A request that may be forwarded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,7 +178,7 @@ mod tests {
     use super::*;
 
     fn upstream() -> BaseUrl {
-        BaseUrl::parse("upstream", "https://desk.zoho.com").unwrap()
+        BaseUrl::parse("https://desk.zoho.com").unwrap()
     }
 
     fn resolve_str(target: &str, version: Version) -> Result<Target, ProxyError> {

@@ -25,8 +25,8 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
+use zoho_desk_proxy::Secret;
 use zoho_desk_proxy::fake_zoho::{FakeOptions, FakeZoho};
-use zoho_desk_proxy::secret::Secret;
 
 /// Longest the proxy may take to answer or close before the test calls it a hang.
 const LIMIT: Duration = Duration::from_secs(5);

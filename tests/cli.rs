@@ -1,5 +1,5 @@
 //! The built binary: exit codes, `exchange`, `check`, the token file across restarts,
-//! and SIGTERM draining (SPEC §2, §6, §9).
+//! and SIGTERM draining (README "Command line", "Tokens", "Operations").
 
 mod support;
 

@@ -1,4 +1,4 @@
-//! Forwarding (SPEC §5): what reaches Desk, what comes back, and what never leaves.
+//! Forwarding (README "How requests are forwarded"): what reaches Desk, what comes back, and what never leaves.
 
 mod support;
 
@@ -230,8 +230,7 @@ async fn unreachable_desk_is_502() {
         .unwrap()
         .local_addr()
         .unwrap();
-    config.upstream =
-        zoho_desk_proxy::config::BaseUrl::parse("upstream", &format!("http://{closed}")).unwrap();
+    config.upstream = zoho_desk_proxy::BaseUrl::parse(&format!("http://{closed}")).unwrap();
     let proxy = start_proxy(config).await;
     let response = fetch(proxy.url("/api/v1/tickets")).await;
     assert_proxy_error(response, 502, "PROXY_UPSTREAM_UNREACHABLE").await;

@@ -22,7 +22,7 @@ const GIB: u64 = 1024 * MIB;
 /// Sent with a `Content-Length`, well over `limits.replay_body_bytes` (1 MiB by default),
 /// so it takes the sized, non-replayable streaming path.
 const SIZED_UPLOAD: u64 = 256 * MIB;
-/// The bound SPEC §5 is held to here.
+/// The bound held here (README "How requests are forwarded": flat memory).
 const MAX_PEAK_RSS: u64 = 64 * MIB;
 /// Size of each generated upload chunk.
 const CHUNK: usize = 64 * 1024;

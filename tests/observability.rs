@@ -1,4 +1,4 @@
-//! What an operator sees (SPEC §8): metrics after traffic, request ids, JSON log lines —
+//! What an operator sees (README "Operations"): metrics after traffic, request ids, JSON log lines —
 //! and never a secret, token or query string in the output of a full session.
 
 mod support;
@@ -17,21 +17,40 @@ async fn metrics_expose_the_series_after_traffic() {
     assert_eq!(status(s.url("/api/v1/tickets")).await, 200);
     assert_eq!(status(s.url("/api/v1/nothing")).await, 404);
     let c = client();
-    let response = c.get(s.url("/_proxy/metrics")).send().await.unwrap();
+    // OpenMetrics for a scraper that asks for it…
+    let response = c
+        .get(s.url("/_proxy/metrics"))
+        .header(
+            "Accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        )
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     assert!(
         response.headers()["content-type"]
             .to_str()
             .unwrap()
-            .contains("openmetrics-text")
+            .starts_with("application/openmetrics-text")
+    );
+    assert!(response.text().await.unwrap().ends_with("# EOF\n"));
+    // …and the classic text format for any other.
+    let response = c.get(s.url("/_proxy/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
     );
     let text = response.text().await.unwrap();
+    assert!(!text.contains("# EOF"), "{text}");
     for line in [
-        "zoho_proxy_requests_total{method=\"GET\",status_class=\"2xx\"} 2",
+        // Two forwarded, and the first scrape.
+        "zoho_proxy_requests_total{method=\"GET\",status_class=\"2xx\"} 3",
         "zoho_proxy_requests_total{method=\"GET\",status_class=\"4xx\"} 1",
         "zoho_proxy_token_refreshes_total{result=\"ok\"} 2",
         "zoho_proxy_retries_after_401_total 1",
-        "zoho_proxy_request_duration_seconds_count 3",
+        "zoho_proxy_request_duration_seconds_count 4",
         "zoho_proxy_upstream_errors_total{kind=\"unreachable\"} 0",
         // The scrape itself is in flight.
         "zoho_proxy_in_flight_requests 1",

@@ -1,4 +1,4 @@
-//! The shared token store on a real Redis (SPEC §10): several proxies, one Accounts.
+//! The shared token store on a real Redis (README "Running several proxies"): several proxies, one Accounts.
 //! Run with `cargo test --features redis-tests`; needs `redis-server` on PATH (.ci/run
 //! installs it). Each test starts its own redis-server on a free loopback port.
 #![cfg(feature = "redis-tests")]

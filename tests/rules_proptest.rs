@@ -13,23 +13,20 @@ use std::net::SocketAddr;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Uri, Version};
 use proptest::prelude::*;
 use proptest::sample::select;
-use zoho_desk_proxy::access::AccessPolicy;
-use zoho_desk_proxy::config::{BaseUrl, Config};
-use zoho_desk_proxy::error::ProxyError;
-use zoho_desk_proxy::headers::prepare_request;
-use zoho_desk_proxy::paths::canonicalize;
-use zoho_desk_proxy::target::{check_path, resolve};
+use zoho_desk_proxy::config::Config;
+use zoho_desk_proxy::rules::{AccessPolicy, canonicalize, check_path, prepare_request, resolve};
+use zoho_desk_proxy::{BaseUrl, ProxyError};
 
 const UPSTREAM: &str = "https://desk.zoho.com";
 
 fn upstream() -> BaseUrl {
-    BaseUrl::parse("upstream", UPSTREAM).expect("upstream")
+    BaseUrl::parse(UPSTREAM).expect("upstream")
 }
 
 fn resolve_target(
     target: &str,
     version: Version,
-) -> Result<zoho_desk_proxy::target::Target, ProxyError> {
+) -> Result<zoho_desk_proxy::rules::Target, ProxyError> {
     let uri: Uri = target
         .parse()
         .unwrap_or_else(|e| panic!("{target:?} is a valid request target: {e}"));
@@ -354,7 +351,7 @@ proptest! {
     /// path and a numeric port at most.
     #[test]
     fn host_parser_is_total(value in "[ -~]{0,30}") {
-        if let Ok(name) = zoho_desk_proxy::target::host_name(&value) {
+        if let Ok(name) = zoho_desk_proxy::rules::host_name(&value) {
             prop_assert!(!name.contains(['@', '/', ' ', '?', '#']), "{}", name);
         }
     }
@@ -425,7 +422,7 @@ fn deny_policy(rule: &str) -> AccessPolicy {
         "[oauth]\nclient_id = \"i\"\nclient_secret = \"s\"\n[access]\ndeny_paths = [{rule:?}]\n"
     ))
     .expect("config");
-    AccessPolicy::new(&config)
+    AccessPolicy::new(&config.access, config.listen)
 }
 
 /// What the proxy does with a GET of `target`: `Ok(forwarded path)`, or the refusal.
@@ -500,7 +497,7 @@ proptest! {
             "[oauth]\nclient_id = \"i\"\nclient_secret = \"s\"\n[access]\nallow_paths = [{rule:?}]\n"
         ))
         .expect("config");
-        let policy = AccessPolicy::new(&config);
+        let policy = AccessPolicy::new(&config.access, config.listen);
         let mut all = prefix.clone();
         all.extend(below);
         let path = join(&all, false);
@@ -519,7 +516,7 @@ proptest! {
 // ---------------------------------------------------------------------------------------
 // Headers
 
-/// Hop-by-hop headers of SPEC §5.
+/// Hop-by-hop headers (README "How requests are forwarded").
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
@@ -638,7 +635,7 @@ fn nominated(connection_values: &[Vec<u8>]) -> BTreeSet<String> {
         .collect()
 }
 
-/// Checks `prepare_request` on `pairs` against the rules of SPEC §5, written out
+/// Checks `prepare_request` on `pairs` against the header rules (README "How requests are forwarded"), written out
 /// independently of the implementation.
 fn check_prepare_request(
     pairs: &Pairs,

@@ -1,4 +1,4 @@
-//! Tokens (SPEC §6): single flight, generation check, background refresh, Zoho's quirks,
+//! Tokens (README "Tokens"): single flight, generation check, background refresh, Zoho's quirks,
 //! failures, and the refresh guard — seen from outside, through the proxy.
 
 mod support;
@@ -412,7 +412,7 @@ async fn credentials_reloaded_during_a_refresh_are_not_undone_by_its_answer() {
     let zoho = fake.control();
     let good = config_for(&fake, &options);
     let mut wrong = good.clone();
-    wrong.oauth.client_secret = zoho_desk_proxy::secret::Secret::new("wrong-secret".into());
+    wrong.oauth.client_secret = zoho_desk_proxy::Secret::new("wrong-secret".into());
     let (proxy, reload) = start_proxy_with_reload(wrong).await;
     // The wrong secret's call is slow: the operator fixes it while it is in flight.
     zoho.set_accounts_delay(Duration::from_secs(1));

@@ -1,4 +1,4 @@
-//! The upstream side over TLS (SPEC §5): HTTP/2 or HTTP/1.1 as ALPN decides, pooled
+//! The upstream side over TLS (README "How requests are forwarded"): HTTP/2 or HTTP/1.1 as ALPN decides, pooled
 //! kept-alive connections, and certificates verified (`tls.ca_file` adds a root).
 
 mod support;
@@ -15,7 +15,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::*;
 use tokio::net::TcpListener;
-use zoho_desk_proxy::config::{BaseUrl, Config};
+use zoho_desk_proxy::BaseUrl;
+use zoho_desk_proxy::config::Config;
 use zoho_desk_proxy::fake_zoho::{FakeOptions, FakeZoho};
 
 /// What the upstream saw of one request: its version and `Authorization`.
@@ -116,11 +117,7 @@ async fn proxy_to(
     let config = Config::from_toml(&toml).unwrap();
     assert_eq!(
         config.upstream,
-        BaseUrl::parse(
-            "upstream",
-            &format!("https://localhost:{}", upstream.addr.port())
-        )
-        .unwrap()
+        BaseUrl::parse(&format!("https://localhost:{}", upstream.addr.port())).unwrap()
     );
     start_proxy(config).await
 }

@@ -10,8 +10,9 @@ use serde::Deserialize;
 
 use super::source::{AccountsError, FetchFuture, Fetched, Grant, Refresh, TokenSource};
 use crate::client::Connector;
-use crate::config::{BaseUrl, Config};
+use crate::config::Config;
 use crate::secret::Secret;
+use crate::url::BaseUrl;
 
 /// Largest Accounts answer read; real ones are a few hundred bytes.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;

@@ -12,4 +12,4 @@ pub mod store;
 
 pub use accounts::{AccountsClient, RefreshTokenSource};
 pub use cache::{Readiness, RefreshPolicy, TokenCache, TokenError};
-pub use source::{AccountsError, Fetched, Grant, Token, TokenSource};
+pub use source::{Token, TokenSource};

@@ -1,4 +1,4 @@
-//! The shared token store of SPEC §10, on Redis: one access token for a whole fleet of
+//! The shared token store of README "Running several proxies", on Redis: one access token for a whole fleet of
 //! proxies that share a refresh token.
 //!
 //! - Each replica keeps the token in its local [`TokenCache`] (the request path never

@@ -1,4 +1,4 @@
-//! The token file (SPEC §6): the refresh token from `exchange` and the current access
+//! The token file (README "Tokens"): the refresh token from `exchange` and the current access
 //! token with its expiry, written atomically (temp file + rename) with mode 0600.
 
 use std::future::Future;

@@ -1,0 +1,266 @@
+//! The whole proxy assembled (docs/ARCHITECTURE.md "The parts"): a configuration made
+//! ready to serve ([`ready_config`]), then the token cache, the shared store, the token
+//! file, the request path and the server wired together and run until shutdown
+//! ([`run_with_reload`]).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+use crate::server;
+use crate::token::shared::{SharedSource, SharedStore};
+use crate::token::store::{StoredTokens, TokenFile, TokenSaver};
+use crate::token::{AccountsClient, RefreshPolicy, RefreshTokenSource, TokenCache, TokenSource};
+
+/// Why the proxy could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration cannot be used (exit code 2).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A runtime failure (exit code 1).
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A persisted token is reused only when it has at least this long to live.
+const REUSE_MIN_REMAINING: Duration = Duration::from_secs(30);
+
+/// Makes a validated configuration ready to serve, as `serve`, `check` and SIGHUP do
+/// before anything binds: the refresh token of the token file when the configuration has
+/// none, and every condition serving needs — a refresh token, and no listener open to
+/// other machines without a key or a CIDR rule (unless explicitly allowed). Every problem
+/// is reported at once.
+pub fn ready_config(mut config: Config) -> Result<Config, ConfigError> {
+    if config.oauth.refresh_token.is_none() {
+        config.oauth.refresh_token = config
+            .token_file
+            .clone()
+            .map(TokenFile::new)
+            .as_ref()
+            .and_then(load_token_file)
+            .and_then(|stored| stored.refresh_token);
+    }
+    let mut problems = Vec::new();
+    if config.oauth.refresh_token.is_none() {
+        problems.push(ConfigError::invalid(
+            "oauth.refresh_token",
+            "no refresh token: set ZOHO_REFRESH_TOKEN (or oauth.refresh_token), or run `zoho-desk-proxy exchange --code <grant token>` to create one; to try the proxy without credentials, run `zoho-desk-proxy demo`",
+        ));
+    }
+    if config.is_open_remote() && !config.access.allow_unauthenticated_remote {
+        problems.push(ConfigError::invalid(
+            "listen",
+            format!(
+                "{} is reachable from other machines, and anyone who reaches the proxy acts as your Zoho user. Set access.api_keys or access.allow_cidrs (0.0.0.0/0 protects nothing), or, in a private CI network, access.allow_unauthenticated_remote = true",
+                config.listen
+            ),
+        ));
+    }
+    match ConfigError::all(problems) {
+        Some(err) => Err(err),
+        None => Ok(config),
+    }
+}
+
+/// Runs the proxy on `listener` until `shutdown` resolves, then drains, saves the token
+/// file and returns.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    run_with_reload(config, listener, shutdown, None).await
+}
+
+/// [`run`], plus reloads: every config received on `reload` (the binary sends one on
+/// SIGHUP, made ready by [`ready_config`]) replaces the OAuth credentials and ends a
+/// rejection, without a restart.
+pub async fn run_with_reload(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    reload: Option<tokio::sync::mpsc::Receiver<Config>>,
+) -> Result<(), RunError> {
+    let config = ready_config(config)?;
+    let token_file = config.token_file.clone().map(TokenFile::new);
+    let stored = token_file
+        .as_ref()
+        .and_then(load_token_file)
+        .unwrap_or_default();
+    let metrics = Arc::new(Metrics::new());
+    let store = shared_store(&config, &metrics)?;
+    let tokens = token_cache(&config, store.as_ref(), Arc::clone(&metrics))?;
+    reuse_stored_token(&config, &stored, &tokens);
+    if config.is_open_remote() {
+        tracing::warn!(listen = %config.listen, "listening on a non-loopback address without api_keys or allow_cidrs (access.allow_unauthenticated_remote = true): anyone who reaches this address acts as your Zoho user");
+    }
+
+    let (stop_tasks, tasks_stopped) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let mut tasks: Vec<(&str, JoinHandle<()>)> = vec![(
+        "token refresher",
+        tokio::spawn(Arc::clone(&tokens).run_background(stopped(tasks_stopped.clone()))),
+    )];
+    if let Some(file) = token_file {
+        let saver = TokenSaver::new(file, &config.oauth.client_id, stored.refresh_token.clone());
+        tasks.push((
+            "token file",
+            tokio::spawn(saver.run(Arc::clone(&tokens), stopped(tasks_stopped.clone()))),
+        ));
+    }
+    if let Some(store) = &store {
+        tasks.push((
+            "token store follower",
+            tokio::spawn(
+                Arc::clone(store).follow(Arc::clone(&tokens), stopped(tasks_stopped.clone())),
+            ),
+        ));
+    }
+    let reloader = reload
+        .map(|reload| tokio::spawn(apply_reloads(reload, Arc::clone(&tokens), store.clone())));
+    let store_status = store.as_ref().map(|s| s.status());
+    let proxy = Arc::new(Proxy::new(config, tokens, metrics).with_store_status(store_status));
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        upstream = %proxy.config.upstream,
+        accounts = %proxy.config.accounts_url,
+        "zoho-desk-proxy listening"
+    );
+    let served = server::serve(Arc::clone(&proxy), listener, shutdown).await;
+    let _ = stop_tasks.send(true);
+    if let Some(reloader) = reloader {
+        reloader.abort();
+    }
+    for (name, task) in tasks {
+        // A task that panicked is said so, not silently dropped.
+        if let Err(err) = task.await
+            && err.is_panic()
+        {
+            tracing::error!(task = name, "a background task panicked during the run");
+        }
+    }
+    served?;
+    tracing::info!("zoho-desk-proxy stopped");
+    Ok(())
+}
+
+/// Installs the token file's access token when it belongs to these credentials and has
+/// life left, so that a restart costs no Accounts call.
+fn reuse_stored_token(config: &Config, stored: &StoredTokens, tokens: &TokenCache) {
+    if let Some((token, remaining)) =
+        stored.valid_access_token(&config.oauth.client_id, REUSE_MIN_REMAINING)
+        && tokens.install(token, remaining).is_some()
+    {
+        tracing::info!(
+            expires_in_secs = remaining.as_secs(),
+            "reusing the access token of the token file"
+        );
+    }
+}
+
+/// The token source of a config: Zoho Accounts with the refresh token.
+fn token_source(config: &Config) -> Result<RefreshTokenSource, ConfigError> {
+    let refresh_token = config
+        .oauth
+        .refresh_token
+        .clone()
+        .ok_or(ConfigError::Missing {
+            key: "oauth.refresh_token",
+            env: "ZOHO_REFRESH_TOKEN",
+            hint: "",
+        })?;
+    Ok(RefreshTokenSource {
+        client: AccountsClient::from_config(config),
+        refresh_token,
+    })
+}
+
+/// The shared token store of a config (`token_store`), if any.
+fn shared_store(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<Arc<SharedStore>>, ConfigError> {
+    let (Some(url), Some(refresh_token)) = (&config.token_store, &config.oauth.refresh_token)
+    else {
+        return Ok(None);
+    };
+    // The lock outlives the slowest Accounts call, with room for the Redis commands
+    // around it.
+    let lock_ttl = AccountsClient::call_timeout(config) * 2 + Duration::from_secs(1);
+    SharedStore::new(
+        url,
+        &config.oauth.client_id,
+        refresh_token,
+        lock_ttl,
+        config.oauth.max_refreshes_per_10min,
+        Arc::clone(metrics),
+    )
+    .map(Some)
+    .map_err(|e| ConfigError::invalid("token_store", e.to_string()))
+}
+
+/// Where new tokens come from: Accounts, through the shared store when there is one.
+fn source_for(
+    config: &Config,
+    store: Option<&Arc<SharedStore>>,
+) -> Result<Box<dyn TokenSource>, ConfigError> {
+    let accounts = token_source(config)?;
+    Ok(match store {
+        Some(store) => Box::new(SharedSource {
+            store: Arc::clone(store),
+            accounts,
+        }),
+        None => Box::new(accounts),
+    })
+}
+
+/// Builds the token cache of a config.
+fn token_cache(
+    config: &Config,
+    store: Option<&Arc<SharedStore>>,
+    metrics: Arc<Metrics>,
+) -> Result<Arc<TokenCache>, ConfigError> {
+    let policy = RefreshPolicy::new(
+        config.oauth.refresh_margin,
+        config.oauth.max_refreshes_per_10min,
+    );
+    Ok(TokenCache::new(source_for(config, store)?, policy, metrics))
+}
+
+/// Applies reloaded configs to the token source.
+async fn apply_reloads(
+    mut reload: tokio::sync::mpsc::Receiver<Config>,
+    tokens: Arc<TokenCache>,
+    store: Option<Arc<SharedStore>>,
+) {
+    while let Some(config) = reload.recv().await {
+        match ready_config(config).and_then(|config| source_for(&config, store.as_ref())) {
+            Ok(source) => {
+                tokens.replace_source(source);
+                tracing::info!("credentials reloaded; refreshing with them as needed");
+            }
+            Err(err) => tracing::error!(error = %err, "reload ignored"),
+        }
+    }
+}
+
+/// Reads the token file; a missing file is normal, a broken one is logged and ignored
+/// (the proxy refreshes instead).
+fn load_token_file(file: &TokenFile) -> Option<StoredTokens> {
+    match file.load() {
+        Ok(stored) => stored,
+        Err(err) => {
+            tracing::warn!(error = %err, "ignoring the token file; a new access token will be requested");
+            None
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! Configuration: `proxy.toml` and environment variables ([`raw`]), validated in one pass
+//! ([`validate`]) into a [`Config`] whose every field is ready to use ([`model`]), or every
+//! problem at once, each with its key and where it was set ([`error`]).
+
+mod error;
+mod model;
+mod raw;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+use std::path::Path;
+
+pub use error::{ConfigError, Origin};
+pub use model::{
+    AccessConfig, Config, DATA_CENTRES, DEFAULT_LISTEN, DEFAULT_TOKEN_FILE, DESK_METHODS,
+    LogFormat, OAuthConfig, Timeouts,
+};
+pub use raw::RawConfig;
+
+impl Config {
+    /// Loads the configuration as `serve` does: the file (when given, or `./proxy.toml`
+    /// when it exists), then the process environment.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let default = Path::new("proxy.toml");
+        let mut raw = match path {
+            Some(p) => RawConfig::from_file(p)?,
+            None if default.exists() => RawConfig::from_file(default)?,
+            None => RawConfig::default(),
+        };
+        raw.apply_env(|name| std::env::var(name).ok());
+        Self::try_from(raw)
+    }
+
+    /// Parses TOML text alone, without the environment (tests, embedded configs).
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Self::try_from(RawConfig::from_toml(text, "config")?)
+    }
+}

@@ -1,0 +1,170 @@
+//! The validated configuration: every field ready to use, rules compiled.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::{HeaderValue, Method};
+use ipnet::IpNet;
+use rustls::pki_types::CertificateDer;
+
+use crate::paths::PathRule;
+use crate::secret::Secret;
+use crate::url::BaseUrl;
+
+/// The default listen address: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// The default token file, relative to the working directory.
+pub const DEFAULT_TOKEN_FILE: &str = ".zoho-desk-proxy/token.json";
+
+/// The validated configuration of one proxy.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The Desk API base URL.
+    pub upstream: BaseUrl,
+    /// The Zoho Accounts base URL.
+    pub accounts_url: BaseUrl,
+    /// Sent as `orgId` when the client sent none.
+    pub org_id: Option<HeaderValue>,
+    /// Credentials and refresh policy.
+    pub oauth: OAuthConfig,
+    /// The token file; `None` when disabled.
+    pub token_file: Option<PathBuf>,
+    /// The shared token store URL (README "Running several proxies").
+    pub token_store: Option<String>,
+    /// Access rules, compiled (README "Security model").
+    pub access: AccessConfig,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// Largest request body kept for a retry after a 401.
+    pub replay_body_bytes: u64,
+    /// Request-body bytes held for 401 retries across the whole process.
+    pub buffered_body_bytes: u64,
+    /// Most client connections open at once; more are closed at accept.
+    pub max_connections: usize,
+    /// Requests sent to Desk at once (`limits.max_upstream_requests`); more wait.
+    pub max_upstream_requests: usize,
+    /// Serving threads (`limits.workers`); 0 means one per CPU.
+    pub workers: usize,
+    /// Log format; `None` picks by terminal.
+    pub log_format: Option<LogFormat>,
+    /// Certificates trusted besides Mozilla's roots (`tls.ca_file`), for Desk and Accounts.
+    pub extra_roots: Vec<CertificateDer<'static>>,
+    /// Where the configuration came from, in words (`check` prints it).
+    pub source: String,
+}
+
+/// OAuth credentials and the refresh policy.
+#[derive(Debug, Clone)]
+pub struct OAuthConfig {
+    /// The Self Client's client id.
+    pub client_id: String,
+    /// The Self Client's client secret.
+    pub client_secret: Secret<String>,
+    /// The long-lived refresh token; `None` until `exchange` stores one.
+    pub refresh_token: Option<Secret<String>>,
+    /// Refresh this long before expiry (capped at half the token's lifetime).
+    pub refresh_margin: Duration,
+    /// The refresh guard: at most this many Accounts refreshes in any 10 minutes.
+    pub max_refreshes_per_10min: u32,
+}
+
+/// Access rules, compiled (enforced by the request path's access policy).
+#[derive(Debug, Clone, Default)]
+pub struct AccessConfig {
+    /// Keys a client must present; empty means none needed.
+    pub api_keys: Vec<Secret<String>>,
+    /// Methods accepted; `None` means all that Desk has.
+    pub allow_methods: Option<Vec<Method>>,
+    /// Path rules accepted (exact letter case); empty means all.
+    pub allow_paths: Vec<PathRule>,
+    /// Path rules refused (any letter case).
+    pub deny_paths: Vec<PathRule>,
+    /// Accepted `Host` names, lower case; `None` means loopback names plus the listen
+    /// host; `*` accepts any.
+    pub allow_hosts: Option<Vec<String>>,
+    /// Accepted browser `Origin` values, lower case, without a trailing `/`.
+    pub allow_origins: Vec<String>,
+    /// Accepted client IP ranges; empty means all.
+    pub allow_cidrs: Vec<IpNet>,
+    /// Allows a non-loopback listener with no key and no CIDR rule.
+    pub allow_unauthenticated_remote: bool,
+}
+
+/// Timeouts of the upstream side and of the server.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Upstream TCP + TLS connect.
+    pub connect: Duration,
+    /// From sending the request to Desk's response headers.
+    pub response: Duration,
+    /// How long an idle pooled upstream connection is kept.
+    pub idle: Duration,
+    /// How long a client may take to send its request headers; also how long an idle
+    /// connection is kept.
+    pub header_read: Duration,
+    /// The longest silence between two reads of a request body.
+    pub body_read: Duration,
+    /// How long in-flight requests may run after SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable, coloured.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Zoho's data centres and their Accounts and Desk hosts.
+pub const DATA_CENTRES: &[(&str, &str, &str)] = &[
+    ("com", "https://accounts.zoho.com", "https://desk.zoho.com"),
+    ("eu", "https://accounts.zoho.eu", "https://desk.zoho.eu"),
+    ("in", "https://accounts.zoho.in", "https://desk.zoho.in"),
+    (
+        "com.au",
+        "https://accounts.zoho.com.au",
+        "https://desk.zoho.com.au",
+    ),
+    ("jp", "https://accounts.zoho.jp", "https://desk.zoho.jp"),
+    (
+        "ca",
+        "https://accounts.zohocloud.ca",
+        "https://desk.zohocloud.ca",
+    ),
+    ("sa", "https://accounts.zoho.sa", "https://desk.zoho.sa"),
+    (
+        "com.cn",
+        "https://accounts.zoho.com.cn",
+        "https://desk.zoho.com.cn",
+    ),
+];
+
+/// The methods Desk's API has: what `access.allow_methods` may list.
+pub const DESK_METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+
+impl Config {
+    /// How many serving threads to run: `limits.workers`, or one per CPU; never more than
+    /// `limits.max_upstream_requests`, since each thread needs a slot of its own.
+    pub fn worker_threads(&self) -> usize {
+        let threads = match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            n => n,
+        };
+        threads.min(self.max_upstream_requests)
+    }
+
+    /// Whether other machines can reach the listener with neither a key nor a CIDR rule
+    /// in the way (refused unless `access.allow_unauthenticated_remote`). A rule that
+    /// admits every address (`0.0.0.0/0`, `::/0`) protects nothing.
+    pub fn is_open_remote(&self) -> bool {
+        !self.listen.ip().is_loopback()
+            && self.access.api_keys.is_empty()
+            && (self.access.allow_cidrs.is_empty()
+                || self.access.allow_cidrs.iter().any(|c| c.prefix_len() == 0))
+    }
+}

@@ -1,0 +1,206 @@
+//! `proxy.toml` and the environment as the user wrote them: serde structs that refuse
+//! unknown keys, parsed with the key path and position of any error, and the environment
+//! variables that override the file, remembered so that an error names the variable.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::error::{ConfigError, Locator, Origin};
+
+/// `proxy.toml` as written, with the environment applied. Every table refuses unknown keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub(super) listen: Option<String>,
+    pub(super) dc: Option<String>,
+    pub(super) upstream: Option<String>,
+    pub(super) accounts_url: Option<String>,
+    pub(super) org_id: Option<String>,
+    pub(super) token_file: Option<String>,
+    pub(super) token_store: Option<String>,
+    #[serde(default)]
+    pub(super) oauth: RawOAuth,
+    #[serde(default)]
+    pub(super) access: RawAccess,
+    #[serde(default)]
+    pub(super) timeouts: RawTimeouts,
+    #[serde(default)]
+    pub(super) limits: RawLimits,
+    #[serde(default)]
+    pub(super) log: RawLog,
+    #[serde(default)]
+    pub(super) tls: RawTls,
+    /// `ZOHO_PROXY_API_KEYS` as set in the environment, split when validated.
+    #[serde(skip)]
+    pub(super) api_keys_env: Option<String>,
+    /// Where each key was set: the file's positions, and the variables that overrode them.
+    #[serde(skip)]
+    pub(super) origins: Origins,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub(super) ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOAuth {
+    pub(super) client_id: Option<String>,
+    pub(super) client_id_file: Option<PathBuf>,
+    pub(super) client_secret: Option<String>,
+    pub(super) client_secret_file: Option<PathBuf>,
+    pub(super) refresh_token: Option<String>,
+    pub(super) refresh_token_file: Option<PathBuf>,
+    pub(super) refresh_margin_secs: Option<u64>,
+    pub(super) max_refreshes_per_10min: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAccess {
+    pub(super) api_keys: Option<Vec<String>>,
+    pub(super) api_keys_file: Option<PathBuf>,
+    pub(super) allow_methods: Option<Vec<String>>,
+    pub(super) allow_paths: Option<Vec<String>>,
+    pub(super) deny_paths: Option<Vec<String>>,
+    pub(super) allow_hosts: Option<Vec<String>>,
+    pub(super) allow_origins: Option<Vec<String>>,
+    pub(super) allow_cidrs: Option<Vec<String>>,
+    pub(super) allow_unauthenticated_remote: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTimeouts {
+    pub(super) connect_secs: Option<f64>,
+    pub(super) response_secs: Option<f64>,
+    pub(super) idle_secs: Option<f64>,
+    pub(super) header_read_secs: Option<f64>,
+    pub(super) body_read_secs: Option<f64>,
+    pub(super) shutdown_grace_secs: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimits {
+    pub(super) replay_body_bytes: Option<u64>,
+    pub(super) buffered_body_bytes: Option<u64>,
+    pub(super) max_connections: Option<usize>,
+    pub(super) max_upstream_requests: Option<usize>,
+    pub(super) workers: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLog {
+    pub(super) format: Option<String>,
+}
+
+/// Where the keys of a configuration were set.
+#[derive(Debug, Default)]
+pub(super) struct Origins {
+    /// What the file said, and where.
+    file: Option<Locator>,
+    /// Keys the environment overrode, with their variable.
+    env: HashMap<&'static str, &'static str>,
+    /// What the configuration was loaded from, in words.
+    pub(super) source: String,
+}
+
+impl Origins {
+    /// Where `key` was set: its variable, when one overrode it, else its place in the file.
+    pub(super) fn of(&self, key: &str) -> Option<Origin> {
+        if let Some(var) = self.env.get(key) {
+            return Some(Origin::Env(var));
+        }
+        self.file.as_ref().and_then(|f| f.find(key))
+    }
+}
+
+/// The environment variables that override keys of the file.
+pub const ENV_KEYS: &[(&str, &str)] = &[
+    ("ZOHO_PROXY_LISTEN", "listen"),
+    ("ZOHO_DC", "dc"),
+    ("ZOHO_DESK_URL", "upstream"),
+    ("ZOHO_ACCOUNTS_URL", "accounts_url"),
+    ("ZOHO_ORG_ID", "org_id"),
+    ("ZOHO_TOKEN_FILE", "token_file"),
+    ("ZOHO_TOKEN_STORE", "token_store"),
+    ("ZOHO_CLIENT_ID", "oauth.client_id"),
+    ("ZOHO_CLIENT_SECRET", "oauth.client_secret"),
+    ("ZOHO_REFRESH_TOKEN", "oauth.refresh_token"),
+    ("ZOHO_CLIENT_SECRET_FILE", "oauth.client_secret_file"),
+    ("ZOHO_REFRESH_TOKEN_FILE", "oauth.refresh_token_file"),
+    ("ZOHO_PROXY_API_KEYS", "access.api_keys"),
+    ("ZOHO_PROXY_LOG_FORMAT", "log.format"),
+];
+
+impl RawConfig {
+    /// Parses TOML text read from `origin` (a path, or a word for text from elsewhere).
+    /// An error names the key and its line and column: a syntax error, an unknown key,
+    /// or a value of the wrong type.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let locator = Locator::new(origin, text);
+        let deserializer = toml::Deserializer::new(text);
+        let mut raw: RawConfig = serde_path_to_error::deserialize(deserializer).map_err(|err| {
+            let path = err.path().to_string();
+            let inner = err.into_inner();
+            let at = inner.span().map(|span| locator.position(text, span.start));
+            ConfigError::Parse {
+                key: (path != ".").then_some(path),
+                at,
+                message: inner.message().to_owned(),
+            }
+        })?;
+        raw.origins.file = Some(locator);
+        raw.origins.source = origin.to_owned();
+        Ok(raw)
+    }
+
+    /// Reads and parses a file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Applies the environment variables, which override the file.
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) {
+        for (var, key) in ENV_KEYS {
+            let Some(value) = env(var) else {
+                continue;
+            };
+            self.origins.env.insert(key, var);
+            match *key {
+                "listen" => self.listen = Some(value),
+                "dc" => self.dc = Some(value),
+                "upstream" => self.upstream = Some(value),
+                "accounts_url" => self.accounts_url = Some(value),
+                "org_id" => self.org_id = Some(value),
+                "token_file" => self.token_file = Some(value),
+                "token_store" => self.token_store = Some(value),
+                "oauth.client_id" => self.oauth.client_id = Some(value),
+                "oauth.client_secret" => self.oauth.client_secret = Some(value),
+                "oauth.refresh_token" => self.oauth.refresh_token = Some(value),
+                "oauth.client_secret_file" => self.oauth.client_secret_file = Some(value.into()),
+                "oauth.refresh_token_file" => {
+                    self.oauth.refresh_token_file = Some(value.into());
+                }
+                "access.api_keys" => self.api_keys_env = Some(value),
+                "log.format" => self.log.format = Some(value),
+                _ => {}
+            }
+        }
+        if !self.origins.env.is_empty() && !self.origins.source.is_empty() {
+            self.origins.source.push_str(" and the environment");
+        } else if !self.origins.env.is_empty() {
+            self.origins.source = "the environment".into();
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! The configuration's validation: defaults, data centres, the environment, secrets in
+//! files, and every error with its key and where it was set.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+use crate::url::BaseUrl;
+
+const MINIMAL: &str = r#"
+    [oauth]
+    client_id = "1000.ID"
+    client_secret = "secret"
+    refresh_token = "1000.refresh"
+"#;
+
+#[test]
+fn defaults_follow_the_spec() {
+    let c = Config::from_toml(MINIMAL).unwrap();
+    assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(c.upstream.to_string(), "https://desk.zoho.com");
+    assert_eq!(c.accounts_url.to_string(), "https://accounts.zoho.com");
+    assert_eq!(c.oauth.refresh_margin, Duration::from_secs(300));
+    assert_eq!(c.oauth.max_refreshes_per_10min, 5);
+    assert_eq!(c.replay_body_bytes, 1_048_576);
+    assert_eq!(c.buffered_body_bytes, 64 * 1_048_576);
+    assert_eq!(c.timeouts.body_read, Duration::from_secs(30));
+    assert_eq!(c.timeouts.connect, Duration::from_secs(10));
+    assert_eq!(c.timeouts.response, Duration::from_secs(120));
+    assert_eq!(c.timeouts.idle, Duration::from_secs(90));
+    assert_eq!(c.token_file.as_deref(), Some(Path::new(DEFAULT_TOKEN_FILE)));
+}
+
+#[test]
+fn data_centres_pick_their_hosts() {
+    for (dc, accounts, desk) in [
+        ("eu", "https://accounts.zoho.eu", "https://desk.zoho.eu"),
+        (
+            "ca",
+            "https://accounts.zohocloud.ca",
+            "https://desk.zohocloud.ca",
+        ),
+        (
+            "com.au",
+            "https://accounts.zoho.com.au",
+            "https://desk.zoho.com.au",
+        ),
+    ] {
+        let c = Config::from_toml(&format!("dc = \"{dc}\"\n{MINIMAL}")).unwrap();
+        assert_eq!(c.accounts_url.to_string(), accounts);
+        assert_eq!(c.upstream.to_string(), desk);
+    }
+    let err = Config::from_toml(&format!("dc = \"mars\"\n{MINIMAL}")).unwrap_err();
+    assert!(err.to_string().contains("`dc`"), "{err}");
+}
+
+#[test]
+fn unknown_keys_are_named() {
+    let err = Config::from_toml(&format!("lisen = \"x\"\n{MINIMAL}")).unwrap_err();
+    assert!(err.to_string().contains("lisen"), "{err}");
+    let err = Config::from_toml(&format!("{MINIMAL}\nrefresh_margin = 3")).unwrap_err();
+    assert!(err.to_string().contains("refresh_margin"), "{err}");
+}
+
+#[test]
+fn missing_credentials_name_key_and_env() {
+    let err = Config::from_toml("[oauth]\nclient_secret = \"s\"").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "`oauth.client_id` is required: set it in proxy.toml or with the environment variable ZOHO_CLIENT_ID"
+    );
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let mut raw = RawConfig::from_toml(MINIMAL, "t").unwrap();
+    raw.apply_env(|name| match name {
+        "ZOHO_PROXY_LISTEN" => Some("0.0.0.0:9000".into()),
+        "ZOHO_CLIENT_SECRET" => Some("from-env".into()),
+        "ZOHO_PROXY_API_KEYS" => Some("a, b,,c".into()),
+        "ZOHO_TOKEN_FILE" => Some(String::new()),
+        _ => None,
+    });
+    let c = Config::try_from(raw).unwrap();
+    assert_eq!(c.listen.to_string(), "0.0.0.0:9000");
+    assert_eq!(c.oauth.client_secret.expose(), "from-env");
+    assert_eq!(c.access.api_keys.len(), 3);
+    assert_eq!(c.token_file, None);
+}
+
+#[test]
+fn a_blank_api_keys_variable_is_an_error_never_no_keys() {
+    for blank in ["", " ", ",", " , ,, "] {
+        let mut raw = RawConfig::from_toml(
+            &format!("{MINIMAL}\n[access]\napi_keys = [\"from-file\"]\n"),
+            "t",
+        )
+        .unwrap();
+        raw.apply_env(|name| (name == "ZOHO_PROXY_API_KEYS").then(|| blank.to_owned()));
+        let err = Config::try_from(raw).unwrap_err();
+        assert!(
+            err.to_string().contains("ZOHO_PROXY_API_KEYS"),
+            "{blank:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn an_everyone_cidr_protects_nothing() {
+    for (cidrs, open) in [
+        ("[\"0.0.0.0/0\"]", true),
+        ("[\"::/0\"]", true),
+        ("[\"0.0.0.0/0\", \"::/0\"]", true),
+        ("[\"10.0.0.0/8\"]", false),
+        ("[\"10.0.0.0/8\", \"0.0.0.0/0\"]", true),
+        ("[]", true),
+    ] {
+        let c = Config::from_toml(&format!(
+            "listen = \"0.0.0.0:8080\"\n{MINIMAL}\n[access]\nallow_cidrs = {cidrs}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.is_open_remote(), open, "{cidrs}");
+    }
+}
+
+#[test]
+fn secrets_can_come_from_files() {
+    let dir = std::env::temp_dir().join(format!("zdp-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("secret");
+    std::fs::write(&file, "file-secret\n").unwrap();
+    let toml = format!(
+        "[oauth]\nclient_id = \"id\"\nclient_secret_file = \"{}\"\nrefresh_token = \"r\"\n",
+        file.display()
+    );
+    let c = Config::from_toml(&toml).unwrap();
+    assert_eq!(c.oauth.client_secret.expose(), "file-secret");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_example_proxy_toml_is_complete_and_matches_the_defaults() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml");
+    let mut raw = RawConfig::from_file(&path).unwrap();
+    raw.apply_env(|name| match name {
+        "ZOHO_CLIENT_ID" => Some("id".into()),
+        "ZOHO_CLIENT_SECRET" => Some("secret".into()),
+        _ => None,
+    });
+    let example = Config::try_from(raw).unwrap();
+    let defaults = Config::from_toml(MINIMAL).unwrap();
+    assert_eq!(example.listen, defaults.listen);
+    assert_eq!(example.upstream, defaults.upstream);
+    assert_eq!(example.accounts_url, defaults.accounts_url);
+    assert_eq!(example.token_file, defaults.token_file);
+    assert_eq!(example.oauth.refresh_margin, defaults.oauth.refresh_margin);
+    assert_eq!(
+        example.oauth.max_refreshes_per_10min,
+        defaults.oauth.max_refreshes_per_10min
+    );
+    assert_eq!(example.replay_body_bytes, defaults.replay_body_bytes);
+    assert_eq!(example.buffered_body_bytes, defaults.buffered_body_bytes);
+    assert_eq!(example.max_connections, defaults.max_connections);
+    assert_eq!(
+        example.max_upstream_requests,
+        defaults.max_upstream_requests
+    );
+    assert_eq!(example.workers, defaults.workers);
+    assert_eq!(
+        format!("{:?}", example.timeouts),
+        format!("{:?}", defaults.timeouts)
+    );
+    assert!(!example.access.allow_unauthenticated_remote);
+}
+
+#[test]
+fn counts_of_zero_are_refused_by_name() {
+    // MINIMAL ends inside [oauth].
+    for (extra, key) in [
+        (
+            "max_refreshes_per_10min = 0",
+            "oauth.max_refreshes_per_10min",
+        ),
+        ("[limits]\nmax_connections = 0", "limits.max_connections"),
+        (
+            "[limits]\nmax_upstream_requests = 0",
+            "limits.max_upstream_requests",
+        ),
+    ] {
+        let err = Config::from_toml(&format!("{MINIMAL}\n{extra}\n")).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains(key) && text.contains("at least 1"), "{text}");
+    }
+    let c = Config::from_toml(&format!("{MINIMAL}\n[limits]\nworkers = 3\n")).unwrap();
+    assert_eq!(c.worker_threads(), 3);
+    let c = Config::from_toml(&format!(
+        "{MINIMAL}\n[limits]\nworkers = 8\nmax_upstream_requests = 2\n"
+    ))
+    .unwrap();
+    assert_eq!(c.worker_threads(), 2, "each thread has a slot of its own");
+    let c = Config::from_toml(MINIMAL).unwrap();
+    assert!(c.worker_threads() >= 1, "0 means one per CPU");
+}
+
+#[test]
+fn a_bad_ca_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ca.pem");
+    std::fs::write(&path, "not a certificate").unwrap();
+    for file in [path.display().to_string(), "/nonexistent/ca.pem".into()] {
+        let err =
+            Config::from_toml(&format!("{MINIMAL}\n[tls]\nca_file = \"{file}\"")).unwrap_err();
+        assert!(err.to_string().contains("tls.ca_file"), "{err}");
+    }
+}
+
+#[test]
+fn upstream_keeps_its_prefix_and_joins_byte_for_byte() {
+    let base = BaseUrl::parse("http://127.0.0.1:9000/desk/").unwrap();
+    assert_eq!(base.prefix, "/desk");
+    assert_eq!(base.port(), 9000);
+    let uri = base.join("/api/v1/tickets?q=a%2Fb+c%20d").unwrap();
+    assert_eq!(
+        uri.to_string(),
+        "http://127.0.0.1:9000/desk/api/v1/tickets?q=a%2Fb+c%20d"
+    );
+    assert!(BaseUrl::parse("ftp://x").is_err());
+    assert!(BaseUrl::parse("desk.zoho.com").is_err());
+}
+
+#[test]
+fn every_problem_is_reported_at_once_with_its_line_and_column() {
+    let text = "listen = \"nowhere\"\ndc = \"mars\"\n\n[oauth]\nclient_id = \"id\"\nclient_secret = \"s\"\nmax_refreshes_per_10min = 0\n\n[access]\nallow_methods = [\"GETT\", \"GET\"]\nallow_cidrs = [\"10.0.0.0/33\"]\ndeny_paths = [\"api\"]\n";
+    let err = Config::try_from(RawConfig::from_toml(text, "proxy.toml").unwrap()).unwrap_err();
+    let problems: Vec<String> = err.problems().iter().map(|e| e.to_string()).collect();
+    for expected in [
+        "proxy.toml:1:10: `listen`",
+        "proxy.toml:2:6: `dc`",
+        "proxy.toml:7:27: `oauth.max_refreshes_per_10min`",
+        "proxy.toml:10:17: `access.allow_methods`: \"GETT\"",
+        "proxy.toml:11:15: `access.allow_cidrs`",
+        "proxy.toml:12:14: `access.deny_paths`",
+    ] {
+        assert!(
+            problems.iter().any(|p| p.starts_with(expected)),
+            "{expected} missing in {problems:#?}"
+        );
+    }
+    assert_eq!(problems.len(), 6, "{problems:#?}");
+}
+
+#[test]
+fn a_value_of_the_wrong_type_names_its_key_and_place() {
+    let text =
+        "[oauth]\nclient_id = \"id\"\nclient_secret = \"s\"\n[timeouts]\nconnect_secs = \"10\"\n";
+    let err = RawConfig::from_toml(text, "proxy.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("proxy.toml:5:16: `timeouts.connect_secs`"),
+        "{err}"
+    );
+    assert!(err.contains("string"), "{err}");
+}
+
+#[test]
+fn a_syntax_error_has_its_line_and_column() {
+    let err = RawConfig::from_toml("listen = \"x\"\n[oauth\nclient_id = 1\n", "proxy.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("proxy.toml:2:"), "{err}");
+}
+
+#[test]
+fn an_error_from_the_environment_names_the_variable() {
+    let mut raw = RawConfig::from_toml(MINIMAL, "proxy.toml").unwrap();
+    raw.apply_env(|name| (name == "ZOHO_DC").then(|| "mars".to_owned()));
+    let err = Config::try_from(raw).unwrap_err().to_string();
+    assert!(
+        err.starts_with("environment variable ZOHO_DC: `dc`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn no_credentials_at_all_suggests_the_demo() {
+    let err = Config::from_toml("").unwrap_err();
+    let text = err.to_string();
+    assert_eq!(err.problems().len(), 2, "{text}");
+    assert!(
+        text.contains("oauth.client_id") && text.contains("oauth.client_secret"),
+        "{text}"
+    );
+    assert!(text.contains("zoho-desk-proxy demo"), "{text}");
+}
+
+#[test]
+fn methods_the_proxy_never_forwards_cannot_be_allowed() {
+    for method in ["TRACE", "CONNECT", "GETT", "get "] {
+        let result = Config::from_toml(&format!(
+            "{MINIMAL}\n[access]\nallow_methods = [\"{method}\"]\n"
+        ));
+        match method.trim() {
+            "get" => assert!(result.is_ok()),
+            _ => assert!(
+                result
+                    .unwrap_err()
+                    .to_string()
+                    .contains("access.allow_methods"),
+                "{method}"
+            ),
+        }
+    }
+}
+
+#[test]
+fn rules_are_compiled_when_the_config_is_validated() {
+    let c = Config::from_toml(&format!(
+        "{MINIMAL}\n[access]\ndeny_paths = [\"/api/v1/%61gents\"]\nallow_hosts = [\"Zoho-Proxy:8080\", \"*\"]\nallow_cidrs = [\"10.1.2.3\"]\n"
+    ))
+    .unwrap();
+    assert!(c.access.deny_paths[0].covers("/API/v1/agents/5"));
+    assert_eq!(
+        c.access.allow_hosts.as_deref(),
+        Some(&["zoho-proxy".to_owned(), "*".to_owned()][..])
+    );
+    assert_eq!(c.access.allow_cidrs[0].to_string(), "10.1.2.3/32");
+}

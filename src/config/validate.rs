@@ -1,0 +1,482 @@
+//! From what the user wrote to a [`Config`]: one pass over every key that reports every
+//! problem at once, each with its key, where it was set and the fix; rules are compiled
+//! here, so that what passes is ready to use.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderValue, Method};
+use ipnet::IpNet;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+use super::error::ConfigError;
+use super::model::{
+    AccessConfig, Config, DATA_CENTRES, DEFAULT_LISTEN, DEFAULT_TOKEN_FILE, DESK_METHODS,
+    LogFormat, OAuthConfig, Timeouts,
+};
+use super::raw::{Origins, RawAccess, RawConfig};
+use crate::paths::{Case, PathRule};
+use crate::secret::Secret;
+use crate::url::BaseUrl;
+
+/// What a missing credential adds when none is set at all.
+const TRY_THE_DEMO: &str = "; no Zoho credentials are set at all: to try the proxy without any, run `zoho-desk-proxy demo`";
+
+/// The problems found so far, each with where its key was set.
+struct Problems<'a> {
+    origins: &'a Origins,
+    found: Vec<ConfigError>,
+}
+
+impl Problems<'_> {
+    fn invalid(&mut self, key: &'static str, reason: impl Into<String>) {
+        self.found.push(ConfigError::Invalid {
+            key,
+            at: self.origins.of(key),
+            reason: reason.into(),
+        });
+    }
+
+    /// The value, or `None` with the problem noted.
+    fn check<T>(&mut self, key: &'static str, result: Result<T, String>) -> Option<T> {
+        result.map_err(|reason| self.invalid(key, reason)).ok()
+    }
+}
+
+impl TryFrom<RawConfig> for Config {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
+        let RawConfig {
+            listen,
+            dc,
+            upstream,
+            accounts_url,
+            org_id,
+            token_file,
+            token_store,
+            oauth,
+            access,
+            timeouts,
+            limits,
+            log,
+            tls,
+            api_keys_env,
+            origins,
+        } = raw;
+        let mut p = Problems {
+            origins: &origins,
+            found: Vec::new(),
+        };
+
+        let listen_text = listen.as_deref().unwrap_or(DEFAULT_LISTEN).trim();
+        let listen: Option<SocketAddr> = p.check(
+            "listen",
+            listen_text.parse().map_err(|_| {
+                format!("{listen_text:?} is not an address:port such as \"127.0.0.1:8080\"")
+            }),
+        );
+
+        let dc = dc.as_deref().unwrap_or("com").trim().to_ascii_lowercase();
+        let centre = p.check(
+            "dc",
+            DATA_CENTRES
+                .iter()
+                .find(|(name, _, _)| *name == dc)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = DATA_CENTRES.iter().map(|d| d.0).collect();
+                    format!(
+                        "unknown data centre {dc:?}; use one of {}",
+                        names.join(", ")
+                    )
+                }),
+        );
+        let (dc_accounts, dc_desk) =
+            centre.map_or((DATA_CENTRES[0].1, DATA_CENTRES[0].2), |c| (c.1, c.2));
+        let upstream = p.check(
+            "upstream",
+            BaseUrl::parse(upstream.as_deref().unwrap_or(dc_desk)).map_err(|e| e.to_string()),
+        );
+        let accounts_url = p.check(
+            "accounts_url",
+            BaseUrl::parse(accounts_url.as_deref().unwrap_or(dc_accounts))
+                .map_err(|e| e.to_string()),
+        );
+        let org_id = match org_id.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(v) => p.check(
+                "org_id",
+                HeaderValue::from_str(v).map_err(|_| {
+                    "must be a plain header value (the portal's numeric org id)".to_owned()
+                }),
+            ),
+        };
+
+        let client_id = secret_value(
+            &mut p,
+            "oauth.client_id",
+            oauth.client_id,
+            oauth.client_id_file,
+        );
+        let client_secret = secret_value(
+            &mut p,
+            "oauth.client_secret",
+            oauth.client_secret,
+            oauth.client_secret_file,
+        );
+        let refresh_token = secret_value(
+            &mut p,
+            "oauth.refresh_token",
+            oauth.refresh_token,
+            oauth.refresh_token_file,
+        );
+        let nothing_set = matches!(
+            (&client_id, &client_secret, &refresh_token),
+            (Ok(None), Ok(None), Ok(None))
+        );
+        let hint = if nothing_set { TRY_THE_DEMO } else { "" };
+        let client_id = client_id.ok().flatten();
+        let client_secret = client_secret.ok().flatten();
+        if client_id.is_none()
+            && !p.found.iter().any(|e| {
+                matches!(
+                    e,
+                    ConfigError::Invalid {
+                        key: "oauth.client_id",
+                        ..
+                    }
+                )
+            })
+        {
+            p.found.push(ConfigError::Missing {
+                key: "oauth.client_id",
+                env: "ZOHO_CLIENT_ID",
+                hint,
+            });
+        }
+        if client_secret.is_none()
+            && !p.found.iter().any(|e| {
+                matches!(
+                    e,
+                    ConfigError::Invalid {
+                        key: "oauth.client_secret",
+                        ..
+                    }
+                )
+            })
+        {
+            p.found.push(ConfigError::Missing {
+                key: "oauth.client_secret",
+                env: "ZOHO_CLIENT_SECRET",
+                hint,
+            });
+        }
+        let max_refreshes_per_10min = at_least_one(
+            &mut p,
+            "oauth.max_refreshes_per_10min",
+            oauth.max_refreshes_per_10min.unwrap_or(5),
+            " (Zoho allows 10)",
+        );
+
+        let token_file = match token_file {
+            None => Some(PathBuf::from(DEFAULT_TOKEN_FILE)),
+            Some(path) if path.trim().is_empty() => None,
+            Some(path) => Some(PathBuf::from(path)),
+        };
+        let token_store = token_store.filter(|s| !s.trim().is_empty());
+        if let Some(store) = &token_store
+            && !(store.starts_with("redis://") || store.starts_with("rediss://"))
+        {
+            p.invalid("token_store", "must be a redis:// or rediss:// URL");
+        }
+
+        let access = access_config(&mut p, access, api_keys_env);
+
+        let timeouts = Timeouts {
+            connect: secs(&mut p, "timeouts.connect_secs", timeouts.connect_secs, 10.0),
+            response: secs(
+                &mut p,
+                "timeouts.response_secs",
+                timeouts.response_secs,
+                120.0,
+            ),
+            idle: secs(&mut p, "timeouts.idle_secs", timeouts.idle_secs, 90.0),
+            header_read: secs(
+                &mut p,
+                "timeouts.header_read_secs",
+                timeouts.header_read_secs,
+                10.0,
+            ),
+            body_read: secs(
+                &mut p,
+                "timeouts.body_read_secs",
+                timeouts.body_read_secs,
+                30.0,
+            ),
+            shutdown_grace: secs(
+                &mut p,
+                "timeouts.shutdown_grace_secs",
+                timeouts.shutdown_grace_secs,
+                30.0,
+            ),
+        };
+        let log_format = match log.format.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some("pretty") => Some(LogFormat::Pretty),
+            Some("json") => Some(LogFormat::Json),
+            Some(other) => {
+                p.invalid(
+                    "log.format",
+                    format!("{other:?} is not a format; use \"pretty\" or \"json\""),
+                );
+                None
+            }
+        };
+        let extra_roots = match &tls.ca_file {
+            None => Vec::new(),
+            Some(path) => p
+                .check("tls.ca_file", read_certificates(path))
+                .unwrap_or_default(),
+        };
+        let max_connections = at_least_one(
+            &mut p,
+            "limits.max_connections",
+            limits.max_connections.unwrap_or(4096),
+            "",
+        );
+        let max_upstream_requests = at_least_one(
+            &mut p,
+            "limits.max_upstream_requests",
+            limits.max_upstream_requests.unwrap_or(64),
+            "",
+        );
+
+        if let Some(errors) = ConfigError::all(p.found) {
+            return Err(errors);
+        }
+        // Every value below was checked above; a `None` here had its problem noted.
+        let (
+            Some(listen),
+            Some(upstream),
+            Some(accounts_url),
+            Some(client_id),
+            Some(client_secret),
+        ) = (listen, upstream, accounts_url, client_id, client_secret)
+        else {
+            return Err(ConfigError::invalid("config", "incomplete"));
+        };
+        Ok(Self {
+            listen,
+            upstream,
+            accounts_url,
+            org_id,
+            oauth: OAuthConfig {
+                client_id,
+                client_secret: Secret::new(client_secret),
+                refresh_token: refresh_token.ok().flatten().map(Secret::new),
+                refresh_margin: Duration::from_secs(oauth.refresh_margin_secs.unwrap_or(300)),
+                max_refreshes_per_10min,
+            },
+            token_file,
+            token_store,
+            access,
+            timeouts,
+            replay_body_bytes: limits.replay_body_bytes.unwrap_or(1 << 20),
+            buffered_body_bytes: limits.buffered_body_bytes.unwrap_or(64 << 20),
+            max_connections,
+            max_upstream_requests,
+            workers: limits.workers.unwrap_or(0),
+            log_format,
+            extra_roots,
+            source: if origins.source.is_empty() {
+                "built-in defaults".into()
+            } else {
+                origins.source.clone()
+            },
+        })
+    }
+}
+
+/// A count of which 0 makes no sense.
+fn at_least_one<N: Default + PartialEq>(
+    p: &mut Problems<'_>,
+    key: &'static str,
+    value: N,
+    note: &str,
+) -> N {
+    if value == N::default() {
+        p.invalid(key, format!("must be at least 1{note}"));
+    }
+    value
+}
+
+fn access_config(p: &mut Problems<'_>, raw: RawAccess, env_keys: Option<String>) -> AccessConfig {
+    let keys = match env_keys {
+        // The environment replaces the file's keys; a blank value (what a compose file
+        // substitutes for an unset variable) must not mean "no keys".
+        Some(text) => {
+            let keys: Vec<String> = text
+                .split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(str::to_owned)
+                .collect();
+            if keys.is_empty() {
+                p.found.push(ConfigError::invalid(
+                    "ZOHO_PROXY_API_KEYS",
+                    "is set but holds no key (empty, or only commas and spaces): set it to one or more comma-separated keys, or unset it to use access.api_keys",
+                ));
+            }
+            keys
+        }
+        None => raw.api_keys.unwrap_or_default(),
+    };
+    let mut api_keys: Vec<Secret<String>> = keys.into_iter().map(Secret::new).collect();
+    if let Some(path) = raw.api_keys_file
+        && let Some(text) = p.check("access.api_keys_file", read_secret_file(&path))
+    {
+        api_keys.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(|l| Secret::new(l.to_owned())),
+        );
+    }
+    if api_keys.iter().any(|k| k.expose().trim().is_empty()) {
+        p.invalid("access.api_keys", "a key is empty");
+    }
+    let allow_methods = raw.allow_methods.map(|list| {
+        list.iter()
+            .filter_map(|m| {
+                let name = m.trim().to_ascii_uppercase();
+                let method = if DESK_METHODS.contains(&name.as_str()) {
+                    Method::from_bytes(name.as_bytes()).ok()
+                } else {
+                    None
+                };
+                if method.is_none() {
+                    p.invalid(
+                        "access.allow_methods",
+                        format!(
+                            "{m:?} is not a method the proxy forwards; use some of {}",
+                            DESK_METHODS.join(", ")
+                        ),
+                    );
+                }
+                method
+            })
+            .collect()
+    });
+    let rules = |p: &mut Problems<'_>, key: &'static str, list: Option<Vec<String>>, case| {
+        list.unwrap_or_default()
+            .iter()
+            .filter_map(|rule| p.check(key, PathRule::parse(rule, case).map_err(|e| e.to_string())))
+            .collect()
+    };
+    let allow_paths = rules(p, "access.allow_paths", raw.allow_paths, Case::Sensitive);
+    let deny_paths = rules(p, "access.deny_paths", raw.deny_paths, Case::Insensitive);
+    let allow_hosts = raw.allow_hosts.map(|hosts| {
+        hosts
+            .iter()
+            .filter_map(|host| {
+                let host = host.trim();
+                if host == "*" {
+                    return Some(host.to_owned());
+                }
+                p.check(
+                    "access.allow_hosts",
+                    crate::target::host_name(host)
+                        .map(str::to_ascii_lowercase)
+                        .map_err(|_| format!("{host:?} is not a host name or IP address")),
+                )
+            })
+            .collect()
+    });
+    let allow_cidrs = raw
+        .allow_cidrs
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|cidr| p.check("access.allow_cidrs", parse_cidr(cidr)))
+        .collect();
+    AccessConfig {
+        api_keys,
+        allow_methods,
+        allow_paths,
+        deny_paths,
+        allow_hosts,
+        allow_origins: raw
+            .allow_origins
+            .unwrap_or_default()
+            .iter()
+            .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
+            .collect(),
+        allow_cidrs,
+        allow_unauthenticated_remote: raw.allow_unauthenticated_remote.unwrap_or(false),
+    }
+}
+
+/// A value given inline or as `<key>_file` (container secrets); not both. `Err` when the
+/// problem was noted.
+fn secret_value(
+    p: &mut Problems<'_>,
+    key: &'static str,
+    inline: Option<String>,
+    file: Option<PathBuf>,
+) -> Result<Option<String>, ()> {
+    match (inline.filter(|v| !v.trim().is_empty()), file) {
+        (Some(_), Some(_)) => {
+            p.invalid(
+                key,
+                format!("give either `{key}` or `{key}_file`, not both"),
+            );
+            Err(())
+        }
+        (Some(v), None) => Ok(Some(v.trim().to_owned())),
+        (None, Some(path)) => match read_secret_file(&path) {
+            Ok(text) => Ok(Some(text.trim().to_owned())),
+            Err(reason) => {
+                p.invalid(key, reason);
+                Err(())
+            }
+        },
+        (None, None) => Ok(None),
+    }
+}
+
+fn read_secret_file(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the file {}: {e}", path.display()))
+}
+
+fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{} is not a PEM certificate file: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    let text = text.trim();
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| {
+            format!("{text:?} is not an address range such as \"10.0.0.0/8\" or \"fd00::/8\"")
+        })
+}
+
+fn secs(p: &mut Problems<'_>, key: &'static str, value: Option<f64>, default: f64) -> Duration {
+    let v = value.unwrap_or(default);
+    match Duration::try_from_secs_f64(v).ok().filter(|d| !d.is_zero()) {
+        Some(d) => d,
+        None => {
+            p.invalid(key, format!("{v} is not a positive number of seconds"));
+            Duration::from_secs_f64(default)
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! Base URLs of Desk and Accounts: scheme, host, port and an optional path prefix, and
+//! how a request's path and query join them byte for byte.
+
+use http::Uri;
+use http::uri::PathAndQuery;
+
+/// Why a URL cannot be a base URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct UrlError(String);
+
+/// A base URL: scheme, host, port and an optional path prefix (no query).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl {
+    /// `http` or `https`.
+    pub scheme: http::uri::Scheme,
+    /// Host and port as written (`desk.zoho.com`, `127.0.0.1:9000`).
+    pub authority: http::uri::Authority,
+    /// Path prefix without a trailing slash (`""` for none).
+    pub prefix: String,
+}
+
+impl BaseUrl {
+    /// Parses an absolute `http(s)://host[:port][/prefix]` URL.
+    pub fn parse(text: &str) -> Result<Self, UrlError> {
+        let invalid = |reason: &str| {
+            UrlError(format!(
+                "{reason} (got {text:?}; expected e.g. \"https://desk.zoho.com\")"
+            ))
+        };
+        let uri: Uri = text
+            .trim()
+            .parse()
+            .map_err(|_| invalid("not a valid URL"))?;
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or_else(|| invalid("the URL needs a scheme"))?;
+        if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
+            return Err(invalid("the scheme must be http or https"));
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| invalid("the URL needs a host"))?;
+        if authority.as_str().contains('@') {
+            return Err(invalid("the URL must not carry user information"));
+        }
+        if uri.query().is_some() {
+            return Err(invalid("the URL must not have a query"));
+        }
+        let prefix = uri.path().trim_end_matches('/').to_owned();
+        Ok(Self {
+            scheme,
+            authority,
+            prefix,
+        })
+    }
+
+    /// The host name, lower-cased, without brackets for IPv6.
+    pub fn host(&self) -> String {
+        self.authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase()
+    }
+
+    /// The port, explicit or the scheme's default.
+    pub fn port(&self) -> u16 {
+        self.authority
+            .port_u16()
+            .unwrap_or(if self.scheme == http::uri::Scheme::HTTPS {
+                443
+            } else {
+                80
+            })
+    }
+
+    /// The URL of `path_and_query` under this base, byte-for-byte.
+    pub fn join(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+        self.join_pq(PathAndQuery::try_from(path_and_query)?)
+    }
+
+    /// The URL of a parsed `path_and_query` under this base; without a prefix it shares
+    /// the request's bytes (no copy).
+    pub fn join_pq(&self, path_and_query: PathAndQuery) -> Result<Uri, http::Error> {
+        let path_and_query = if self.prefix.is_empty() {
+            path_and_query
+        } else {
+            format!("{}{}", self.prefix, path_and_query.as_str()).try_into()?
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(path_and_query);
+        Ok(Uri::from_parts(parts)?)
+    }
+}
+
+impl std::fmt::Display for BaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}{}", self.scheme, self.authority, self.prefix)
+    }
+}
