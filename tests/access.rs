@@ -187,7 +187,7 @@ async fn a_remote_listener_needs_an_explicit_opt_in_and_then_warns() {
         dir: _dir,
         mut child,
         lines: mut rx,
-        port,
+        addr,
     } = serve_fake_logged(
         &fake,
         "[access]\nallow_unauthenticated_remote = true\nallow_hosts = [\"*\"]",
@@ -202,7 +202,7 @@ async fn a_remote_listener_needs_an_explicit_opt_in_and_then_warns() {
     }
     assert!(warned, "a warning is logged");
     assert_eq!(
-        status(format!("http://127.0.0.1:{port}/api/v1/tickets")).await,
+        status(format!("http://127.0.0.1:{}/api/v1/tickets", addr.port())).await,
         200
     );
     sigterm(&child);

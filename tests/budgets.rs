@@ -457,7 +457,7 @@ async fn a_client_that_leaves_is_logged_and_counted_as_499() {
     let zoho = fake.control();
     zoho.set_desk_delay(Duration::from_secs(3));
     let mut proxy = serve_fake_logged(&fake, "", "127.0.0.1", &[]).await;
-    let addr: SocketAddr = format!("127.0.0.1:{}", proxy.port).parse().unwrap();
+    let addr: SocketAddr = proxy.addr;
 
     // HTTP/1.1: the client closes while Desk takes its time.
     let mut stream = TcpStream::connect(addr).await.unwrap();

@@ -81,9 +81,8 @@ async fn exchange_stores_the_refresh_token_masked_and_serve_reuses_the_access_to
     );
 
     // serve: refresh token from the file, access token reused without any Accounts call.
-    let port = free_port();
-    let child = serve(dir.path(), &config, port).await;
-    let response = fetch(format!("http://127.0.0.1:{port}/api/v1/tickets")).await;
+    let Serving { child, addr } = serve(dir.path(), &config).await;
+    let response = fetch(format!("http://{addr}/api/v1/tickets")).await;
     assert_eq!(response.status(), 200);
     assert_eq!(
         zoho.token_requests(),
@@ -102,9 +101,8 @@ async fn a_corrupt_token_file_is_reported_and_the_proxy_refreshes() {
     let config = write_config(dir.path(), &fake, true, "", "");
     std::fs::create_dir_all(dir.path().join("state")).unwrap();
     std::fs::write(dir.path().join("state/token.json"), "{{{ not json").unwrap();
-    let port = free_port();
-    let child = serve(dir.path(), &config, port).await;
-    let response = fetch(format!("http://127.0.0.1:{port}/api/v1/tickets")).await;
+    let Serving { child, addr } = serve(dir.path(), &config).await;
+    let response = fetch(format!("http://{addr}/api/v1/tickets")).await;
     assert_eq!(response.status(), 200);
     assert_eq!(fake.control().token_requests(), 1);
     sigterm(&child);
@@ -120,9 +118,8 @@ async fn sigterm_turns_ready_503_lets_in_flight_requests_finish_and_exits_0() {
     let zoho = fake.control();
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &fake, true, "", "");
-    let port = free_port();
-    let child = serve(dir.path(), &config, port).await;
-    let base = format!("http://127.0.0.1:{port}");
+    let Serving { child, addr } = serve(dir.path(), &config).await;
+    let base = format!("http://{addr}");
     assert_eq!(status(format!("{base}/api/v1/tickets")).await, 200);
 
     zoho.set_desk_delay(Duration::from_millis(1500));
@@ -261,9 +258,8 @@ async fn rejected_credentials_recover_on_sighup_without_a_restart() {
     let config = write_config(dir.path(), &fake, true, "", "");
     let good = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, good.replace("fake-client-secret", "wrong-secret")).unwrap();
-    let port = free_port();
-    let child = serve(dir.path(), &config, port).await;
-    let base = format!("http://127.0.0.1:{port}");
+    let Serving { child, addr } = serve(dir.path(), &config).await;
+    let base = format!("http://{addr}");
 
     let response = fetch(format!("{base}/api/v1/tickets")).await;
     let body = assert_proxy_error(response, 503, "PROXY_AUTH_REJECTED").await;

@@ -37,10 +37,9 @@ async fn streaming_1_gib_each_way_keeps_the_proxy_under_64_mib() {
     let zoho = fake.control();
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &fake, true, "", "");
-    let port = free_port();
-    let child = serve(dir.path(), &config, port).await;
+    let Serving { child, addr } = serve(dir.path(), &config).await;
     let pid = child.id().expect("running");
-    let base = format!("http://127.0.0.1:{port}");
+    let base = format!("http://{addr}");
     let client = client();
 
     let (started_hwm, _) = peak_and_current_rss(pid);
@@ -133,10 +132,9 @@ async fn stalled_h2_bodies_stay_within_the_replay_budget() {
         "[limits]\nbuffered_body_bytes = {BUDGET}\nmax_upstream_requests = 4\nworkers = 1\n[timeouts]\nbody_read_secs = 120\nheader_read_secs = 120"
     );
     let config = write_config(dir.path(), &fake, true, "", &limits);
-    let port = free_port();
-    let child = serve(dir.path(), &config, port).await;
+    let Serving { child, addr } = serve(dir.path(), &config).await;
     let pid = child.id().expect("running");
-    let addr = format!("127.0.0.1:{port}");
+    
     let (started_hwm, _) = peak_and_current_rss(pid);
 
     let declared = MIB;

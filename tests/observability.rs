@@ -91,7 +91,7 @@ async fn a_client_request_id_is_used_in_the_log_the_answer_and_at_desk() {
     let fake = FakeZoho::start().await.unwrap();
     let zoho = fake.control();
     let mut proxy = serve_fake_logged(&fake, "", "127.0.0.1", &[]).await;
-    let url = format!("http://127.0.0.1:{}/api/v1/tickets", proxy.port);
+    let url = format!("http://{}/api/v1/tickets", proxy.addr);
     let long = "x".repeat(129);
     let cases: [(&str, bool); 5] = [
         ("build-42/step-7:a1b2", true),
@@ -151,7 +151,7 @@ async fn no_secret_token_or_query_appears_in_the_output_of_a_full_session() {
         dir: _dir,
         child,
         lines: mut lines_rx,
-        port,
+        addr,
     } = serve_fake_logged(
         &fake,
         &format!("max_refreshes_per_10min = 100\n[access]\napi_keys = [\"{api_key}\"]"),
@@ -168,7 +168,7 @@ async fn no_secret_token_or_query_appears_in_the_output_of_a_full_session() {
         all
     });
 
-    let base = format!("http://127.0.0.1:{port}");
+    let base = format!("http://{addr}");
     let c = client();
     let mut bodies = String::new();
     let send = |request: reqwest::RequestBuilder| {
@@ -284,7 +284,7 @@ async fn a_queued_request_logs_desk_time_apart_from_its_wait() {
         dir: _dir,
         child,
         lines: mut lines_rx,
-        port,
+        addr,
     } = serve_fake_logged(
         &fake,
         "[limits]\nmax_upstream_requests = 1\nworkers = 1",
@@ -292,7 +292,7 @@ async fn a_queued_request_logs_desk_time_apart_from_its_wait() {
         &[("RUST_LOG", "info")],
     )
     .await;
-    let url = format!("http://127.0.0.1:{port}/api/v1/tickets");
+    let url = format!("http://127.0.0.1:{}/api/v1/tickets", addr.port());
     let (a, b) = tokio::join!(status(&url), status(&url));
     assert_eq!((a, b), (200, 200));
     sigterm(&child);

@@ -13,37 +13,33 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zoho_desk_proxy::config::Config;
 use zoho_desk_proxy::fake_zoho::{FakeOptions, FakeZoho};
 
-/// A redis-server of the test's own, killed on drop.
+/// A redis-server of the test's own on a Unix socket of its own (no TCP port that another
+/// program could hold), killed on drop.
 struct RedisServer {
-    port: u16,
+    dir: tempfile::TempDir,
     child: Option<Child>,
 }
 
 impl RedisServer {
     async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut server = Self { port, child: None };
+        let mut server = Self {
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
         server.restart().await;
         server
     }
 
-    /// Starts (again) on the same port.
+    fn socket(&self) -> std::path::PathBuf {
+        self.dir.path().join("redis.sock")
+    }
+
+    /// Starts (again) on the same socket.
     async fn restart(&mut self) {
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(["--port", "0", "--unixsocket"])
+            .arg(self.socket())
+            .args(["--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -57,7 +53,7 @@ impl RedisServer {
     }
 
     async fn ping(&self) -> bool {
-        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else {
+        let Ok(mut s) = tokio::net::UnixStream::connect(self.socket()).await else {
             return false;
         };
         if s.write_all(b"PING\r\n").await.is_err() {
@@ -75,7 +71,7 @@ impl RedisServer {
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        format!("redis+unix://{}", self.socket().display())
     }
 
     async fn connection(&self) -> redis::aio::MultiplexedConnection {

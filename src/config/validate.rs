@@ -187,9 +187,14 @@ impl TryFrom<RawConfig> for Config {
         };
         let token_store = token_store.filter(|s| !s.trim().is_empty());
         if let Some(store) = &token_store
-            && !(store.starts_with("redis://") || store.starts_with("rediss://"))
+            && !["redis://", "rediss://", "redis+unix://"]
+                .iter()
+                .any(|scheme| store.starts_with(scheme))
         {
-            p.invalid("token_store", "must be a redis:// or rediss:// URL");
+            p.invalid(
+                "token_store",
+                "must be a redis://, rediss:// (TLS) or redis+unix:// (a Unix socket) URL",
+            );
         }
 
         let access = access_config(&mut p, access, api_keys_env);

@@ -55,24 +55,29 @@ pub fn write_config(
     path
 }
 
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The binary serving, and the address it listens on.
+pub struct Serving {
+    pub child: Child,
+    pub addr: std::net::SocketAddr,
 }
 
-/// Starts `serve` on `listen` with `envs` and waits for its "listening" log line; every stderr line
-/// is also sent to `lines` when given.
+impl Serving {
+    /// `http://ADDR` + path.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+/// Starts `serve` with `--listen` `listen` (a host and port 0: the kernel picks a free
+/// port) and `envs`, and waits for its "listening" log line, which gives the address
+/// bound; every stderr line is also sent to `lines` when given.
 pub async fn serve_with(
     dir: &Path,
     config: &Path,
     listen: &str,
     envs: &[(&str, &str)],
     lines_out: Option<tokio::sync::mpsc::UnboundedSender<String>>,
-) -> Child {
+) -> Serving {
     let mut child = command(dir)
         .args(["serve", "--config"])
         .arg(config)
@@ -91,18 +96,23 @@ pub async fn serve_with(
             if line.contains("zoho-desk-proxy listening")
                 && let Some(tx) = ready_tx.take()
             {
-                let _ = tx.send(());
+                let _ = tx.send(line.clone());
             }
             if let Some(out) = &lines_out {
                 let _ = out.send(line);
             }
         }
     });
-    tokio::time::timeout(Duration::from_secs(20), ready_rx)
+    let line = tokio::time::timeout(Duration::from_secs(20), ready_rx)
         .await
         .expect("the proxy starts")
         .expect("the proxy exited before listening");
-    child
+    let logged: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+    let addr = logged["listen"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no listen address in {line}"));
+    Serving { child, addr }
 }
 
 /// [`serve_with`], with every stderr line of the child delivered on the returned channel.
@@ -111,7 +121,7 @@ pub async fn serve_logged(
     config: &Path,
     listen: &str,
     envs: &[(&str, &str)],
-) -> (Child, tokio::sync::mpsc::UnboundedReceiver<String>) {
+) -> (Serving, tokio::sync::mpsc::UnboundedReceiver<String>) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     (serve_with(dir, config, listen, envs, Some(tx)).await, rx)
 }
@@ -122,11 +132,11 @@ pub struct Logged {
     pub dir: tempfile::TempDir,
     pub child: Child,
     pub lines: tokio::sync::mpsc::UnboundedReceiver<String>,
-    pub port: u16,
+    pub addr: std::net::SocketAddr,
 }
 
 /// Starts `serve` for `fake` (config of [`write_config`] with the refresh token and
-/// `after_oauth`) on `host` and a free port, with `envs`.
+/// `after_oauth`) on `host` and a port the kernel picks, with `envs`.
 pub async fn serve_fake_logged(
     fake: &FakeZoho,
     after_oauth: &str,
@@ -135,19 +145,18 @@ pub async fn serve_fake_logged(
 ) -> Logged {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), fake, true, "", after_oauth);
-    let port = free_port();
-    let (child, lines) = serve_logged(dir.path(), &config, &format!("{host}:{port}"), envs).await;
+    let (serving, lines) = serve_logged(dir.path(), &config, &format!("{host}:0"), envs).await;
     Logged {
         dir,
-        child,
+        child: serving.child,
         lines,
-        port,
+        addr: serving.addr,
     }
 }
 
-/// Starts `serve` and waits until it listens.
-pub async fn serve(dir: &Path, config: &Path, port: u16) -> Child {
-    serve_with(dir, config, &format!("127.0.0.1:{port}"), &[], None).await
+/// Starts `serve` on 127.0.0.1 and a port the kernel picks, and waits until it listens.
+pub async fn serve(dir: &Path, config: &Path) -> Serving {
+    serve_with(dir, config, "127.0.0.1:0", &[], None).await
 }
 
 /// Sends a signal (`TERM`, `HUP`) to the child.
