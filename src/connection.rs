@@ -87,6 +87,19 @@ impl ConnectionState {
         self.close.load(Ordering::Acquire)
     }
 
+    /// Resolves once a close is asked for.
+    pub async fn closing(&self) {
+        std::future::poll_fn(|cx| {
+            self.register_task(cx);
+            if self.close_requested() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+    }
+
     /// Registers the connection's task, to be woken by [`Self::close_after_answers`].
     pub fn register_task(&self, cx: &Context<'_>) {
         self.task.register(cx.waker());

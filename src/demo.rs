@@ -82,10 +82,18 @@ zoho-desk-proxy demo: the real proxy in front of a built-in fake Zoho (Accounts 
   fake Accounts:  {accounts}
 Tokens live {life} s and are refreshed at half-life: watch the "token refreshed" lines.
 
+The fake Desk has 3 tickets and 2 contacts in memory, and answers:
+  GET, HEAD  /api/v1/tickets, /api/v1/contacts (?from=0&limit=10), /api/v1/organizations
+  GET, HEAD, PATCH, DELETE  /api/v1/tickets/{{id}}, /api/v1/contacts/{{id}}
+  POST  /api/v1/tickets (needs "subject"), /api/v1/contacts (needs "lastName")
+
 Try:
   curl {base}/api/v1/tickets
   curl '{base}/api/v1/tickets?from=0&limit=2'
+  curl -I {base}/api/v1/tickets/{ticket}
   curl -X POST {base}/api/v1/tickets -H 'Content-Type: application/json' -d '{{"subject":"Printer on fire","status":"Open"}}'
+  curl -X PATCH {base}/api/v1/tickets/{ticket} -H 'Content-Type: application/json' -d '{{"status":"Closed"}}'
+  curl -X DELETE -i {base}/api/v1/tickets/{ticket}
   curl {base}/api/v1/contacts
   curl {base}/api/v1/organizations
   curl {desk}/api/v1/tickets
@@ -98,5 +106,6 @@ Stop with Ctrl-C.
         desk = fake.desk_url(),
         accounts = fake.accounts_url(),
         life = DEMO_TOKEN_LIFETIME.as_secs(),
+        ticket = crate::fake_zoho::FIRST_TICKET_ID,
     )
 }

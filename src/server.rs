@@ -318,7 +318,12 @@ fn serve_connection(worker: &Arc<Worker>, accepted: Accepted, load: Counted) {
         let idle = worker.proxy.config.timeouts.header_read;
         // hyper's header read timeout starts only once an HTTP/1 head begins: a client
         // that sends nothing, or stalls in the HTTP/2 preface, is cut off here.
-        let (version, io) = match tokio::time::timeout(idle, detect::detect(stream)).await {
+        let detected = tokio::select! {
+            detected = tokio::time::timeout(idle, detect::detect(stream)) => detected,
+            // Shutting down: a connection that has sent nothing yet has nothing to drain.
+            () = state.closing() => return,
+        };
+        let (version, io) = match detected {
             Ok(Ok(detected)) => detected,
             Ok(Err(err)) => {
                 tracing::debug!(error = %err, %peer, "connection ended before its first request");

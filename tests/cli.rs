@@ -127,14 +127,7 @@ async fn sigterm_turns_ready_503_lets_in_flight_requests_finish_and_exits_0() {
         let url = format!("{base}/api/v1/tickets");
         async move { client().get(url).send().await.map(|r| r.status().as_u16()) }
     });
-    // Wait until Desk holds the slow request.
-    for _ in 0..500 {
-        if zoho.desk_request_count() >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(zoho.desk_request_count(), 2);
+    wait_for_desk_requests(&zoho, 2).await;
     sigterm(&child);
     let mut ready = 0;
     for _ in 0..100 {
@@ -286,4 +279,57 @@ async fn rejected_credentials_recover_on_sighup_without_a_restart() {
     assert_eq!(last, 200);
     sigterm(&child);
     assert!(child.wait_with_output().await.unwrap().status.success());
+}
+
+#[tokio::test]
+async fn sigterm_exits_as_soon_as_the_drain_is_done() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let fake = FakeZoho::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Long grace and idle times: nothing of them may be waited for once idle.
+    let config = write_config(
+        dir.path(),
+        &fake,
+        true,
+        "",
+        "[timeouts]\nshutdown_grace_secs = 30\nheader_read_secs = 20",
+    );
+    let Serving { child, addr } = serve(dir.path(), &config).await;
+    // A connection that sent nothing, an idle HTTP/1.1 keep-alive one, an idle h2c one.
+    let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let keep_alive = client();
+    assert_eq!(
+        keep_alive
+            .get(format!("http://{addr}/api/v1/tickets"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut h2, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get(format!("http://{addr}/api/v1/tickets"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    assert_eq!(h2.send_request(request).await.unwrap().status(), 200);
+
+    let started = std::time::Instant::now();
+    sigterm(&child);
+    let status = tokio::time::timeout(Duration::from_secs(25), child.wait_with_output())
+        .await
+        .expect("the proxy exits")
+        .unwrap()
+        .status;
+    let took = started.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "exited {took:?} after SIGTERM with nothing in flight"
+    );
+    drop(silent);
 }

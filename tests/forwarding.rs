@@ -287,7 +287,7 @@ async fn a_queued_request_times_out_as_504() {
     let queued = async {
         // Sent once the first holds the only slot: it waits 350 ms, then its own 350 ms
         // at Desk are past the 500 ms budget.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        wait_for_desk_requests(&s.zoho, 1).await;
         fetch(s.url("/api/v1/tickets")).await
     };
     let (first, queued) = tokio::join!(first, queued);

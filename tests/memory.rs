@@ -134,7 +134,7 @@ async fn stalled_h2_bodies_stay_within_the_replay_budget() {
     let config = write_config(dir.path(), &fake, true, "", &limits);
     let Serving { child, addr } = serve(dir.path(), &config).await;
     let pid = child.id().expect("running");
-    
+
     let (started_hwm, _) = peak_and_current_rss(pid);
 
     let declared = MIB;

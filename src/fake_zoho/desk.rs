@@ -187,6 +187,13 @@ async fn route(mut req: Req<'_>, raw: &str) -> io::Result<Response<RespBody>> {
         let (_, body) = req.consume(MAX_JSON).await?;
         return Ok(create(req.shared, rest, body.as_deref()));
     }
+    if method == Method::PATCH
+        && let Some((kind @ ("tickets" | "contacts"), id)) = rest.split_once('/')
+        && !id.contains('/')
+    {
+        let (_, body) = req.consume(MAX_JSON).await?;
+        return Ok(update(req.shared, kind, id, body.as_deref()));
+    }
     let (len, _) = req.consume(0).await?;
     let query = req.query();
     let param = |name: &str| {
@@ -200,7 +207,7 @@ async fn route(mut req: Req<'_>, raw: &str) -> io::Result<Response<RespBody>> {
             tracing::debug!(bytes = len, "fake desk: upload consumed");
             json_value(StatusCode::OK, &json!({"bytes": len}))
         }
-        ("tickets" | "contacts", Method::GET) => list(req.shared, rest, &param),
+        ("tickets" | "contacts", Method::GET | Method::HEAD) => list(req.shared, rest, &param),
         ("organizations", Method::GET) => json_value(
             StatusCode::OK,
             &json!({"data": [{
@@ -242,15 +249,70 @@ async fn route(mut req: Req<'_>, raw: &str) -> io::Result<Response<RespBody>> {
             }
             None => invalid("The query parameter 'ms' must be a non-negative integer."),
         },
-        (r, Method::GET) => match r.split_once('/') {
+        (r, Method::GET | Method::HEAD) => match r.split_once('/') {
             Some((kind @ ("tickets" | "contacts"), id)) if !id.contains('/') => {
                 get_one(req.shared, kind, id)
+            }
+            _ => not_found(),
+        },
+        (r, Method::DELETE) => match r.split_once('/') {
+            Some((kind @ ("tickets" | "contacts"), id)) if !id.contains('/') => {
+                delete(req.shared, kind, id)
             }
             _ => not_found(),
         },
         _ => not_found(),
     };
     Ok(resp)
+}
+
+/// `PATCH /api/v1/{tickets,contacts}/{id}` with a JSON object of the fields to change
+/// (`id` and `ticketNumber` stay).
+fn update(shared: &Shared, kind: &str, id: &str, body: Option<&[u8]>) -> Response<RespBody> {
+    let changes = match body.map(serde_json::from_slice::<Value>) {
+        Some(Ok(Value::Object(obj))) => obj,
+        _ => return invalid("The request body must be a JSON object."),
+    };
+    let mut st = shared.lock();
+    let items = if kind == "tickets" {
+        &mut st.store.tickets
+    } else {
+        &mut st.store.contacts
+    };
+    let Some(item) = items
+        .iter_mut()
+        .find(|v| v.get("id").and_then(Value::as_str) == Some(id))
+    else {
+        return not_found();
+    };
+    if let Value::Object(fields) = item {
+        for (name, value) in changes {
+            if name != "id" && name != "ticketNumber" {
+                fields.insert(name, value);
+            }
+        }
+    }
+    tracing::debug!("fake desk: {kind} updated");
+    json_value(StatusCode::OK, item)
+}
+
+/// `DELETE /api/v1/{tickets,contacts}/{id}`: 204, or 404.
+fn delete(shared: &Shared, kind: &str, id: &str) -> Response<RespBody> {
+    let mut st = shared.lock();
+    let items = if kind == "tickets" {
+        &mut st.store.tickets
+    } else {
+        &mut st.store.contacts
+    };
+    let before = items.len();
+    items.retain(|v| v.get("id").and_then(Value::as_str) != Some(id));
+    if items.len() == before {
+        return not_found();
+    }
+    tracing::debug!("fake desk: {kind} deleted");
+    let mut response = Response::new(full(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    response
 }
 
 /// `GET /api/v1/{tickets,contacts}` with `from` (0-based) and `limit` (default 10, max 100).

@@ -34,6 +34,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
+/// The id of the first seeded ticket (the demo shows it in its examples).
+pub const FIRST_TICKET_ID: &str = "189200000000100003";
+
 /// Maximum number of live access tokens Zoho keeps per refresh token.
 const MAX_LIVE_TOKENS: usize = 15;
 /// Maximum number of tokens per refresh token within [`RATE_WINDOW`].

@@ -708,3 +708,39 @@ async fn one_gib_each_way() {
     }
     assert_eq!(seen, size);
 }
+
+#[tokio::test]
+async fn the_ticket_verbs_a_user_will_try() {
+    let fake = FakeZoho::start().await.unwrap();
+    let c = client();
+    let token = new_token(&c, &fake).await;
+    let one = format!("/api/v1/tickets/{}", super::FIRST_TICKET_ID);
+    let head = desk(&c, &fake, Method::HEAD, &one, Some(&token), empty()).await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert!(head.body.is_empty());
+    let patched = desk(
+        &c,
+        &fake,
+        Method::PATCH,
+        &one,
+        Some(&token),
+        bytes_body(r#"{"status":"Closed","id":"no"}"#),
+    )
+    .await;
+    assert_eq!(patched.status, StatusCode::OK);
+    assert_eq!(patched.json()["status"], "Closed");
+    assert_eq!(patched.json()["id"], super::FIRST_TICKET_ID);
+    assert_eq!(
+        get(&c, &fake, &one, &token).await.json()["status"],
+        "Closed"
+    );
+    let deleted = desk(&c, &fake, Method::DELETE, &one, Some(&token), empty()).await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        get(&c, &fake, &one, &token).await.status,
+        StatusCode::NOT_FOUND
+    );
+    let again = desk(&c, &fake, Method::DELETE, &one, Some(&token), empty()).await;
+    assert_eq!(again.status, StatusCode::NOT_FOUND);
+    fake.shutdown().await;
+}

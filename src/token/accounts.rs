@@ -64,11 +64,25 @@ fn classify(status: u16, code: String) -> AccountsError {
         | "invalid_code"
         | "unauthorized_client"
         | "invalid_grant" => AccountsError::Rejected(code),
+        // An unknown code is shown only when it looks like one: Accounts' answer goes to
+        // logs and to clients, and must carry nothing else there.
         _ => AccountsError::Failed {
             status,
-            code: Some(code),
+            code: Some(if looks_like_a_code(&code) {
+                code
+            } else {
+                "(an unexpected value)".into()
+            }),
         },
     }
+}
+
+/// Zoho's error codes are short words: `invalid_code`, `Access Denied`.
+fn looks_like_a_code(code: &str) -> bool {
+    (1..=64).contains(&code.len())
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b' ' | b'-'))
 }
 
 /// A client of Zoho Accounts for one Self Client.
@@ -285,8 +299,24 @@ mod tests {
     }
 
     #[test]
-    fn errors_never_print_the_token() {
-        let err = parse_token_answer(200, INVALID_CODE.as_bytes()).unwrap_err();
-        assert!(!format!("{err} {err:?}").contains("1000."));
+    fn errors_never_print_what_the_answer_held() {
+        // Answers that carry token-like values besides their error: none may reach an
+        // error's text, which is logged and shown to clients.
+        for (status, body) in [
+            (
+                200,
+                r#"{"error":"invalid_code","refresh_token":"1000.leaked.refresh","access_token":""}"#,
+            ),
+            (400, r#"{"error":"1000.leaked.code"}"#),
+            (500, "<html>1000.leaked.page</html>"),
+            (
+                200,
+                r#"{"error":"Access Denied","error_description":"1000.leaked.description"}"#,
+            ),
+        ] {
+            let err = parse_token_answer(status, body.as_bytes()).unwrap_err();
+            let shown = format!("{err} {err:?} {}", err.advice());
+            assert!(!shown.contains("leaked"), "{body} -> {shown}");
+        }
     }
 }
