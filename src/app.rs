@@ -14,8 +14,8 @@ use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::server;
+use crate::token::file::{StoredTokens, TokenFile, TokenSaver};
 use crate::token::shared::{SharedSource, SharedStore};
-use crate::token::store::{StoredTokens, TokenFile, TokenSaver};
 use crate::token::{AccountsClient, RefreshPolicy, RefreshTokenSource, TokenCache, TokenSource};
 
 /// Why the proxy could not run.

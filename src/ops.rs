@@ -11,8 +11,8 @@ use http_body_util::{BodyExt, Empty, Limited};
 use crate::config::{Config, ConfigError};
 use crate::secret::Secret;
 use crate::token::accounts::AccountsClient;
+use crate::token::file::{StoredTokens, TokenFile};
 use crate::token::source::AccountsError;
-use crate::token::store::{StoredTokens, TokenFile};
 
 /// Why a command failed.
 #[derive(Debug, thiserror::Error)]

@@ -10,6 +10,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::Poll;
@@ -265,9 +266,8 @@ fn connection_builders(proxy: &Proxy) -> (http1::Builder, http2::Builder<TokioEx
         .max_buf_size(MAX_HEAD_BYTES)
         .max_headers(MAX_HEADERS)
         // hyper's default: a client's EOF while its request is in flight cancels the
-        // request, so that one queued for a slot is never sent once its client has gone.
-        // `half_close(true)` saved ~9 MiB at 1000 connections (no read for EOF, so no
-        // second read buffer per request in flight) and was not kept for that reason.
+        // request, so that one queued for a slot is never sent once its client has gone
+        // (`half_close(true)` would save memory; README "Performance" says why not).
         .keep_alive(true);
     let mut http2 = http2::Builder::new(TokioExecutor::new());
     http2
@@ -336,12 +336,16 @@ fn serve_connection(worker: &Arc<Worker>, accepted: Accepted, load: Counted) {
         };
         let io = TokioIo::new(Gated::new(io, Arc::clone(&state)));
         let result = match version {
+            // Pinned here and lent to `drive`: an async fn keeps its arguments for its
+            // whole life, so a connection passed by value would be held twice.
             Version::Http1 => {
                 let connection = worker.http1.serve_connection(io, service);
+                tokio::pin!(connection);
                 drive(connection, &state, idle, peer).await
             }
             Version::Http2 => {
                 let connection = worker.http2.serve_connection(io, service);
+                tokio::pin!(connection);
                 drive(connection, &state, idle, peer).await
             }
         };
@@ -359,7 +363,7 @@ fn serve_connection(worker: &Arc<Worker>, accepted: Accepted, load: Counted) {
 /// A request costs this loop nothing: only the idle timer, when it fires, and a close
 /// request wake it besides the connection itself.
 async fn drive<C>(
-    connection: C,
+    mut connection: Pin<&mut C>,
     state: &ConnectionState,
     idle: Duration,
     peer: SocketAddr,
@@ -367,7 +371,6 @@ async fn drive<C>(
 where
     C: GracefulConnection,
 {
-    tokio::pin!(connection);
     let idle_timer = tokio::time::sleep(idle);
     tokio::pin!(idle_timer);
     let mut closing = false;

@@ -13,7 +13,7 @@ use crate::secret::Secret;
 
 /// Why the token file could not be used.
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub enum FileError {
     /// The file exists but could not be read or written.
     #[error("token file {path}: {source}")]
     Io {
@@ -94,18 +94,18 @@ impl TokenFile {
     }
 
     /// Reads the file; `Ok(None)` when it does not exist.
-    pub fn load(&self) -> Result<Option<StoredTokens>, StoreError> {
+    pub fn load(&self) -> Result<Option<StoredTokens>, FileError> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => {
-                return Err(StoreError::Io {
+                return Err(FileError::Io {
                     path: self.path.clone(),
                     source,
                 });
             }
         };
-        let file: FileFormat = serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
+        let file: FileFormat = serde_json::from_str(&text).map_err(|e| FileError::Corrupt {
             path: self.path.clone(),
             reason: e.to_string(),
         })?;
@@ -123,8 +123,8 @@ impl TokenFile {
     }
 
     /// Writes the file atomically: a 0600 temp file in the same directory, then rename.
-    pub fn save(&self, tokens: &StoredTokens) -> Result<(), StoreError> {
-        let io = |source| StoreError::Io {
+    pub fn save(&self, tokens: &StoredTokens) -> Result<(), FileError> {
+        let io = |source| FileError::Io {
             path: self.path.clone(),
             source,
         };
