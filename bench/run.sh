@@ -21,8 +21,10 @@
 #
 # Knobs (environment): ROUNDS (3), LOAD_SECS (10), LAT_SECS (5), WARM_SECS (2),
 # STREAM_MIB (1024), ROTATE_SECS (4), SKIP_BUILD=1 (use the binaries already built),
-# SCENARIOS ("c64 c1 c1000 download upload rotation client"; client = the upstream client
-# alone, hyper-util's against reqwest and a lean-h1 experiment, examples/client_bench.rs), ANCHOR_EXTRA (nginx directives
+# SCENARIOS ("c64 c1 c1000 download upload rotation client tunnel"; client = the upstream
+# client alone, hyper-util's against reqwest and a lean-h1 experiment,
+# examples/client_bench.rs; tunnel = transparent mode against reverse mode on one product
+# with [intercept] on, keep-alive HTTP/1.1 over TLS, examples/tunnel_bench.rs), ANCHOR_EXTRA (nginx directives
 # added to the anchor's locations), PRODUCT_ENV (extra environment of the product),
 # PRODUCT_TOML (extra proxy.toml lines), PRODUCT_BIN (another build of the product, e.g.
 # with other release profile settings; implies nothing about SKIP_BUILD), BASELINE_BIN
@@ -46,7 +48,7 @@ LAT_SECS=${LAT_SECS:-5}
 WARM_SECS=${WARM_SECS:-2}
 STREAM_MIB=${STREAM_MIB:-1024}
 ROTATE_SECS=${ROTATE_SECS:-4}
-SCENARIOS=${SCENARIOS:-"c64 c1 c1000 download upload rotation client"}
+SCENARIOS=${SCENARIOS:-"c64 c1 c1000 download upload rotation client tunnel"}
 # Extra directives for the anchor's location, e.g. ANCHOR_EXTRA='proxy_buffer_size 64k;'.
 ANCHOR_EXTRA=${ANCHOR_EXTRA:-}
 # Extra environment for the product, e.g. PRODUCT_ENV='TOKIO_WORKER_THREADS=1' or an
@@ -132,8 +134,12 @@ if [[ ${SKIP_BUILD:-0} != 1 ]]; then
     if has_scenario client; then
         cargo build --release --example client_bench || die "cargo build --release --example client_bench failed"
     fi
+    if has_scenario tunnel; then
+        cargo build --release --example tunnel_bench || die "cargo build --release --example tunnel_bench failed"
+    fi
 fi
 CLIENT_BENCH=$TARGET_DIR/release/examples/client_bench
+TUNNEL_BENCH=$TARGET_DIR/release/examples/tunnel_bench
 [[ -x $BIN ]] || die "$BIN is missing (run without SKIP_BUILD=1)"
 [[ -x $ACCOUNTS ]] || die "$ACCOUNTS is missing (run without SKIP_BUILD=1)"
 
@@ -607,6 +613,25 @@ if has_scenario client; then
         say "scenario client: $CLIENT_BENCH is missing (run without SKIP_BUILD=1)"
     fi
 fi
+if has_scenario tunnel; then
+    if [[ -x $TUNNEL_BENCH ]]; then
+        say "scenario tunnel: one product with [intercept] on; 64 keep-alive HTTP/1.1 connections, plain (reverse mode) against CONNECT + TLS (transparent mode), $ROUNDS alternating rounds of ${LOAD_SECS} s"
+        "$BIN" ca init --dir "$WORK/ca" >"$WORK/ca-init.out" 2>&1 || die "ca init failed: $(cat "$WORK/ca-init.out")"
+        TUN_PORT=$(free_port)
+        saved_toml=$PRODUCT_TOML
+        PRODUCT_TOML="$PRODUCT_TOML\n[intercept]\nenabled = true\nca_dir = \"$WORK/ca\""
+        start_product product-tun "$TUN_PORT"
+        PRODUCT_TOML=$saved_toml
+        TUN_PID=$LAST_PID
+        TUNNEL_BENCH_SECS=$LOAD_SECS TUNNEL_BENCH_ROUNDS=$ROUNDS \
+            "$TUNNEL_BENCH" "127.0.0.1:$TUN_PORT" "$WORK/ca/ca.pem" "$TUN_PID" >"$WORK/tunnel.txt" 2>&1 ||
+            say "tunnel_bench failed: $(tail -3 "$WORK/tunnel.txt")"
+        sed 's/^/  /' "$WORK/tunnel.txt"
+        stop_pid "$TUN_PID"
+    else
+        say "scenario tunnel: $TUNNEL_BENCH is missing (run without SKIP_BUILD=1)"
+    fi
+fi
 ELAPSED=$(($(date +%s) - START))
 
 # ---------------------------------------------------------------- optional profile
@@ -811,6 +836,9 @@ fi
 if has_scenario client && [[ -s $WORK/client.txt ]]; then
     echo "- upstream client (point 4): $(grep '^reqwest /' "$WORK/client.txt" || echo 'no result'); the product uses hyper-util's"
     echo "- upstream client, what replacing hyper-util's pool could save: $(grep '^lean-h1 /' "$WORK/client.txt" || echo 'no result')"
+fi
+if has_scenario tunnel && [[ -s $WORK/tunnel.txt ]]; then
+    echo "- transparent mode against reverse mode (same product, 64 keep-alive connections; the client does TLS on the same cores): $(grep '^tunnel/reverse' "$WORK/tunnel.txt" || echo 'no result')"
 fi
 other_all=$(awk '{for (i = 1; i <= NF; i++) if ($i ~ /^other_pct=/) print substr($i, 11)}' "$RESULTS")
 if [[ -n $other_all ]]; then

@@ -108,6 +108,30 @@ impl AccessPolicy {
         self.check_path(target.path())
     }
 
+    /// Rules for a `CONNECT` of transparent mode: the client's address, `Origin`, and key
+    /// (`Proxy-Authorization: Bearer <key>`, or `Basic` with the key as the password, as
+    /// `HTTPS_PROXY=http://user:key@host` sends it). Its `Host` names the target, not the
+    /// proxy.
+    pub fn check_connect<B>(&self, req: &Request<B>, peer: SocketAddr) -> Result<(), ProxyError> {
+        self.check_peer(peer)?;
+        self.check_origin(req.headers())?;
+        self.check_key(req.headers())
+    }
+
+    /// Rules for a request inside a tunnel: as for any forwarded request, but its `Host`
+    /// names Zoho and its key was checked on the `CONNECT`.
+    pub fn check_tunneled<B>(
+        &self,
+        req: &Request<B>,
+        peer: SocketAddr,
+        target: &Target,
+    ) -> Result<(), ProxyError> {
+        self.check_peer(peer)?;
+        self.check_origin(req.headers())?;
+        self.check_method(req.method(), req.headers())?;
+        self.check_path(target.path())
+    }
+
     /// Rules for the proxy's own endpoints that reveal something (metrics): the client's
     /// address, `Host`, `Origin` and key, as for forwarded requests.
     pub fn check_private<B>(&self, req: &Request<B>, peer: SocketAddr) -> Result<(), ProxyError> {
@@ -196,11 +220,21 @@ impl AccessPolicy {
         if self.api_keys.is_empty() {
             return Ok(());
         }
-        let presented = headers.get(&PROXY_KEY).map(|v| v.as_bytes()).or_else(|| {
-            headers
+        let basic;
+        let presented = match headers.get(&PROXY_KEY) {
+            Some(key) => Some(key.as_bytes()),
+            None => match headers
                 .get(header::PROXY_AUTHORIZATION)
-                .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-        });
+                .map(|v| v.as_bytes())
+            {
+                Some(value) if value.starts_with(b"Bearer ") => value.strip_prefix(b"Bearer "),
+                Some(value) if value.starts_with(b"Basic ") => {
+                    basic = basic_password(&value[6..]);
+                    basic.as_deref()
+                }
+                _ => None,
+            },
+        };
         let Some(presented) = presented else {
             return Err(ProxyError::Unauthorized(
                 "access.api_keys: this proxy needs a key: send it as X-Proxy-Key or Proxy-Authorization: Bearer".into(),
@@ -275,6 +309,16 @@ impl AccessPolicy {
         }
         Ok(())
     }
+}
+
+/// The password of `Basic base64(user:password)`; the user name is ignored.
+fn basic_password(encoded: &[u8]) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim_ascii())
+        .ok()?;
+    let colon = decoded.iter().position(|b| *b == b':')?;
+    Some(decoded[colon + 1..].to_vec())
 }
 
 /// Loopback names, plus the listen host when it is a specific address.

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError};
+use crate::intercept::Intercept;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::server;
@@ -62,6 +63,11 @@ pub fn ready_config(mut config: Config) -> Result<Config, ConfigError> {
                 config.listen
             ),
         ));
+    }
+    if config.intercept.enabled
+        && let Err(err) = crate::intercept::LocalCa::load(&config.intercept.ca_dir, Vec::new())
+    {
+        problems.push(ConfigError::invalid("intercept.enabled", err.to_string()));
     }
     match ConfigError::all(problems) {
         Some(err) => Err(err),
@@ -128,7 +134,19 @@ pub async fn run_with_reload(
     let reloader = reload
         .map(|reload| tokio::spawn(apply_reloads(reload, Arc::clone(&tokens), store.clone())));
     let store_status = store.as_ref().map(|s| s.status());
-    let proxy = Arc::new(Proxy::new(config, tokens, metrics).with_store_status(store_status));
+    let intercept = if config.intercept.enabled {
+        let intercept = Intercept::load(&config.intercept)
+            .map_err(|e| ConfigError::invalid("intercept.enabled", e.to_string()))?;
+        tracing::info!(hosts = ?config.intercept.hosts(), "transparent mode: CONNECT to these hosts is tunnelled");
+        Some(Arc::new(intercept))
+    } else {
+        None
+    };
+    let proxy = Arc::new(
+        Proxy::new(config, tokens, metrics)
+            .with_store_status(store_status)
+            .with_intercept(intercept),
+    );
     tracing::info!(
         listen = %listener.local_addr()?,
         upstream = %proxy.config.upstream,

@@ -34,6 +34,44 @@ pub enum Command {
     Exchange(ExchangeArgs),
     /// Validate the configuration, obtain a token, call Desk once, and report.
     Check(ConfigArgs),
+    /// Transparent mode's local certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Print the shell lines that make clients use the proxy for Zoho's hosts and trust
+    /// its CA: `eval "$(zoho-desk-proxy env)"`.
+    Env(EnvArgs),
+}
+
+/// Options of `env`.
+#[derive(Debug, Clone, Args)]
+pub struct EnvArgs {
+    /// Configuration file [default: ./proxy.toml when it exists].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The proxy's address, when it is not the configuration's (e.g. the demo's).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+}
+
+/// What to do with the local CA.
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create the CA (name-constrained to Zoho's intercepted hosts).
+    Init(CaInitArgs),
+}
+
+/// Options of `ca init`.
+#[derive(Debug, Clone, Args)]
+pub struct CaInitArgs {
+    /// Where to create it [default: intercept.ca_dir, .zoho-desk-proxy/ca].
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Replace a CA that is already there.
+    #[arg(long)]
+    pub force: bool,
+    /// Configuration file [default: ./proxy.toml when it exists].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 /// Options of `serve`.
@@ -53,6 +91,10 @@ pub struct DemoArgs {
     /// Address of the proxy.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Transparent mode too: clients hard-wired to https://desk.zoho.com reach the fake
+    /// Desk through `HTTPS_PROXY` (creates the local CA when there is none).
+    #[arg(long)]
+    pub intercept: bool,
 }
 
 /// Options of `exchange`.

@@ -48,6 +48,7 @@ pub fn demo_config(fake: &FakeZoho, options: &FakeOptions, listen: SocketAddr) -
 /// Runs the demo until `shutdown` resolves.
 pub async fn run_demo(
     listen: SocketAddr,
+    intercept: bool,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
     let options = FakeOptions {
@@ -64,11 +65,38 @@ pub async fn run_demo(
         )
     })?;
     let listen = listener.local_addr()?;
+    let mut config = demo_config(&fake, &options, listen);
+    if intercept {
+        config.intercept.enabled = true;
+        let dir = config.intercept.ca_dir.clone();
+        if !dir.join(crate::intercept::ca::CA_CERT).exists() {
+            crate::intercept::ca::init(&dir, &config.intercept.hosts(), false)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            println!(
+                "Created the local CA in {} (zoho-desk-proxy ca init).",
+                dir.display()
+            );
+        }
+    }
     println!("{}", instructions(listen, &fake));
-    let config = demo_config(&fake, &options, listen);
+    if intercept {
+        println!("{}", intercept_instructions(listen));
+    }
     let result = run(config, listener, shutdown).await;
     fake.shutdown().await;
     result
+}
+
+/// What to try in transparent mode, printed at start.
+pub fn intercept_instructions(listen: SocketAddr) -> String {
+    format!(
+        r#"Transparent mode: clients hard-wired to https://desk.zoho.com reach this fake Desk.
+In another shell, from this directory:
+  eval "$(zoho-desk-proxy env --listen {listen})"    # or: eval "$(cargo run -q -- env --listen {listen})"
+  curl https://desk.zoho.com/api/v1/tickets
+  python3 examples/desk_python.py                     # a requests-based client, unchanged
+"#
+    )
 }
 
 /// What to try, printed at start.

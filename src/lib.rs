@@ -24,6 +24,7 @@ mod connection;
 mod detect;
 mod error;
 mod headers;
+mod intercept;
 mod metrics;
 mod observe;
 mod paths;

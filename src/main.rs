@@ -8,7 +8,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use zoho_desk_proxy::RunError;
-use zoho_desk_proxy::cli::{Cli, Command, ServeArgs};
+use zoho_desk_proxy::cli::{CaCommand, Cli, Command, ServeArgs};
 use zoho_desk_proxy::config::{Config, ConfigError, LogFormat};
 
 fn main() -> ExitCode {
@@ -31,9 +31,24 @@ fn main() -> ExitCode {
             Some(Command::Serve(args)) => serve(args).await,
             Some(Command::Demo(args)) => {
                 init_logging(None);
-                zoho_desk_proxy::demo::run_demo(args.listen, shutdown_signal())
+                zoho_desk_proxy::demo::run_demo(args.listen, args.intercept, shutdown_signal())
                     .await
                     .map_err(Into::into)
+            }
+            Some(Command::Ca(CaCommand::Init(args))) => {
+                let config = Config::load_without_credentials(args.config.as_deref())?;
+                let message =
+                    zoho_desk_proxy::ops::ca_init(&config, args.dir.as_deref(), args.force)?;
+                println!("{message}");
+                Ok(())
+            }
+            Some(Command::Env(args)) => {
+                let mut config = Config::load_without_credentials(args.config.as_deref())?;
+                if let Some(listen) = args.listen {
+                    config.listen = listen;
+                }
+                print!("{}", zoho_desk_proxy::ops::env_lines(&config)?);
+                Ok(())
             }
             Some(Command::Exchange(args)) => {
                 init_logging(Some(LogFormat::Pretty));

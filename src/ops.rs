@@ -218,3 +218,84 @@ async fn desk_call(config: &Config, token: &Secret<String>) -> Result<(u16, Byte
         .await
         .map_err(|_| "no answer in time".to_owned())?
 }
+
+/// `ca init`: creates transparent mode's local CA in `dir` (default `intercept.ca_dir`),
+/// name-constrained to the intercepted hosts. Returns what to print.
+pub fn ca_init(
+    config: &Config,
+    dir: Option<&std::path::Path>,
+    force: bool,
+) -> Result<String, OpsError> {
+    let dir = dir.unwrap_or(&config.intercept.ca_dir);
+    let hosts = config.intercept.hosts();
+    let cert = crate::intercept::ca::init(dir, &hosts, force)
+        .map_err(|e| OpsError::Failed(e.to_string()))?;
+    Ok(format!(
+        "local CA created: {} (trust this one), its key {} (mode 0600, keep it private).\nIt can sign certificates for {} only, and for no IP address.\nNext: set intercept.enabled = true, start the proxy, and run `eval \"$(zoho-desk-proxy env)\"` in the client's shell.",
+        cert.display(),
+        dir.join(crate::intercept::ca::CA_KEY).display(),
+        hosts.join(", ")
+    ))
+}
+
+/// `env`: the shell lines that make clients use the proxy for Zoho's hosts and trust its
+/// CA. A client key is referred to as `$ZOHO_PROXY_KEY`, never printed.
+pub fn env_lines(config: &Config) -> Result<String, OpsError> {
+    let ca = config.intercept.ca_dir.join(crate::intercept::ca::CA_CERT);
+    if !ca.exists() {
+        return Err(OpsError::Failed(format!(
+            "no CA at {}: create one with `zoho-desk-proxy ca init`",
+            ca.display()
+        )));
+    }
+    let ca = std::fs::canonicalize(&ca).map_err(|e| OpsError::Failed(e.to_string()))?;
+    let host = match config.listen.ip() {
+        ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    };
+    let credentials = if config.access.api_keys.is_empty() {
+        String::new()
+    } else {
+        "proxy:${ZOHO_PROXY_KEY}@".to_owned()
+    };
+    let proxy = format!("http://{credentials}{host}:{}", config.listen.port());
+    let ca = shell_quote(&ca.display().to_string());
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "# zoho-desk-proxy: HTTPS to {} goes through the proxy, which trusts its local CA.",
+        config.intercept.hosts().join(", ")
+    );
+    let _ = writeln!(
+        text,
+        "# For this shell (or CI step) only: the proxy refuses every other HTTPS host."
+    );
+    if !credentials.is_empty() {
+        let _ = writeln!(
+            text,
+            "# The proxy needs a key: set ZOHO_PROXY_KEY to one of access.api_keys first."
+        );
+    }
+    for name in ["HTTPS_PROXY", "https_proxy"] {
+        let _ = writeln!(text, "export {name}=\"{proxy}\"");
+    }
+    // curl, Python's requests and httpx, Go and OpenSSL-based clients read a bundle
+    // file; Node adds extra certificates to its own.
+    for name in [
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "NODE_EXTRA_CA_CERTS",
+    ] {
+        let _ = writeln!(text, "export {name}={ca}");
+    }
+    // Node reads HTTPS_PROXY only when asked to (Node 22.21 and 24 onwards).
+    let _ = writeln!(text, "export NODE_USE_ENV_PROXY=1");
+    Ok(text)
+}
+
+/// `s` quoted for a POSIX shell.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}

@@ -21,6 +21,7 @@ use crate::client::{Connector, describe_client_error};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::headers;
+use crate::intercept::{self, Intercept};
 use crate::metrics::{Metrics, UpstreamErrorKind};
 use crate::observe::{Lifecycle, RequestId, RequestLog};
 use crate::target::{self, Target};
@@ -31,6 +32,47 @@ use crate::token::{Token, TokenCache, TokenError};
 /// left unread, so nothing after it can be trusted to start a request).
 #[derive(Debug, Clone, Copy)]
 pub struct CloseConnection;
+
+/// How a request reached the proxy.
+#[derive(Debug, Clone)]
+pub enum Via {
+    /// Sent to the proxy itself (reverse mode).
+    Direct,
+    /// Inside a tunnel of transparent mode, to `host` (lower case), which is `service`.
+    Tunnel {
+        /// The host the client's CONNECT and TLS named.
+        host: Arc<str>,
+        /// What that host is.
+        service: intercept::Service,
+    },
+}
+
+/// Carried by the 200 to an accepted `CONNECT` (an answer's extensions must be `Clone`, so
+/// the tunnel is in a shared cell the serving layer takes it from).
+#[derive(Clone)]
+pub struct TunnelRequest(Arc<std::sync::Mutex<Option<Tunnel>>>);
+
+impl TunnelRequest {
+    /// The tunnel, once (later calls get `None`).
+    pub fn take(&self) -> Option<Tunnel> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+}
+
+/// What the serving layer needs to run a tunnel once the 200 to its `CONNECT` is sent.
+pub struct Tunnel {
+    /// The connection, once hyper hands it over.
+    pub upgrade: hyper::upgrade::OnUpgrade,
+    /// The host the client asked for (lower case).
+    pub host: Arc<str>,
+    /// What that host is.
+    pub service: intercept::Service,
+    /// The TLS configuration that ends the tunnel.
+    pub tls: Arc<rustls::ServerConfig>,
+}
 
 /// The largest Desk 401 body read to find its `errorCode` (real ones are ~100 bytes).
 const MAX_401_BODY: usize = 64 * 1024;
@@ -56,6 +98,8 @@ pub struct Proxy {
     pub(crate) buffered: Arc<ByteBudget>,
     /// The shared token store's health, when there is one.
     pub(crate) store: Option<Arc<StoreStatus>>,
+    /// Transparent mode, when enabled.
+    pub(crate) intercept: Option<Arc<Intercept>>,
 }
 
 impl Proxy {
@@ -72,12 +116,19 @@ impl Proxy {
             connections: Arc::default(),
             buffered,
             store: None,
+            intercept: None,
         }
     }
 
     /// Reports the shared token store's health in `/_proxy/ready`.
     pub fn with_store_status(mut self, store: Option<Arc<StoreStatus>>) -> Self {
         self.store = store;
+        self
+    }
+
+    /// Ends `CONNECT` tunnels to Zoho's hosts (transparent mode).
+    pub fn with_intercept(mut self, intercept: Option<Arc<Intercept>>) -> Self {
+        self.intercept = intercept;
         self
     }
 
@@ -133,8 +184,9 @@ impl Proxy {
         req: Request<Incoming>,
         peer: SocketAddr,
         mut log: RequestLog,
+        via: &Via,
     ) -> Response<ResponseBody> {
-        let mut response = match self.route(upstream, req, peer, &mut log).await {
+        let mut response = match self.route(upstream, req, peer, &mut log, via).await {
             Ok(response) => response,
             Err(err) => self.refusal(err, &mut log),
         };
@@ -170,7 +222,14 @@ impl Proxy {
         req: Request<Incoming>,
         peer: SocketAddr,
         log: &mut RequestLog,
+        via: &Via,
     ) -> Result<Response<ResponseBody>, ProxyError> {
+        if req.method() == http::Method::CONNECT
+            && matches!(via, Via::Direct)
+            && let Some(intercept) = &self.intercept
+        {
+            return self.connect(intercept, req, peer);
+        }
         self.access.check_method_is_forwardable(req.method())?;
         if req.headers().len() > MAX_HEADERS {
             self.metrics.record_limit(Limit::Headers);
@@ -179,6 +238,11 @@ impl Proxy {
             )));
         }
         target::check_host_syntax(req.uri(), req.headers())?;
+        if let Via::Tunnel { host, service } = via {
+            return self
+                .tunneled(upstream, req, peer, log, host, *service)
+                .await;
+        }
         let target = target::resolve(req.uri(), req.version(), &self.config.upstream)?;
         if let Some(name) = target.path().strip_prefix(admin::PREFIX) {
             let endpoint = admin::Endpoint::parse(name)?;
@@ -191,6 +255,123 @@ impl Proxy {
         }
         self.access.check(&req, peer, &target)?;
         self.forward(upstream, req, &target, log).await
+    }
+
+    /// Accepts a `CONNECT` to an intercepted Zoho host on port 443 (403 naming the host
+    /// for any other: this is no open tunnel), under the access rules, with the client's
+    /// key as `Proxy-Authorization`. The 200 carries the tunnel for the serving layer.
+    fn connect(
+        &self,
+        intercept: &Intercept,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        // Python's http.client still says HTTP/1.0 on its CONNECT.
+        if !matches!(req.version(), Version::HTTP_11 | Version::HTTP_10) {
+            return Err(ProxyError::MethodNotAllowed {
+                message: "intercept: CONNECT is taken over HTTP/1.x only".into(),
+                allow: http::HeaderValue::from_static(
+                    "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
+                ),
+            });
+        }
+        let authority = req
+            .uri()
+            .authority()
+            .cloned()
+            .ok_or_else(|| ProxyError::BadRequest("CONNECT needs a host:port target".into()))?;
+        let host = target::host_name(authority.as_str())?.to_ascii_lowercase();
+        let intercepted = || intercept.hosts().join(", ");
+        let Some(service) = intercept.service(&host) else {
+            return Err(ProxyError::Forbidden(format!(
+                "intercept: CONNECT to {host} refused: this proxy tunnels only to {} (it is not an open proxy)",
+                intercepted()
+            )));
+        };
+        if authority.port_u16() != Some(443) {
+            return Err(ProxyError::Forbidden(format!(
+                "intercept: CONNECT to {} refused: only port 443 of {} is tunnelled",
+                authority.as_str(),
+                intercepted()
+            )));
+        }
+        self.access.check_connect(&req, peer)?;
+        let upgrade = hyper::upgrade::on(&mut req);
+        tracing::info!(%peer, %host, "intercept: tunnel accepted");
+        let mut response = Response::new(ResponseBody::full(Bytes::new()));
+        response
+            .extensions_mut()
+            .insert(TunnelRequest(Arc::new(std::sync::Mutex::new(Some(
+                Tunnel {
+                    upgrade,
+                    host: host.into(),
+                    service,
+                    tls: Arc::clone(&intercept.tls),
+                },
+            )))));
+        Ok(response)
+    }
+
+    /// A request inside a tunnel: it must name the tunnel's host; Accounts' requests are
+    /// answered here, Desk's go through the access rules (the client's key was checked on
+    /// the CONNECT) and are forwarded as any other.
+    async fn tunneled(
+        &self,
+        upstream: &Upstream,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        log: &mut RequestLog,
+        host: &str,
+        service: intercept::Service,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let named = req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()))
+            .map(target::host_name)
+            .transpose()?;
+        if named.is_some_and(|n| !n.eq_ignore_ascii_case(host)) {
+            return Err(ProxyError::Forbidden(format!(
+                "intercept: a request inside the tunnel to {host} names another host"
+            )));
+        }
+        let target = target::resolve(req.uri(), Version::HTTP_2, &self.config.upstream)?;
+        if target.path().starts_with(admin::PREFIX) {
+            return Err(ProxyError::Forbidden(format!(
+                "intercept: {} is the proxy's own, not {host}'s",
+                admin::PREFIX
+            )));
+        }
+        match service {
+            intercept::Service::Accounts => {
+                self.access.check_peer(peer)?;
+                let api_domain = self.intercept.as_ref().map_or("", |i| i.api_domain());
+                let Some((status, body)) =
+                    intercept::accounts::answer(req.method(), target.path(), api_domain)
+                else {
+                    return Err(ProxyError::Forbidden(format!(
+                        "intercept: {host} is answered here for token requests only (POST /oauth/v2/token, /oauth/v2/token/revoke)"
+                    )));
+                };
+                // The form (client id, secret, grant) is read and dropped: it is never
+                // needed, and never forwarded.
+                let _ = Limited::new(req.into_body(), MAX_401_BODY).collect().await;
+                let mut text = body.to_string();
+                text.push('\n');
+                let mut response = Response::new(ResponseBody::full(Bytes::from(text)));
+                *response.status_mut() = status;
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json;charset=UTF-8"),
+                );
+                Ok(response)
+            }
+            intercept::Service::Desk => {
+                self.access.check_tunneled(&req, peer, &target)?;
+                self.forward(upstream, req, &target, log).await
+            }
+        }
     }
 
     /// Sends the request to Desk with a usable token; on a 401 that says the token is

@@ -333,3 +333,110 @@ async fn sigterm_exits_as_soon_as_the_drain_is_done() {
     );
     drop(silent);
 }
+
+/// Starts `demo` with `args` in `dir` on a port the kernel picks; the child and the
+/// proxy's address, read from the banner.
+async fn demo(dir: &std::path::Path, args: &[&str]) -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = command(dir)
+        .arg("demo")
+        .args(args)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(url) = line.trim().strip_prefix("proxy:") {
+                return url.trim().trim_start_matches("http://").to_owned();
+            }
+        }
+        panic!("the demo printed no proxy address");
+    })
+    .await
+    .expect("the demo's banner");
+    // Keep reading the banner so the demo never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, addr)
+}
+
+#[tokio::test]
+async fn the_demo_serves_the_fake_desk_with_no_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, addr) = demo(dir.path(), &[]).await;
+    let tickets: serde_json::Value = fetch(format!("http://{addr}/api/v1/tickets"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tickets["data"].as_array().unwrap().len(), 3, "{tickets}");
+    sigterm(&child);
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+}
+
+/// The README's three commands of transparent mode: `demo --intercept`, then in another
+/// shell `eval "$(zoho-desk-proxy env)"` and a client hard-wired to https://desk.zoho.com:
+/// curl, and the `requests` script of examples/.
+#[tokio::test]
+async fn the_intercept_demo_serves_clients_hard_wired_to_desk() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, addr) = demo(dir.path(), &["--intercept"]).await;
+    assert!(dir.path().join(".zoho-desk-proxy/ca/ca.pem").exists());
+    let shell = |client: &str| {
+        let script = format!("eval \"$('{BIN}' env --listen {addr})\" && {client}");
+        let mut cmd = tokio::process::Command::new("bash");
+        cmd.args(["-c", &script]).current_dir(dir.path());
+        cmd
+    };
+    let has = |program: &str, args: &[&str]| {
+        std::process::Command::new(program)
+            .args(args)
+            .output()
+            .is_ok_and(|out| out.status.success())
+    };
+    if has("curl", &["--version"]) {
+        let out = shell("curl -sS --max-time 10 https://desk.zoho.com/api/v1/tickets")
+            .output()
+            .await
+            .unwrap();
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["data"].as_array().unwrap().len(), 3, "{body}");
+    } else {
+        eprintln!("curl is not installed: skipping the curl client of the intercept demo");
+    }
+    if has("python3", &["-c", "import requests"]) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/desk_python.py");
+        let out = shell(&format!("python3 '{script}'"))
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("3 tickets"), "{stdout}");
+    } else {
+        eprintln!("python3 with requests is not installed: skipping examples/desk_python.py");
+    }
+    sigterm(&child);
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+}

@@ -13,8 +13,8 @@ use std::path::Path;
 
 pub use error::{ConfigError, Origin};
 pub use model::{
-    AccessConfig, Config, DATA_CENTRES, DEFAULT_LISTEN, DEFAULT_TOKEN_FILE, DESK_METHODS,
-    LogFormat, OAuthConfig, Timeouts,
+    AccessConfig, Config, DATA_CENTRES, DEFAULT_CA_DIR, DEFAULT_LISTEN, DEFAULT_TOKEN_FILE,
+    DESK_METHODS, InterceptConfig, LogFormat, OAuthConfig, Timeouts,
 };
 pub use raw::RawConfig;
 
@@ -29,6 +29,21 @@ impl Config {
             None => RawConfig::default(),
         };
         raw.apply_env(|name| std::env::var(name).ok());
+        Self::try_from(raw)
+    }
+
+    /// Loads what the commands around transparent mode need (`ca init`, `env`) from the
+    /// same file and environment as `serve`, without requiring Zoho credentials: every
+    /// other key is validated as usual.
+    pub fn load_without_credentials(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let default = Path::new("proxy.toml");
+        let mut raw = match path {
+            Some(p) => RawConfig::from_file(p)?,
+            None if default.exists() => RawConfig::from_file(default)?,
+            None => RawConfig::default(),
+        };
+        raw.apply_env(|name| std::env::var(name).ok());
+        raw.stand_in_credentials();
         Self::try_from(raw)
     }
 

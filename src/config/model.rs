@@ -16,6 +16,9 @@ use crate::url::BaseUrl;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// The default token file, relative to the working directory.
 pub const DEFAULT_TOKEN_FILE: &str = ".zoho-desk-proxy/token.json";
+/// The default directory of transparent mode's local CA, relative to the working
+/// directory.
+pub const DEFAULT_CA_DIR: &str = ".zoho-desk-proxy/ca";
 
 /// The validated configuration of one proxy.
 #[derive(Debug, Clone)]
@@ -52,8 +55,38 @@ pub struct Config {
     pub log_format: Option<LogFormat>,
     /// Certificates trusted besides Mozilla's roots (`tls.ca_file`), for Desk and Accounts.
     pub extra_roots: Vec<CertificateDer<'static>>,
+    /// Transparent mode (README "Clients that cannot change their URL").
+    pub intercept: InterceptConfig,
     /// Where the configuration came from, in words (`check` prints it).
     pub source: String,
+}
+
+/// Transparent mode: the listener is also an HTTPS proxy for Zoho's hosts.
+#[derive(Debug, Clone)]
+pub struct InterceptConfig {
+    /// Whether `CONNECT` to Zoho's hosts is accepted.
+    pub enabled: bool,
+    /// Where the local CA lives (`intercept.ca_dir`).
+    pub ca_dir: PathBuf,
+    /// Host names answered as Zoho Desk: the data centre's, and those of
+    /// `intercept.hosts` that are not Accounts'.
+    pub desk_hosts: Vec<String>,
+    /// Host names answered as Zoho Accounts (locally): the data centre's, and those of
+    /// `intercept.hosts` whose first label is `accounts`.
+    pub accounts_hosts: Vec<String>,
+    /// The `api_domain` the local Accounts answers carry (the data centre's).
+    pub api_domain: String,
+}
+
+impl InterceptConfig {
+    /// Every intercepted host name.
+    pub fn hosts(&self) -> Vec<String> {
+        self.desk_hosts
+            .iter()
+            .chain(&self.accounts_hosts)
+            .cloned()
+            .collect()
+    }
 }
 
 /// OAuth credentials and the refresh policy.
@@ -142,6 +175,18 @@ pub const DATA_CENTRES: &[(&str, &str, &str)] = &[
         "https://accounts.zoho.com.cn",
         "https://desk.zoho.com.cn",
     ),
+];
+
+/// Zoho's `api_domain` per data centre.
+pub const API_DOMAINS: &[(&str, &str)] = &[
+    ("com", "https://www.zohoapis.com"),
+    ("eu", "https://www.zohoapis.eu"),
+    ("in", "https://www.zohoapis.in"),
+    ("com.au", "https://www.zohoapis.com.au"),
+    ("jp", "https://www.zohoapis.jp"),
+    ("ca", "https://www.zohoapis.ca"),
+    ("sa", "https://www.zohoapis.sa"),
+    ("com.cn", "https://www.zohoapis.com.cn"),
 ];
 
 /// The methods Desk's API has: what `access.allow_methods` may list.

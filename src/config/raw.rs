@@ -32,6 +32,8 @@ pub struct RawConfig {
     pub(super) log: RawLog,
     #[serde(default)]
     pub(super) tls: RawTls,
+    #[serde(default)]
+    pub(super) intercept: RawIntercept,
     /// `ZOHO_PROXY_API_KEYS` as set in the environment, split when validated.
     #[serde(skip)]
     pub(super) api_keys_env: Option<String>,
@@ -92,6 +94,14 @@ pub(super) struct RawLimits {
     pub(super) max_connections: Option<usize>,
     pub(super) max_upstream_requests: Option<usize>,
     pub(super) workers: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawIntercept {
+    pub(super) enabled: Option<bool>,
+    pub(super) ca_dir: Option<PathBuf>,
+    pub(super) hosts: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -168,6 +178,16 @@ impl RawConfig {
             source,
         })?;
         Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Stands in for missing Zoho credentials, for commands that never call Zoho.
+    pub(super) fn stand_in_credentials(&mut self) {
+        if self.oauth.client_id.is_none() && self.oauth.client_id_file.is_none() {
+            self.oauth.client_id = Some("(not needed)".into());
+        }
+        if self.oauth.client_secret.is_none() && self.oauth.client_secret_file.is_none() {
+            self.oauth.client_secret = Some("(not needed)".into());
+        }
     }
 
     /// Applies the environment variables, which override the file.

@@ -13,10 +13,10 @@ use rustls::pki_types::pem::PemObject;
 
 use super::error::ConfigError;
 use super::model::{
-    AccessConfig, Config, DATA_CENTRES, DEFAULT_LISTEN, DEFAULT_TOKEN_FILE, DESK_METHODS,
-    LogFormat, OAuthConfig, Timeouts,
+    API_DOMAINS, AccessConfig, Config, DATA_CENTRES, DEFAULT_CA_DIR, DEFAULT_LISTEN,
+    DEFAULT_TOKEN_FILE, DESK_METHODS, InterceptConfig, LogFormat, OAuthConfig, Timeouts,
 };
-use super::raw::{Origins, RawAccess, RawConfig};
+use super::raw::{Origins, RawAccess, RawConfig, RawIntercept};
 use crate::paths::{Case, PathRule};
 use crate::secret::Secret;
 use crate::url::BaseUrl;
@@ -63,6 +63,7 @@ impl TryFrom<RawConfig> for Config {
             limits,
             log,
             tls,
+            intercept,
             api_keys_env,
             origins,
         } = raw;
@@ -93,8 +94,7 @@ impl TryFrom<RawConfig> for Config {
                     )
                 }),
         );
-        let (dc_accounts, dc_desk) =
-            centre.map_or((DATA_CENTRES[0].1, DATA_CENTRES[0].2), |c| (c.1, c.2));
+        let (dc_name, dc_accounts, dc_desk) = centre.map_or(DATA_CENTRES[0], |c| *c);
         let upstream = p.check(
             "upstream",
             BaseUrl::parse(upstream.as_deref().unwrap_or(dc_desk)).map_err(|e| e.to_string()),
@@ -245,6 +245,7 @@ impl TryFrom<RawConfig> for Config {
                 .check("tls.ca_file", read_certificates(path))
                 .unwrap_or_default(),
         };
+        let intercept = intercept_config(&mut p, intercept, dc_name, dc_desk, dc_accounts);
         let max_connections = at_least_one(
             &mut p,
             "limits.max_connections",
@@ -295,12 +296,66 @@ impl TryFrom<RawConfig> for Config {
             workers: limits.workers.unwrap_or(0),
             log_format,
             extra_roots,
+            intercept,
             source: if origins.source.is_empty() {
                 "built-in defaults".into()
             } else {
                 origins.source.clone()
             },
         })
+    }
+}
+
+/// Transparent mode's settings: the data centre's Desk and Accounts hosts, plus
+/// `intercept.hosts` (an `accounts.` host is answered as Accounts).
+fn intercept_config(
+    p: &mut Problems<'_>,
+    raw: RawIntercept,
+    dc: &str,
+    dc_desk: &str,
+    dc_accounts: &str,
+) -> InterceptConfig {
+    let host_of = |url: &str| {
+        url.trim_start_matches("https://")
+            .trim_end_matches('/')
+            .to_owned()
+    };
+    let mut desk_hosts = vec![host_of(dc_desk)];
+    let mut accounts_hosts = vec![host_of(dc_accounts)];
+    for host in raw.hosts.unwrap_or_default() {
+        let name = host.trim().trim_end_matches('.').to_ascii_lowercase();
+        let valid = !name.is_empty()
+            && name.contains('.')
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'));
+        if !valid {
+            p.invalid(
+                "intercept.hosts",
+                format!("{host:?} is not a host name such as \"desk.zoho.eu\""),
+            );
+            continue;
+        }
+        let list = if name.starts_with("accounts.") {
+            &mut accounts_hosts
+        } else {
+            &mut desk_hosts
+        };
+        if !list.contains(&name) {
+            list.push(name);
+        }
+    }
+    let api_domain = API_DOMAINS
+        .iter()
+        .find(|(name, _)| *name == dc)
+        .map_or(API_DOMAINS[0].1, |(_, domain)| domain)
+        .to_owned();
+    InterceptConfig {
+        enabled: raw.enabled.unwrap_or(false),
+        ca_dir: raw.ca_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_CA_DIR)),
+        desk_hosts,
+        accounts_hosts,
+        api_domain,
     }
 }
 

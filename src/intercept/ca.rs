@@ -1,0 +1,351 @@
+//! The local certificate authority of transparent mode (README "Clients that cannot change
+//! their URL"): created once by `zoho-desk-proxy ca init`, name-constrained to the
+//! intercepted Zoho host names and to no IP address at all, so that its key, if stolen,
+//! cannot impersonate any other site; and the leaf certificates it signs, one per host,
+//! minted when a client first names the host (SNI) and kept.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CidrSubnet, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    NameConstraints,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+/// The CA certificate's file in the CA directory (public: clients trust it).
+pub const CA_CERT: &str = "ca.pem";
+/// The CA key's file (mode 0600).
+pub const CA_KEY: &str = "ca-key.pem";
+/// What the CA calls itself.
+const CA_NAME: &str = "zoho-desk-proxy local CA";
+
+/// Why the CA cannot be made or used.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// A CA is there already and `--force` was not given.
+    #[error(
+        "{0} already holds a CA; give --force to replace it (clients that trust the old one must trust the new one)"
+    )]
+    Exists(PathBuf),
+    /// No CA in the directory.
+    #[error("no CA in {0}: create one with `zoho-desk-proxy ca init`")]
+    Missing(PathBuf),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The CA's name constraints do not cover an intercepted host (added after `ca init`).
+    #[error(
+        "the CA in {dir} cannot vouch for {host} (its name constraints predate it): make a new one with `zoho-desk-proxy ca init --force`, and have clients trust it"
+    )]
+    Uncovered {
+        /// The CA directory.
+        dir: PathBuf,
+        /// The host.
+        host: String,
+    },
+    /// A certificate or key could not be made or read.
+    #[error("{0}")]
+    Cert(String),
+}
+
+fn cert_error(err: impl std::fmt::Display) -> CaError {
+    CaError::Cert(err.to_string())
+}
+
+/// The CA's certificate parameters: a CA for `hosts` (and the names below them) only,
+/// and for no IP address.
+fn ca_params(hosts: &[String]) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, CA_NAME);
+    name.push(DnType::OrganizationName, "zoho-desk-proxy");
+    params.distinguished_name = name;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.name_constraints = Some(NameConstraints {
+        permitted_subtrees: hosts
+            .iter()
+            .map(|h| GeneralSubtree::DnsName(h.clone()))
+            .collect(),
+        excluded_subtrees: vec![
+            GeneralSubtree::IpAddress(CidrSubnet::V4([0; 4], [0; 4])),
+            GeneralSubtree::IpAddress(CidrSubnet::V6([0; 16], [0; 16])),
+        ],
+    });
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(3650);
+    params
+}
+
+/// Creates a CA in `dir` for `hosts`: `ca.pem` (readable by all) and `ca-key.pem` (mode
+/// 0600). Refuses to replace one unless `force`. Returns the certificate's path.
+pub fn init(dir: &Path, hosts: &[String], force: bool) -> Result<PathBuf, CaError> {
+    let cert_path = dir.join(CA_CERT);
+    let key_path = dir.join(CA_KEY);
+    if !force && (cert_path.exists() || key_path.exists()) {
+        return Err(CaError::Exists(dir.to_owned()));
+    }
+    let key = KeyPair::generate().map_err(cert_error)?;
+    let cert = ca_params(hosts).self_signed(&key).map_err(cert_error)?;
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| CaError::Io { path, source }
+    };
+    create_private_dir(dir).map_err(io(dir))?;
+    write_file(&key_path, key.serialize_pem().as_bytes(), 0o600).map_err(io(&key_path))?;
+    write_file(&cert_path, cert.pem().as_bytes(), 0o644).map_err(io(&cert_path))?;
+    Ok(cert_path)
+}
+
+/// The DNS names a CA certificate's name constraints permit (`None`: it has none, and
+/// permits all).
+fn permitted_names(ca_der: &CertificateDer<'_>) -> Result<Option<Vec<String>>, CaError> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(ca_der).map_err(cert_error)?;
+    let constraints = cert.name_constraints().map_err(cert_error)?;
+    Ok(constraints.map(|constraints| {
+        constraints
+            .value
+            .permitted_subtrees
+            .iter()
+            .flatten()
+            .filter_map(|subtree| match subtree.base {
+                GeneralName::DNSName(name) => Some(name.to_ascii_lowercase()),
+                _ => None,
+            })
+            .collect()
+    }))
+}
+
+/// Whether a DNS name constraint list permits `host`: the name itself or one below it.
+fn covers(permitted: &Option<Vec<String>>, host: &str) -> bool {
+    let Some(names) = permitted else {
+        return true;
+    };
+    names.iter().any(|name| {
+        let name = name.trim_start_matches('.');
+        host == name
+            || host
+                .strip_suffix(name)
+                .is_some_and(|rest| rest.ends_with('.'))
+    })
+}
+
+/// The CA loaded from its directory, and the leaf certificates it has minted.
+pub struct LocalCa {
+    issuer: Issuer<'static, KeyPair>,
+    ca_der: CertificateDer<'static>,
+    /// One key for every leaf: minting a leaf then costs one signature.
+    leaf_key: KeyPair,
+    /// Host names a leaf may be minted for.
+    hosts: Vec<String>,
+    leaves: Mutex<HashMap<String, Arc<CertifiedKey>>>,
+}
+
+impl std::fmt::Debug for LocalCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalCa")
+            .field("hosts", &self.hosts)
+            .finish()
+    }
+}
+
+impl LocalCa {
+    /// Loads the CA of `dir`, to mint leaves for `hosts` only.
+    pub fn load(dir: &Path, hosts: Vec<String>) -> Result<Self, CaError> {
+        let cert_path = dir.join(CA_CERT);
+        let key_path = dir.join(CA_KEY);
+        if !cert_path.exists() || !key_path.exists() {
+            return Err(CaError::Missing(dir.to_owned()));
+        }
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| CaError::Io {
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let cert_pem = read(&cert_path)?;
+        let key = KeyPair::from_pem(&read(&key_path)?).map_err(cert_error)?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(cert_error)?;
+        let ca_der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(cert_error)?;
+        let permitted = permitted_names(&ca_der)?;
+        if let Some(host) = hosts.iter().find(|host| !covers(&permitted, host)) {
+            return Err(CaError::Uncovered {
+                dir: dir.to_owned(),
+                host: host.clone(),
+            });
+        }
+        Ok(Self {
+            issuer,
+            ca_der,
+            leaf_key: KeyPair::generate().map_err(cert_error)?,
+            hosts,
+            leaves: Mutex::default(),
+        })
+    }
+
+    /// The leaf for `host` (lower case), minted on first use; `None` for a host that is
+    /// not intercepted.
+    pub fn leaf(&self, host: &str) -> Option<Arc<CertifiedKey>> {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        if !self.hosts.contains(&host) {
+            return None;
+        }
+        let mut leaves = self
+            .leaves
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(leaf) = leaves.get(&host) {
+            return Some(Arc::clone(leaf));
+        }
+        match self.mint(&host) {
+            Ok(leaf) => {
+                let leaf = Arc::new(leaf);
+                leaves.insert(host, Arc::clone(&leaf));
+                Some(leaf)
+            }
+            Err(err) => {
+                tracing::error!(%host, error = %err, "intercept: a certificate could not be minted");
+                None
+            }
+        }
+    }
+
+    /// A leaf certificate for `host`, signed by the CA, with the CA in its chain.
+    pub fn mint(&self, host: &str) -> Result<CertifiedKey, CaError> {
+        let mut params = CertificateParams::new(vec![host.to_owned()]).map_err(cert_error)?;
+        let mut name = DistinguishedName::new();
+        name.push(DnType::CommonName, host);
+        params.distinguished_name = name;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(365);
+        let leaf = params
+            .signed_by(&self.leaf_key, &self.issuer)
+            .map_err(cert_error)?;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.leaf_key.serialize_der()));
+        let signer = rustls::crypto::ring::sign::any_supported_type(&key).map_err(cert_error)?;
+        Ok(CertifiedKey::new(
+            vec![leaf.der().clone(), self.ca_der.clone()],
+            signer,
+        ))
+    }
+}
+
+/// Chooses the leaf by the client's SNI: none for a hello without SNI or for a host that
+/// is not intercepted, and the handshake fails.
+impl ResolvesServerCert for LocalCa {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        match hello.server_name() {
+            Some(name) => {
+                let leaf = self.leaf(name);
+                if leaf.is_none() {
+                    tracing::warn!(
+                        sni = name,
+                        "intercept: TLS refused: the client named a host that is not intercepted"
+                    );
+                }
+                leaf
+            }
+            None => {
+                tracing::warn!("intercept: TLS refused: the client named no host (no SNI)");
+                None
+            }
+        }
+    }
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+/// Writes a file whole with `mode`, through a temporary file and a rename.
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut temp = tempfile::NamedTempFile::new_in(dir)?;
+    std::io::Write::write_all(&mut temp, bytes)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        temp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(mode))?;
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    temp.as_file().sync_all()?;
+    temp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hosts(names: &[&str]) -> Vec<String> {
+        names.iter().map(|h| (*h).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_host_added_after_ca_init_is_refused_at_load_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        init(
+            dir.path(),
+            &hosts(&["desk.zoho.com", "accounts.zoho.com"]),
+            false,
+        )
+        .unwrap();
+        assert!(LocalCa::load(dir.path(), hosts(&["desk.zoho.com", "accounts.zoho.com"])).is_ok());
+        let err = LocalCa::load(dir.path(), hosts(&["desk.zoho.com", "desk.zoho.eu"]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("desk.zoho.eu") && err.contains("ca init --force"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn name_constraints_cover_a_name_and_the_names_below_it_only() {
+        let names = Some(hosts(&["desk.zoho.com"]));
+        assert!(covers(&names, "desk.zoho.com"));
+        assert!(covers(&names, "eu.desk.zoho.com"));
+        assert!(!covers(&names, "evildesk.zoho.com"));
+        assert!(!covers(&names, "zoho.com"));
+        assert!(covers(&None, "anything.example"));
+    }
+
+    #[test]
+    fn leaves_are_minted_for_intercepted_hosts_only_and_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), &hosts(&["desk.zoho.com"]), false).unwrap();
+        let ca = LocalCa::load(dir.path(), hosts(&["desk.zoho.com"])).unwrap();
+        let first = ca.leaf("DESK.zoho.com.").unwrap();
+        assert!(Arc::ptr_eq(&first, &ca.leaf("desk.zoho.com").unwrap()));
+        assert!(ca.leaf("evil.example").is_none());
+    }
+}

@@ -1,0 +1,117 @@
+//! Keeping a served connection within its time bounds: closed gracefully when a close is
+//! asked for or when it has been idle too long, and dropped when it does not close.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper::service::HttpService;
+use hyper_util::rt::TokioExecutor;
+use tokio::time::Instant;
+
+use crate::body::ResponseBody;
+use crate::connection::ConnectionState;
+
+/// A served connection that can be asked to close gracefully: after the answers in
+/// progress, with GOAWAY on HTTP/2.
+pub(super) trait Closable: Future<Output = Result<(), hyper::Error>> {
+    /// Starts closing.
+    fn close_gracefully(self: Pin<&mut Self>);
+}
+
+impl<I, S> Closable for http1::UpgradeableConnection<I, S>
+where
+    S: HttpService<Incoming, ResBody = ResponseBody>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    fn close_gracefully(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S> Closable for http1::Connection<I, S>
+where
+    S: HttpService<Incoming, ResBody = ResponseBody>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+{
+    fn close_gracefully(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S> Closable for http2::Connection<I, S, TokioExecutor>
+where
+    S: HttpService<Incoming, ResBody = ResponseBody>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, ResponseBody>,
+{
+    fn close_gracefully(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Runs a connection to its end, closing it gracefully when a close is asked for (a
+/// request's, or the worker stopping), or when it has had no open request for `idle`. A
+/// connection still there `idle` after that with no open request (an HTTP/2 client that
+/// never acknowledges the GOAWAY) is dropped.
+///
+/// A request costs this loop nothing: only the idle timer, when it fires, and a close
+/// request wake it besides the connection itself.
+pub(super) async fn drive<C: Closable>(
+    mut connection: Pin<&mut C>,
+    state: &ConnectionState,
+    idle: Duration,
+    peer: SocketAddr,
+) -> Result<(), hyper::Error> {
+    let idle_timer = tokio::time::sleep(idle);
+    tokio::pin!(idle_timer);
+    let mut closing = false;
+    std::future::poll_fn(|cx| {
+        loop {
+            if let Poll::Ready(result) = connection.as_mut().poll(cx) {
+                return Poll::Ready(result);
+            }
+            state.register_task(cx);
+            let close = if !closing && state.close_requested() {
+                true
+            } else if idle_timer.as_mut().poll(cx).is_ready() {
+                let now = Instant::now();
+                match state.idle_deadline(idle).map(Instant::from_std) {
+                    // Requests are open: look again one idle period later.
+                    None => {
+                        idle_timer.as_mut().reset(now + idle);
+                        continue;
+                    }
+                    Some(deadline) if deadline > now => {
+                        idle_timer.as_mut().reset(deadline);
+                        continue;
+                    }
+                    Some(_) if closing => {
+                        tracing::debug!(%peer, "dropping a connection that did not close after being asked to");
+                        return Poll::Ready(Ok(()));
+                    }
+                    Some(_) => {
+                        tracing::debug!(%peer, budget = "timeouts.header_read_secs", "closing an idle connection");
+                        true
+                    }
+                }
+            } else {
+                false
+            };
+            if !close {
+                return Poll::Pending;
+            }
+            closing = true;
+            connection.as_mut().close_gracefully();
+            idle_timer.as_mut().reset(Instant::now() + idle);
+        }
+    })
+    .await
+}
