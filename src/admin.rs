@@ -7,6 +7,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 
 use crate::body::ResponseBody;
 use crate::budget::ByteBudget;
+use crate::concurrency::DeskSlots;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::observe::Lifecycle;
@@ -29,6 +30,8 @@ pub struct Status<'a> {
     pub buffered: &'a ByteBudget,
     /// The shared token store's health, when there is one.
     pub store: Option<&'a StoreStatus>,
+    /// Desk's concurrent calls.
+    pub desk: &'a DeskSlots,
 }
 
 /// One of the proxy's endpoints.
@@ -122,6 +125,22 @@ fn ready(status: &Status<'_>) -> Response<ResponseBody> {
                 "degraded".into()
             }
         };
+    }
+    body["desk_max_concurrent"] = status.desk.limit().into();
+    if let Some(fleet) = status.desk.fleet_status() {
+        // Like the store: a fleet count that fell back to the local share still serves.
+        body["desk_concurrency"] = match fleet.degraded {
+            None => "fleet".into(),
+            Some(error) => {
+                body["desk_concurrency_error"] = error.into();
+                body["desk_concurrency_share"] = fleet.share.into();
+                "local_share".into()
+            }
+        };
+        body["desk_replicas"] = fleet.replicas.into();
+    }
+    if let Some(remaining) = status.metrics.desk_rate_limit_remaining() {
+        body["desk_rate_limit_remaining"] = remaining.into();
     }
     json(code, body)
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::concurrency::{DeskSlots, FleetSlots};
 use crate::config::{Config, ConfigError};
 use crate::intercept::Intercept;
 use crate::metrics::Metrics;
@@ -73,6 +74,44 @@ pub fn ready_config(mut config: Config) -> Result<Config, ConfigError> {
         Some(err) => Err(err),
         None => Ok(config),
     }
+}
+
+/// Desk's concurrent calls: counted for the fleet when there is a `token_store`, else
+/// for this process.
+fn desk_slots(config: &Config, metrics: &Arc<Metrics>) -> Result<Arc<DeskSlots>, RunError> {
+    let limit = config.desk.max_concurrent;
+    let Some(url) = &config.token_store else {
+        return Ok(Arc::new(DeskSlots::local(
+            limit,
+            config.max_upstream_requests,
+            metrics,
+        )));
+    };
+    // The portal: every replica in front of it counts in the same place.
+    let portal = format!(
+        "{}\n{}",
+        config.upstream,
+        config
+            .org_id
+            .as_ref()
+            .and_then(|o| o.to_str().ok())
+            .unwrap_or(&config.oauth.client_id)
+    );
+    let fleet = FleetSlots::new(
+        url,
+        &portal,
+        limit,
+        config.desk.fleet_lease,
+        Arc::clone(metrics),
+    )
+    .map_err(|e| ConfigError::invalid("token_store", e.to_string()))?;
+    fleet.start();
+    tracing::info!(
+        limit,
+        edition = config.desk.edition,
+        "Desk concurrency: counted for the fleet in the token store"
+    );
+    Ok(Arc::new(DeskSlots::fleet(limit, fleet, metrics)))
 }
 
 /// Runs the proxy on `listener` until `shutdown` resolves, then drains, saves the token
@@ -142,10 +181,12 @@ pub async fn run_with_reload(
     } else {
         None
     };
+    let desk = desk_slots(&config, &metrics)?;
     let proxy = Arc::new(
         Proxy::new(config, tokens, metrics)
             .with_store_status(store_status)
-            .with_intercept(intercept),
+            .with_intercept(intercept)
+            .with_desk_slots(desk),
     );
     tracing::info!(
         listen = %listener.local_addr()?,

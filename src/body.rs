@@ -12,10 +12,10 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 
 use crate::budget::{ByteBudget, Reservation};
+use crate::concurrency::UpstreamSlot;
 use crate::connection::StreamGuard;
 use crate::observe::RequestLog;
 
@@ -283,8 +283,8 @@ impl Body for UpstreamBody {
 pub struct ResponseBody {
     inner: Inner,
     log: Option<RequestLog>,
-    /// The upstream slot (`limits.max_upstream_requests`) taken while Desk's body streams.
-    _slot: Option<OwnedSemaphorePermit>,
+    /// The request's place at Desk, taken while Desk's body streams.
+    _slot: Option<UpstreamSlot>,
     /// The request counts as open on its connection until its answer is done.
     _stream: Option<StreamGuard>,
 }
@@ -308,7 +308,7 @@ impl ResponseBody {
     }
 
     /// Desk's body, streamed, holding its upstream slot until dropped.
-    pub fn stream(incoming: Incoming, slot: OwnedSemaphorePermit) -> Self {
+    pub fn stream(incoming: Incoming, slot: UpstreamSlot) -> Self {
         Self {
             inner: Inner::Stream(incoming),
             log: None,

@@ -6,6 +6,8 @@
 //!   → `proxy` (one request's life: target, access rules, body, token, send, 401 retry)
 //!   → `access`, `admin`, `target`, `headers`, `body` → `paths`, `budget`, `error`;
 //! - tokens: `token` (the cache, Zoho Accounts, the fleet's store, the token file);
+//! - Desk's limits: `concurrency` (Desk's concurrent calls, for one proxy or a fleet);
+//! - transparent mode: `intercept` (the local CA, Accounts answered locally);
 //! - around them: `config` (one validation pass), `app` (the wiring), `metrics`,
 //!   `observe` (log lines, in-flight count), `client` (the upstream HTTP client);
 //! - the program: [`cli`], [`ops`] (`exchange`, `check`), [`demo`], and [`fake_zoho`] (the
@@ -20,6 +22,7 @@ mod app;
 mod body;
 mod budget;
 mod client;
+mod concurrency;
 mod connection;
 mod detect;
 mod error;

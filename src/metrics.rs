@@ -83,6 +83,13 @@ pub struct Metrics {
     store_errors: Counter,
     limits: [Counter; Limit::ALL.len()],
     buffered_bytes: Gauge,
+    desk_queue_depth: Gauge,
+    desk_in_flight: Gauge,
+    desk_429: Counter,
+    desk_rate_limit_remaining: Gauge,
+    /// Whether Desk has sent a remaining value yet (until then the series is left out).
+    desk_rate_limit_known: std::sync::atomic::AtomicBool,
+    desk_fleet_fallbacks: Counter,
 }
 
 impl Default for Metrics {
@@ -183,6 +190,37 @@ impl Metrics {
             buffered_bytes.clone(),
         );
 
+        let desk_queue_depth = Gauge::default();
+        registry.register(
+            "desk_queue_depth",
+            "Requests waiting for one of Desk's concurrent calls (desk.max_concurrent)",
+            desk_queue_depth.clone(),
+        );
+        let desk_in_flight = Gauge::default();
+        registry.register(
+            "desk_in_flight",
+            "Requests at Desk now, from this process",
+            desk_in_flight.clone(),
+        );
+        let desk_429 = Counter::default();
+        registry.register(
+            "desk_429",
+            "Desk answers 429 (Too Many Requests)",
+            desk_429.clone(),
+        );
+        let desk_rate_limit_remaining = Gauge::default();
+        registry.register(
+            "desk_rate_limit_remaining",
+            "The latest remaining value of Desk's X-Rate-Limit-Remaining headers (absent until Desk sent one)",
+            desk_rate_limit_remaining.clone(),
+        );
+        let desk_fleet_fallbacks = Counter::default();
+        registry.register(
+            "desk_fleet_fallbacks",
+            "Times the fleet's Desk concurrency fell back to this replica's share because Redis failed",
+            desk_fleet_fallbacks.clone(),
+        );
+
         Self {
             registry,
             requests,
@@ -195,7 +233,47 @@ impl Metrics {
             store_errors,
             limits,
             buffered_bytes,
+            desk_queue_depth,
+            desk_in_flight,
+            desk_429,
+            desk_rate_limit_remaining,
+            desk_rate_limit_known: std::sync::atomic::AtomicBool::new(false),
+            desk_fleet_fallbacks,
         }
+    }
+
+    /// Requests waiting for a Desk call (moved by the Desk queue).
+    pub fn desk_queue_depth(&self) -> &Gauge {
+        &self.desk_queue_depth
+    }
+
+    /// Requests at Desk (moved by the Desk queue).
+    pub fn desk_in_flight(&self) -> &Gauge {
+        &self.desk_in_flight
+    }
+
+    /// Counts a Desk 429.
+    pub fn record_desk_429(&self) {
+        self.desk_429.inc();
+    }
+
+    /// Counts a fall back of the fleet's Desk concurrency to the local share.
+    pub fn record_desk_fleet_fallback(&self) {
+        self.desk_fleet_fallbacks.inc();
+    }
+
+    /// Desk's latest remaining value of its rate limit.
+    pub fn set_desk_rate_limit_remaining(&self, remaining: i64) {
+        self.desk_rate_limit_remaining.set(remaining);
+        self.desk_rate_limit_known
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Desk's latest remaining value, once it sent one.
+    pub fn desk_rate_limit_remaining(&self) -> Option<i64> {
+        self.desk_rate_limit_known
+            .load(std::sync::atomic::Ordering::Acquire)
+            .then(|| self.desk_rate_limit_remaining.get())
     }
 
     /// Counts an answered request.
@@ -265,7 +343,15 @@ impl Metrics {
             text.clear();
             let _ = writeln!(text, "# metrics could not be encoded");
         }
-        let text = sorted(&text);
+        let mut text = sorted(&text);
+        if self.desk_rate_limit_remaining().is_none() {
+            // Unknown is not zero: the family is listed without a sample.
+            text = text
+                .lines()
+                .filter(|line| !line.starts_with("zoho_proxy_desk_rate_limit_remaining "))
+                .map(|line| format!("{line}\n"))
+                .collect();
+        }
         if openmetrics {
             (text, OPENMETRICS)
         } else {

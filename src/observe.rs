@@ -200,6 +200,11 @@ impl RequestLog {
         self.metrics.record_retry();
     }
 
+    /// Records that the request was sent again after a Desk 429.
+    pub fn set_retried_after_429(&mut self) {
+        self.retried = true;
+    }
+
     /// Records the proxy's own error code.
     pub fn set_error_code(&mut self, code: &'static str) {
         self.error_code = Some(code);

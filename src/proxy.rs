@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::request::Parts;
@@ -11,13 +11,14 @@ use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 
 use crate::access::AccessPolicy;
 use crate::admin;
 use crate::body::{BodyError, BodyOutcome, RequestBody, ResponseBody, StreamReason, UpstreamBody};
 use crate::budget::{ByteBudget, Limit, MAX_HEADERS};
 use crate::client::{Connector, describe_client_error};
+use crate::concurrency::{DeskSlots, UpstreamSlot};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::headers;
@@ -100,6 +101,8 @@ pub struct Proxy {
     pub(crate) store: Option<Arc<StoreStatus>>,
     /// Transparent mode, when enabled.
     pub(crate) intercept: Option<Arc<Intercept>>,
+    /// Desk's concurrent calls (`desk.max_concurrent`), shared by the serving threads.
+    pub(crate) desk: Arc<DeskSlots>,
 }
 
 impl Proxy {
@@ -107,7 +110,13 @@ impl Proxy {
     pub fn new(config: Config, tokens: Arc<TokenCache>, metrics: Arc<Metrics>) -> Self {
         let access = AccessPolicy::new(&config.access, config.listen);
         let buffered = ByteBudget::new(config.buffered_body_bytes);
+        let desk = Arc::new(DeskSlots::local(
+            config.desk.max_concurrent,
+            config.max_upstream_requests,
+            &metrics,
+        ));
         Self {
+            desk,
             config,
             tokens,
             access,
@@ -126,6 +135,12 @@ impl Proxy {
         self
     }
 
+    /// Counts Desk's concurrent calls with `desk` (the fleet's, with a `token_store`).
+    pub fn with_desk_slots(mut self, desk: Arc<DeskSlots>) -> Self {
+        self.desk = desk;
+        self
+    }
+
     /// Ends `CONNECT` tunnels to Zoho's hosts (transparent mode).
     pub fn with_intercept(mut self, intercept: Option<Arc<Intercept>>) -> Self {
         self.intercept = intercept;
@@ -140,6 +155,7 @@ impl Proxy {
             metrics: &self.metrics,
             buffered: &self.buffered,
             store: self.store.as_deref(),
+            desk: &self.desk,
         }
     }
 
@@ -374,9 +390,10 @@ impl Proxy {
         }
     }
 
-    /// Sends the request to Desk with a usable token; on a 401 that says the token is
-    /// bad, retries once (with a token newer than the rejected one) when the body can be
-    /// replayed.
+    /// Sends the request to Desk with a usable token. On a 429, retries once after Desk's
+    /// `Retry-After` when the request is idempotent and its body can be replayed; on a
+    /// 401 that says the token is bad, retries once (with a token newer than the rejected
+    /// one) when the body can be replayed.
     async fn forward(
         &self,
         upstream: &Upstream,
@@ -384,6 +401,7 @@ impl Proxy {
         target: &Target,
         log: &mut RequestLog,
     ) -> Result<Response<ResponseBody>, ProxyError> {
+        let started = tokio::time::Instant::now();
         let (mut parts, body) = req.into_parts();
         let uri = self.upstream_uri(target)?;
         let body = self.read_body(body, log).await?;
@@ -405,8 +423,31 @@ impl Proxy {
             token: Want::Usable,
         };
         let (response, slot, token) = self.send(upstream, &parts, first, log).await?;
-        let desk_401 = match self.answer(response, slot, &token).await? {
-            Answer::Pass(response) => return Ok(response),
+        let mut answer = self.answer(response, slot, &token).await?;
+        if let Answer::Throttled(response, wait) = answer {
+            // Desk's concurrency or rate limit: once, when the request can be sent again
+            // unchanged and Desk's wait fits in the time the request has.
+            let again = replay.as_ref().filter(|_| {
+                is_idempotent(&parts.method)
+                    && started.elapsed() + wait < self.config.timeouts.response
+            });
+            let Some(replay) = again else {
+                return Ok(response);
+            };
+            drop(response);
+            log.set_retried_after_429();
+            tokio::time::sleep(wait).await;
+            let retry = Attempt {
+                headers: parts.headers.clone(),
+                uri: self.upstream_uri(target)?,
+                body: (UpstreamBody::buffered(replay.bytes.clone()), None),
+                token: Want::Usable,
+            };
+            let (response, slot, token) = self.send(upstream, &parts, retry, log).await?;
+            answer = self.answer(response, slot, &token).await?;
+        }
+        let desk_401 = match answer {
+            Answer::Pass(response) | Answer::Throttled(response, _) => return Ok(response),
             Answer::TokenRejected(desk_401) => desk_401,
         };
         // Without a replayable body Desk's 401 goes back; the refresh happens anyway, for
@@ -424,21 +465,36 @@ impl Proxy {
         let (response, slot, token) = self.send(upstream, &parts, retry, log).await?;
         // A second 401 goes to the client as Desk sent it (its token marked rejected too).
         match self.answer(response, slot, &token).await? {
-            Answer::Pass(response) | Answer::TokenRejected(response) => Ok(response),
+            Answer::Pass(response)
+            | Answer::TokenRejected(response)
+            | Answer::Throttled(response, _) => Ok(response),
         }
     }
 
     /// Desk's answer for the client. A 401 that says the token itself is bad is read
     /// whole, and the token marked rejected before the upstream slot is freed, so that
-    /// the request taking the slot never sends it.
+    /// the request taking the slot never sends it. A 429 is counted, with the wait Desk
+    /// asks for.
     async fn answer(
         &self,
         response: Response<Incoming>,
         slot: UpstreamSlot,
         token: &Token,
     ) -> Result<Answer, ProxyError> {
-        if response.status() != StatusCode::UNAUTHORIZED {
-            return Ok(Answer::Pass(into_client_response(response, slot)));
+        if let Some(remaining) = rate_limit_remaining(response.headers()) {
+            self.metrics.set_desk_rate_limit_remaining(remaining);
+        }
+        match response.status() {
+            StatusCode::UNAUTHORIZED => {}
+            StatusCode::TOO_MANY_REQUESTS => {
+                self.metrics.record_desk_429();
+                let wait = retry_after(response.headers()).unwrap_or(DEFAULT_RETRY_AFTER);
+                return Ok(Answer::Throttled(
+                    into_client_response(response, slot),
+                    wait,
+                ));
+            }
+            _ => return Ok(Answer::Pass(into_client_response(response, slot))),
         }
         let (parts, body) = response.into_parts();
         let desk_401 = Limited::new(body, MAX_401_BODY)
@@ -524,10 +580,13 @@ impl Proxy {
         // whole life, and a copy in a local would double their room in the future.
         let started = tokio::time::Instant::now();
         let timeout = self.config.timeouts.response;
-        let slot = tokio::time::timeout_at(
-            started + timeout,
-            Arc::clone(&upstream.slots).acquire_owned(),
-        )
+        // Desk's call first (shared by the serving threads, in arrival order), then the
+        // serving thread's own slot.
+        let slot = tokio::time::timeout_at(started + timeout, async {
+            let desk = self.desk.acquire().await;
+            let worker = Arc::clone(&upstream.slots).acquire_owned().await;
+            worker.map(|worker| UpstreamSlot::new(desk, worker))
+        })
         .await;
         let answered = match slot {
             // The semaphore is never closed.
@@ -623,6 +682,51 @@ enum Answer {
     Pass(Response<ResponseBody>),
     /// A 401 saying the token is bad (read whole; the token marked rejected).
     TokenRejected(Response<ResponseBody>),
+    /// A 429, for the client as it is unless retried after the wait Desk asks for.
+    Throttled(Response<ResponseBody>, Duration),
+}
+
+/// The wait after a 429 that says nothing of one.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Methods a 429 may be retried for: sending them twice does no more than once.
+fn is_idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(method)
+}
+
+/// The wait a `Retry-After` asks for: seconds, or an HTTP date.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// The remaining value of Desk's rate limit, when its answer carries one
+/// (`X-Rate-Limit-Remaining-v3`, or `X-Rate-Limit-Remaining`).
+fn rate_limit_remaining(headers: &HeaderMap) -> Option<i64> {
+    ["x-rate-limit-remaining-v3", "x-rate-limit-remaining"]
+        .iter()
+        .find_map(|name| headers.get(*name))
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| text.trim().parse().ok())
 }
 
 /// Whether a Desk 401 body says the token itself is bad (`INVALID_OAUTH`, or no
@@ -650,9 +754,6 @@ fn upstream_share(limit: usize, index: usize, workers: usize) -> usize {
     let workers = workers.max(1);
     (limit / workers + usize::from(index < limit % workers)).max(1)
 }
-
-/// One of a worker's `limits.max_upstream_requests` slots.
-type UpstreamSlot = OwnedSemaphorePermit;
 
 fn into_client_response(
     response: Response<Incoming>,

@@ -587,3 +587,207 @@ async fn token_economy() {
     }
     println!("ratio without/with: {:.2}", figures[0].2 / figures[1].2);
 }
+
+// ---------------------------------------------------------------- Desk's limits, fleet-wide
+
+/// The fleet's keys of Desk's concurrency that end with `suffix` (e.g. `:desk:holders`).
+async fn desk_key(redis: &RedisServer, suffix: &str) -> Option<String> {
+    let mut conn = redis.connection().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("zoho-desk-proxy:*{suffix}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    keys.into_iter().next()
+}
+
+async fn zcard(redis: &RedisServer, key: &str) -> usize {
+    let mut conn = redis.connection().await;
+    redis::cmd("ZCARD")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn two_and_three_replicas_keep_to_desk_s_limit_together() {
+    for n in [2, 3] {
+        let redis = RedisServer::start().await;
+        let options = FakeOptions::default();
+        let fake = FakeZoho::start_with(options.clone()).await.unwrap();
+        let zoho = fake.control();
+        let proxies = fleet(&fake, &options, Some(&redis), n, |c| {
+            c.desk.max_concurrent = 3;
+        })
+        .await;
+        for p in &proxies {
+            assert_eq!(get(p, "/api/v1/organizations").await.status(), 200);
+        }
+        zoho.set_desk_concurrency_cap(Some(3));
+        zoho.set_desk_delay(Duration::from_millis(150));
+        let client = client();
+        let answers = futures_util::future::join_all(
+            (0..30).map(|i| client.get(proxies[i % n].url("/api/v1/tickets")).send()),
+        )
+        .await;
+        for answer in answers {
+            assert_eq!(answer.unwrap().status(), 200, "{n} replicas");
+        }
+        assert_eq!(
+            zoho.desk_429s(),
+            0,
+            "{n} replicas: Desk never refused a call"
+        );
+        assert_eq!(zoho.desk_max_concurrent(), 3, "{n} replicas");
+        for p in &proxies {
+            let ready = ready(p).await;
+            assert_eq!(ready["desk_concurrency"], "fleet", "{ready}");
+            assert_eq!(ready["desk_max_concurrent"], 3, "{ready}");
+        }
+        // Every call was given back (an empty set is no key at all).
+        eventually("the calls are released", async || {
+            match desk_key(&redis, ":desk:holders").await {
+                None => true,
+                Some(holders) => zcard(&redis, &holders).await == 0,
+            }
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn a_replica_killed_while_holding_calls_gives_them_back_within_a_lease() {
+    let redis = RedisServer::start().await;
+    let fake = FakeZoho::start().await.unwrap();
+    let zoho = fake.control();
+    let dir = tempfile::tempdir().unwrap();
+    let desk = "[desk]\nmax_concurrent = 3\nfleet_lease_secs = 2";
+    let config = binary::write_config(
+        dir.path(),
+        &fake,
+        true,
+        &format!("token_store = \"{}\"", redis.url()),
+        desk,
+    );
+    let killed = binary::serve(dir.path(), &config).await;
+    let mut survivor = binary::serve(dir.path(), &config).await;
+    let url = |serving: &binary::Serving, path: &str| serving.url(path);
+    // The doomed replica holds all three calls: Desk's heads come at once, the bodies
+    // take a minute, and a call is held until its body is done.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let answer = client()
+            .get(url(&killed, "/api/v1/slow-body?ms=60000"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+        held.push(answer);
+    }
+    let holders = desk_key(&redis, ":desk:holders").await.unwrap();
+    assert_eq!(zcard(&redis, &holders).await, 3);
+    binary::signal(&killed.child, "KILL");
+    let mut killed = killed;
+    let _ = killed.child.wait().await;
+    // The survivor waits for the leases to expire (at most one lease, 2 s), then is served.
+    let started = Instant::now();
+    let answer = client()
+        .get(url(&survivor, "/api/v1/tickets"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(4), "waited {waited:?}");
+    assert_eq!(zoho.desk_429s(), 0);
+    drop(held);
+    binary::sigterm(&survivor.child);
+    let _ = survivor.child.wait().await;
+}
+
+#[tokio::test]
+async fn redis_down_falls_back_to_the_local_share_and_rejoins() {
+    let mut redis = RedisServer::start().await;
+    let options = FakeOptions::default();
+    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
+    let zoho = fake.control();
+    let proxies = fleet(&fake, &options, Some(&redis), 2, |c| {
+        c.desk.max_concurrent = 4;
+        c.desk.fleet_lease = Duration::from_millis(600);
+    })
+    .await;
+    for p in &proxies {
+        assert_eq!(get(p, "/api/v1/organizations").await.status(), 200);
+        eventually("both replicas are counted", async || {
+            ready(p).await["desk_replicas"] == 2
+        })
+        .await;
+    }
+    redis.kill();
+    zoho.set_desk_delay(Duration::from_millis(200));
+    let client = client();
+    let answers = futures_util::future::join_all(
+        (0..10).map(|_| client.get(proxies[0].url("/api/v1/tickets")).send()),
+    )
+    .await;
+    for answer in answers {
+        assert_eq!(answer.unwrap().status(), 200, "serving on its share");
+    }
+    assert_eq!(
+        zoho.desk_max_concurrent(),
+        2,
+        "one replica's share: 4 calls / 2 replicas"
+    );
+    let ready_now = ready(&proxies[0]).await;
+    assert_eq!(ready_now["desk_concurrency"], "local_share", "{ready_now}");
+    assert_eq!(ready_now["desk_concurrency_share"], 2, "{ready_now}");
+    let metrics = get(&proxies[0], "/_proxy/metrics")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "zoho_proxy_desk_fleet_fallbacks_total 1"),
+        "{metrics}"
+    );
+    redis.restart().await;
+    eventually("the replica rejoins the fleet's count", async || {
+        ready(&proxies[0]).await["desk_concurrency"] == "fleet"
+    })
+    .await;
+    assert_eq!(get(&proxies[0], "/api/v1/tickets").await.status(), 200);
+}
+
+#[tokio::test]
+async fn keys_lost_mid_run_are_put_back_and_the_line_never_sticks() {
+    let redis = RedisServer::start().await;
+    let options = FakeOptions::default();
+    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
+    let proxies = fleet(&fake, &options, Some(&redis), 1, |c| {
+        c.desk.max_concurrent = 2;
+        c.desk.fleet_lease = Duration::from_millis(600);
+    })
+    .await;
+    let p = &proxies[0];
+    let held = client()
+        .get(p.url("/api/v1/slow-body?ms=3000"))
+        .send()
+        .await
+        .unwrap();
+    let holders = desk_key(&redis, ":desk:holders").await.unwrap();
+    assert_eq!(zcard(&redis, &holders).await, 1);
+    let mut conn = redis.connection().await;
+    let () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    eventually("the held call is registered again", async || {
+        zcard(&redis, &holders).await == 1
+    })
+    .await;
+    // The line moves: one call is free, and then the held one comes back.
+    assert_eq!(get(p, "/api/v1/tickets").await.status(), 200);
+    let body = held.bytes().await.unwrap();
+    assert_eq!(&body[..], b"{\"ok\":true}");
+    assert_eq!(get(p, "/api/v1/tickets").await.status(), 200);
+}

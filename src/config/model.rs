@@ -57,8 +57,42 @@ pub struct Config {
     pub extra_roots: Vec<CertificateDer<'static>>,
     /// Transparent mode (README "Clients that cannot change their URL").
     pub intercept: InterceptConfig,
+    /// Desk's own limits (README "Desk's limits").
+    pub desk: DeskConfig,
     /// Where the configuration came from, in words (`check` prints it).
     pub source: String,
+}
+
+/// Zoho Desk's editions and the API calls each lets a portal have in flight at once.
+pub const EDITIONS: [(&str, usize); 5] = [
+    ("free", 5),
+    ("express", 10),
+    ("standard", 10),
+    ("professional", 15),
+    ("enterprise", 25),
+];
+
+/// Desk's limits: how many calls the portal may have in flight at once.
+#[derive(Debug, Clone)]
+pub struct DeskConfig {
+    /// The portal's edition (`desk.edition`), as written in [`EDITIONS`].
+    pub edition: &'static str,
+    /// Calls at Desk at once (`desk.max_concurrent`, else the edition's); with a
+    /// `token_store`, for the whole fleet.
+    pub max_concurrent: usize,
+    /// How long a replica's hold on one of the fleet's slots lasts without renewal
+    /// (`desk.fleet_lease_secs`): the longest a dead replica's slots stay taken.
+    pub fleet_lease: Duration,
+}
+
+impl Default for DeskConfig {
+    fn default() -> Self {
+        Self {
+            edition: "standard",
+            max_concurrent: 10,
+            fleet_lease: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Transparent mode: the listener is also an HTTPS proxy for Zoho's hosts.

@@ -34,6 +34,8 @@ pub struct RawConfig {
     pub(super) tls: RawTls,
     #[serde(default)]
     pub(super) intercept: RawIntercept,
+    #[serde(default)]
+    pub(super) desk: RawDesk,
     /// `ZOHO_PROXY_API_KEYS` as set in the environment, split when validated.
     #[serde(skip)]
     pub(super) api_keys_env: Option<String>,
@@ -102,6 +104,14 @@ pub(super) struct RawIntercept {
     pub(super) enabled: Option<bool>,
     pub(super) ca_dir: Option<PathBuf>,
     pub(super) hosts: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDesk {
+    pub(super) edition: Option<String>,
+    pub(super) max_concurrent: Option<usize>,
+    pub(super) fleet_lease_secs: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

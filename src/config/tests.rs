@@ -171,6 +171,50 @@ fn the_example_proxy_toml_is_complete_and_matches_the_defaults() {
         format!("{:?}", defaults.timeouts)
     );
     assert!(!example.access.allow_unauthenticated_remote);
+    assert_eq!(example.desk.max_concurrent, defaults.desk.max_concurrent);
+    assert_eq!(example.desk.edition, defaults.desk.edition);
+    assert_eq!(example.desk.fleet_lease, defaults.desk.fleet_lease);
+}
+
+#[test]
+fn desk_editions_set_the_concurrency_and_max_concurrent_overrides_them() {
+    let c = Config::from_toml(MINIMAL).unwrap();
+    assert_eq!((c.desk.edition, c.desk.max_concurrent), ("standard", 10));
+    assert_eq!(c.desk.fleet_lease, Duration::from_secs(10));
+    for (edition, limit) in [
+        ("free", 5),
+        ("express", 10),
+        ("standard", 10),
+        ("Professional", 15),
+        ("enterprise", 25),
+    ] {
+        let c =
+            Config::from_toml(&format!("{MINIMAL}\n[desk]\nedition = \"{edition}\"\n")).unwrap();
+        assert_eq!(c.desk.max_concurrent, limit, "{edition}");
+    }
+    let c = Config::from_toml(&format!(
+        "{MINIMAL}\n[desk]\nedition = \"free\"\nmax_concurrent = 3\n"
+    ))
+    .unwrap();
+    assert_eq!(c.desk.max_concurrent, 3);
+    let err = Config::from_toml(&format!("{MINIMAL}\n[desk]\nedition = \"platinum\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("desk.edition") && err.contains("platinum") && err.contains("enterprise"),
+        "{err}"
+    );
+    let err = Config::from_toml(&format!("{MINIMAL}\n[desk]\nmax_concurrent = 0\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("desk.max_concurrent") && err.contains("at least 1"),
+        "{err}"
+    );
+    let err = Config::from_toml(&format!("{MINIMAL}\n[desk]\nfleet_lease_secs = 0\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("desk.fleet_lease_secs"), "{err}");
 }
 
 #[test]

@@ -14,9 +14,10 @@ use rustls::pki_types::pem::PemObject;
 use super::error::ConfigError;
 use super::model::{
     API_DOMAINS, AccessConfig, Config, DATA_CENTRES, DEFAULT_CA_DIR, DEFAULT_LISTEN,
-    DEFAULT_TOKEN_FILE, DESK_METHODS, InterceptConfig, LogFormat, OAuthConfig, Timeouts,
+    DEFAULT_TOKEN_FILE, DESK_METHODS, DeskConfig, EDITIONS, InterceptConfig, LogFormat,
+    OAuthConfig, Timeouts,
 };
-use super::raw::{Origins, RawAccess, RawConfig, RawIntercept};
+use super::raw::{Origins, RawAccess, RawConfig, RawDesk, RawIntercept};
 use crate::paths::{Case, PathRule};
 use crate::secret::Secret;
 use crate::url::BaseUrl;
@@ -64,6 +65,7 @@ impl TryFrom<RawConfig> for Config {
             log,
             tls,
             intercept,
+            desk,
             api_keys_env,
             origins,
         } = raw;
@@ -246,6 +248,7 @@ impl TryFrom<RawConfig> for Config {
                 .unwrap_or_default(),
         };
         let intercept = intercept_config(&mut p, intercept, dc_name, dc_desk, dc_accounts);
+        let desk = desk_config(&mut p, desk);
         let max_connections = at_least_one(
             &mut p,
             "limits.max_connections",
@@ -297,12 +300,54 @@ impl TryFrom<RawConfig> for Config {
             log_format,
             extra_roots,
             intercept,
+            desk,
             source: if origins.source.is_empty() {
                 "built-in defaults".into()
             } else {
                 origins.source.clone()
             },
         })
+    }
+}
+
+/// Desk's limits: the edition's concurrency unless `desk.max_concurrent` says otherwise.
+fn desk_config(p: &mut Problems<'_>, raw: RawDesk) -> DeskConfig {
+    let defaults = DeskConfig::default();
+    let edition = match raw
+        .edition
+        .as_deref()
+        .map(|e| e.trim().to_ascii_lowercase())
+    {
+        None => EDITIONS.iter().find(|(name, _)| *name == defaults.edition),
+        Some(name) => {
+            let found = EDITIONS.iter().find(|(known, _)| *known == name);
+            if found.is_none() {
+                let names: Vec<&str> = EDITIONS.iter().map(|(n, _)| *n).collect();
+                p.invalid(
+                    "desk.edition",
+                    format!(
+                        "unknown edition {name:?}; use one of {} (or set desk.max_concurrent)",
+                        names.join(", ")
+                    ),
+                );
+            }
+            found
+        }
+    };
+    let (edition, edition_limit) = edition.copied().unwrap_or(EDITIONS[2]);
+    let max_concurrent = match raw.max_concurrent {
+        None => edition_limit,
+        Some(n) => at_least_one(
+            p,
+            "desk.max_concurrent",
+            n,
+            " (the calls Desk may have in flight at once; 0 would send nothing)",
+        ),
+    };
+    DeskConfig {
+        edition,
+        max_concurrent,
+        fleet_lease: secs(p, "desk.fleet_lease_secs", raw.fleet_lease_secs, 10.0),
     }
 }
 

@@ -32,15 +32,44 @@ const GZIP_EMPTY_DATA: [u8; 31] = [
     0x54, 0xb2, 0x8a, 0x8e, 0xad, 0x05, 0x00, 0x94, 0x64, 0xb2, 0x5e, 0x0b, 0x00, 0x00, 0x00,
 ];
 
-/// Handles one request on the Desk listener.
+/// Handles one request on the Desk listener. Every answer carries the credits left.
 pub(super) async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
 ) -> Result<Response<RespBody>, io::Error> {
-    let mut resp = handle_inner(shared, req).await?;
+    let mut resp = handle_inner(Arc::clone(&shared), req).await?;
+    let remaining = {
+        let mut st = shared.lock();
+        st.credits_remaining = st.credits_remaining.saturating_sub(1);
+        st.credits_remaining
+    };
     resp.headers_mut()
-        .insert(RATE_HEADER, HeaderValue::from_static("4999"));
+        .insert(RATE_HEADER, HeaderValue::from(remaining));
     Ok(resp)
+}
+
+/// A request counted in flight until dropped.
+struct InFlight<'a>(&'a Shared);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.desk_in_flight = st.desk_in_flight.saturating_sub(1);
+    }
+}
+
+/// Desk's answer to a call beyond the portal's concurrency, or a forced 429.
+fn too_many(retry_after: Option<u64>) -> Response<RespBody> {
+    let mut resp = error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "TOO_MANY_REQUESTS",
+        "You have exceeded the number of concurrent API calls allowed for your portal.",
+    );
+    if let Some(secs) = retry_after {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    resp
 }
 
 async fn handle_inner(
@@ -85,16 +114,42 @@ async fn handle_inner(
         body: Some(body),
     };
 
+    // The portal's concurrency: a call beyond the cap is refused at once; a forced 429
+    // comes after Desk's delay, as a rate limit would.
+    let (admitted, forced_429) = {
+        let mut st = shared.lock();
+        if st
+            .desk_concurrency_cap
+            .is_some_and(|cap| st.desk_in_flight >= cap)
+        {
+            st.desk_429s += 1;
+            (false, None)
+        } else {
+            st.desk_in_flight += 1;
+            st.desk_max_in_flight = st.desk_max_in_flight.max(st.desk_in_flight);
+            let forced = (st.forced_429_remaining > 0).then(|| {
+                st.forced_429_remaining -= 1;
+                st.desk_429s += 1;
+                st.forced_429_retry_after
+            });
+            (true, forced)
+        }
+    };
+    if !admitted {
+        req.consume(0).await?;
+        tracing::debug!("fake desk: over the concurrency cap");
+        return Ok(too_many(Some(1)));
+    }
+    let _in_flight = InFlight(&shared);
+
     // Desk takes its time before any answer, 401s included.
     let delay = shared.lock().desk_delay;
     if !delay.is_zero() {
-        {
-            let mut st = shared.lock();
-            st.desk_waiting += 1;
-            st.desk_max_waiting = st.desk_max_waiting.max(st.desk_waiting);
-        }
         tokio::time::sleep(delay).await;
-        shared.lock().desk_waiting -= 1;
+    }
+    if let Some(retry_after) = forced_429 {
+        req.consume(0).await?;
+        return Ok(too_many(retry_after));
     }
 
     if let Some(code) = forced {

@@ -43,6 +43,8 @@ const MAX_LIVE_TOKENS: usize = 15;
 const RATE_LIMIT: usize = 10;
 /// Window of Zoho's token rate limit.
 const RATE_WINDOW: Duration = Duration::from_secs(600);
+/// The fake portal's API credits per day (one per request here).
+const DAILY_CREDITS: u64 = 5000;
 
 /// Response body type used by both fake servers.
 type RespBody = BoxBody<Bytes, io::Error>;
@@ -165,8 +167,18 @@ struct State {
     forced_401_code: Option<String>,
     desk_delay: Duration,
     /// Requests inside the Desk delay now, and the most seen at once.
-    desk_waiting: usize,
-    desk_max_waiting: usize,
+    /// Desk requests between their arrival and their answer's head.
+    desk_in_flight: usize,
+    desk_max_in_flight: usize,
+    /// Desk's concurrency limit: requests beyond it are answered 429 at once.
+    desk_concurrency_cap: Option<usize>,
+    /// Requests answered 429 for the cap, or forced.
+    desk_429s: u64,
+    /// The next requests answered 429, with this `Retry-After` (seconds).
+    forced_429_remaining: u32,
+    forced_429_retry_after: Option<u64>,
+    /// API credits left today, sent in `X-Rate-Limit-Remaining-v3`.
+    credits_remaining: u64,
     desk_requests: Vec<RecordedRequest>,
     store: store::Store,
 }
@@ -339,9 +351,33 @@ impl FakeControl {
         self.shared.lock().desk_delay = d;
     }
 
-    /// The most Desk requests that were waiting out the Desk delay at the same time.
+    /// The most Desk requests that were in flight at the same time (from their arrival
+    /// to their answer's head; requests refused for the concurrency cap not counted).
     pub fn desk_max_concurrent(&self) -> usize {
-        self.shared.lock().desk_max_waiting
+        self.shared.lock().desk_max_in_flight
+    }
+
+    /// Desk requests in flight now.
+    pub fn desk_in_flight(&self) -> usize {
+        self.shared.lock().desk_in_flight
+    }
+
+    /// Caps the Desk requests in flight at once, as a Desk edition does: a request
+    /// beyond it is answered 429 at once. `None` lifts the cap.
+    pub fn set_desk_concurrency_cap(&self, cap: Option<usize>) {
+        self.shared.lock().desk_concurrency_cap = cap;
+    }
+
+    /// The next `n` Desk requests are answered 429, with `Retry-After: secs` when given.
+    pub fn throttle_next_desk_requests(&self, n: u32, retry_after_secs: Option<u64>) {
+        let mut st = self.shared.lock();
+        st.forced_429_remaining = n;
+        st.forced_429_retry_after = retry_after_secs;
+    }
+
+    /// Desk answers 429 so far (for the cap, or forced).
+    pub fn desk_429s(&self) -> u64 {
+        self.shared.lock().desk_429s
     }
 
     /// Every request Desk received, in order, including rejected ones.
@@ -407,8 +443,13 @@ impl FakeZoho {
             forced_401_remaining: 0,
             forced_401_code: None,
             desk_delay: Duration::ZERO,
-            desk_waiting: 0,
-            desk_max_waiting: 0,
+            desk_in_flight: 0,
+            desk_max_in_flight: 0,
+            desk_concurrency_cap: None,
+            desk_429s: 0,
+            forced_429_remaining: 0,
+            forced_429_retry_after: None,
+            credits_remaining: DAILY_CREDITS,
             desk_requests: Vec::new(),
             store: store::Store::seeded(),
         };

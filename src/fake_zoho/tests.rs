@@ -135,6 +135,7 @@ async fn refresh_token_then_desk_call() {
 
     let a = get(&c, &fake, "/api/v1/tickets", &token).await;
     assert_eq!(a.status, StatusCode::OK);
+    // One credit per call: the first call to Desk leaves 4999 of the day's 5000.
     assert_eq!(a.headers["x-rate-limit-remaining-v3"], "4999");
     assert!(
         a.headers["content-type"]
@@ -297,7 +298,8 @@ async fn expiry_revocation_and_quirk() {
     let a = get(&c, &fake, "/api/v1/contacts", &short).await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
     assert_eq!(a.json()["errorCode"], "INVALID_OAUTH");
-    assert_eq!(a.headers["x-rate-limit-remaining-v3"], "4999");
+    // One credit per call: the second call to Desk leaves 4998 of the day's 5000.
+    assert_eq!(a.headers["x-rate-limit-remaining-v3"], "4998");
 
     ctl.set_token_lifetime(Duration::from_secs(3600));
     ctl.set_expires_in_ms_quirk(false);

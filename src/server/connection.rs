@@ -26,8 +26,13 @@ pub(super) fn serve(worker: &Arc<Worker>, accepted: Accepted, load: Counted) {
     };
     let _ = stream.set_nodelay(true);
     let state = ConnectionState::new();
-    let tunnel: TunnelSlot = Arc::new(Mutex::new(None));
-    let service = handler(worker, &state, peer, Via::Direct, Some(Arc::clone(&tunnel)));
+    // Only transparent mode has tunnels to hand over.
+    let tunnel: Option<TunnelSlot> = worker
+        .proxy
+        .intercept
+        .is_some()
+        .then(|| Arc::new(Mutex::new(None)));
+    let service = handler(worker, &state, peer, Via::Direct, tunnel.clone());
     worker.register(&state);
     let alive = worker.alive.subscribe();
     let worker = Arc::clone(worker);
@@ -72,12 +77,15 @@ pub(super) fn serve(worker: &Arc<Worker>, accepted: Accepted, load: Counted) {
         }
         // A CONNECT was answered: the connection is the tunnel's now, and keeps its place
         // among the open ones until the tunnel ends.
-        let request = tunnel
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        let request = tunnel.and_then(|slot| {
+            slot.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
+        });
         if let Some(request) = request {
-            tunnel::run(&worker, request, peer).await;
+            // Boxed: a tunnel's state (TLS, a connection inside) is large, and only
+            // tunnels should pay for it, not every connection's task.
+            Box::pin(tunnel::run(&worker, request, peer)).await;
         }
     });
 }

@@ -1,0 +1,494 @@
+//! Desk's concurrency limit for a fleet of replicas (README "Desk's limits"): a counting
+//! semaphore in Redis whose holds are leases.
+//!
+//! - A replica takes one of the fleet's calls with a script that first drops expired
+//!   leases, so a replica that dies (SIGKILL, lost host) gives its calls back within one
+//!   lease (`desk.fleet_lease_secs`). A live replica renews the leases it holds every third
+//!   of a lease, and counts the replicas alive.
+//! - Waiting is fair between replicas: each replica sends one waiter at a time to the
+//!   fleet's line (its own requests wait behind it in arrival order), and the line is
+//!   served in the order replicas joined it. A waiter that stops asking leaves the line
+//!   after [`ALIVE`]; one whose client left is removed at once.
+//! - A release publishes a message that wakes the waiters; they also look again every
+//!   [`POLL`], so a lost message costs at most that.
+//! - When Redis fails, the replica keeps to its share of the limit (the limit divided by
+//!   the replicas it last saw), says so in the log, the metrics and `/_proxy/ready`; its
+//!   renewals (every third of a lease) try Redis again, and the first that works brings
+//!   it back to the fleet's count. When Redis has lost the keys (a restart, a flush), the
+//!   next renewal puts this replica's holds back and logs it.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, Semaphore};
+
+use super::Held;
+use crate::metrics::Metrics;
+
+/// How often a waiter looks again when no release message arrives.
+const POLL: Duration = Duration::from_millis(100);
+/// How long a waiter keeps its place in the line without asking again.
+const ALIVE: Duration = Duration::from_secs(2);
+/// Timeout of a single Redis command.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Keys nobody touches for this long expire.
+const KEY_TTL_MS: u64 = 3_600_000;
+
+/// Why the fleet's count cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// The `token_store` URL is not a Redis URL.
+    #[error("token_store: {0}")]
+    Url(String),
+    /// Redis failed or could not be reached.
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// Redis did not answer in time.
+    #[error("Redis did not answer within {} s", COMMAND_TIMEOUT.as_secs())]
+    Timeout,
+}
+
+/// Takes one of the fleet's calls for `id`, or puts `id` in line (KEYS: holders, line,
+/// alive, tickets; ARGV: limit, lease ms, id, alive ms). Returns 1 when taken.
+const ACQUIRE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local id = ARGV[3]
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
+  redis.call('ZREM', KEYS[2], gone)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+if not redis.call('ZSCORE', KEYS[2], id) then
+  redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]), id)
+end
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), id)
+for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[5])) end
+local free = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
+if free > 0 and redis.call('ZRANK', KEYS[2], id) < free then
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('ZREM', KEYS[3], id)
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), id)
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[5]))
+  return 1
+end
+return 0";
+
+/// Renews this replica's leases and says it is alive (KEYS: holders, replicas; ARGV:
+/// lease ms, replica, replica ttl ms, key ttl ms, ids…). Returns {leases that were
+/// missing, replicas alive}.
+const RENEW: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local missing = 0
+for i = 5, #ARGV do
+  if not redis.call('ZSCORE', KEYS[1], ARGV[i]) then missing = missing + 1 end
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i])
+end
+if #ARGV >= 5 then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4])) end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[4]))
+return {missing, redis.call('ZCARD', KEYS[2])}";
+
+static ACQUIRE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(ACQUIRE));
+static RENEW_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(RENEW));
+
+/// The keys of one portal's count.
+#[derive(Debug, Clone)]
+struct Keys {
+    holders: String,
+    line: String,
+    alive: String,
+    tickets: String,
+    replicas: String,
+    channel: String,
+}
+
+impl Keys {
+    /// Keys under `zoho-desk-proxy:{<hash of the portal>}:desk:` (one hash slot).
+    fn new(portal: &str) -> Self {
+        let digest = Sha256::digest(portal.as_bytes());
+        let ns: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+        let prefix = format!("zoho-desk-proxy:{{{ns}}}:desk");
+        Self {
+            holders: format!("{prefix}:holders"),
+            line: format!("{prefix}:line"),
+            alive: format!("{prefix}:alive"),
+            tickets: format!("{prefix}:tickets"),
+            replicas: format!("{prefix}:replicas"),
+            channel: format!("{prefix}:released"),
+        }
+    }
+}
+
+/// The fleet's state, for `/_proxy/ready`.
+#[derive(Debug, Clone)]
+pub struct FleetStatus {
+    /// `None` while Redis answers; else why this replica keeps to its share.
+    pub degraded: Option<String>,
+    /// This replica's share of the limit while degraded.
+    pub share: usize,
+    /// Replicas alive when last counted (this one included).
+    pub replicas: usize,
+}
+
+/// The fleet's count of Desk's concurrent calls, as one replica sees it.
+pub struct FleetSlots {
+    client: redis::Client,
+    conn: ConnectionManager,
+    keys: Keys,
+    /// This replica's name in Redis.
+    replica: String,
+    limit: usize,
+    lease: Duration,
+    next_id: AtomicU64,
+    /// One waiter of this replica in the fleet's line at a time; the others wait here,
+    /// in arrival order.
+    door: tokio::sync::Mutex<()>,
+    /// The leases this replica holds, renewed by [`FleetSlots::start`]'s task.
+    held: Mutex<HashSet<String>>,
+    /// Woken when a call is released anywhere in the fleet.
+    released: Notify,
+    replicas_seen: AtomicUsize,
+    degraded: AtomicBool,
+    last_error: Mutex<Option<String>>,
+    /// The calls this replica keeps to while Redis fails.
+    share: Mutex<Arc<Semaphore>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for FleetSlots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetSlots")
+            .field("replica", &self.replica)
+            .field("limit", &self.limit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FleetSlots {
+    /// The count of `limit` calls for `portal` (what names the portal: the same for every
+    /// replica of it) in the Redis of `url`; connects lazily.
+    pub fn new(
+        url: &str,
+        portal: &str,
+        limit: usize,
+        lease: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, FleetError> {
+        crate::client::install_crypto_provider();
+        let client = redis::Client::open(url).map_err(|e| FleetError::Url(e.to_string()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        Ok(Arc::new(Self {
+            client,
+            conn,
+            keys: Keys::new(portal),
+            replica: format!("{:016x}", fastrand::u64(..)),
+            limit,
+            lease,
+            next_id: AtomicU64::new(0),
+            door: tokio::sync::Mutex::new(()),
+            held: Mutex::default(),
+            released: Notify::new(),
+            replicas_seen: AtomicUsize::new(1),
+            degraded: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+            share: Mutex::new(Arc::new(Semaphore::new(limit))),
+            metrics,
+        }))
+    }
+
+    /// Starts the tasks that renew this replica's leases and listen for releases; they
+    /// end when the count is dropped.
+    pub fn start(self: &Arc<Self>) {
+        tokio::spawn(renew_loop(Arc::downgrade(self)));
+        tokio::spawn(listen_loop(Arc::downgrade(self)));
+    }
+
+    /// The fleet's state as this replica sees it.
+    pub fn status(&self) -> FleetStatus {
+        let degraded = self.degraded.load(Ordering::Acquire).then(|| {
+            lock(&self.last_error)
+                .clone()
+                .unwrap_or_else(|| "Redis is unreachable".into())
+        });
+        FleetStatus {
+            degraded,
+            share: self.share_of_limit(),
+            replicas: self.replicas_seen.load(Ordering::Relaxed).max(1),
+        }
+    }
+
+    fn share_of_limit(&self) -> usize {
+        (self.limit / self.replicas_seen.load(Ordering::Relaxed).max(1)).max(1)
+    }
+
+    /// Waits for one of the fleet's calls (or, while Redis fails, one of this replica's
+    /// share).
+    pub(super) async fn acquire(self: &Arc<Self>) -> Held {
+        let _door = self.door.lock().await;
+        if self.degraded.load(Ordering::Acquire) {
+            return self.local_share().await;
+        }
+        let id = format!(
+            "{}:{}",
+            self.replica,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut line = InLine {
+            fleet: self,
+            id: Some(id.clone()),
+        };
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            match self.try_acquire(&id).await {
+                Ok(true) => {
+                    line.id = None;
+                    self.redis_ok();
+                    lock(&self.held).insert(id.clone());
+                    return Held::Fleet(FleetPermit {
+                        fleet: Arc::clone(self),
+                        id,
+                    });
+                }
+                Ok(false) => {}
+                Err(err) => {
+                    // Its place in line expires with Redis' own clock.
+                    line.id = None;
+                    self.redis_failed(&err);
+                    return self.local_share().await;
+                }
+            }
+            tokio::select! {
+                () = &mut released => {}
+                () = tokio::time::sleep(POLL) => {}
+            }
+        }
+    }
+
+    async fn try_acquire(&self, id: &str) -> Result<bool, FleetError> {
+        let mut conn = self.conn.clone();
+        let mut invocation = ACQUIRE_SCRIPT.prepare_invoke();
+        invocation
+            .key(&self.keys.holders)
+            .key(&self.keys.line)
+            .key(&self.keys.alive)
+            .key(&self.keys.tickets)
+            .arg(self.limit)
+            .arg(millis(self.lease))
+            .arg(id)
+            .arg(millis(ALIVE))
+            .arg(KEY_TTL_MS);
+        let invoke = invocation.invoke_async::<i64>(&mut conn);
+        let taken = tokio::time::timeout(COMMAND_TIMEOUT, invoke)
+            .await
+            .map_err(|_| FleetError::Timeout)??;
+        Ok(taken == 1)
+    }
+
+    async fn local_share(&self) -> Held {
+        let share = Arc::clone(&lock(&self.share));
+        match share.acquire_owned().await {
+            Ok(permit) => Held::Local(permit),
+            // The semaphore is never closed.
+            Err(_) => Held::Nothing,
+        }
+    }
+
+    fn redis_ok(&self) {
+        if self.degraded.swap(false, Ordering::AcqRel) {
+            tracing::info!(
+                limit = self.limit,
+                "Desk concurrency: Redis answers again; back to the fleet's count"
+            );
+        }
+    }
+
+    fn redis_failed(&self, err: &FleetError) {
+        *lock(&self.last_error) = Some(err.to_string());
+        if !self.degraded.swap(true, Ordering::AcqRel) {
+            let share = self.share_of_limit();
+            *lock(&self.share) = Arc::new(Semaphore::new(share));
+            self.metrics.record_desk_fleet_fallback();
+            tracing::warn!(
+                error = %err,
+                share,
+                limit = self.limit,
+                replicas = self.replicas_seen.load(Ordering::Relaxed).max(1),
+                "Desk concurrency: Redis failed; keeping to this replica's share of desk.max_concurrent until it is back"
+            );
+        }
+    }
+
+    /// Gives a call back to the fleet (in a task: called from a drop).
+    fn release(self: &Arc<Self>, id: String) {
+        lock(&self.held).remove(&id);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // No runtime left: the lease expires by itself.
+        };
+        let fleet = Arc::clone(self);
+        runtime.spawn(async move {
+            let mut conn = fleet.conn.clone();
+            let mut pipe = redis::pipe();
+            pipe.zrem(&fleet.keys.holders, &id)
+                .ignore()
+                .publish(&fleet.keys.channel, "released")
+                .ignore();
+            let released = pipe.query_async::<()>(&mut conn);
+            let failed = match tokio::time::timeout(COMMAND_TIMEOUT, released).await {
+                Ok(Ok(())) => None,
+                Ok(Err(err)) => Some(err.to_string()),
+                Err(_) => Some(FleetError::Timeout.to_string()),
+            };
+            if let Some(error) = failed {
+                tracing::debug!(%error, "Desk concurrency: a release failed; its lease expires by itself");
+            }
+            fleet.released.notify_waiters();
+        });
+    }
+
+    /// Leaves the line (a waiter whose client went away).
+    fn leave(self: &Arc<Self>, id: String) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let fleet = Arc::clone(self);
+        runtime.spawn(async move {
+            let mut conn = fleet.conn.clone();
+            let mut pipe = redis::pipe();
+            pipe.zrem(&fleet.keys.line, &id)
+                .ignore()
+                .zrem(&fleet.keys.alive, &id)
+                .ignore();
+            let left = pipe.query_async::<()>(&mut conn);
+            // On failure the place expires after ALIVE.
+            let _ = tokio::time::timeout(COMMAND_TIMEOUT, left).await;
+        });
+    }
+
+    /// Renews the leases held and counts the replicas alive.
+    async fn renew(&self) -> Result<(), FleetError> {
+        let held: Vec<String> = lock(&self.held).iter().cloned().collect();
+        let mut script = RENEW_SCRIPT.prepare_invoke();
+        script
+            .key(&self.keys.holders)
+            .key(&self.keys.replicas)
+            .arg(millis(self.lease))
+            .arg(&self.replica)
+            .arg(millis(self.lease))
+            .arg(KEY_TTL_MS);
+        for id in &held {
+            script.arg(id);
+        }
+        let mut conn = self.conn.clone();
+        let (missing, replicas): (usize, usize) =
+            tokio::time::timeout(COMMAND_TIMEOUT, script.invoke_async(&mut conn))
+                .await
+                .map_err(|_| FleetError::Timeout)??;
+        self.replicas_seen.store(replicas.max(1), Ordering::Relaxed);
+        if missing > 0 {
+            tracing::warn!(
+                missing,
+                held = held.len(),
+                "Desk concurrency: Redis had lost leases this replica holds (restarted or flushed?); they are registered again"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A waiter's place in the fleet's line, left when the waiter goes away before its turn.
+struct InLine<'a> {
+    fleet: &'a Arc<FleetSlots>,
+    id: Option<String>,
+}
+
+impl Drop for InLine<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.fleet.leave(id);
+        }
+    }
+}
+
+/// One of the fleet's calls; given back when dropped.
+pub struct FleetPermit {
+    fleet: Arc<FleetSlots>,
+    id: String,
+}
+
+impl std::fmt::Debug for FleetPermit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetPermit").field("id", &self.id).finish()
+    }
+}
+
+impl Drop for FleetPermit {
+    fn drop(&mut self) {
+        self.fleet.release(std::mem::take(&mut self.id));
+    }
+}
+
+/// Renews the leases every third of a lease, and notices Redis coming back.
+async fn renew_loop(fleet: Weak<FleetSlots>) {
+    loop {
+        let every = match fleet.upgrade() {
+            Some(fleet) => {
+                match fleet.renew().await {
+                    Ok(()) => fleet.redis_ok(),
+                    Err(err) => fleet.redis_failed(&err),
+                }
+                fleet.lease / 3
+            }
+            None => return,
+        };
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Wakes the waiters whenever a call is released anywhere in the fleet.
+async fn listen_loop(fleet: Weak<FleetSlots>) {
+    loop {
+        let Some((client, channel)) = fleet
+            .upgrade()
+            .map(|f| (f.client.clone(), f.keys.channel.clone()))
+        else {
+            return;
+        };
+        if let Ok(Ok(mut pubsub)) =
+            tokio::time::timeout(COMMAND_TIMEOUT, client.get_async_pubsub()).await
+            && pubsub.subscribe(&channel).await.is_ok()
+        {
+            let mut messages = pubsub.on_message();
+            while messages.next().await.is_some() {
+                match fleet.upgrade() {
+                    Some(fleet) => fleet.released.notify_waiters(),
+                    None => return,
+                }
+            }
+        }
+        // Redis is away: waiters poll meanwhile.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}

@@ -1,0 +1,232 @@
+//! Desk's concurrency limit (README "Desk's limits"): a portal may have only so many API
+//! calls in flight at once (`desk.max_concurrent`, or its edition's). Requests beyond it
+//! wait here, in arrival order, rather than get Desk's concurrency errors; a request whose
+//! client leaves while it waits is never sent.
+//!
+//! One proxy keeps the count itself ([`DeskSlots::local`]); a fleet sharing a
+//! `token_store` keeps it in Redis ([`fleet`]), falling back to its share of the limit when
+//! Redis fails. When the limit can never bind (it is not below
+//! `limits.max_upstream_requests`, the proxy's own bound) and there is no fleet, no queue
+//! is kept at all: the request path then pays two atomic counts per request.
+
+pub mod fleet;
+
+use std::sync::Arc;
+
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::metrics::Metrics;
+pub use fleet::{FleetSlots, FleetStatus};
+
+/// Where Desk's calls are counted.
+#[derive(Debug)]
+enum Queue {
+    /// Nowhere: the limit never binds.
+    None,
+    /// In this process, first come first served.
+    Local(Arc<Semaphore>),
+    /// In Redis, for the fleet.
+    Fleet(Arc<FleetSlots>),
+}
+
+/// Desk's concurrent calls: who may call Desk now, and who waits.
+#[derive(Debug)]
+pub struct DeskSlots {
+    limit: usize,
+    queue: Queue,
+    queued: Gauge,
+    in_flight: Gauge,
+}
+
+impl DeskSlots {
+    /// `limit` calls at once for this process; no queue when `own_bound` (the proxy's
+    /// own limit on requests to Desk) is not above it.
+    pub fn local(limit: usize, own_bound: usize, metrics: &Metrics) -> Self {
+        let queue = if limit < own_bound {
+            Queue::Local(Arc::new(Semaphore::new(limit)))
+        } else {
+            Queue::None
+        };
+        Self::with(limit, queue, metrics)
+    }
+
+    /// `limit` calls at once for the whole fleet, counted by `fleet`.
+    pub fn fleet(limit: usize, fleet: Arc<FleetSlots>, metrics: &Metrics) -> Self {
+        Self::with(limit, Queue::Fleet(fleet), metrics)
+    }
+
+    fn with(limit: usize, queue: Queue, metrics: &Metrics) -> Self {
+        Self {
+            limit,
+            queue,
+            queued: metrics.desk_queue_depth().clone(),
+            in_flight: metrics.desk_in_flight().clone(),
+        }
+    }
+
+    /// The limit (`desk.max_concurrent`).
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// The fleet's state, when the count is the fleet's.
+    pub fn fleet_status(&self) -> Option<FleetStatus> {
+        match &self.queue {
+            Queue::Fleet(fleet) => Some(fleet.status()),
+            _ => None,
+        }
+    }
+
+    /// Waits for a call, in arrival order. Dropping the future leaves the line (and
+    /// the fleet's, in time).
+    pub async fn acquire(&self) -> DeskPermit {
+        let held = match &self.queue {
+            Queue::None => Held::Nothing,
+            Queue::Local(semaphore) => {
+                let _waiting = Waiting::enter(&self.queued);
+                match Arc::clone(semaphore).acquire_owned().await {
+                    Ok(permit) => Held::Local(permit),
+                    // The semaphore is never closed.
+                    Err(_) => Held::Nothing,
+                }
+            }
+            Queue::Fleet(fleet) => {
+                let _waiting = Waiting::enter(&self.queued);
+                // Boxed: Redis' futures are large, and only a fleet should carry them
+                // in its requests.
+                Box::pin(fleet.acquire()).await
+            }
+        };
+        self.in_flight.inc();
+        DeskPermit {
+            _held: held,
+            in_flight: self.in_flight.clone(),
+        }
+    }
+}
+
+/// Counts a request as waiting while it lives.
+struct Waiting<'a>(&'a Gauge);
+
+impl<'a> Waiting<'a> {
+    fn enter(gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// What a request holds while it is at Desk (held for what its drop gives back).
+#[derive(Debug)]
+#[expect(dead_code, reason = "the permits are held for their drop")]
+pub(crate) enum Held {
+    /// Nothing: the limit never binds.
+    Nothing,
+    /// One of this process's calls.
+    Local(OwnedSemaphorePermit),
+    /// One of the fleet's calls, given back to Redis when dropped.
+    Fleet(fleet::FleetPermit),
+}
+
+/// One of Desk's concurrent calls, held until the answer's body is done.
+#[derive(Debug)]
+pub struct DeskPermit {
+    _held: Held,
+    in_flight: Gauge,
+}
+
+impl Drop for DeskPermit {
+    fn drop(&mut self) {
+        self.in_flight.dec();
+    }
+}
+
+/// A request's place at Desk: one of Desk's concurrent calls, and one of its serving
+/// thread's upstream slots (`limits.max_upstream_requests`). Held while Desk's answer
+/// streams.
+#[derive(Debug)]
+pub struct UpstreamSlot {
+    _desk: DeskPermit,
+    _worker: OwnedSemaphorePermit,
+}
+
+impl UpstreamSlot {
+    /// Desk's call and the serving thread's slot.
+    pub fn new(desk: DeskPermit, worker: OwnedSemaphorePermit) -> Self {
+        Self {
+            _desk: desk,
+            _worker: worker,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn waiters_are_served_in_arrival_order_and_counted() {
+        let metrics = Metrics::new();
+        let slots = Arc::new(DeskSlots::local(2, 64, &metrics));
+        let a = slots.acquire().await;
+        let b = slots.acquire().await;
+        assert_eq!(metrics.desk_in_flight().get(), 2);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for i in 0..3 {
+            let slots = Arc::clone(&slots);
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let permit = slots.acquire().await;
+                let _ = tx.send(i);
+                drop(permit);
+            });
+            // Each waiter is in line before the next arrives.
+            while metrics.desk_queue_depth().get() < i + 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        drop(a);
+        drop(b);
+        let order: Vec<i64> = vec![
+            rx.recv().await.unwrap(),
+            rx.recv().await.unwrap(),
+            rx.recv().await.unwrap(),
+        ];
+        assert_eq!(order, [0, 1, 2]);
+        while metrics.desk_in_flight().get() != 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(metrics.desk_queue_depth().get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_leaves_takes_no_call() {
+        let metrics = Metrics::new();
+        let slots = DeskSlots::local(1, 64, &metrics);
+        let held = slots.acquire().await;
+        let left =
+            tokio::time::timeout(std::time::Duration::from_millis(10), slots.acquire()).await;
+        assert!(left.is_err());
+        assert_eq!(metrics.desk_queue_depth().get(), 0);
+        drop(held);
+        let _next = slots.acquire().await;
+        assert_eq!(metrics.desk_in_flight().get(), 1);
+    }
+
+    #[tokio::test]
+    async fn no_queue_when_the_limit_cannot_bind() {
+        let metrics = Metrics::new();
+        let slots = DeskSlots::local(64, 64, &metrics);
+        let permits: Vec<_> =
+            futures_util::future::join_all((0..100).map(|_| slots.acquire())).await;
+        assert_eq!(metrics.desk_in_flight().get(), 100);
+        drop(permits);
+        assert_eq!(metrics.desk_in_flight().get(), 0);
+    }
+}
