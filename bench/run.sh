@@ -31,6 +31,9 @@
 # (a second build run as the target "baseline" in the same alternating rounds of the
 # load scenarios, with the same config, so that a change is measured against the build
 # before it in one run: the summary adds its row and the product/baseline ratios),
+# PRODUCT_ARGS / BASELINE_ARGS (extra `serve` arguments of each; "@WORK" is a scratch
+# directory of the target's, emptied each time it starts: e.g. recording on against off,
+# BASELINE_BIN=target/release/zoho-desk-proxy PRODUCT_ARGS='--record @WORK/bench.har'),
 # QUIET_WAIT_SECS (120: how long to wait for other work on the machine to stop),
 # PROFILE=1 (one more 64-connection run of each proxy under `perf record -e cpu-clock`,
 # top symbols printed before the summary; PROFILE_DIR=dir keeps the perf data files).
@@ -57,6 +60,8 @@ PRODUCT_ENV=${PRODUCT_ENV:-}
 # Extra proxy.toml lines for the product (after [oauth]; \n for new lines), e.g.
 # PRODUCT_TOML='[limits]\nworkers = 1'.
 PRODUCT_TOML=${PRODUCT_TOML:-}
+PRODUCT_ARGS=${PRODUCT_ARGS:-}
+BASELINE_ARGS=${BASELINE_ARGS:-}
 STATIC_TOKEN="Zoho-oauthtoken 1000.0123456789abcdef0123456789abcdef.fedcba9876543210fedcba9876543210"
 
 say() { printf '%s\n' "$*"; }
@@ -310,9 +315,13 @@ start_accounts() { # name lifetime_secs; sets ACC_URL ACC_ID ACC_SECRET ACC_REFR
 # the bottleneck here, not the proxy: set far above the load (not for BASELINE_BIN, whose
 # build may predate the key).
 DESK_TOML='[desk]\n# bench/run.sh measures the proxy, not Desk'"'"'s limits (bench/desk_limits.sh does).\nmax_concurrent = 100000'
-start_product() { # name port [binary]; uses ACC_* the first time; sets LAST_PID
+start_product() { # name port [binary [args]]; uses ACC_* the first time; sets LAST_PID
     local desk_toml=$DESK_TOML
-    [[ -n ${3:-} ]] && desk_toml=""
+    [[ -n ${3:-} && $3 != "$BIN" ]] && desk_toml=""
+    # @WORK: a scratch directory of this target's, emptied at each start.
+    local args=${4-$PRODUCT_ARGS}
+    rm -rf "$WORK/files-$1" && mkdir -p "$WORK/files-$1"
+    args=${args//@WORK/$WORK/files-$1}
     [[ -f $WORK/$1.toml ]] || cat >"$WORK/$1.toml" <<EOF
 listen = "127.0.0.1:$2"
 upstream = "http://127.0.0.1:$UP_PORT"
@@ -329,9 +338,9 @@ $(printf '%b' "$PRODUCT_TOML")
 EOF
     local unset_zoho=() var
     for var in $(compgen -e | grep '^ZOHO_'); do unset_zoho+=(-u "$var"); done
-    # shellcheck disable=SC2086 # PRODUCT_ENV is a list of NAME=value words
+    # shellcheck disable=SC2086 # PRODUCT_ENV and args are lists of words
     env "${unset_zoho[@]}" RUST_LOG=warn $PRODUCT_ENV \
-        "${3:-$BIN}" serve --config "$WORK/$1.toml" >>"$WORK/$1.out" 2>>"$WORK/$1.log" &
+        "${3:-$BIN}" serve --config "$WORK/$1.toml" $args >>"$WORK/$1.out" 2>>"$WORK/$1.log" &
     LAST_PID=$!
     PIDS+=("$LAST_PID")
     local _
@@ -351,7 +360,7 @@ start_accounts accounts 3600
 start_product product "$PR_PORT"
 PR_PID=$LAST_PID
 if [[ -n $BASELINE_BIN ]]; then
-    start_product baseline "$BASE_PORT" "$BASELINE_BIN"
+    start_product baseline "$BASE_PORT" "$BASELINE_BIN" "$BASELINE_ARGS"
     BASE_PID=$LAST_PID
 fi
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
@@ -375,7 +384,7 @@ restart_proxies() {
     PR_PID=$LAST_PID
     if [[ -n $BASELINE_BIN ]]; then
         stop_pid "$BASE_PID"
-        start_product baseline "$BASE_PORT" "$BASELINE_BIN"
+        start_product baseline "$BASE_PORT" "$BASELINE_BIN" "$BASELINE_ARGS"
         BASE_PID=$LAST_PID
     fi
 }

@@ -11,6 +11,7 @@ use crate::concurrency::DeskSlots;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::observe::Lifecycle;
+use crate::record::Replay;
 use crate::token::Readiness;
 use crate::token::TokenCache;
 use crate::token::shared::StoreStatus;
@@ -32,6 +33,8 @@ pub struct Status<'a> {
     pub store: Option<&'a StoreStatus>,
     /// Desk's concurrent calls.
     pub desk: &'a DeskSlots,
+    /// The recording being replayed, in replay mode.
+    pub replay: Option<&'a Replay>,
 }
 
 /// One of the proxy's endpoints.
@@ -104,6 +107,17 @@ fn ready(status: &Status<'_>) -> Response<ResponseBody> {
         return json(
             StatusCode::SERVICE_UNAVAILABLE,
             serde_json::json!({ "status": "not_ready", "reason": "shutting down" }),
+        );
+    }
+    if let Some(replay) = status.replay {
+        // Every answer comes from the file: ready as long as the process runs.
+        return json(
+            StatusCode::OK,
+            serde_json::json!({
+                "status": "ready",
+                "mode": "replay",
+                "replay_entries": replay.entries(),
+            }),
         );
     }
     let (code, mut body) = match status.tokens.readiness() {

@@ -15,9 +15,11 @@ use crate::config::{Config, ConfigError};
 use crate::intercept::Intercept;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::record::{RecordError, Recorder, Replay, ReplayError};
 use crate::server;
 use crate::token::file::{StoredTokens, TokenFile, TokenSaver};
 use crate::token::shared::{SharedSource, SharedStore};
+use crate::token::source::{AccountsError, FetchFuture, Refresh};
 use crate::token::{AccountsClient, RefreshPolicy, RefreshTokenSource, TokenCache, TokenSource};
 
 /// Why the proxy could not run.
@@ -29,6 +31,22 @@ pub enum RunError {
     /// A runtime failure (exit code 1).
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The recording to replay cannot be used (exit code 2).
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
+    /// The recording cannot be written (exit code 1).
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    /// `--replay-strict`: requests found no recorded answer (exit code 1).
+    #[error("replay: {count} request(s) found no recorded answer in {file}: {}", .first.join("; "))]
+    ReplayMissed {
+        /// The recording.
+        file: String,
+        /// How many missed.
+        count: u64,
+        /// The first of them.
+        first: Vec<String>,
+    },
 }
 
 /// A persisted token is reused only when it has at least this long to live.
@@ -50,7 +68,8 @@ pub fn ready_config(mut config: Config) -> Result<Config, ConfigError> {
             .and_then(|stored| stored.refresh_token);
     }
     let mut problems = Vec::new();
-    if config.oauth.refresh_token.is_none() {
+    // A replay answers from its file: it needs no credentials.
+    if config.oauth.refresh_token.is_none() && config.record.replay.is_none() {
         problems.push(ConfigError::invalid(
             "oauth.refresh_token",
             "no refresh token: set ZOHO_REFRESH_TOKEN (or oauth.refresh_token), or run `zoho-desk-proxy exchange --code <grant token>` to create one; to try the proxy without credentials, run `zoho-desk-proxy demo`",
@@ -134,6 +153,9 @@ pub async fn run_with_reload(
     reload: Option<tokio::sync::mpsc::Receiver<Config>>,
 ) -> Result<(), RunError> {
     let config = ready_config(config)?;
+    if config.record.replay.is_some() {
+        return run_replay(config, listener, shutdown).await;
+    }
     let token_file = config.token_file.clone().map(TokenFile::new);
     let stored = token_file
         .as_ref()
@@ -173,20 +195,22 @@ pub async fn run_with_reload(
     let reloader = reload
         .map(|reload| tokio::spawn(apply_reloads(reload, Arc::clone(&tokens), store.clone())));
     let store_status = store.as_ref().map(|s| s.status());
-    let intercept = if config.intercept.enabled {
-        let intercept = Intercept::load(&config.intercept)
-            .map_err(|e| ConfigError::invalid("intercept.enabled", e.to_string()))?;
-        tracing::info!(hosts = ?config.intercept.hosts(), "transparent mode: CONNECT to these hosts is tunnelled");
-        Some(Arc::new(intercept))
-    } else {
-        None
-    };
+    let intercept = intercept_for(&config)?;
     let desk = desk_slots(&config, &metrics)?;
+    let recorder = match &config.record.file {
+        Some(file) => Some(Recorder::open(
+            file,
+            config.record.max_body_bytes,
+            Arc::clone(&metrics),
+        )?),
+        None => None,
+    };
     let proxy = Arc::new(
         Proxy::new(config, tokens, metrics)
             .with_store_status(store_status)
             .with_intercept(intercept)
-            .with_desk_slots(desk),
+            .with_desk_slots(desk)
+            .with_recorder(recorder.clone()),
     );
     tracing::info!(
         listen = %listener.local_addr()?,
@@ -207,9 +231,92 @@ pub async fn run_with_reload(
             tracing::error!(task = name, "a background task panicked during the run");
         }
     }
+    if let Some(recorder) = recorder {
+        recorder.finish().await;
+    }
     served?;
     tracing::info!("zoho-desk-proxy stopped");
     Ok(())
+}
+
+/// Transparent mode's CA and hosts, when it is on.
+fn intercept_for(config: &Config) -> Result<Option<Arc<Intercept>>, ConfigError> {
+    if !config.intercept.enabled {
+        return Ok(None);
+    }
+    let intercept = Intercept::load(&config.intercept)
+        .map_err(|e| ConfigError::invalid("intercept.enabled", e.to_string()))?;
+    tracing::info!(hosts = ?config.intercept.hosts(), "transparent mode: CONNECT to these hosts is tunnelled");
+    Ok(Some(Arc::new(intercept)))
+}
+
+/// Serves from a recording: the same request path, answered from the file; no token,
+/// no Accounts, no Desk. Lists the requests that missed at the end, and fails when
+/// `--replay-strict` was given and any did.
+async fn run_replay(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    let Some(path) = config.record.replay.clone() else {
+        return Ok(());
+    };
+    let mut desk_hosts = config.intercept.desk_hosts.clone();
+    desk_hosts.push(config.upstream.host());
+    let prefix = config.upstream.prefix.clone();
+    let replay = Arc::new(Replay::load(&path, &desk_hosts, &prefix)?);
+    let metrics = Arc::new(Metrics::new());
+    // Never asked for a token: every answer comes from the file.
+    let tokens = TokenCache::new(
+        NoTokens,
+        RefreshPolicy::new(Duration::ZERO, 1),
+        Arc::clone(&metrics),
+    );
+    let intercept = intercept_for(&config)?;
+    let desk = Arc::new(DeskSlots::local(
+        config.desk.max_concurrent,
+        config.max_upstream_requests,
+        &metrics,
+    ));
+    let strict = config.record.replay_strict;
+    let proxy = Arc::new(
+        Proxy::new(config, tokens, metrics)
+            .with_intercept(intercept)
+            .with_desk_slots(desk)
+            .with_replay(Some(Arc::clone(&replay))),
+    );
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        recording = %path.display(),
+        "zoho-desk-proxy listening, replaying"
+    );
+    server::serve(Arc::clone(&proxy), listener, shutdown).await?;
+    let (count, first) = replay.misses();
+    if count > 0 {
+        tracing::warn!(count, missed = %first.join("; "), "replay: requests with no recorded answer");
+        if strict {
+            return Err(RunError::ReplayMissed {
+                file: path.display().to_string(),
+                count,
+                first,
+            });
+        }
+    }
+    tracing::info!("zoho-desk-proxy stopped");
+    Ok(())
+}
+
+/// The token source of a replay: there is none to ask.
+struct NoTokens;
+
+impl TokenSource for NoTokens {
+    fn fetch<'a>(&'a self, _refresh: &'a Refresh<'a>) -> FetchFuture<'a> {
+        Box::pin(async {
+            Err(AccountsError::Unreachable(
+                "replaying a recording: no tokens".into(),
+            ))
+        })
+    }
 }
 
 /// Installs the token file's access token when it belongs to these credentials and has

@@ -33,6 +33,52 @@ pub enum BodyError {
     Overlong,
 }
 
+/// Something that sees an answer's bytes on their way to the client, and its end (a
+/// recording of the exchange).
+pub trait Tap: Send + std::fmt::Debug {
+    /// A chunk of the body went to the client.
+    fn data(&mut self, data: &Bytes);
+    /// The body ended: whole, or cut (an error, or the client went away).
+    fn end(self: Box<Self>, complete: bool);
+}
+
+/// The start of a streamed body (up to a limit) and its whole length, captured as it
+/// passes.
+#[derive(Debug)]
+pub struct Captured {
+    max: usize,
+    seen: std::sync::Mutex<(Vec<u8>, u64)>,
+}
+
+impl Captured {
+    /// Captures up to `max` bytes.
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            seen: std::sync::Mutex::new((Vec::new(), 0)),
+        }
+    }
+
+    fn add(&self, data: &[u8]) {
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        seen.1 += data.len() as u64;
+        let room = self.max.saturating_sub(seen.0.len());
+        seen.0.extend_from_slice(&data[..data.len().min(room)]);
+    }
+
+    /// The bytes captured, and the body's length so far.
+    pub fn taken(&self) -> (Vec<u8>, u64) {
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (std::mem::take(&mut seen.0), seen.1)
+    }
+}
+
 /// What became of a client body that was handed to the upstream client, which reports
 /// only that the request failed: shared between the body and the request path.
 #[derive(Debug, Default)]
@@ -72,6 +118,8 @@ pub struct ClientBody {
     timer: Option<Pin<Box<Sleep>>>,
     waiting: bool,
     outcome: Option<Arc<BodyOutcome>>,
+    /// The body's start, for a recording.
+    captured: Option<Arc<Captured>>,
 }
 
 impl ClientBody {
@@ -83,7 +131,13 @@ impl ClientBody {
             timer: None,
             waiting: false,
             outcome: None,
+            captured: None,
         }
+    }
+
+    /// Copies the body's start into `captured` as it streams (for a recording).
+    pub fn capture_into(&mut self, captured: Arc<Captured>) {
+        self.captured = Some(captured);
     }
 
     /// Reports how the body ended to `outcome` (for a body given away to be streamed).
@@ -113,6 +167,11 @@ impl Body for ClientBody {
             Poll::Ready(Some(Err(err))) => this.fail(BodyError::Broken(err)),
             Poll::Ready(frame) => {
                 this.waiting = false;
+                if let (Some(captured), Some(Ok(frame))) = (&this.captured, &frame)
+                    && let Some(data) = frame.data_ref()
+                {
+                    captured.add(data);
+                }
                 Poll::Ready(frame.map(|f| f.map_err(BodyError::Broken)))
             }
             Poll::Pending => {
@@ -285,6 +344,8 @@ pub struct ResponseBody {
     log: Option<RequestLog>,
     /// The request's place at Desk, taken while Desk's body streams.
     _slot: Option<UpstreamSlot>,
+    /// A recording of the exchange, told of the body as it goes.
+    tap: Option<Box<dyn Tap>>,
     /// The request counts as open on its connection until its answer is done.
     _stream: Option<StreamGuard>,
 }
@@ -303,6 +364,7 @@ impl ResponseBody {
             inner: Inner::Full(Some(bytes).filter(|b| !b.is_empty())),
             log: None,
             _slot: None,
+            tap: None,
             _stream: None,
         }
     }
@@ -313,6 +375,7 @@ impl ResponseBody {
             inner: Inner::Stream(incoming),
             log: None,
             _slot: Some(slot),
+            tap: None,
             _stream: None,
         }
     }
@@ -321,6 +384,11 @@ impl ResponseBody {
     pub fn with_log(mut self, log: RequestLog) -> Self {
         self.log = Some(log);
         self
+    }
+
+    /// Tells `tap` of the body as it goes to the client, and of its end.
+    pub fn tap(&mut self, tap: Box<dyn Tap>) {
+        self.tap = Some(tap);
     }
 
     /// Keeps the request open on its connection until the body ends or is dropped.
@@ -349,6 +417,29 @@ impl Body for ResponseBody {
             Inner::Stream(incoming) => Pin::new(incoming).poll_frame(cx),
         };
         let ended = matches!(polled, Poll::Ready(Some(Ok(_)))) && this.is_end_stream();
+        if let Some(tap) = &mut this.tap {
+            match &polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        tap.data(data);
+                    }
+                    if ended && let Some(tap) = this.tap.take() {
+                        tap.end(true);
+                    }
+                }
+                Poll::Ready(Some(Err(_))) => {
+                    if let Some(tap) = this.tap.take() {
+                        tap.end(false);
+                    }
+                }
+                Poll::Ready(None) => {
+                    if let Some(tap) = this.tap.take() {
+                        tap.end(true);
+                    }
+                }
+                Poll::Pending => {}
+            }
+        }
         if let Some(log) = &mut this.log {
             match &polled {
                 Poll::Ready(Some(Ok(frame))) => {
@@ -387,6 +478,9 @@ impl Body for ResponseBody {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
+        if let Some(tap) = self.tap.take() {
+            tap.end(self.is_end_stream());
+        }
         // Bodies hyper never had to poll (empty, HEAD, 204, 304) were complete all along.
         if self.is_end_stream()
             && let Some(log) = &mut self.log

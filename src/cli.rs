@@ -40,6 +40,8 @@ pub enum Command {
     /// Print the shell lines that make clients use the proxy for Zoho's hosts and trust
     /// its CA: `eval "$(zoho-desk-proxy env)"`.
     Env(EnvArgs),
+    /// Serve Desk's answers from a recording (`serve --replay FILE.har`).
+    Replay(ReplayArgs),
 }
 
 /// Options of `env`.
@@ -83,6 +85,32 @@ pub struct ServeArgs {
     /// Address to listen on, overriding the config [default: 127.0.0.1:8080].
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    /// Append every request forwarded to Desk, and Desk's answer, to this HAR file.
+    #[arg(long, value_name = "FILE.har", conflicts_with = "replay")]
+    pub record: Option<PathBuf>,
+    /// Answer from this HAR file instead of Desk: no credentials, no network.
+    #[arg(long, value_name = "FILE.har")]
+    pub replay: Option<PathBuf>,
+    /// With --replay: exit non-zero at shutdown if any request found no recorded answer.
+    #[arg(long, requires = "replay")]
+    pub replay_strict: bool,
+}
+
+/// Options of `replay`.
+#[derive(Debug, Clone, Args)]
+pub struct ReplayArgs {
+    /// The recording (HAR 1.2: the proxy's, or a browser's).
+    #[arg(value_name = "FILE.har")]
+    pub file: PathBuf,
+    /// Configuration file [default: ./proxy.toml when it exists].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on, overriding the config [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Exit non-zero at shutdown if any request found no recorded answer (for CI).
+    #[arg(long, alias = "strict")]
+    pub replay_strict: bool,
 }
 
 /// Options of `demo`.
@@ -95,6 +123,9 @@ pub struct DemoArgs {
     /// Desk through `HTTPS_PROXY` (creates the local CA when there is none).
     #[arg(long)]
     pub intercept: bool,
+    /// Record the demo's Desk traffic to a HAR file [FILE.har: zoho-desk-demo.har].
+    #[arg(long, value_name = "FILE.har", num_args = 0..=1, default_missing_value = "zoho-desk-demo.har")]
+    pub record: Option<PathBuf>,
 }
 
 /// Options of `exchange`.

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -49,6 +50,7 @@ pub fn demo_config(fake: &FakeZoho, options: &FakeOptions, listen: SocketAddr) -
 pub async fn run_demo(
     listen: SocketAddr,
     intercept: bool,
+    record: Option<PathBuf>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
     let options = FakeOptions {
@@ -82,9 +84,24 @@ pub async fn run_demo(
     if intercept {
         println!("{}", intercept_instructions(listen));
     }
+    if let Some(file) = &record {
+        println!("{}", record_instructions(file, listen));
+    }
+    config.record.file = record;
     let result = run(config, listener, shutdown).await;
     fake.shutdown().await;
     result
+}
+
+/// What the recording gives, printed at start.
+pub fn record_instructions(file: &Path, listen: SocketAddr) -> String {
+    format!(
+        r#"Recording the demo's Desk traffic to {file} (HAR 1.2: open it in a browser's devtools).
+After Ctrl-C, answer the same requests from it with no fake and no credentials:
+  zoho-desk-proxy replay {file} --listen {listen} --replay-strict    # or: cargo run --release -- replay …
+"#,
+        file = file.display()
+    )
 }
 
 /// What to try in transparent mode, printed at start.

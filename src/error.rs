@@ -47,6 +47,9 @@ pub enum ProxyError {
     /// A path under the reserved `/_proxy/` prefix that names no endpoint.
     #[error("{0}")]
     NotFound(String),
+    /// Replay mode: no recorded answer matches the request.
+    #[error("{0}")]
+    ReplayMiss(String),
     /// The client's request body stalled longer than `timeouts.body_read_secs`.
     #[error("{0}")]
     RequestTimeout(String),
@@ -74,6 +77,7 @@ impl ProxyError {
                 "PROXY_BAD_REQUEST"
             }
             Self::NotFound(_) => "PROXY_NOT_FOUND",
+            Self::ReplayMiss(_) => "PROXY_REPLAY_MISS",
             Self::RequestTimeout(_) => "PROXY_REQUEST_TIMEOUT",
         }
     }
@@ -91,7 +95,7 @@ impl ProxyError {
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::BadRequest(_) | Self::BrokenBody(_) => StatusCode::BAD_REQUEST,
             Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::NotFound(_) | Self::ReplayMiss(_) => StatusCode::NOT_FOUND,
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }

@@ -8,6 +8,7 @@
 //! - tokens: `token` (the cache, Zoho Accounts, the fleet's store, the token file);
 //! - Desk's limits: `concurrency` (Desk's concurrent calls, for one proxy or a fleet);
 //! - transparent mode: `intercept` (the local CA, Accounts answered locally);
+//! - record and replay: `record` (HAR files written as Desk answers, and answered from);
 //! - around them: `config` (one validation pass), `app` (the wiring), `metrics`,
 //!   `observe` (log lines, in-flight count), `client` (the upstream HTTP client);
 //! - the program: [`cli`], [`ops`] (`exchange`, `check`), [`demo`], and [`fake_zoho`] (the
@@ -32,6 +33,7 @@ mod metrics;
 mod observe;
 mod paths;
 mod proxy;
+mod record;
 mod secret;
 mod server;
 mod target;

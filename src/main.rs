@@ -31,9 +31,24 @@ fn main() -> ExitCode {
             Some(Command::Serve(args)) => serve(args).await,
             Some(Command::Demo(args)) => {
                 init_logging(None);
-                zoho_desk_proxy::demo::run_demo(args.listen, args.intercept, shutdown_signal())
-                    .await
-                    .map_err(Into::into)
+                zoho_desk_proxy::demo::run_demo(
+                    args.listen,
+                    args.intercept,
+                    args.record,
+                    shutdown_signal(),
+                )
+                .await
+                .map_err(Into::into)
+            }
+            Some(Command::Replay(args)) => {
+                serve(ServeArgs {
+                    config: args.config,
+                    listen: args.listen,
+                    record: None,
+                    replay: Some(args.file),
+                    replay_strict: args.replay_strict,
+                })
+                .await
             }
             Some(Command::Ca(CaCommand::Init(args))) => {
                 let config = Config::load_without_credentials(args.config.as_deref())?;
@@ -97,16 +112,24 @@ fn exit_code(err: &anyhow::Error) -> u8 {
                 .is_some_and(|e| matches!(e, zoho_desk_proxy::ops::OpsError::Config(_)))
             || cause
                 .downcast_ref::<RunError>()
-                .is_some_and(|e| matches!(e, RunError::Config(_)))
+                .is_some_and(|e| matches!(e, RunError::Config(_) | RunError::Replay(_)))
     });
     if is_config { 2 } else { 1 }
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut config = Config::load(args.config.as_deref())?;
+    // A replay answers from its file: no Zoho credentials needed.
+    let mut config = if args.replay.is_some() {
+        Config::load_without_credentials(args.config.as_deref())?
+    } else {
+        Config::load(args.config.as_deref())?
+    };
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
+    config.record.file = args.record;
+    config.record.replay = args.replay;
+    config.record.replay_strict = args.replay_strict;
     // Every problem is reported before anything binds.
     let config = zoho_desk_proxy::ready_config(config)?;
     init_logging(config.log_format);

@@ -90,6 +90,8 @@ pub struct Metrics {
     /// Whether Desk has sent a remaining value yet (until then the series is left out).
     desk_rate_limit_known: std::sync::atomic::AtomicBool,
     desk_fleet_fallbacks: Counter,
+    record_dropped: Counter,
+    replay_misses: Counter,
 }
 
 impl Default for Metrics {
@@ -221,6 +223,19 @@ impl Metrics {
             desk_fleet_fallbacks.clone(),
         );
 
+        let record_dropped = Counter::default();
+        registry.register(
+            "record_dropped",
+            "Entries of a recording (serve --record) dropped because the disk could not keep up",
+            record_dropped.clone(),
+        );
+        let replay_misses = Counter::default();
+        registry.register(
+            "replay_misses",
+            "Requests a replay (serve --replay) found no recorded answer for",
+            replay_misses.clone(),
+        );
+
         Self {
             registry,
             requests,
@@ -239,7 +254,19 @@ impl Metrics {
             desk_rate_limit_remaining,
             desk_rate_limit_known: std::sync::atomic::AtomicBool::new(false),
             desk_fleet_fallbacks,
+            record_dropped,
+            replay_misses,
         }
+    }
+
+    /// Counts an entry of a recording that was dropped.
+    pub fn record_recording_dropped(&self) {
+        self.record_dropped.inc();
+    }
+
+    /// Counts a request a replay had no answer for.
+    pub fn record_replay_miss(&self) {
+        self.replay_misses.inc();
     }
 
     /// Requests waiting for a Desk call (moved by the Desk queue).

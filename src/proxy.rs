@@ -15,7 +15,9 @@ use tokio::sync::Semaphore;
 
 use crate::access::AccessPolicy;
 use crate::admin;
-use crate::body::{BodyError, BodyOutcome, RequestBody, ResponseBody, StreamReason, UpstreamBody};
+use crate::body::{
+    BodyError, BodyOutcome, Captured, RequestBody, ResponseBody, StreamReason, UpstreamBody,
+};
 use crate::budget::{ByteBudget, Limit, MAX_HEADERS};
 use crate::client::{Connector, describe_client_error};
 use crate::concurrency::{DeskSlots, UpstreamSlot};
@@ -25,6 +27,7 @@ use crate::headers;
 use crate::intercept::{self, Intercept};
 use crate::metrics::{Metrics, UpstreamErrorKind};
 use crate::observe::{Lifecycle, RequestId, RequestLog};
+use crate::record::{Lookup, Recorder, Replay, RequestBodySeen};
 use crate::target::{self, Target};
 use crate::token::shared::StoreStatus;
 use crate::token::{Token, TokenCache, TokenError};
@@ -103,6 +106,10 @@ pub struct Proxy {
     pub(crate) intercept: Option<Arc<Intercept>>,
     /// Desk's concurrent calls (`desk.max_concurrent`), shared by the serving threads.
     pub(crate) desk: Arc<DeskSlots>,
+    /// Where Desk's traffic is recorded (`serve --record`).
+    recorder: Option<Arc<Recorder>>,
+    /// The recording answers are taken from instead of Desk (`serve --replay`).
+    pub(crate) replay: Option<Arc<Replay>>,
 }
 
 impl Proxy {
@@ -117,6 +124,8 @@ impl Proxy {
         ));
         Self {
             desk,
+            recorder: None,
+            replay: None,
             config,
             tokens,
             access,
@@ -141,6 +150,18 @@ impl Proxy {
         self
     }
 
+    /// Records Desk's traffic with `recorder`.
+    pub fn with_recorder(mut self, recorder: Option<Arc<Recorder>>) -> Self {
+        self.recorder = recorder;
+        self
+    }
+
+    /// Answers from `replay` instead of Desk.
+    pub fn with_replay(mut self, replay: Option<Arc<Replay>>) -> Self {
+        self.replay = replay;
+        self
+    }
+
     /// Ends `CONNECT` tunnels to Zoho's hosts (transparent mode).
     pub fn with_intercept(mut self, intercept: Option<Arc<Intercept>>) -> Self {
         self.intercept = intercept;
@@ -156,6 +177,7 @@ impl Proxy {
             buffered: &self.buffered,
             store: self.store.as_deref(),
             desk: &self.desk,
+            replay: self.replay.as_deref(),
         }
     }
 
@@ -403,13 +425,138 @@ impl Proxy {
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let started = tokio::time::Instant::now();
         let (mut parts, body) = req.into_parts();
+        let mut body = self.read_body(body, log).await?;
+        if let Some(replay) = &self.replay {
+            return self.replayed(replay, &parts, body, target, log).await;
+        }
         let uri = self.upstream_uri(target)?;
-        let body = self.read_body(body, log).await?;
         headers::prepare_request(&mut parts.headers, self.config.org_id.as_ref());
         parts
             .headers
             .insert(headers::REQUEST_ID.clone(), log.id().header_value());
+        let recording = self.recorder.as_ref().and_then(|recorder| {
+            let seen = match &mut body {
+                RequestBody::Replayable(bytes, _) if bytes.is_empty() => RequestBodySeen::Empty,
+                RequestBody::Replayable(bytes, _) => RequestBodySeen::Whole(bytes.clone()),
+                RequestBody::Streaming(client) => {
+                    let captured = Arc::new(Captured::new(recorder.max_body()));
+                    client.capture_into(Arc::clone(&captured));
+                    RequestBodySeen::Streamed(captured)
+                }
+            };
+            recorder.start(
+                &parts.method,
+                &uri,
+                &parts.headers,
+                &log.id().to_string(),
+                seen,
+            )
+        });
+        let mut response = self
+            .exchange(upstream, parts, body, uri, target, log, started)
+            .await?;
+        if let Some(recording) = recording {
+            let recording = recording.answered(response.status(), response.headers());
+            response.body_mut().tap(recording);
+        }
+        Ok(response)
+    }
 
+    /// The answer from the recording being replayed.
+    async fn replayed(
+        &self,
+        replay: &Replay,
+        parts: &Parts,
+        body: RequestBody,
+        target: &Target,
+        log: &mut RequestLog,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let body = if Replay::matches_body(&parts.method) {
+            let limit = self.config.record.max_body_bytes;
+            let bytes = match body {
+                RequestBody::Replayable(bytes, _) => Some(bytes),
+                RequestBody::Streaming(client) => match Limited::new(client, limit).collect().await
+                {
+                    Ok(collected) => Some(collected.to_bytes()),
+                    Err(err) => {
+                        if err.downcast_ref::<BodyError>().is_some() {
+                            return Err(self.body_failed(matches!(
+                                err.downcast_ref::<BodyError>(),
+                                Some(BodyError::Stalled(_))
+                            )));
+                        }
+                        // Longer than any recorded body can be.
+                        None
+                    }
+                },
+            };
+            match bytes {
+                Some(bytes) => Some(bytes),
+                None => {
+                    return Err(self.replay_miss(
+                        replay,
+                        parts,
+                        target,
+                        &format!("its body is longer than record.max_body_bytes ({limit}), so no recorded request can match it"),
+                    ));
+                }
+            }
+        } else {
+            None
+        };
+        match replay.lookup(&parts.method, target.path_and_query.as_str(), body) {
+            Lookup::Hit(answer) => {
+                if answer.truncated {
+                    tracing::warn!(request_id = %log.id(), method = %parts.method, path = %target.path(), "replay: the recorded answer was cut at record.max_body_bytes; its start is sent");
+                }
+                let mut response = Response::new(ResponseBody::full(answer.body.clone()));
+                *response.status_mut() = answer.status;
+                *response.headers_mut() = answer.headers.clone();
+                Ok(response)
+            }
+            Lookup::Miss { request, closest } => {
+                let closest = match closest {
+                    Some(closest) => format!("the closest recorded request is {closest}"),
+                    None => "the recording has no requests".to_owned(),
+                };
+                Err(self.replay_miss(
+                    replay,
+                    parts,
+                    target,
+                    &format!("no recorded answer for {request}; {closest}"),
+                ))
+            }
+        }
+    }
+
+    /// A request the replay has no answer for: counted, noted for the list at exit
+    /// (method and path only: queries are never logged), and answered 404.
+    fn replay_miss(
+        &self,
+        replay: &Replay,
+        parts: &Parts,
+        target: &Target,
+        why: &str,
+    ) -> ProxyError {
+        self.metrics.record_replay_miss();
+        replay.note_miss(format!("{} {}", parts.method, target.path()));
+        tracing::warn!(method = %parts.method, path = %target.path(), file = %replay.path().display(), "replay: no recorded answer");
+        ProxyError::ReplayMiss(format!("replay of {}: {why}", replay.path().display()))
+    }
+
+    /// The request's attempts at Desk: the first, a retry after a 429 and one after a
+    /// 401 that said the token was bad, each when allowed.
+    #[allow(clippy::too_many_arguments)]
+    async fn exchange(
+        &self,
+        upstream: &Upstream,
+        mut parts: Parts,
+        body: RequestBody,
+        uri: Uri,
+        target: &Target,
+        log: &mut RequestLog,
+        started: tokio::time::Instant,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
         let (upstream_body, outcome, replay) = body.into_parts();
         let first_headers = if replay.is_some() {
             parts.headers.clone()

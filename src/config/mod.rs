@@ -14,7 +14,8 @@ use std::path::Path;
 pub use error::{ConfigError, Origin};
 pub use model::{
     AccessConfig, Config, DATA_CENTRES, DEFAULT_CA_DIR, DEFAULT_LISTEN, DEFAULT_TOKEN_FILE,
-    DESK_METHODS, DeskConfig, EDITIONS, InterceptConfig, LogFormat, OAuthConfig, Timeouts,
+    DESK_METHODS, DeskConfig, EDITIONS, InterceptConfig, LogFormat, OAuthConfig, RecordConfig,
+    Timeouts,
 };
 pub use raw::RawConfig;
 

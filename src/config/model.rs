@@ -59,6 +59,8 @@ pub struct Config {
     pub intercept: InterceptConfig,
     /// Desk's own limits (README "Desk's limits").
     pub desk: DeskConfig,
+    /// Record and replay (README "Testing against recorded Desk traffic").
+    pub record: RecordConfig,
     /// Where the configuration came from, in words (`check` prints it).
     pub source: String,
 }
@@ -71,6 +73,31 @@ pub const EDITIONS: [(&str, usize); 5] = [
     ("professional", 15),
     ("enterprise", 25),
 ];
+
+/// Record and replay: `record.max_body_bytes` from the file; the rest from the command
+/// line (`serve --record`, `--replay`, `--replay-strict`).
+#[derive(Debug, Clone)]
+pub struct RecordConfig {
+    /// Bytes of each body kept in a recording; longer bodies are marked truncated.
+    pub max_body_bytes: usize,
+    /// Where to record, when recording.
+    pub file: Option<PathBuf>,
+    /// What to replay, when replaying.
+    pub replay: Option<PathBuf>,
+    /// Whether a replay that missed makes the process exit non-zero.
+    pub replay_strict: bool,
+}
+
+impl Default for RecordConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1 << 20,
+            file: None,
+            replay: None,
+            replay_strict: false,
+        }
+    }
+}
 
 /// Desk's limits: how many calls the portal may have in flight at once.
 #[derive(Debug, Clone)]

@@ -36,6 +36,8 @@ pub struct RawConfig {
     pub(super) intercept: RawIntercept,
     #[serde(default)]
     pub(super) desk: RawDesk,
+    #[serde(default)]
+    pub(super) record: RawRecord,
     /// `ZOHO_PROXY_API_KEYS` as set in the environment, split when validated.
     #[serde(skip)]
     pub(super) api_keys_env: Option<String>,
@@ -104,6 +106,12 @@ pub(super) struct RawIntercept {
     pub(super) enabled: Option<bool>,
     pub(super) ca_dir: Option<PathBuf>,
     pub(super) hosts: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRecord {
+    pub(super) max_body_bytes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -15,7 +15,7 @@ use super::error::ConfigError;
 use super::model::{
     API_DOMAINS, AccessConfig, Config, DATA_CENTRES, DEFAULT_CA_DIR, DEFAULT_LISTEN,
     DEFAULT_TOKEN_FILE, DESK_METHODS, DeskConfig, EDITIONS, InterceptConfig, LogFormat,
-    OAuthConfig, Timeouts,
+    OAuthConfig, RecordConfig, Timeouts,
 };
 use super::raw::{Origins, RawAccess, RawConfig, RawDesk, RawIntercept};
 use crate::paths::{Case, PathRule};
@@ -66,6 +66,7 @@ impl TryFrom<RawConfig> for Config {
             tls,
             intercept,
             desk,
+            record,
             api_keys_env,
             origins,
         } = raw;
@@ -249,6 +250,12 @@ impl TryFrom<RawConfig> for Config {
         };
         let intercept = intercept_config(&mut p, intercept, dc_name, dc_desk, dc_accounts);
         let desk = desk_config(&mut p, desk);
+        let record = RecordConfig {
+            max_body_bytes: record
+                .max_body_bytes
+                .unwrap_or(RecordConfig::default().max_body_bytes),
+            ..RecordConfig::default()
+        };
         let max_connections = at_least_one(
             &mut p,
             "limits.max_connections",
@@ -301,6 +308,7 @@ impl TryFrom<RawConfig> for Config {
             extra_roots,
             intercept,
             desk,
+            record,
             source: if origins.source.is_empty() {
                 "built-in defaults".into()
             } else {

@@ -263,13 +263,21 @@ async fn route(mut req: Req<'_>, raw: &str) -> io::Result<Response<RespBody>> {
             json_value(StatusCode::OK, &json!({"bytes": len}))
         }
         ("tickets" | "contacts", Method::GET | Method::HEAD) => list(req.shared, rest, &param),
-        ("organizations", Method::GET) => json_value(
-            StatusCode::OK,
-            &json!({"data": [{
-                "id": "60001234567", "companyName": "Zylker (fake)",
-                "portalName": "zylker", "isDefault": true,
-            }]}),
-        ),
+        ("organizations", Method::GET) => {
+            let mut resp = json_value(
+                StatusCode::OK,
+                &json!({"data": [{
+                    "id": "60001234567", "companyName": "Zylker (fake)",
+                    "portalName": "zylker", "isDefault": true,
+                }]}),
+            );
+            // Zoho sets cookies on API answers too; nothing needs them.
+            resp.headers_mut().insert(
+                header::SET_COOKIE,
+                HeaderValue::from_static("crmcsr=fake-csrf-cookie-7f3a; Path=/; Secure; HttpOnly"),
+            );
+            resp
+        }
         ("download", Method::GET) => match param("bytes").and_then(|b| b.parse::<u64>().ok()) {
             Some(n) => download(n),
             None => invalid("The query parameter 'bytes' must be a non-negative integer."),

@@ -78,11 +78,21 @@ pub async fn serve_with(
     envs: &[(&str, &str)],
     lines_out: Option<tokio::sync::mpsc::UnboundedSender<String>>,
 ) -> Serving {
-    let mut child = command(dir)
-        .args(["serve", "--config"])
+    let mut cmd = command(dir);
+    cmd.args(["serve", "--config"])
         .arg(config)
         .args(["--listen", listen])
-        .envs(envs.iter().copied())
+        .envs(envs.iter().copied());
+    listening(cmd, lines_out).await
+}
+
+/// Runs `cmd` (a command of the binary that serves) and waits for its "listening" log
+/// line, which gives the address bound; every stderr line is also sent to `lines_out`.
+pub async fn listening(
+    mut cmd: Command,
+    lines_out: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+) -> Serving {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

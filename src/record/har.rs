@@ -1,0 +1,274 @@
+//! HAR 1.2, the recording's format (what browsers' devtools export and HAR viewers open):
+//! the entries the proxy writes and reads, and the file's layout.
+//!
+//! A recording is laid out one entry per line, so that it can grow by appending and a
+//! file cut short by a crash can be repaired by keeping its whole lines:
+//!
+//! ```text
+//! {"log":{"version":"1.2","creator":{"name":"zoho-desk-proxy",…},"pages":[],"entries":[
+//! {…first entry…}
+//! ,{…next entry…}
+//! ]}}
+//! ```
+//!
+//! Fields HAR has no place for start with `_`, as HAR allows: `_truncated` (a body longer
+//! than `record.max_body_bytes`), `_encoding` (a binary request body, base64) and
+//! `_requestId`.
+
+use serde::{Deserialize, Serialize};
+
+/// The creator name of recordings made by the proxy.
+pub const CREATOR: &str = "zoho-desk-proxy";
+/// The last line of a recording.
+pub const TRAILER: &str = "]}}\n";
+
+/// The first line of a recording (up to and with the opening of `entries`).
+pub fn header() -> String {
+    format!(
+        "{{\"log\":{{\"version\":\"1.2\",\"creator\":{{\"name\":\"{CREATOR}\",\"version\":\"{}\"}},\"pages\":[],\"entries\":[\n",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// One request and its answer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Entry {
+    /// When the request started (RFC 3339).
+    pub started_date_time: String,
+    /// Milliseconds from the request to the end of the answer.
+    pub time: f64,
+    /// The request as forwarded to Desk.
+    pub request: Request,
+    /// Desk's answer.
+    pub response: Response,
+    /// Nothing is cached.
+    pub cache: serde_json::Map<String, serde_json::Value>,
+    /// Where the time went.
+    pub timings: Timings,
+    /// The proxy's request id.
+    #[serde(rename = "_requestId", skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+/// A header or a query parameter.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct NameValue {
+    /// Its name.
+    pub name: String,
+    /// Its value.
+    pub value: String,
+}
+
+/// A request.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Request {
+    /// The method.
+    pub method: String,
+    /// The absolute URL, query included.
+    pub url: String,
+    /// `HTTP/1.1`.
+    pub http_version: String,
+    /// Never recorded (always empty).
+    pub cookies: Vec<serde_json::Value>,
+    /// The headers, secrets masked.
+    pub headers: Vec<NameValue>,
+    /// The query's parameters.
+    pub query_string: Vec<NameValue>,
+    /// Unknown (-1).
+    pub headers_size: i64,
+    /// The body's length in bytes (what was sent, not only what was recorded).
+    pub body_size: i64,
+    /// The body, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub post_data: Option<PostData>,
+}
+
+/// A request body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct PostData {
+    /// Its content type.
+    pub mime_type: String,
+    /// The body (base64 when `_encoding` says so).
+    pub text: String,
+    /// `base64` for a body that is not UTF-8.
+    #[serde(rename = "_encoding", skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<String>,
+    /// Longer than `record.max_body_bytes`: only its start is here.
+    #[serde(rename = "_truncated", skip_serializing_if = "is_false")]
+    pub truncated: bool,
+}
+
+/// An answer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Response {
+    /// The status code.
+    pub status: u16,
+    /// The reason phrase.
+    pub status_text: String,
+    /// `HTTP/1.1`.
+    pub http_version: String,
+    /// Never recorded (always empty).
+    pub cookies: Vec<serde_json::Value>,
+    /// The headers, `Set-Cookie` left out.
+    pub headers: Vec<NameValue>,
+    /// The body.
+    pub content: Content,
+    /// The `Location` of a redirect.
+    #[serde(rename = "redirectURL")]
+    pub redirect_url: String,
+    /// Unknown (-1).
+    pub headers_size: i64,
+    /// The body's length in bytes, as sent (compressed when it was).
+    pub body_size: i64,
+}
+
+/// An answer's body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Content {
+    /// Its length in bytes.
+    pub size: i64,
+    /// Its content type.
+    pub mime_type: String,
+    /// The body (base64 when `encoding` says so); absent when empty.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// `base64` for a body that is not UTF-8 (compressed bodies included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<String>,
+    /// Longer than `record.max_body_bytes`: only its start is here.
+    #[serde(rename = "_truncated", skip_serializing_if = "is_false")]
+    pub truncated: bool,
+}
+
+/// Where an entry's time went, in milliseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Timings {
+    /// Sending the request.
+    pub send: f64,
+    /// Waiting for the answer's head.
+    pub wait: f64,
+    /// Receiving the answer's body.
+    pub receive: f64,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// A body as HAR text: itself when it is UTF-8, else base64 (and `Some("base64")`).
+pub fn body_text(bytes: &[u8]) -> (String, Option<String>) {
+    use base64::Engine as _;
+    match std::str::from_utf8(bytes) {
+        Ok(text) => (text.to_owned(), None),
+        Err(_) => (
+            base64::engine::general_purpose::STANDARD.encode(bytes),
+            Some("base64".to_owned()),
+        ),
+    }
+}
+
+/// A body from HAR text and its encoding.
+pub fn body_bytes(text: &str, encoding: Option<&str>) -> Result<Vec<u8>, String> {
+    use base64::Engine as _;
+    match encoding {
+        None | Some("") => Ok(text.as_bytes().to_vec()),
+        Some(e) if e.eq_ignore_ascii_case("base64") => base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .map_err(|err| format!("its base64 body does not decode: {err}")),
+        Some(other) => Err(format!("unknown body encoding {other:?}")),
+    }
+}
+
+/// The whole entries of a recording's text laid out as the proxy writes it, and whether
+/// the text ended as it should (with [`TRAILER`]). `None` when the text is not laid out
+/// that way (another program's HAR).
+pub fn entry_lines(text: &str) -> Option<(Vec<&str>, bool)> {
+    let mut lines = text.split_inclusive('\n');
+    let first = lines.next()?;
+    if !first.starts_with("{\"log\":") || !first.contains(CREATOR) || !first.ends_with("[\n") {
+        return None;
+    }
+    let mut entries = Vec::new();
+    for line in lines {
+        if line == TRAILER {
+            return Some((entries, true));
+        }
+        // A line cut short, or anything else: the end of what can be kept.
+        let Some(body) = line.strip_suffix('\n') else {
+            break;
+        };
+        let body = if entries.is_empty() {
+            body
+        } else {
+            match body.strip_prefix(',') {
+                Some(body) => body,
+                None => break,
+            }
+        };
+        if serde_json::from_str::<serde::de::IgnoredAny>(body).is_err() {
+            break;
+        }
+        entries.push(body);
+    }
+    Some((entries, false))
+}
+
+/// A recording's text with these entries.
+pub fn layout<'a>(entries: impl IntoIterator<Item = &'a str>) -> String {
+    let mut text = header();
+    for (i, entry) in entries.into_iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str(entry);
+        text.push('\n');
+    }
+    text.push_str(TRAILER);
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recording_is_valid_json_at_every_entry_and_repairs_when_cut() {
+        let entries = [r#"{"a":1}"#, r#"{"b":"x\ny"}"#, r#"{"c":[1,2]}"#];
+        let text = layout(entries);
+        let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed["log"]["entries"].as_array().unwrap().len(), 3);
+        assert_eq!(parsed["log"]["creator"]["name"], CREATOR);
+        assert_eq!(entry_lines(&text), Some((entries.to_vec(), true)));
+        // Cut anywhere: the whole entries before the cut are kept.
+        for cut in header().len()..text.len() - TRAILER.len() {
+            let (kept, whole) = entry_lines(&text[..cut]).unwrap();
+            assert!(!whole);
+            assert!(kept.len() <= 3);
+            assert_eq!(kept, entries[..kept.len()].to_vec(), "cut at {cut}");
+            let repaired = layout(kept.iter().copied());
+            assert!(serde_json::from_str::<serde_json::Value>(&repaired).is_ok());
+        }
+        assert_eq!(
+            entry_lines(r#"{"log":{"creator":{"name":"Chrome"}}}"#),
+            None
+        );
+    }
+
+    #[test]
+    fn binary_bodies_go_as_base64_and_come_back() {
+        let bytes = [0u8, 159, 146, 150, 255];
+        let (text, encoding) = body_text(&bytes);
+        assert_eq!(encoding.as_deref(), Some("base64"));
+        assert_eq!(body_bytes(&text, encoding.as_deref()).unwrap(), bytes);
+        assert_eq!(body_text(b"{\"a\":1}"), ("{\"a\":1}".to_owned(), None));
+        assert!(body_bytes("!!", Some("base64")).is_err());
+        assert!(body_bytes("x", Some("rot13")).is_err());
+    }
+}

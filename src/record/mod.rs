@@ -1,0 +1,10 @@
+//! Record and replay (README "Testing against recorded Desk traffic"): Desk's traffic
+//! written to a HAR file as the proxy forwards it ([`recorder`]), and answered from such a
+//! file with no credentials and no network ([`replay`]); the file format is [`har`].
+
+pub mod har;
+pub mod recorder;
+pub mod replay;
+
+pub use recorder::{RecordError, Recorder, RequestBodySeen};
+pub use replay::{Lookup, Replay, ReplayError};

@@ -1,0 +1,521 @@
+//! `serve --record FILE.har`: every request forwarded to Desk and Desk's answer, appended
+//! to a HAR file as the answer ends.
+//!
+//! The request path only copies what passes (up to `record.max_body_bytes` of each body)
+//! and hands the entry to a writer thread over a bounded channel: it never waits for the
+//! disk. If the writer falls that far behind, entries are dropped, counted and logged, and
+//! forwarding goes on. The writer appends whole lines and keeps the file valid after each
+//! batch (see [`super::har`] for the layout); a file cut short by a crash is repaired when
+//! it is opened again, keeping every whole entry.
+//!
+//! What is never recorded: the token (`Authorization` is `Zoho-oauthtoken ***`), proxy
+//! keys, cookies and `Set-Cookie`. The client's own `Authorization`, `Cookie`,
+//! `X-Proxy-Key` and `Proxy-Authorization` never reach Desk and are not in the entry.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, Method, StatusCode, Uri, header};
+
+use super::har::{self, Entry, NameValue};
+use crate::body::{Captured, Tap};
+use crate::metrics::Metrics;
+
+/// Entries waiting for the writer; past it, entries are dropped.
+const QUEUE: usize = 4096;
+/// Entries written at once, at most.
+const BATCH: usize = 256;
+/// How long the writer lets entries gather after a write.
+const GATHER: Duration = Duration::from_millis(10);
+
+/// Why a recording cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The file cannot be read, written or created.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file holds something the proxy did not write.
+    #[error(
+        "{0} is not a recording of zoho-desk-proxy (a HAR from elsewhere is replayed, never appended to): record to a new file"
+    )]
+    Foreign(PathBuf),
+}
+
+/// The recording of a serving proxy: where entries go.
+#[derive(Debug)]
+pub struct Recorder {
+    path: PathBuf,
+    max_body: usize,
+    /// Taken (and so closed) by [`Recorder::finish`]; read without a lock per request.
+    queue: ArcSwapOption<SyncSender<Exchange>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    dropped: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
+}
+
+impl Recorder {
+    /// Opens `path` for recording: created when missing; an earlier recording is
+    /// continued (repaired first when a crash cut it short).
+    pub fn open(
+        path: &Path,
+        max_body: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, RecordError> {
+        let io = |source| RecordError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let (file, end, entries) = prepare(path).map_err(|e| match e {
+            Prepared::Io(source) => io(source),
+            Prepared::Foreign => RecordError::Foreign(path.to_owned()),
+        })?;
+        tracing::info!(file = %path.display(), entries, max_body_bytes = max_body, "recording Desk's traffic");
+        let (queue, entries_rx) = std::sync::mpsc::sync_channel::<Exchange>(QUEUE);
+        let writer = Writer {
+            file,
+            end,
+            written: entries,
+            path: path.to_owned(),
+            max_body,
+        };
+        let handle = std::thread::Builder::new()
+            .name("zdp-recorder".into())
+            .spawn(move || writer.run(entries_rx))
+            .map_err(io)?;
+        Ok(Arc::new(Self {
+            path: path.to_owned(),
+            max_body,
+            queue: ArcSwapOption::from_pointee(queue),
+            writer: Mutex::new(Some(handle)),
+            dropped: Arc::default(),
+            metrics,
+        }))
+    }
+
+    /// Starts the entry of a request about to be forwarded: its method, Desk's URL, the
+    /// headers sent and its body, known whole or captured as it streams. Only references
+    /// are kept here; the writer's thread makes the entry (and masks the secrets).
+    pub fn start(
+        &self,
+        method: &Method,
+        url: &Uri,
+        headers: &HeaderMap,
+        request_id: &str,
+        body: RequestBodySeen,
+    ) -> Option<Box<Recording>> {
+        let queue = self.queue.load_full()?;
+        Some(Box::new(Recording {
+            queue,
+            dropped: Arc::clone(&self.dropped),
+            metrics: Arc::clone(&self.metrics),
+            max_body: self.max_body,
+            exchange: Exchange {
+                started: Instant::now(),
+                started_at: SystemTime::now(),
+                answered: None,
+                ended: None,
+                method: method.clone(),
+                url: url.clone(),
+                request_headers: flatten(headers, is_secret_request_header),
+                request_id: request_id.to_owned(),
+                request_body: body,
+                status: StatusCode::OK,
+                response_headers: String::new(),
+                body: Vec::new(),
+                body_total: 0,
+            },
+        }))
+    }
+
+    /// The body bytes kept per body.
+    pub fn max_body(&self) -> usize {
+        self.max_body
+    }
+
+    /// Stops taking entries and waits until the writer has written those it has.
+    pub async fn finish(&self) {
+        self.queue.store(None);
+        let handle = lock(&self.writer).take();
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        let dropped = self.dropped.load(Ordering::Relaxed);
+        if dropped > 0 {
+            tracing::warn!(file = %self.path.display(), dropped, "recording: entries were dropped because the disk could not keep up");
+        }
+    }
+}
+
+/// What the recording knows of a request body when the request is sent.
+#[derive(Debug)]
+pub enum RequestBodySeen {
+    /// None.
+    Empty,
+    /// Read whole before it was sent.
+    Whole(Bytes),
+    /// Streamed: its start is captured as it goes.
+    Streamed(Arc<Captured>),
+}
+
+/// The entry of one request, filled in as its answer streams, and handed to the writer
+/// when the answer ends.
+#[derive(Debug)]
+pub struct Recording {
+    queue: Arc<SyncSender<Exchange>>,
+    dropped: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
+    max_body: usize,
+    exchange: Exchange,
+}
+
+/// What is kept of one exchange on its way through, copied in as few allocations as it
+/// can (a reference to the client's or Desk's bytes would pin hyper's read buffers),
+/// and made into a HAR entry by the writer.
+#[derive(Debug)]
+struct Exchange {
+    started: Instant,
+    started_at: SystemTime,
+    /// When the answer's head came.
+    answered: Option<Instant>,
+    ended: Option<Instant>,
+    method: Method,
+    url: Uri,
+    /// `name:value` lines, secrets left out.
+    request_headers: String,
+    request_id: String,
+    request_body: RequestBodySeen,
+    status: StatusCode,
+    /// `name:value` lines, `Set-Cookie` left out.
+    response_headers: String,
+    /// The answer's body, up to the recording's limit.
+    body: Vec<u8>,
+    body_total: u64,
+}
+
+impl Recording {
+    /// Notes the answer's head.
+    pub fn answered(mut self: Box<Self>, status: StatusCode, headers: &HeaderMap) -> Box<Self> {
+        self.exchange.answered = Some(Instant::now());
+        self.exchange.status = status;
+        self.exchange.response_headers = flatten(headers, |name| name == header::SET_COOKIE);
+        self
+    }
+}
+
+impl Tap for Recording {
+    fn data(&mut self, data: &Bytes) {
+        let exchange = &mut self.exchange;
+        exchange.body_total += data.len() as u64;
+        let room = self.max_body.saturating_sub(exchange.body.len());
+        exchange
+            .body
+            .extend_from_slice(&data[..data.len().min(room)]);
+    }
+
+    fn end(mut self: Box<Self>, _complete: bool) {
+        self.exchange.ended = Some(Instant::now());
+        let Recording {
+            queue,
+            dropped,
+            metrics,
+            exchange,
+            ..
+        } = *self;
+        match queue.try_send(exchange) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                metrics.record_recording_dropped();
+                if dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(
+                        "recording: the writer is behind; entries are dropped (counted in zoho_proxy_record_dropped_total)"
+                    );
+                }
+            }
+            // The recording was finished: the proxy is stopping.
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+}
+
+impl Exchange {
+    /// The HAR entry, secrets masked, bodies cut at `max_body`.
+    fn into_entry(self, max_body: usize) -> Entry {
+        let mut request_headers = unflatten(&self.request_headers);
+        request_headers.push(NameValue {
+            name: "authorization".into(),
+            value: "Zoho-oauthtoken ***".into(),
+        });
+        let query_string = self
+            .url
+            .query()
+            .map(|q| {
+                form_urlencoded::parse(q.as_bytes())
+                    .map(|(name, value)| NameValue {
+                        name: name.into_owned(),
+                        value: value.into_owned(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (bytes, total) = match &self.request_body {
+            RequestBodySeen::Empty => (Vec::new(), 0),
+            RequestBodySeen::Whole(bytes) => (
+                bytes[..bytes.len().min(max_body)].to_vec(),
+                bytes.len() as u64,
+            ),
+            RequestBodySeen::Streamed(captured) => captured.taken(),
+        };
+        let post_data = (total > 0).then(|| {
+            let (text, encoding) = har::body_text(&bytes);
+            har::PostData {
+                mime_type: flattened_value(&self.request_headers, "content-type"),
+                text,
+                encoding,
+                truncated: total > bytes.len() as u64,
+            }
+        });
+        let request = har::Request {
+            method: self.method.as_str().to_owned(),
+            url: self.url.to_string(),
+            http_version: "HTTP/1.1".into(),
+            headers: request_headers,
+            query_string,
+            headers_size: -1,
+            body_size: i64::try_from(total).unwrap_or(i64::MAX),
+            post_data,
+            ..har::Request::default()
+        };
+
+        let body = self.body;
+        let (text, encoding) = if body.is_empty() {
+            (None, None)
+        } else {
+            let (text, encoding) = har::body_text(&body);
+            (Some(text), encoding)
+        };
+        let size = i64::try_from(self.body_total).unwrap_or(i64::MAX);
+        let response = har::Response {
+            status: self.status.as_u16(),
+            status_text: self.status.canonical_reason().unwrap_or_default().into(),
+            http_version: "HTTP/1.1".into(),
+            headers: unflatten(&self.response_headers),
+            content: har::Content {
+                size,
+                mime_type: flattened_value(&self.response_headers, "content-type"),
+                text,
+                encoding,
+                truncated: self.body_total > body.len() as u64,
+            },
+            redirect_url: flattened_value(&self.response_headers, "location"),
+            headers_size: -1,
+            body_size: size,
+            ..har::Response::default()
+        };
+        let ended = self.ended.unwrap_or_else(Instant::now);
+        let answered = self.answered.unwrap_or(ended);
+        let ms = |from: Instant, to: Instant| to.duration_since(from).as_secs_f64() * 1000.0;
+        Entry {
+            started_date_time: rfc3339(self.started_at),
+            time: ms(self.started, ended),
+            request,
+            response,
+            cache: serde_json::Map::new(),
+            timings: har::Timings {
+                send: 0.0,
+                wait: ms(self.started, answered),
+                receive: ms(answered, ended),
+            },
+            request_id: Some(self.request_id),
+        }
+    }
+}
+
+/// `headers` as `name:value` lines, leaving out those `skip` names: one allocation.
+fn flatten(headers: &HeaderMap, skip: impl Fn(&HeaderName) -> bool) -> String {
+    let mut lines = String::with_capacity(
+        headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 2)
+            .sum(),
+    );
+    for (name, value) in headers.iter().filter(|(name, _)| !skip(name)) {
+        lines.push_str(name.as_str());
+        lines.push(':');
+        // A header value never holds a line break.
+        lines.push_str(&String::from_utf8_lossy(value.as_bytes()));
+        lines.push('\n');
+    }
+    lines
+}
+
+/// [`flatten`]'s lines as HAR's name-value pairs.
+fn unflatten(lines: &str) -> Vec<NameValue> {
+    lines
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| NameValue {
+            name: name.to_owned(),
+            value: value.to_owned(),
+        })
+        .collect()
+}
+
+/// The first value of `name` in [`flatten`]'s lines, or "".
+fn flattened_value(lines: &str, name: &str) -> String {
+    lines
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(n, _)| *n == name)
+        .map(|(_, value)| value.to_owned())
+        .unwrap_or_default()
+}
+
+/// Request headers never recorded: the token (recorded as `Zoho-oauthtoken ***`), and
+/// the client's credentials, which are not forwarded anyway.
+fn is_secret_request_header(name: &HeaderName) -> bool {
+    [
+        header::AUTHORIZATION,
+        header::COOKIE,
+        header::PROXY_AUTHORIZATION,
+    ]
+    .contains(name)
+        || name.as_str() == "x-proxy-key"
+}
+
+enum Prepared {
+    Io(std::io::Error),
+    Foreign,
+}
+
+/// The file ready for appending: created with an empty recording, or an earlier one
+/// checked (and repaired). Returns the file, where the trailer starts, and the entries
+/// it holds.
+fn prepare(path: &Path) -> Result<(File, u64, usize), Prepared> {
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).create(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Desk's data: readable by its owner only.
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).map_err(Prepared::Io)?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            Prepared::Foreign
+        } else {
+            Prepared::Io(e)
+        }
+    })?;
+    let entries: Vec<String> = if text.is_empty() {
+        Vec::new()
+    } else {
+        let (entries, whole) = har::entry_lines(&text).ok_or(Prepared::Foreign)?;
+        if !whole {
+            tracing::warn!(file = %path.display(), kept = entries.len(), "recording: the file was cut short (a crash?); kept its whole entries and dropped the rest");
+        }
+        if whole {
+            let end = text.len() - har::TRAILER.len();
+            return Ok((file, end as u64, entries.len()));
+        }
+        entries.into_iter().map(str::to_owned).collect()
+    };
+    let laid_out = har::layout(entries.iter().map(String::as_str));
+    file.set_len(0).map_err(Prepared::Io)?;
+    file.seek(SeekFrom::Start(0)).map_err(Prepared::Io)?;
+    file.write_all(laid_out.as_bytes()).map_err(Prepared::Io)?;
+    file.sync_data().map_err(Prepared::Io)?;
+    let end = laid_out.len() - har::TRAILER.len();
+    Ok((file, end as u64, entries.len()))
+}
+
+/// The thread that appends entries.
+struct Writer {
+    file: File,
+    /// Where the trailer starts.
+    end: u64,
+    written: usize,
+    path: PathBuf,
+    max_body: usize,
+}
+
+impl Writer {
+    fn run(mut self, exchanges: Receiver<Exchange>) {
+        let mut failed = false;
+        let mut next = exchanges.recv().ok();
+        while let Some(first) = next.take() {
+            let mut batch = String::new();
+            let mut lines = 0;
+            for exchange in std::iter::once(first).chain(exchanges.try_iter().take(BATCH - 1)) {
+                let Ok(line) = serde_json::to_string(&exchange.into_entry(self.max_body)) else {
+                    continue;
+                };
+                if self.written + lines > 0 {
+                    batch.push(',');
+                }
+                batch.push_str(&line);
+                batch.push('\n');
+                lines += 1;
+            }
+            batch.push_str(har::TRAILER);
+            // One write of whole lines and the trailer: the file is valid after it, and
+            // a crash in the middle of it leaves whole lines to keep.
+            let appended = self
+                .file
+                .seek(SeekFrom::Start(self.end))
+                .and_then(|_| self.file.write_all(batch.as_bytes()));
+            match appended {
+                Ok(()) => {
+                    self.end += (batch.len() - har::TRAILER.len()) as u64;
+                    self.written += lines;
+                }
+                Err(err) if !failed => {
+                    failed = true;
+                    tracing::error!(file = %self.path.display(), error = %err, "recording: cannot write; entries are lost until the disk recovers");
+                }
+                Err(_) => {}
+            }
+            next = match exchanges.try_recv() {
+                Ok(exchange) => Some(exchange),
+                Err(TryRecvError::Disconnected) => None,
+                Err(TryRecvError::Empty) => {
+                    // Let the next entries gather: under load the request path's sends
+                    // then find the writer awake and never have to wake it (a system
+                    // call each), and the file grows by a few writes a second.
+                    std::thread::sleep(GATHER);
+                    exchanges.recv().ok()
+                }
+            };
+        }
+        if let Err(err) = self.file.sync_data() {
+            tracing::warn!(file = %self.path.display(), error = %err, "recording: cannot flush the file");
+        }
+    }
+}
+
+/// `at` as RFC 3339 with milliseconds (HAR's `startedDateTime`).
+fn rfc3339(at: SystemTime) -> String {
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::from(at)
+        .format(&format)
+        .unwrap_or_default()
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}

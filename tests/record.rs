@@ -1,0 +1,496 @@
+//! Record and replay (README "Testing against recorded Desk traffic"): Desk's traffic
+//! recorded to HAR through the fake Desk, then replayed by the built binary with the fake
+//! stopped and no credentials; what a recording never holds; misses and strict mode; a
+//! recording cut short; bad files; a browser's HAR.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use support::binary::*;
+use support::*;
+use zoho_desk_proxy::Secret;
+use zoho_desk_proxy::fake_zoho::{FIRST_TICKET_ID, FakeOptions};
+
+const KEY: &str = "k-record-test-key";
+
+/// One request of the scenario, and what the client saw.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: &'static str,
+    path: String,
+    body: Option<&'static str>,
+    status: u16,
+    content_type: Option<String>,
+    content_encoding: Option<String>,
+    bytes: Vec<u8>,
+}
+
+async fn send(
+    base: &str,
+    method: &'static str,
+    path: &str,
+    body: Option<&'static str>,
+) -> reqwest::Response {
+    // No automatic decompression: bodies are compared as sent.
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let mut request = client
+        .request(method.parse().unwrap(), format!("{base}{path}"))
+        .header("x-proxy-key", KEY)
+        .header("cookie", "session=client-cookie-secret");
+    if let Some(body) = body {
+        request = request
+            .header("content-type", "application/json")
+            .body(body);
+    }
+    request.send().await.unwrap()
+}
+
+async fn seen(base: &str, method: &'static str, path: &str, body: Option<&'static str>) -> Seen {
+    let answer = send(base, method, path, body).await;
+    let header = |name: &str| {
+        answer
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+    Seen {
+        method,
+        path: path.to_owned(),
+        body,
+        status: answer.status().as_u16(),
+        content_type: header("content-type"),
+        content_encoding: header("content-encoding"),
+        bytes: answer.bytes().await.unwrap().to_vec(),
+    }
+}
+
+/// The scenario recorded: lists before and after a create (the same request, two
+/// answers), a query, a POST, a binary gzip body, a HEAD, a Desk 404, cookies both ways.
+async fn scenario(base: &str) -> Vec<Seen> {
+    let ticket = format!("/api/v1/tickets/{FIRST_TICKET_ID}");
+    let mut all = Vec::new();
+    all.push(seen(base, "GET", "/api/v1/tickets", None).await);
+    all.push(seen(base, "GET", "/api/v1/tickets?from=0&limit=2", None).await);
+    all.push(
+        seen(
+            base,
+            "POST",
+            "/api/v1/tickets",
+            Some(r#"{"subject":"Printer on fire"}"#),
+        )
+        .await,
+    );
+    all.push(seen(base, "GET", "/api/v1/tickets", None).await);
+    all.push(seen(base, "GET", &ticket, None).await);
+    all.push(seen(base, "HEAD", &ticket, None).await);
+    all.push(seen(base, "GET", "/api/v1/gzip", None).await);
+    all.push(seen(base, "GET", "/api/v1/organizations", None).await);
+    all.push(seen(base, "GET", "/api/v1/nothing-here", None).await);
+    all
+}
+
+/// Records the scenario to `dir/desk.har` through an in-process proxy in front of the
+/// fake; returns what the client saw, and the secrets that must not be in the file.
+async fn record(dir: &Path) -> (PathBuf, Vec<Seen>, Vec<String>) {
+    let file = dir.join("desk.har");
+    let recorded = file.clone();
+    let s = Scenario::with(FakeOptions::default(), move |c| {
+        c.record.file = Some(recorded);
+        c.access.api_keys = vec![Secret::new(KEY.into())];
+    })
+    .await;
+    let seen = scenario(&s.url("")).await;
+    let options = FakeOptions::default();
+    let mut secrets = vec![
+        options.client_secret.clone(),
+        options.refresh_token.clone(),
+        KEY.to_owned(),
+        "client-cookie-secret".to_owned(),
+        "fake-csrf-cookie".to_owned(),
+    ];
+    secrets.extend(s.zoho.issued_tokens());
+    s.proxy.stop().await;
+    (file, seen, secrets)
+}
+
+/// `zoho-desk-proxy replay FILE` in `dir` (no proxy.toml there, no Zoho variables), with
+/// `args` and `envs`; its stderr lines on the returned channel.
+async fn replay(
+    dir: &Path,
+    file: &Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> (Serving, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let mut cmd = command(dir);
+    cmd.arg("replay")
+        .arg(file)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .envs(envs.iter().copied());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    (listening(cmd, Some(tx)).await, rx)
+}
+
+async fn stop(serving: Serving) -> std::process::ExitStatus {
+    sigterm(&serving.child);
+    tokio::time::timeout(Duration::from_secs(20), serving.child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap()
+        .status
+}
+
+#[tokio::test]
+async fn recorded_traffic_replays_byte_for_byte_with_no_fake_and_no_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, recorded, secrets) = record(dir.path()).await;
+    // (The fake and the proxy are gone.)
+
+    let text = std::fs::read_to_string(&file).unwrap();
+    let har: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(har["log"]["version"], "1.2");
+    assert_eq!(har["log"]["creator"]["name"], "zoho-desk-proxy");
+    let entries = har["log"]["entries"].as_array().unwrap();
+    assert_eq!(
+        entries.len(),
+        recorded.len(),
+        "one entry per forwarded request"
+    );
+    for secret in &secrets {
+        assert!(
+            !text.contains(secret.as_str()),
+            "a secret in the recording: {secret}"
+        );
+    }
+    assert!(text.contains("Zoho-oauthtoken ***"));
+    for entry in entries {
+        for h in entry["request"]["headers"].as_array().unwrap() {
+            let name = h["name"].as_str().unwrap();
+            assert!(
+                !["cookie", "x-proxy-key", "proxy-authorization"].contains(&name),
+                "{name}"
+            );
+        }
+        for h in entry["response"]["headers"].as_array().unwrap() {
+            assert_ne!(h["name"], "set-cookie");
+        }
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "Desk's data is its owner's");
+    }
+
+    let (serving, _lines) = replay(dir.path(), &file, &[], &[]).await;
+    let base = serving.url("");
+    // The same requests, the same answers, in the same order.
+    for expected in &recorded {
+        let got = seen(&base, expected.method, &expected.path, expected.body).await;
+        assert_eq!(got.status, expected.status, "{expected:?}");
+        assert_eq!(got.content_type, expected.content_type, "{expected:?}");
+        assert_eq!(
+            got.content_encoding, expected.content_encoding,
+            "{expected:?}"
+        );
+        assert_eq!(
+            got.bytes, expected.bytes,
+            "{} {}",
+            expected.method, expected.path
+        );
+    }
+    // The last answer repeats: the list after the create.
+    let again = seen(&base, "GET", "/api/v1/tickets", None).await;
+    assert_eq!(again.bytes, recorded[3].bytes);
+    // A query's parameters in another order match.
+    let reordered = seen(&base, "GET", "/api/v1/tickets?limit=2&from=0", None).await;
+    assert_eq!(reordered.bytes, recorded[1].bytes);
+    // Request ids and the proxy's own endpoints work as in normal serving.
+    let answer = send(&base, "GET", "/api/v1/tickets", None).await;
+    assert!(answer.headers().contains_key("x-request-id"));
+    let ready: serde_json::Value = fetch(serving.url("/_proxy/ready"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["mode"], "replay", "{ready}");
+    assert_eq!(stop(serving).await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn a_miss_names_the_closest_request_and_strict_mode_fails_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _, _) = record(dir.path()).await;
+
+    let (serving, mut lines) = replay(dir.path(), &file, &["--replay-strict"], &[]).await;
+    let base = serving.url("");
+    // Another body for a POST misses; the closest is the recorded POST.
+    let miss = send(
+        &base,
+        "POST",
+        "/api/v1/tickets",
+        Some(r#"{"subject":"other"}"#),
+    )
+    .await;
+    let body = assert_proxy_error(miss, 404, "PROXY_REPLAY_MISS").await;
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("POST /api/v1/tickets"), "{message}");
+    let miss = send(&base, "GET", "/api/v1/tickets?limit=3", None).await;
+    let body = assert_proxy_error(miss, 404, "PROXY_REPLAY_MISS").await;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("GET /api/v1/tickets"),
+        "{body}"
+    );
+    let metrics = fetch(serving.url("/_proxy/metrics"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "zoho_proxy_replay_misses_total 2"),
+        "{metrics}"
+    );
+    let status = stop(serving).await;
+    assert_eq!(status.code(), Some(1), "strict mode: misses fail the run");
+    // The reader ends at the child's EOF, which closes the channel.
+    let mut log = String::new();
+    while let Some(line) = lines.recv().await {
+        log.push_str(&line);
+        log.push('\n');
+    }
+    assert!(
+        log.contains("POST /api/v1/tickets"),
+        "the misses are listed at exit: {log}"
+    );
+    assert!(!log.contains("limit=3"), "queries are never logged: {log}");
+
+    // Without --replay-strict the same misses exit 0; strict with no miss exits 0.
+    let (serving, _lines) = replay(dir.path(), &file, &[], &[]).await;
+    assert_eq!(status_of(&serving, "/api/v1/missing").await, 404);
+    assert_eq!(stop(serving).await.code(), Some(0));
+    let (serving, _lines) = replay(dir.path(), &file, &["--strict"], &[]).await;
+    assert_eq!(status_of(&serving, "/api/v1/organizations").await, 200);
+    assert_eq!(stop(serving).await.code(), Some(0));
+}
+
+async fn status_of(serving: &Serving, path: &str) -> u16 {
+    send(&serving.url(""), "GET", path, None)
+        .await
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn access_rules_hold_in_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _, _) = record(dir.path()).await;
+    let (serving, _lines) = replay(
+        dir.path(),
+        &file,
+        &[],
+        &[("ZOHO_PROXY_API_KEYS", "another-key")],
+    )
+    .await;
+    let answer = send(&serving.url(""), "GET", "/api/v1/tickets", None).await;
+    assert_proxy_error(answer, 401, "PROXY_UNAUTHORIZED").await;
+    let answer = client()
+        .get(serving.url("/api/v1/tickets"))
+        .header("x-proxy-key", "another-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    // Sent raw: an HTTP client library would resolve the dot-segments itself.
+    let answer = raw_request(
+        serving.addr,
+        "GET /api/v1/%2e%2e/secrets HTTP/1.1\r\nHost: x\r\nX-Proxy-Key: another-key\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw_status(&answer), 400, "{answer}");
+    stop(serving).await;
+}
+
+#[tokio::test]
+async fn a_recording_cut_short_is_repaired_and_recording_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, recorded, _) = record(dir.path()).await;
+    // A crash in the middle of a write: the last entry is half there, no trailer.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let cut = text.len() - 40;
+    std::fs::write(&file, &text[..cut]).unwrap();
+    assert!(serde_json::from_str::<serde_json::Value>(&text[..cut]).is_err());
+
+    // Replay takes the whole entries.
+    let (serving, _lines) = replay(dir.path(), &file, &[], &[]).await;
+    let got = seen(
+        &serving.url(""),
+        "GET",
+        "/api/v1/tickets?from=0&limit=2",
+        None,
+    )
+    .await;
+    assert_eq!(got.bytes, recorded[1].bytes);
+    stop(serving).await;
+
+    // Recording again repairs the file and appends.
+    let (file, more, _) = record(dir.path()).await;
+    let har: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let entries = har["log"]["entries"].as_array().unwrap().len();
+    assert_eq!(entries, recorded.len() - 1 + more.len());
+}
+
+#[tokio::test]
+async fn bad_files_get_a_clear_error_and_bad_entries_are_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |file: PathBuf| {
+        let dir = dir.path().to_owned();
+        async move {
+            command(&dir)
+                .arg("replay")
+                .arg(file)
+                .args(["--listen", "127.0.0.1:0"])
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let missing = run(dir.path().join("nope.har")).await;
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("nope.har"));
+
+    let garbage = dir.path().join("garbage.har");
+    std::fs::write(&garbage, "{\"log\": {\"entries\": [\n  {\"request\": \n").unwrap();
+    let out = run(garbage).await;
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not a HAR file") && stderr.contains("line"),
+        "{stderr}"
+    );
+
+    let no_entries = dir.path().join("empty.json");
+    std::fs::write(&no_entries, "{\"hello\": 1}").unwrap();
+    let out = run(no_entries).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("log.entries"));
+
+    let huge = dir.path().join("huge.har");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len((1 << 30) + 1)
+        .unwrap();
+    let out = run(huge).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 GiB"));
+
+    // Hand-edited entries: broken ones are skipped with a warning naming them, duplicates
+    // answer in order, binary bodies come back as bytes.
+    let edited = dir.path().join("edited.har");
+    let entry = |url: &str, status: u16, text: &str, encoding: Option<&str>| {
+        serde_json::json!({
+            "request": {"method": "GET", "url": url, "headers": []},
+            "response": {"status": status, "headers": [{"name": "Content-Type", "value": "application/octet-stream"}],
+                "content": {"text": text, "encoding": encoding, "mimeType": "application/octet-stream"}}
+        })
+    };
+    let har = serde_json::json!({"log": {"version": "1.2", "creator": {"name": "hand"}, "entries": [
+        entry("https://desk.zoho.com/api/v1/a", 200, "first", None),
+        entry("https://desk.zoho.com/api/v1/a", 200, "second", None),
+        entry("https://desk.zoho.com/api/v1/bin", 200, "AAGAgf8=", Some("base64")),
+        entry("https://desk.zoho.com/api/v1/broken", 200, "!!!", Some("base64")),
+        entry("not a url at all", 200, "x", None),
+        entry("https://desk.zoho.com/api/v1/failed", 0, "", None),
+        {"request": 42},
+    ]}});
+    std::fs::write(&edited, har.to_string()).unwrap();
+    let (serving, mut lines) = replay(dir.path(), &edited, &[], &[]).await;
+    let base = serving.url("");
+    assert_eq!(seen(&base, "GET", "/api/v1/a", None).await.bytes, b"first");
+    assert_eq!(seen(&base, "GET", "/api/v1/a", None).await.bytes, b"second");
+    assert_eq!(seen(&base, "GET", "/api/v1/a", None).await.bytes, b"second");
+    assert_eq!(
+        seen(&base, "GET", "/api/v1/bin", None).await.bytes,
+        [0x00, 0x01, 0x80, 0x81, 0xff]
+    );
+    assert_eq!(status_of(&serving, "/api/v1/broken").await, 404);
+    assert_eq!(status_of(&serving, "/api/v1/failed").await, 404);
+    stop(serving).await;
+    // The reader ends at the child's EOF, which closes the channel.
+    let mut log = String::new();
+    while let Some(line) = lines.recv().await {
+        log.push_str(&line);
+        log.push('\n');
+    }
+    for skipped in ["\"entry\":3", "\"entry\":4", "\"entry\":5", "\"entry\":6"] {
+        assert!(log.contains(skipped), "{skipped} named in {log}");
+    }
+}
+
+#[tokio::test]
+async fn a_browser_har_replays_its_desk_entries() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/browser.har");
+    let dir = tempfile::tempdir().unwrap();
+    let (serving, mut lines) = replay(dir.path(), &fixture, &[], &[]).await;
+    let base = serving.url("");
+    let tickets = seen(&base, "GET", "/api/v1/tickets?limit=1&from=0", None).await;
+    assert_eq!(tickets.status, 200);
+    assert_eq!(
+        tickets.content_encoding, None,
+        "a browser stores bodies decoded"
+    );
+    let json: serde_json::Value = serde_json::from_slice(&tickets.bytes).unwrap();
+    assert_eq!(json["data"][0]["subject"], "Printer on fire");
+    let contact = seen(&base, "GET", "/api/v1/contacts/1892000000042032", None).await;
+    assert_eq!(contact.status, 404);
+    assert!(String::from_utf8_lossy(&contact.bytes).contains("URL_NOT_FOUND"));
+    // Other hosts' entries (scripts, Accounts) are not Desk's.
+    assert_eq!(status_of(&serving, "/js/app.js").await, 404);
+    stop(serving).await;
+    // The reader ends at the child's EOF, which closes the channel.
+    let mut log = String::new();
+    while let Some(line) = lines.recv().await {
+        log.push_str(&line);
+        log.push('\n');
+    }
+    assert!(log.contains("static.zohocdn.com"), "{log}");
+}
+
+#[tokio::test]
+async fn the_demo_records_its_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = command(dir.path())
+        .args(["demo", "--record", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut addr = None;
+    while let Some(line) = lines.next_line().await.unwrap() {
+        if let Some(url) = line.trim().strip_prefix("proxy:") {
+            addr = Some(url.trim().to_owned());
+            break;
+        }
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let base = addr.expect("the demo's address");
+    assert_eq!(status(format!("{base}/api/v1/tickets")).await, 200);
+    sigterm(&child);
+    let out = child.wait_with_output().await.unwrap();
+    assert!(out.status.success());
+    let text = std::fs::read_to_string(dir.path().join("zoho-desk-demo.har")).unwrap();
+    let har: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(har["log"]["entries"].as_array().unwrap().len(), 1);
+}
