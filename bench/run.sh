@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark of zoho-desk-proxy against nginx (issue 5), on loopback only.
+# Side-by-side benchmark of zoho-desk-proxy against nginx and HAProxy, on loopback only.
 #
 #   bash bench/run.sh 2>&1 | tee /tmp/bench.txt
 #
@@ -11,11 +11,13 @@
 #             upstream keep-alive pool (keepalive 64), proxy_buffering and
 #             proxy_request_buffering off (64 KiB buffers for the download), worker_processes
 #             2, no access log;
+#   haproxy   the second anchor: HAProxy adding the same header (http-request set-header),
+#             http-reuse always, nbthread 2, no log;
 #   product   the release binary, upstream = the nginx upstream, accounts_url = the crate's
 #             fake Accounts (examples/bench_accounts.rs, tokens living 1 h), RUST_LOG=warn;
 #   product-rot  a second product whose fake Accounts issues 4 s tokens (so it refreshes
 #             every ~2 s), for the token rotation scenario.
-# Then runs every scenario in alternation (direct, nginx, product, direct, …; ROUNDS
+# Then runs every scenario in alternation (direct, nginx, haproxy, product, …; ROUNDS
 # rounds) so that machine drift cancels, and prints medians, ratios and the product's
 # memory, ending with one Markdown table.
 #
@@ -38,7 +40,7 @@
 # PROFILE=1 (one more 64-connection run of each proxy under `perf record -e cpu-clock`,
 # top symbols printed before the summary; PROFILE_DIR=dir keeps the perf data files).
 #
-# Needs Linux, nginx and wrk (installed with apt-get when missing and running as root),
+# Needs Linux, nginx, HAProxy and wrk (installed with apt-get when missing and running as root),
 # curl, and cargo. Exits non-zero only when the setup fails; failed requests are counted
 # and reported, not fatal.
 set -uo pipefail
@@ -111,6 +113,7 @@ trap 'exit 130' INT TERM
 [[ $(uname -s) == Linux ]] || die "Linux only (/proc is read for memory and CPU)"
 missing=()
 command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || missing+=(nginx-light)
+command -v haproxy >/dev/null 2>&1 || [[ -x /usr/sbin/haproxy ]] || missing+=(haproxy)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v ss >/dev/null 2>&1 || missing+=(iproute2)
@@ -126,6 +129,7 @@ if ((${#missing[@]})); then
 fi
 export PATH="$PATH:/usr/sbin:/sbin"
 NGINX=$(command -v nginx) || die "nginx not found after install"
+HAPROXY=$(command -v haproxy) || die "haproxy not found after install"
 
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=${PRODUCT_BIN:-$TARGET_DIR/release/zoho-desk-proxy}
@@ -192,6 +196,7 @@ free_port() {
 }
 UP_PORT=$(free_port)
 NG_PORT=$(free_port)
+HA_PORT=$(free_port)
 PR_PORT=$(free_port)
 ROT_PORT=$(free_port)
 BASE_PORT=$(free_port)
@@ -280,6 +285,36 @@ EOF
 EOF
 } >"$WORK/anchor.conf"
 
+# HAProxy as the second anchor: the same job (add the header, reuse upstream connections),
+# 2 threads as nginx has 2 workers, no logs.
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+  nbthread 2
+  maxconn 20000
+defaults
+  mode http
+  option http-keep-alive
+  http-reuse always
+  timeout connect 10s
+  timeout client 120s
+  timeout server 120s
+  timeout http-keep-alive 120s
+frontend anchor
+  bind 127.0.0.1:$HA_PORT
+  http-request set-header Authorization "$STATIC_TOKEN"
+  default_backend desk
+backend desk
+  server up 127.0.0.1:$UP_PORT
+EOF
+start_haproxy() { # sets HA_PID
+    "$HAPROXY" -c -q -f "$WORK/haproxy.cfg" >"$WORK/haproxy.test" 2>&1 ||
+        die "haproxy config: $(cat "$WORK/haproxy.test")"
+    "$HAPROXY" -db -f "$WORK/haproxy.cfg" >>"$WORK/haproxy.out" 2>&1 &
+    HA_PID=$!
+    PIDS+=("$HA_PID")
+    wait_port "$HA_PORT" || die "haproxy did not listen on $HA_PORT: $(tail -5 "$WORK/haproxy.out")"
+}
+
 start_nginx() { # name conf port
     "$NGINX" -t -q -c "$2" -e "$WORK/$1.err" >"$WORK/$1.test" 2>&1 ||
         die "nginx $1 config: $(cat "$WORK/$1.test")"
@@ -356,6 +391,7 @@ say "starting upstream nginx :$UP_PORT, anchor nginx :$NG_PORT, product :$PR_POR
 start_nginx upstream "$WORK/upstream.conf" "$UP_PORT"
 start_nginx anchor "$WORK/anchor.conf" "$NG_PORT"
 NG_MASTER=${PIDS[-1]}
+start_haproxy
 start_accounts accounts 3600
 start_product product "$PR_PORT"
 PR_PID=$LAST_PID
@@ -380,6 +416,8 @@ restart_proxies() {
     stop_pid "$NG_MASTER"
     start_nginx anchor "$WORK/anchor.conf" "$NG_PORT"
     NG_MASTER=${PIDS[-1]}
+    stop_pid "$HA_PID"
+    start_haproxy
     start_product product "$PR_PORT"
     PR_PID=$LAST_PID
     if [[ -n $BASELINE_BIN ]]; then
@@ -393,6 +431,8 @@ restart_proxies() {
 [[ $(curl -fsS "http://127.0.0.1:$UP_PORT/api/v1/tickets") == "$JSON" ]] || die "upstream does not answer the JSON"
 auth_nginx=$(curl -fsS "http://127.0.0.1:$NG_PORT/echo-auth") || die "anchor nginx does not answer"
 [[ $auth_nginx == "$STATIC_TOKEN" ]] || die "anchor nginx sent Authorization '$auth_nginx'"
+auth_haproxy=$(curl -fsS "http://127.0.0.1:$HA_PORT/echo-auth") || die "anchor haproxy does not answer"
+[[ $auth_haproxy == "$STATIC_TOKEN" ]] || die "anchor haproxy sent Authorization '$auth_haproxy'"
 auth_product=$(curl -fsS "http://127.0.0.1:$PR_PORT/echo-auth") || die "product does not answer"
 [[ $auth_product == "Zoho-oauthtoken 1000."* ]] || die "product sent Authorization '${auth_product:0:20}…'"
 
@@ -426,6 +466,7 @@ target_pids() {
     case $1 in
     direct) ;;
     nginx) nginx_pids "$NG_MASTER" ;;
+    haproxy) echo "$HA_PID" ;;
     product) echo "$PR_PID" ;;
     product-rot) echo "$ROT_PID" ;;
     baseline) echo "$BASE_PID" ;;
@@ -435,6 +476,7 @@ target_url() {
     case $1 in
     direct) echo "http://127.0.0.1:$UP_PORT" ;;
     nginx) echo "http://127.0.0.1:$NG_PORT" ;;
+    haproxy) echo "http://127.0.0.1:$HA_PORT" ;;
     product) echo "http://127.0.0.1:$PR_PORT" ;;
     product-rot) echo "http://127.0.0.1:$ROT_PORT" ;;
     baseline) echo "http://127.0.0.1:$BASE_PORT" ;;
@@ -545,7 +587,7 @@ stream_run() {
 }
 
 # ---------------------------------------------------------------- the scenarios
-TARGETS=(direct nginx product)
+TARGETS=(direct nginx haproxy product)
 [[ -n $BASELINE_BIN ]] && TARGETS+=(baseline)
 wrk_scenario() { # scen conns secs
     say "scenario $1: wrk, $2 connection(s), ${3} s per run, $ROUNDS rounds"
@@ -742,18 +784,19 @@ verdict() { if ge "$@"; then echo met; else echo MISSED; fi; }
 
 MACHINE="$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), $(nproc) cores, $(awk '/^MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), Linux $(uname -r)"
 NGINX_V=$("$NGINX" -v 2>&1 | sed 's/.*nginx\///')
+HAPROXY_V=$("$HAPROXY" -v 2>&1 | head -1 | awk '{print $3}')
 WRK_V=$(wrk -v 2>&1 | head -1 | awk '{print $2}')
 COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 DIRTY=$([[ -n $(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]] && echo ", src modified" || true)
 
 echo
-echo "## Benchmark: zoho-desk-proxy vs nginx"
+echo "## Benchmark: zoho-desk-proxy vs nginx and HAProxy"
 echo
-echo "Machine: $MACHINE. nginx $NGINX_V (worker_processes 2, upstream keepalive 64, unbuffered both ways, 64 KiB buffers for the download, no access log), wrk $WRK_V, product at $COMMIT$DIRTY (release, ${PRODUCT_BIN:+$PRODUCT_BIN, }one worker thread per core, desk.max_concurrent = 100000 so that the proxy is measured and not Desk's limits, RUST_LOG=warn: no per-request log lines${PRODUCT_ENV:+, $PRODUCT_ENV}${PRODUCT_TOML:+, $PRODUCT_TOML})."
-echo "Medians of $ROUNDS alternating rounds (direct, nginx, product; then nginx, product, direct; …); ratios are medians of per-round ratios. Load runs: ${LOAD_SECS} s (1 connection: ${LAT_SECS} s); wrk, the upstream and the proxy share the same $(nproc) cores. CPU = proxy process time per request (nginx: master + workers). Peak = VmHWM during the run (reset before each run; nginx: sum of its processes)."
+echo "Machine: $MACHINE. nginx $NGINX_V (worker_processes 2, upstream keepalive 64, unbuffered both ways, 64 KiB buffers for the download, no access log), HAProxy $HAPROXY_V (nbthread 2, http-reuse always, set-header Authorization, no log), wrk $WRK_V, product at $COMMIT$DIRTY (release, ${PRODUCT_BIN:+$PRODUCT_BIN, }one worker thread per core, desk.max_concurrent = 100000 so that the proxy is measured and not Desk's limits, RUST_LOG=warn: no per-request log lines${PRODUCT_ENV:+, $PRODUCT_ENV}${PRODUCT_TOML:+, $PRODUCT_TOML})."
+echo "Medians of $ROUNDS alternating rounds (direct, nginx, product; then nginx, product, direct; …); ratios are medians of per-round ratios. Load runs: ${LOAD_SECS} s (1 connection: ${LAT_SECS} s); wrk, the upstream and the proxy share the same $(nproc) cores. CPU = proxy process time per request (nginx: master + workers; HAProxy: its process). Peak = VmHWM during the run (reset before each run; nginx: sum of its processes)."
 echo
-echo "| scenario | target | throughput | p50 | p99 | ×nginx | ×direct | p99 ×nginx | errors | CPU/req | peak RSS |"
-echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+echo "| scenario | target | throughput | p50 | p99 | ×nginx | ×haproxy | ×direct | p99 ×nginx | p99 ×haproxy | errors | CPU/req | peak RSS |"
+echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 for scen in c64 c1 c1000; do
     has_scenario $scen || continue
     case $scen in
@@ -765,22 +808,20 @@ for scen in c64 c1 c1000; do
         rps=$(med $scen $t rps)
         p50=$(med $scen $t p50_us)
         p99=$(med $scen $t p99_us)
-        if [[ $t == product || $t == baseline ]]; then
+        if [[ $t == direct ]]; then
+            xn="" xh="" xd="1×" pn="" ph=""
+        else
             xn=$(f "$(ratio_med $scen $t nginx rps)" '%.2f×')
+            xh=$(f "$(ratio_med $scen $t haproxy rps)" '%.2f×')
             xd=$(f "$(ratio_med $scen $t direct rps)" '%.2f×')
             pn=$(f "$(ratio_med $scen $t nginx p99_us)" '%.2f×')
-        elif [[ $t == nginx ]]; then
-            xn="1×"
-            xd=$(f "$(ratio_med $scen nginx direct rps)" '%.2f×')
-            pn="1×"
-        else
-            xn="" xd="1×" pn=""
+            ph=$(f "$(ratio_med $scen $t haproxy p99_us)" '%.2f×')
         fi
         if [[ $t == direct ]]; then cpu="" peak=""; else
             cpu=$(f "$(med $scen $t cpu_us)" '%.1f µs')
             peak=$(mib "$(maxv $scen $t hwm_kb)")
         fi
-        echo "| $label | $t | $(f "$rps" '%.0f req/s') | $(f "$p50" "%.0f µs") | $(f "$p99" '%.0f µs') | $xn | $xd | $pn | $(errors_sum $scen $t) | $cpu | $peak |"
+        echo "| $label | $t | $(f "$rps" '%.0f req/s') | $(f "$p50" "%.0f µs") | $(f "$p99" '%.0f µs') | $xn | $xh | $xd | $pn | $ph | $(errors_sum $scen $t) | $cpu | $peak |"
     done
 done
 for scen in download upload; do
@@ -795,7 +836,7 @@ for scen in download upload; do
         esac
         peak=""
         [[ $t != direct ]] && peak=$(mib "$(maxv $scen $t hwm_kb)")
-        echo "| 1 GiB $scen | $t | $(f "$mbps" '%.0f MB/s') | | | $xn | $xd | | $fails | | $peak |"
+        echo "| 1 GiB $scen | $t | $(f "$mbps" '%.0f MB/s') | | | $xn | | $xd | | | $fails | | $peak |"
     done
 done
 if has_scenario rotation; then
@@ -810,10 +851,10 @@ if has_scenario rotation; then
             label="rotation: steady token"
             ratio=""
         fi
-        echo "| $label | $t | $(f "$rps" '%.0f req/s') | $(f "$p50" '%.0f µs') | $(f "$p99" '%.0f µs') | | | $ratio | $(errors_sum rotation $t) | $(f "$(med rotation $t cpu_us)" '%.1f µs') | $(mib "$(maxv rotation $t hwm_kb)") |"
+        echo "| $label | $t | $(f "$rps" '%.0f req/s') | $(f "$p50" '%.0f µs') | $(f "$p99" '%.0f µs') | | | | $ratio | | $(errors_sum rotation $t) | $(f "$(med rotation $t cpu_us)" '%.1f µs') | $(mib "$(maxv rotation $t hwm_kb)") |"
     done
 fi
-echo "| idle | product | | | | | | | | | $(mib "$IDLE_START_KB") at start, $(mib "$IDLE_ONE_KB") after 1 request |"
+echo "| idle | product | | | | | | | | | | | $(mib "$IDLE_START_KB") at start, $(mib "$IDLE_ONE_KB") after 1 request |"
 if [[ -n $BASELINE_BIN ]]; then
     echo
     echo "Against the baseline ($BASELINE_BIN), same rounds (medians of per-round ratios):"
@@ -821,6 +862,24 @@ if [[ -n $BASELINE_BIN ]]; then
         has_scenario $scen || continue
         echo "- $scen: throughput $(f "$(ratio_med $scen product baseline rps)" '%.2f×'), p99 $(f "$(ratio_med $scen product baseline p99_us)" '%.2f×'), CPU per request $(f "$(ratio_med $scen product baseline cpu_us)" '%.2f×'), peak RSS $(mib "$(maxv $scen product hwm_kb)") against $(mib "$(maxv $scen baseline hwm_kb)")"
     done
+fi
+echo
+echo "Goals against the better anchor (medians of per-round ratios):"
+if has_scenario c64; then
+    xn=$(ratio_med c64 product nginx rps)
+    xh=$(ratio_med c64 product haproxy rps)
+    x=$(awk -v a="$xn" -v b="$xh" 'BEGIN {print (a < b ? a : b)}')
+    echo "- 64 conns throughput ≥ 1.1× the better of nginx and HAProxy: $(f "$xn" '%.2f×') nginx's, $(f "$xh" '%.2f×') HAProxy's — $(verdict "$x" 1.1)"
+    pn=$(ratio_med c64 product nginx p99_us)
+    ph=$(ratio_med c64 product haproxy p99_us)
+    x=$(awk -v a="$pn" -v b="$ph" 'BEGIN {print (a > b ? a : b)}')
+    echo "- 64 conns p99 ≤ the better of them: $(f "$pn" '%.2f×') nginx's, $(f "$ph" '%.2f×') HAProxy's — $(verdict 1.0 "$x")"
+fi
+if has_scenario c1; then
+    added_p=$(added_med c1 product)
+    added_n=$(added_med c1 nginx)
+    added_h=$(added_med c1 haproxy)
+    echo "- 1 conn latency added over direct below both: product +$(f "$added_p" '%.0f') µs, nginx +$(f "$added_n" '%.0f') µs, HAProxy +$(f "$added_h" '%.0f') µs — $(awk -v p="$added_p" -v n="$added_n" -v h="$added_h" 'BEGIN {print (p < n && p < h ? "met" : "MISSED")}')"
 fi
 echo
 echo "Goals of issue 5 (medians):"

@@ -43,11 +43,22 @@ pub trait Tap: Send + std::fmt::Debug {
 }
 
 /// The start of a streamed body (up to a limit) and its whole length, captured as it
-/// passes.
+/// passes and handed over once, when the body ends or is dropped (no lock on the way).
 #[derive(Debug)]
 pub struct Captured {
     max: usize,
-    seen: std::sync::Mutex<(Vec<u8>, u64)>,
+    done: std::sync::OnceLock<CapturedBody>,
+}
+
+/// What [`Captured`] saw of a body.
+#[derive(Debug, Clone, Default)]
+pub struct CapturedBody {
+    /// Its first bytes, up to the limit.
+    pub start: Vec<u8>,
+    /// Its length, as far as it went.
+    pub total: u64,
+    /// Whether its end was seen.
+    pub complete: bool,
 }
 
 impl Captured {
@@ -55,27 +66,40 @@ impl Captured {
     pub fn new(max: usize) -> Self {
         Self {
             max,
-            seen: std::sync::Mutex::new((Vec::new(), 0)),
+            done: std::sync::OnceLock::new(),
         }
     }
 
-    fn add(&self, data: &[u8]) {
-        let mut seen = self
-            .seen
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        seen.1 += data.len() as u64;
-        let room = self.max.saturating_sub(seen.0.len());
-        seen.0.extend_from_slice(&data[..data.len().min(room)]);
+    /// The most bytes it keeps.
+    pub fn max(&self) -> usize {
+        self.max
     }
 
-    /// The bytes captured, and the body's length so far.
-    pub fn taken(&self) -> (Vec<u8>, u64) {
-        let mut seen = self
-            .seen
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        (std::mem::take(&mut seen.0), seen.1)
+    /// What was seen of the body; nothing if it has neither ended nor been dropped yet.
+    pub fn taken(&self) -> CapturedBody {
+        self.done.get().cloned().unwrap_or_default()
+    }
+}
+
+/// A body being captured: its bytes kept by the body itself, given to `into` at the end.
+#[derive(Debug)]
+struct Capture {
+    into: Arc<Captured>,
+    seen: CapturedBody,
+}
+
+impl Capture {
+    fn add(&mut self, data: &[u8]) {
+        self.seen.total += data.len() as u64;
+        let room = self.into.max.saturating_sub(self.seen.start.len());
+        self.seen
+            .start
+            .extend_from_slice(&data[..data.len().min(room)]);
+    }
+
+    fn end(&mut self, complete: bool) {
+        self.seen.complete = complete;
+        let _ = self.into.done.set(std::mem::take(&mut self.seen));
     }
 }
 
@@ -119,7 +143,7 @@ pub struct ClientBody {
     waiting: bool,
     outcome: Option<Arc<BodyOutcome>>,
     /// The body's start, for a recording.
-    captured: Option<Arc<Captured>>,
+    capture: Option<Capture>,
 }
 
 impl ClientBody {
@@ -131,13 +155,16 @@ impl ClientBody {
             timer: None,
             waiting: false,
             outcome: None,
-            captured: None,
+            capture: None,
         }
     }
 
-    /// Copies the body's start into `captured` as it streams (for a recording).
+    /// Keeps the body's start as it streams, for `captured` when it ends (a recording).
     pub fn capture_into(&mut self, captured: Arc<Captured>) {
-        self.captured = Some(captured);
+        self.capture = Some(Capture {
+            into: captured,
+            seen: CapturedBody::default(),
+        });
     }
 
     /// Reports how the body ended to `outcome` (for a body given away to be streamed).
@@ -167,10 +194,16 @@ impl Body for ClientBody {
             Poll::Ready(Some(Err(err))) => this.fail(BodyError::Broken(err)),
             Poll::Ready(frame) => {
                 this.waiting = false;
-                if let (Some(captured), Some(Ok(frame))) = (&this.captured, &frame)
-                    && let Some(data) = frame.data_ref()
-                {
-                    captured.add(data);
+                if let Some(capture) = &mut this.capture {
+                    if let Some(Ok(frame)) = &frame
+                        && let Some(data) = frame.data_ref()
+                    {
+                        capture.add(data);
+                    }
+                    if frame.is_none() || this.inner.is_end_stream() {
+                        capture.end(true);
+                        this.capture = None;
+                    }
                 }
                 Poll::Ready(frame.map(|f| f.map_err(BodyError::Broken)))
             }
@@ -197,6 +230,15 @@ impl Body for ClientBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        // Dropped before its end (Desk answered first, or the request failed).
+        if let Some(capture) = &mut self.capture {
+            capture.end(false);
+        }
     }
 }
 

@@ -120,7 +120,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // A replay answers from its file: no Zoho credentials needed.
     let mut config = if args.replay.is_some() {
-        Config::load_without_credentials(args.config.as_deref())?
+        Config::load_for_replay(args.config.as_deref())?
     } else {
         Config::load(args.config.as_deref())?
     };

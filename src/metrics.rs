@@ -259,9 +259,9 @@ impl Metrics {
         }
     }
 
-    /// Counts an entry of a recording that was dropped.
-    pub fn record_recording_dropped(&self) {
-        self.record_dropped.inc();
+    /// Counts entries of a recording that were dropped.
+    pub fn record_recording_dropped_n(&self, entries: u64) {
+        self.record_dropped.inc_by(entries);
     }
 
     /// Counts a request a replay had no answer for.

@@ -27,7 +27,7 @@ use crate::headers;
 use crate::intercept::{self, Intercept};
 use crate::metrics::{Metrics, UpstreamErrorKind};
 use crate::observe::{Lifecycle, RequestId, RequestLog};
-use crate::record::{Lookup, Recorder, Replay, RequestBodySeen};
+use crate::record::{BodyHasher, Lookup, Recorder, Replay, RequestBodySeen};
 use crate::target::{self, Target};
 use crate::token::shared::StoreStatus;
 use crate::token::{Token, TokenCache, TokenError};
@@ -471,36 +471,27 @@ impl Proxy {
         target: &Target,
         log: &mut RequestLog,
     ) -> Result<Response<ResponseBody>, ProxyError> {
+        // The body is matched by its digest, hashed as it arrives: nothing is held.
         let body = if Replay::matches_body(&parts.method) {
-            let limit = self.config.record.max_body_bytes;
-            let bytes = match body {
-                RequestBody::Replayable(bytes, _) => Some(bytes),
-                RequestBody::Streaming(client) => match Limited::new(client, limit).collect().await
-                {
-                    Ok(collected) => Some(collected.to_bytes()),
-                    Err(err) => {
-                        if err.downcast_ref::<BodyError>().is_some() {
-                            return Err(self.body_failed(matches!(
-                                err.downcast_ref::<BodyError>(),
-                                Some(BodyError::Stalled(_))
-                            )));
+            let mut hasher = BodyHasher::default();
+            match body {
+                RequestBody::Replayable(bytes, _) => hasher.update(&bytes),
+                RequestBody::Streaming(mut client) => {
+                    while let Some(frame) = client.frame().await {
+                        match frame {
+                            Ok(frame) => {
+                                if let Some(data) = frame.data_ref() {
+                                    hasher.update(data);
+                                }
+                            }
+                            Err(err) => {
+                                return Err(self.body_failed(matches!(err, BodyError::Stalled(_))));
+                            }
                         }
-                        // Longer than any recorded body can be.
-                        None
                     }
-                },
-            };
-            match bytes {
-                Some(bytes) => Some(bytes),
-                None => {
-                    return Err(self.replay_miss(
-                        replay,
-                        parts,
-                        target,
-                        &format!("its body is longer than record.max_body_bytes ({limit}), so no recorded request can match it"),
-                    ));
                 }
             }
+            Some(hasher.finish())
         } else {
             None
         };
@@ -512,6 +503,12 @@ impl Proxy {
                 let mut response = Response::new(ResponseBody::full(answer.body.clone()));
                 *response.status_mut() = answer.status;
                 *response.headers_mut() = answer.headers.clone();
+                if answer.truncated {
+                    response.headers_mut().insert(
+                        http::HeaderName::from_static("x-proxy-replay-truncated"),
+                        http::HeaderValue::from_static("true"),
+                    );
+                }
                 Ok(response)
             }
             Lookup::Miss { request, closest } => {

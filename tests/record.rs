@@ -24,6 +24,7 @@ struct Seen {
     status: u16,
     content_type: Option<String>,
     content_encoding: Option<String>,
+    content_length: Option<String>,
     bytes: Vec<u8>,
 }
 
@@ -65,6 +66,7 @@ async fn seen(base: &str, method: &'static str, path: &str, body: Option<&'stati
         status: answer.status().as_u16(),
         content_type: header("content-type"),
         content_encoding: header("content-encoding"),
+        content_length: header("content-length"),
         bytes: answer.bytes().await.unwrap().to_vec(),
     }
 }
@@ -198,6 +200,8 @@ async fn recorded_traffic_replays_byte_for_byte_with_no_fake_and_no_credentials(
             got.content_encoding, expected.content_encoding,
             "{expected:?}"
         );
+        // A HEAD's too: Desk's word on the body it did not send.
+        assert_eq!(got.content_length, expected.content_length, "{expected:?}");
         assert_eq!(
             got.bytes, expected.bytes,
             "{} {}",
@@ -493,4 +497,63 @@ async fn the_demo_records_its_traffic() {
     let text = std::fs::read_to_string(dir.path().join("zoho-desk-demo.har")).unwrap();
     let har: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(har["log"]["entries"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_replay_reads_no_credential_and_matches_a_streamed_body_by_its_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, recorded, _) = record(dir.path()).await;
+    // Every credential source points at something missing: a replay looks at none.
+    let config = dir.path().join("ci.toml");
+    std::fs::write(
+        &config,
+        r#"
+token_file = "/nonexistent/token.json"
+token_store = "redis://127.0.0.1:1"
+[oauth]
+client_id = "x"
+client_secret_file = "/nonexistent/secret"
+refresh_token_file = "/nonexistent/refresh"
+"#,
+    )
+    .unwrap();
+    let (serving, _lines) = replay(
+        dir.path(),
+        &file,
+        &["--config", config.to_str().unwrap()],
+        &[],
+    )
+    .await;
+    // The recorded POST, sent chunked (no length): matched by its digest as it streams.
+    let post = recorded.iter().find(|s| s.method == "POST").unwrap();
+    let chunks: Vec<Result<&'static [u8], std::io::Error>> =
+        post.body.unwrap().as_bytes().chunks(5).map(Ok).collect();
+    let answer = client()
+        .post(serving.url("/api/v1/tickets"))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), post.status);
+    assert_eq!(answer.bytes().await.unwrap().to_vec(), post.bytes);
+    assert_eq!(stop(serving).await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn bytes_after_the_trailer_are_repaired_before_recording_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, recorded, _) = record(dir.path()).await;
+    // Something after the end (an editor's newline, a half-written repair): appending at
+    // the trailer must not leave it in the middle of the file.
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    text.push_str("\n\n");
+    std::fs::write(&file, &text).unwrap();
+    let (file, more, _) = record(dir.path()).await;
+    let har: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let entries = har["log"]["entries"].as_array().unwrap().len();
+    assert_eq!(entries, recorded.len() + more.len());
 }

@@ -48,6 +48,21 @@ impl Config {
         Self::try_from(raw)
     }
 
+    /// [`Config::load_without_credentials`] for a replay, which answers from its file:
+    /// every credential source is ignored (secrets, their files, the token file, the
+    /// token store), so a CI checkout without them replays as well.
+    pub fn load_for_replay(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let default = Path::new("proxy.toml");
+        let mut raw = match path {
+            Some(p) => RawConfig::from_file(p)?,
+            None if default.exists() => RawConfig::from_file(default)?,
+            None => RawConfig::default(),
+        };
+        raw.apply_env(|name| std::env::var(name).ok());
+        raw.forget_credentials();
+        Self::try_from(raw)
+    }
+
     /// Parses TOML text alone, without the environment (tests, embedded configs).
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
         Self::try_from(RawConfig::from_toml(text, "config")?)

@@ -208,6 +208,20 @@ impl RawConfig {
         }
     }
 
+    /// No credentials at all, and none looked for: placeholders for the ones serving
+    /// needs, no secret files, no token file, no token store.
+    pub(super) fn forget_credentials(&mut self) {
+        self.oauth.client_id_file = None;
+        self.oauth.client_secret_file = None;
+        self.oauth.refresh_token_file = None;
+        self.oauth.refresh_token = None;
+        self.oauth.client_id = None;
+        self.oauth.client_secret = None;
+        self.stand_in_credentials();
+        self.token_file = Some(String::new());
+        self.token_store = None;
+    }
+
     /// Applies the environment variables, which override the file.
     pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) {
         for (var, key) in ENV_KEYS {

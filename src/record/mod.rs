@@ -7,4 +7,4 @@ pub mod recorder;
 pub mod replay;
 
 pub use recorder::{RecordError, Recorder, RequestBodySeen};
-pub use replay::{Lookup, Replay, ReplayError};
+pub use replay::{BodyHasher, Lookup, Replay, ReplayError};

@@ -32,6 +32,13 @@ use crate::metrics::Metrics;
 const QUEUE: usize = 4096;
 /// Entries written at once, at most.
 const BATCH: usize = 256;
+/// Bytes of entries waiting for the writer; past it, entries are dropped (a slow disk
+/// and large bodies cannot make the recording hold more).
+const QUEUE_BYTES: u64 = 64 << 20;
+/// Bytes written at once, at most (a batch of large bodies is split).
+const BATCH_BYTES: usize = 8 << 20;
+/// The largest recording: past it, recording stops (replay reads up to this much).
+const MAX_FILE_BYTES: u64 = super::replay::MAX_FILE_BYTES;
 /// How long the writer lets entries gather after a write.
 const GATHER: Duration = Duration::from_millis(10);
 
@@ -62,6 +69,8 @@ pub struct Recorder {
     queue: ArcSwapOption<SyncSender<Exchange>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     dropped: Arc<AtomicU64>,
+    /// Bytes of the entries in the queue.
+    queued: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
 }
 
@@ -83,12 +92,17 @@ impl Recorder {
         })?;
         tracing::info!(file = %path.display(), entries, max_body_bytes = max_body, "recording Desk's traffic");
         let (queue, entries_rx) = std::sync::mpsc::sync_channel::<Exchange>(QUEUE);
+        let queued = Arc::new(AtomicU64::new(0));
+        let dropped = Arc::new(AtomicU64::new(0));
         let writer = Writer {
             file,
             end,
             written: entries,
             path: path.to_owned(),
             max_body,
+            queued: Arc::clone(&queued),
+            dropped: Arc::clone(&dropped),
+            metrics: Arc::clone(&metrics),
         };
         let handle = std::thread::Builder::new()
             .name("zdp-recorder".into())
@@ -99,14 +113,15 @@ impl Recorder {
             max_body,
             queue: ArcSwapOption::from_pointee(queue),
             writer: Mutex::new(Some(handle)),
-            dropped: Arc::default(),
+            dropped,
+            queued,
             metrics,
         }))
     }
 
     /// Starts the entry of a request about to be forwarded: its method, Desk's URL, the
-    /// headers sent and its body, known whole or captured as it streams. Only references
-    /// are kept here; the writer's thread makes the entry (and masks the secrets).
+    /// headers sent and its body, known whole or captured as it streams. Only copies are
+    /// made here (secrets left out); the writer's thread makes the entry.
     pub fn start(
         &self,
         method: &Method,
@@ -116,9 +131,19 @@ impl Recorder {
         body: RequestBodySeen,
     ) -> Option<Box<Recording>> {
         let queue = self.queue.load_full()?;
+        let body = match body {
+            // A body held for a 401 retry may be longer than what is recorded: only its
+            // start is kept, so the recording never holds more than its limit.
+            RequestBodySeen::Whole(bytes) if bytes.len() > self.max_body => RequestBodySeen::Cut(
+                Bytes::copy_from_slice(&bytes[..self.max_body]),
+                bytes.len() as u64,
+            ),
+            body => body,
+        };
         Some(Box::new(Recording {
             queue,
             dropped: Arc::clone(&self.dropped),
+            queued: Arc::clone(&self.queued),
             metrics: Arc::clone(&self.metrics),
             max_body: self.max_body,
             exchange: Exchange {
@@ -165,6 +190,8 @@ pub enum RequestBodySeen {
     Empty,
     /// Read whole before it was sent.
     Whole(Bytes),
+    /// The start of a body read whole, and its length.
+    Cut(Bytes, u64),
     /// Streamed: its start is captured as it goes.
     Streamed(Arc<Captured>),
 }
@@ -175,6 +202,7 @@ pub enum RequestBodySeen {
 pub struct Recording {
     queue: Arc<SyncSender<Exchange>>,
     dropped: Arc<AtomicU64>,
+    queued: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
     max_body: usize,
     exchange: Exchange,
@@ -226,30 +254,66 @@ impl Tap for Recording {
 
     fn end(mut self: Box<Self>, _complete: bool) {
         self.exchange.ended = Some(Instant::now());
+        self.exchange.body.shrink_to_fit();
         let Recording {
             queue,
             dropped,
+            queued,
             metrics,
             exchange,
             ..
         } = *self;
+        let size = exchange.size();
+        if queued.fetch_add(size, Ordering::AcqRel) + size > QUEUE_BYTES {
+            queued.fetch_sub(size, Ordering::AcqRel);
+            lost(&dropped, &metrics, 1);
+            return;
+        }
         match queue.try_send(exchange) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
-                metrics.record_recording_dropped();
-                if dropped.fetch_add(1, Ordering::Relaxed) == 0 {
-                    tracing::warn!(
-                        "recording: the writer is behind; entries are dropped (counted in zoho_proxy_record_dropped_total)"
-                    );
-                }
+                queued.fetch_sub(size, Ordering::AcqRel);
+                lost(&dropped, &metrics, 1);
             }
             // The recording was finished: the proxy is stopping.
-            Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Disconnected(_)) => {
+                queued.fetch_sub(size, Ordering::AcqRel);
+            }
         }
     }
 }
 
+/// Counts entries that will not be in the recording (logged the first time).
+fn lost(dropped: &AtomicU64, metrics: &Metrics, entries: u64) {
+    metrics.record_recording_dropped_n(entries);
+    if dropped.fetch_add(entries, Ordering::Relaxed) == 0 {
+        tracing::warn!(
+            "recording: entries are dropped (the disk is behind, failing or the file at its 1 GiB limit; counted in zoho_proxy_record_dropped_total)"
+        );
+    }
+}
+
 impl Exchange {
+    /// The bytes it holds, near enough (for the queue's budget).
+    fn size(&self) -> u64 {
+        let request_body = match &self.request_body {
+            RequestBodySeen::Empty | RequestBodySeen::Streamed(_) => 0,
+            RequestBodySeen::Whole(bytes) | RequestBodySeen::Cut(bytes, _) => bytes.len(),
+        };
+        // A streamed body's start is held by its `Captured` until the writer takes it;
+        // it counts as the most it can be.
+        let captured = match &self.request_body {
+            RequestBodySeen::Streamed(captured) => captured.max(),
+            _ => 0,
+        };
+        (self.request_headers.len()
+            + self.response_headers.len()
+            + self.body.capacity()
+            + request_body
+            + captured
+            + 512) as u64
+    }
+
     /// The HAR entry, secrets masked, bodies cut at `max_body`.
     fn into_entry(self, max_body: usize) -> Entry {
         let mut request_headers = unflatten(&self.request_headers);
@@ -269,13 +333,18 @@ impl Exchange {
                     .collect()
             })
             .unwrap_or_default();
-        let (bytes, total) = match &self.request_body {
-            RequestBodySeen::Empty => (Vec::new(), 0),
+        let (bytes, total, complete) = match &self.request_body {
+            RequestBodySeen::Empty => (Vec::new(), 0, true),
             RequestBodySeen::Whole(bytes) => (
                 bytes[..bytes.len().min(max_body)].to_vec(),
                 bytes.len() as u64,
+                true,
             ),
-            RequestBodySeen::Streamed(captured) => captured.taken(),
+            RequestBodySeen::Cut(start, total) => (start.to_vec(), *total, true),
+            RequestBodySeen::Streamed(captured) => {
+                let seen = captured.taken();
+                (seen.start, seen.total, seen.complete)
+            }
         };
         let post_data = (total > 0).then(|| {
             let (text, encoding) = har::body_text(&bytes);
@@ -283,7 +352,8 @@ impl Exchange {
                 mime_type: flattened_value(&self.request_headers, "content-type"),
                 text,
                 encoding,
-                truncated: total > bytes.len() as u64,
+                // Longer than kept, or not seen to its end (Desk answered first).
+                truncated: total > bytes.len() as u64 || !complete,
             }
         });
         let request = har::Request {
@@ -427,17 +497,26 @@ fn prepare(path: &Path) -> Result<(File, u64, usize), Prepared> {
         if !whole {
             tracing::warn!(file = %path.display(), kept = entries.len(), "recording: the file was cut short (a crash?); kept its whole entries and dropped the rest");
         }
-        if whole {
+        // Appending starts where the trailer is, so it must be what ends the file.
+        if whole && text.ends_with(har::TRAILER) {
             let end = text.len() - har::TRAILER.len();
             return Ok((file, end as u64, entries.len()));
         }
         entries.into_iter().map(str::to_owned).collect()
     };
+    // Rewritten beside it and renamed over it: a crash during the repair leaves the old
+    // file, never half of the new one.
     let laid_out = har::layout(entries.iter().map(String::as_str));
-    file.set_len(0).map_err(Prepared::Io)?;
-    file.seek(SeekFrom::Start(0)).map_err(Prepared::Io)?;
-    file.write_all(laid_out.as_bytes()).map_err(Prepared::Io)?;
-    file.sync_data().map_err(Prepared::Io)?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut repaired = tempfile::NamedTempFile::new_in(dir).map_err(Prepared::Io)?;
+    repaired
+        .write_all(laid_out.as_bytes())
+        .and_then(|()| repaired.as_file().sync_data())
+        .map_err(Prepared::Io)?;
+    let file = repaired.persist(path).map_err(|e| Prepared::Io(e.error))?;
     let end = laid_out.len() - har::TRAILER.len();
     Ok((file, end as u64, entries.len()))
 }
@@ -450,43 +529,51 @@ struct Writer {
     written: usize,
     path: PathBuf,
     max_body: usize,
+    queued: Arc<AtomicU64>,
+    dropped: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
 }
 
 impl Writer {
     fn run(mut self, exchanges: Receiver<Exchange>) {
         let mut failed = false;
+        let mut full = false;
         let mut next = exchanges.recv().ok();
         while let Some(first) = next.take() {
             let mut batch = String::new();
             let mut lines = 0;
-            for exchange in std::iter::once(first).chain(exchanges.try_iter().take(BATCH - 1)) {
-                let Ok(line) = serde_json::to_string(&exchange.into_entry(self.max_body)) else {
-                    continue;
-                };
-                if self.written + lines > 0 {
-                    batch.push(',');
+            let mut pending = Some(first);
+            while let Some(exchange) = pending.take() {
+                self.queued.fetch_sub(exchange.size(), Ordering::AcqRel);
+                if let Ok(line) = serde_json::to_string(&exchange.into_entry(self.max_body)) {
+                    if self.written + lines > 0 {
+                        batch.push(',');
+                    }
+                    batch.push_str(&line);
+                    batch.push('\n');
+                    lines += 1;
                 }
-                batch.push_str(&line);
-                batch.push('\n');
-                lines += 1;
+                if lines < BATCH && batch.len() < BATCH_BYTES {
+                    pending = exchanges.try_recv().ok();
+                }
             }
-            batch.push_str(har::TRAILER);
-            // One write of whole lines and the trailer: the file is valid after it, and
-            // a crash in the middle of it leaves whole lines to keep.
-            let appended = self
-                .file
-                .seek(SeekFrom::Start(self.end))
-                .and_then(|_| self.file.write_all(batch.as_bytes()));
-            match appended {
-                Ok(()) => {
-                    self.end += (batch.len() - har::TRAILER.len()) as u64;
-                    self.written += lines;
+            if self.end + batch.len() as u64 > MAX_FILE_BYTES {
+                if !full {
+                    full = true;
+                    tracing::warn!(file = %self.path.display(), "recording: the file reached 1 GiB; recording stops here (start another file)");
                 }
-                Err(err) if !failed => {
-                    failed = true;
-                    tracing::error!(file = %self.path.display(), error = %err, "recording: cannot write; entries are lost until the disk recovers");
+                lost(&self.dropped, &self.metrics, lines as u64);
+            } else {
+                match self.append(&batch) {
+                    Ok(()) => self.written += lines,
+                    Err(err) => {
+                        if !failed {
+                            failed = true;
+                            tracing::error!(file = %self.path.display(), error = %err, "recording: cannot write; entries are lost until the disk recovers");
+                        }
+                        lost(&self.dropped, &self.metrics, lines as u64);
+                    }
                 }
-                Err(_) => {}
             }
             next = match exchanges.try_recv() {
                 Ok(exchange) => Some(exchange),
@@ -502,6 +589,33 @@ impl Writer {
         }
         if let Err(err) = self.file.sync_data() {
             tracing::warn!(file = %self.path.display(), error = %err, "recording: cannot flush the file");
+        }
+    }
+
+    /// Appends `lines` (whole entry lines) and the trailer in one write: the file is
+    /// valid after it, and a crash in the middle of it leaves whole lines to keep. A
+    /// write that fails is undone: the file ends with the trailer again.
+    fn append(&mut self, lines: &str) -> std::io::Result<()> {
+        let mut batch = String::with_capacity(lines.len() + har::TRAILER.len());
+        batch.push_str(lines);
+        batch.push_str(har::TRAILER);
+        let written = self
+            .file
+            .seek(SeekFrom::Start(self.end))
+            .and_then(|_| self.file.write_all(batch.as_bytes()));
+        match written {
+            Ok(()) => {
+                self.end += lines.len() as u64;
+                Ok(())
+            }
+            Err(err) => {
+                let _ = self
+                    .file
+                    .set_len(self.end)
+                    .and_then(|()| self.file.seek(SeekFrom::Start(self.end)))
+                    .and_then(|_| self.file.write_all(har::TRAILER.as_bytes()));
+                Err(err)
+            }
         }
     }
 }

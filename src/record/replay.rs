@@ -14,13 +14,15 @@
 //! naming it; a file that is not HAR is an error naming the line and column.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, PoisonError};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 
 use super::har::{self, Entry};
 
@@ -28,6 +30,10 @@ use super::har::{self, Entry};
 pub const MAX_FILE_BYTES: u64 = 1 << 30;
 /// Misses kept for the list at exit (all are counted).
 const MISSES_KEPT: usize = 100;
+/// The most entries a recording may hold.
+pub const MAX_ENTRIES: usize = 1_000_000;
+/// Skipped entries warned about one by one; the rest are counted in one line.
+const SKIPS_WARNED: usize = 20;
 
 /// Why a recording cannot be replayed.
 #[derive(Debug, thiserror::Error)]
@@ -42,13 +48,11 @@ pub enum ReplayError {
     },
     /// The file is larger than [`MAX_FILE_BYTES`].
     #[error(
-        "{path} is {size} bytes: recordings over 1 GiB are not replayed (split it, or record with a smaller record.max_body_bytes)"
+        "{path} is over 1 GiB: such recordings are not replayed (split it, or record with a smaller record.max_body_bytes)"
     )]
     TooLarge {
         /// The file.
         path: PathBuf,
-        /// Its size.
-        size: u64,
     },
     /// The file is not JSON, or not HAR.
     #[error("{path}: not a HAR file: {reason}")]
@@ -81,12 +85,32 @@ struct HarCreator {
     name: String,
 }
 
-/// What a request is matched on: its method, path and sorted query, and its body for
-/// methods that carry one.
+/// What a request is matched on: its method, path and sorted query, and its body (its
+/// SHA-256, so that a client's body is hashed as it streams, never held) for methods
+/// that carry one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
     line: String,
-    body: Option<Bytes>,
+    body: Option<BodyDigest>,
+}
+
+/// The SHA-256 of a request body.
+pub type BodyDigest = [u8; 32];
+
+/// Hashes a request body as it arrives, for [`Replay::lookup`].
+#[derive(Debug, Default)]
+pub struct BodyHasher(Sha256);
+
+impl BodyHasher {
+    /// More of the body.
+    pub fn update(&mut self, data: &[u8]) {
+        self.0.update(data);
+    }
+
+    /// The body's digest.
+    pub fn finish(self) -> BodyDigest {
+        self.0.finalize().into()
+    }
 }
 
 /// A recorded answer.
@@ -133,7 +157,8 @@ pub struct Replay {
     /// A request line's method and path (no query) → its first line in `lines`.
     by_path: HashMap<String, usize>,
     entries: usize,
-    misses: Mutex<Vec<String>>,
+    /// The first misses, for the list at exit: a slot each, taken in turn (no lock).
+    misses: Box<[OnceLock<String>]>,
     missed: AtomicU64,
 }
 
@@ -146,14 +171,20 @@ impl Replay {
             path: path.to_owned(),
             source,
         };
-        let size = std::fs::metadata(path).map_err(io)?.len();
-        if size > MAX_FILE_BYTES {
-            return Err(ReplayError::TooLarge {
-                path: path.to_owned(),
-                size,
-            });
+        let too_large = || ReplayError::TooLarge {
+            path: path.to_owned(),
+        };
+        if std::fs::metadata(path).map_err(io)?.len() > MAX_FILE_BYTES {
+            return Err(too_large());
         }
-        let bytes = std::fs::read(path).map_err(io)?;
+        // Read through a bound all the same: a pipe or a device has no size to check.
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|file| file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+            .map_err(io)?;
+        if bytes.len() as u64 > MAX_FILE_BYTES {
+            return Err(too_large());
+        }
         let not_har = |reason: String| ReplayError::NotHar {
             path: path.to_owned(),
             reason,
@@ -197,21 +228,34 @@ impl Replay {
         };
         let ours = file.log.creator.name == har::CREATOR;
         let entries = file.log.entries;
+        if entries.len() > MAX_ENTRIES {
+            return Err(not_har(format!(
+                "it has {} entries; at most {MAX_ENTRIES} are replayed",
+                entries.len()
+            )));
+        }
         let mut replay = Self {
             path: path.to_owned(),
-            index: HashMap::with_capacity(entries.len()),
+            index: HashMap::with_capacity(entries.len().min(1 << 16)),
             lines: Vec::new(),
             by_path: HashMap::new(),
             entries: 0,
-            misses: Mutex::default(),
+            misses: (0..MISSES_KEPT).map(|_| OnceLock::new()).collect(),
             missed: AtomicU64::new(0),
         };
         let mut other_hosts: BTreeMap<String, usize> = BTreeMap::new();
+        let mut skipped = 0;
+        let mut skip = |entry: usize, why: &dyn std::fmt::Display| {
+            skipped += 1;
+            if skipped <= SKIPS_WARNED {
+                tracing::warn!(file = %path.display(), entry, reason = %why, "replay: entry skipped");
+            }
+        };
         for (i, raw) in entries.iter().enumerate() {
             let entry = match serde_json::from_str::<Entry>(raw.get()) {
                 Ok(entry) => entry,
                 Err(err) => {
-                    tracing::warn!(file = %path.display(), entry = i, error = %err, "replay: entry skipped");
+                    skip(i, &err);
                     continue;
                 }
             };
@@ -228,10 +272,11 @@ impl Replay {
                     replay.entries += 1;
                 }
                 Err(Skip::OtherHost(host)) => *other_hosts.entry(host).or_default() += 1,
-                Err(Skip::Unusable(reason)) => {
-                    tracing::warn!(file = %path.display(), entry = i, url = %entry.request.url, reason, "replay: entry skipped");
-                }
+                Err(Skip::Unusable(reason)) => skip(i, &reason),
             }
+        }
+        if skipped > SKIPS_WARNED {
+            tracing::warn!(file = %path.display(), skipped, "replay: more entries skipped than were named (the first {SKIPS_WARNED})");
         }
         replay.lines.sort();
         replay.lines.dedup();
@@ -256,7 +301,12 @@ impl Replay {
 
     /// The answer to a request (its canonical path and query, and its body for the
     /// methods whose body is matched).
-    pub fn lookup(&self, method: &Method, path_and_query: &str, body: Option<Bytes>) -> Lookup<'_> {
+    pub fn lookup(
+        &self,
+        method: &Method,
+        path_and_query: &str,
+        body: Option<BodyDigest>,
+    ) -> Lookup<'_> {
         let key = Key {
             line: request_line(method.as_str(), path_and_query),
             body: body.filter(|_| Self::matches_body(method)),
@@ -277,17 +327,20 @@ impl Replay {
 
     /// Notes a miss, for the list at exit.
     pub fn note_miss(&self, request: String) {
-        self.missed.fetch_add(1, Ordering::Relaxed);
-        let mut misses = self.misses.lock().unwrap_or_else(PoisonError::into_inner);
-        if misses.len() < MISSES_KEPT {
-            misses.push(request);
+        let turn = self.missed.fetch_add(1, Ordering::Relaxed);
+        if let Some(slot) = usize::try_from(turn).ok().and_then(|t| self.misses.get(t)) {
+            let _ = slot.set(request);
         }
     }
 
     /// How many requests missed, and the first of them.
     pub fn misses(&self) -> (u64, Vec<String>) {
-        let misses = self.misses.lock().unwrap_or_else(PoisonError::into_inner);
-        (self.missed.load(Ordering::Relaxed), misses.clone())
+        let first = self
+            .misses
+            .iter()
+            .filter_map(|m| m.get().cloned())
+            .collect();
+        (self.missed.load(Ordering::Relaxed), first)
     }
 
     /// The entries indexed.
@@ -304,16 +357,20 @@ impl Replay {
     /// there is one, else one for the nearest of its path's parents (up to 16 segments
     /// up), else the one sharing the longest start with it. Each is a lookup (a hash, a
     /// binary search), so a miss costs about what a hit does, however large the recording
-    /// and however long the request.
+    /// and however long the request. Only a request for the same path is named with its
+    /// query: another path's query is no business of this client's.
     fn closest(&self, line: &str) -> Option<&str> {
         let mut path = without_query(line);
-        for _ in 0..=16 {
-            if let Some(&i) = self.by_path.get(path) {
-                return self.lines.get(i).map(String::as_str);
-            }
+        if let Some(&i) = self.by_path.get(path) {
+            return self.lines.get(i).map(String::as_str);
+        }
+        for _ in 0..16 {
             match path.rsplit_once('/') {
                 Some((parent, _)) if parent.contains('/') => path = parent,
                 _ => break,
+            }
+            if let Some(&i) = self.by_path.get(path) {
+                return self.lines.get(i).map(|l| without_query(l));
             }
         }
         // In sorted order, the line sharing the longest start is next to where `line`
@@ -332,7 +389,7 @@ impl Replay {
             (Some(b), _) => Some(b),
             (None, a) => a,
         }
-        .map(String::as_str)
+        .map(|l| without_query(l))
     }
 }
 
@@ -360,7 +417,7 @@ fn indexed(
     let uri: Uri = request
         .url
         .parse()
-        .map_err(|_| Skip::Unusable(format!("its URL {:?} cannot be read", request.url)))?;
+        .map_err(|_| Skip::Unusable("its URL cannot be read".into()))?;
     let host = uri.host().unwrap_or_default().to_ascii_lowercase();
     if !ours && !is_desk_host(&host, desk_hosts) {
         return Err(Skip::OtherHost(host));
@@ -388,15 +445,16 @@ fn indexed(
             }
             let bytes =
                 har::body_bytes(&post.text, post.encoding.as_deref()).map_err(Skip::Unusable)?;
-            Some(Bytes::from(bytes))
+            Some(Sha256::digest(&bytes).into())
         }
-        None if Replay::matches_body(&method) => Some(Bytes::new()),
+        None if Replay::matches_body(&method) => Some(Sha256::digest(b"").into()),
         _ => None,
     };
     let response = &entry.response;
     let status = StatusCode::from_u16(response.status)
         .ok()
-        .filter(|s| s.as_u16() >= 100)
+        // 1xx are not final answers (and a browser's 0 is a request that failed).
+        .filter(|s| s.as_u16() >= 200)
         .ok_or_else(|| {
             Skip::Unusable(format!(
                 "its status {} is not an answer (a failed request?)",
@@ -413,27 +471,24 @@ fn indexed(
         let name = header.name.trim().to_ascii_lowercase();
         // HTTP/2 pseudo-headers (browsers list them), and what the proxy sets itself.
         // A browser's HAR holds bodies decoded: their Content-Encoding would lie.
-        let proxy_owned = [
-            "content-length",
-            "transfer-encoding",
-            "connection",
-            "keep-alive",
-            "x-request-id",
-            "set-cookie",
-        ];
+        // A HEAD's Content-Length is Desk's word on the body it did not send: kept.
+        let proxy_owned = ["x-request-id", "set-cookie"];
         if name.starts_with(':')
             || proxy_owned.contains(&name.as_str())
+            || (name == "content-length" && method != Method::HEAD)
             || (!ours && name == "content-encoding")
         {
             continue;
         }
         if let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(&header.value),
+            HeaderValue::from_bytes(header.value.as_bytes()),
         ) {
             headers.append(name, value);
         }
     }
+    // Connection, Keep-Alive, Transfer-Encoding… are the proxy's own on the way out.
+    crate::headers::remove_hop_by_hop(&mut headers);
     let key = Key {
         line: request_line(method.as_str(), &path_and_query),
         body,
@@ -582,10 +637,8 @@ mod tests {
         );
         // The closest to a miss is still the nearest request.
         for (request, expected) in [
-            (
-                "/api/v1/tickets/42/threads",
-                "GET /api/v1/tickets/42?include=contacts",
-            ),
+            // Another path's query is not named.
+            ("/api/v1/tickets/42/threads", "GET /api/v1/tickets/42"),
             (
                 "/api/v1/tickets/42",
                 "GET /api/v1/tickets/42?include=contacts",
