@@ -290,7 +290,7 @@ EOF
 cat >"$WORK/haproxy.cfg" <<EOF
 global
   nbthread 2
-  maxconn 20000
+  maxconn 8000
 defaults
   mode http
   option http-keep-alive

@@ -277,9 +277,7 @@ impl Proxy {
         }
         target::check_host_syntax(req.uri(), req.headers())?;
         if let Via::Tunnel { host, service } = via {
-            return self
-                .tunneled(upstream, req, peer, log, host, *service)
-                .await;
+            return Box::pin(self.tunneled(upstream, req, peer, log, host, *service)).await;
         }
         let target = target::resolve(req.uri(), req.version(), &self.config.upstream)?;
         if let Some(name) = target.path().strip_prefix(admin::PREFIX) {
@@ -427,7 +425,7 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         let mut body = self.read_body(body, log).await?;
         if let Some(replay) = &self.replay {
-            return self.replayed(replay, &parts, body, target, log).await;
+            return Box::pin(self.replayed(replay, &parts, body, target, log)).await;
         }
         let uri = self.upstream_uri(target)?;
         headers::prepare_request(&mut parts.headers, self.config.org_id.as_ref());
@@ -541,6 +539,19 @@ impl Proxy {
         ProxyError::ReplayMiss(format!("replay of {}: {why}", replay.path().display()))
     }
 
+    /// One attempt at Desk: sent with a token, and its answer read.
+    async fn attempt(
+        &self,
+        upstream: &Upstream,
+        parts: &Parts,
+        attempt: Attempt,
+        log: &mut RequestLog,
+    ) -> Result<(Answer, Arc<Token>), ProxyError> {
+        let (response, slot, token) = self.send(upstream, parts, attempt, log).await?;
+        let answer = self.answer(response, slot, &token).await?;
+        Ok((answer, token))
+    }
+
     /// The request's attempts at Desk: the first, a retry after a 429 and one after a
     /// 401 that said the token was bad, each when allowed.
     #[allow(clippy::too_many_arguments)]
@@ -566,8 +577,7 @@ impl Proxy {
             body: (upstream_body, outcome),
             token: Want::Usable,
         };
-        let (response, slot, token) = self.send(upstream, &parts, first, log).await?;
-        let mut answer = self.answer(response, slot, &token).await?;
+        let (mut answer, token) = self.attempt(upstream, &parts, first, log).await?;
         if let Answer::Throttled(response, wait) = answer {
             // Desk's concurrency or rate limit: once, when the request can be sent again
             // unchanged and Desk's wait fits in the time the request has.
@@ -580,15 +590,18 @@ impl Proxy {
             };
             drop(response);
             log.set_retried_after_429();
-            tokio::time::sleep(wait).await;
             let retry = Attempt {
                 headers: parts.headers.clone(),
                 uri: self.upstream_uri(target)?,
                 body: (UpstreamBody::buffered(replay.bytes.clone()), None),
                 token: Want::Usable,
             };
-            let (response, slot, token) = self.send(upstream, &parts, retry, log).await?;
-            answer = self.answer(response, slot, &token).await?;
+            // The rare paths are boxed: the request's future does not carry their size.
+            (answer, _) = Box::pin(async {
+                tokio::time::sleep(wait).await;
+                self.attempt(upstream, &parts, retry, log).await
+            })
+            .await?;
         }
         let desk_401 = match answer {
             Answer::Pass(response) | Answer::Throttled(response, _) => return Ok(response),
@@ -606,9 +619,11 @@ impl Proxy {
             body: (UpstreamBody::buffered(replay.bytes.clone()), None),
             token: Want::NewerThan(token.generation),
         };
-        let (response, slot, token) = self.send(upstream, &parts, retry, log).await?;
         // A second 401 goes to the client as Desk sent it (its token marked rejected too).
-        match self.answer(response, slot, &token).await? {
+        match Box::pin(self.attempt(upstream, &parts, retry, log))
+            .await?
+            .0
+        {
             Answer::Pass(response)
             | Answer::TokenRejected(response)
             | Answer::Throttled(response, _) => Ok(response),
