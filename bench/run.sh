@@ -349,7 +349,8 @@ start_accounts() { # name lifetime_secs; sets ACC_URL ACC_ID ACC_SECRET ACC_REFR
 # The product's own limit on calls at Desk (desk.max_concurrent, 10 by default) would be
 # the bottleneck here, not the proxy: set far above the load (not for BASELINE_BIN, whose
 # build may predate the key).
-DESK_TOML='[desk]\n# bench/run.sh measures the proxy, not Desk'"'"'s limits (bench/desk_limits.sh does).\nmax_concurrent = 100000'
+# DESK_TOML= (empty) leaves it out, for a PRODUCT_BIN that predates the key.
+DESK_TOML=${DESK_TOML-'[desk]\n# bench/run.sh measures the proxy, not Desk'"'"'s limits (bench/desk_limits.sh does).\nmax_concurrent = 100000'}
 start_product() { # name port [binary [args]]; uses ACC_* the first time; sets LAST_PID
     local desk_toml=$DESK_TOML
     [[ -n ${3:-} && $3 != "$BIN" ]] && desk_toml=""
@@ -793,7 +794,7 @@ echo
 echo "## Benchmark: zoho-desk-proxy vs nginx and HAProxy"
 echo
 echo "Machine: $MACHINE. nginx $NGINX_V (worker_processes 2, upstream keepalive 64, unbuffered both ways, 64 KiB buffers for the download, no access log), HAProxy $HAPROXY_V (nbthread 2, http-reuse always, set-header Authorization, no log), wrk $WRK_V, product at $COMMIT$DIRTY (release, ${PRODUCT_BIN:+$PRODUCT_BIN, }one worker thread per core, desk.max_concurrent = 100000 so that the proxy is measured and not Desk's limits, RUST_LOG=warn: no per-request log lines${PRODUCT_ENV:+, $PRODUCT_ENV}${PRODUCT_TOML:+, $PRODUCT_TOML})."
-echo "Medians of $ROUNDS alternating rounds (direct, nginx, product; then nginx, product, direct; …); ratios are medians of per-round ratios. Load runs: ${LOAD_SECS} s (1 connection: ${LAT_SECS} s); wrk, the upstream and the proxy share the same $(nproc) cores. CPU = proxy process time per request (nginx: master + workers; HAProxy: its process). Peak = VmHWM during the run (reset before each run; nginx: sum of its processes)."
+echo "Medians of $ROUNDS alternating rounds (direct, nginx, haproxy, product; then nginx, haproxy, product, direct; …); ratios are medians of per-round ratios. Load runs: ${LOAD_SECS} s (1 connection: ${LAT_SECS} s); wrk, the upstream and the proxy share the same $(nproc) cores. CPU = proxy process time per request (nginx: master + workers; HAProxy: its process). Peak = VmHWM during the run (reset before each run; nginx: sum of its processes)."
 echo
 echo "| scenario | target | throughput | p50 | p99 | ×nginx | ×haproxy | ×direct | p99 ×nginx | p99 ×haproxy | errors | CPU/req | peak RSS |"
 echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"

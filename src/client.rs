@@ -158,6 +158,25 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// How long a Redis command may take (the token store's and the fleet's alike).
+pub const REDIS_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The Redis at `url` (`redis://`, `rediss://`, `redis+unix://`), connected lazily
+/// through a manager that reconnects: one command retried once, backing off up to 2 s.
+pub fn redis_connection(
+    url: &str,
+) -> Result<(redis::Client, redis::aio::ConnectionManager), redis::RedisError> {
+    install_crypto_provider();
+    let client = redis::Client::open(url)?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(REDIS_COMMAND_TIMEOUT))
+        .set_response_timeout(Some(REDIS_COMMAND_TIMEOUT))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_secs(2));
+    let conn = redis::aio::ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+    Ok((client, conn))
+}
+
 /// A client error in words, from its innermost cause (never a URL or header).
 pub fn describe_client_error(err: &hyper_util::client::legacy::Error) -> String {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);

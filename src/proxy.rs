@@ -27,7 +27,7 @@ use crate::headers;
 use crate::intercept::{self, Intercept};
 use crate::metrics::{Metrics, UpstreamErrorKind};
 use crate::observe::{Lifecycle, RequestId, RequestLog};
-use crate::record::{BodyHasher, Lookup, Recorder, Replay, RequestBodySeen};
+use crate::record::{BodyHasher, Lookup, Recorder, Recording, Replay, RequestBodySeen};
 use crate::target::{self, Target};
 use crate::token::shared::StoreStatus;
 use crate::token::{Token, TokenCache, TokenError};
@@ -215,23 +215,31 @@ impl Proxy {
     }
 
     /// Answers one request, sending it to Desk through `upstream`; never fails (errors
-    /// become Zoho-shaped answers).
+    /// become Zoho-shaped answers). The request comes boxed and the log lent: an async
+    /// fn keeps what it is given for as long as it runs, in the future of every request,
+    /// so what is passed down the request path is kept small. [`Proxy::logged`] hands
+    /// the log to the answer's body.
     pub async fn handle(
         &self,
         upstream: &Upstream,
-        req: Request<Incoming>,
+        req: Box<Request<Incoming>>,
         peer: SocketAddr,
-        mut log: RequestLog,
+        log: &mut RequestLog,
         via: &Via,
     ) -> Response<ResponseBody> {
-        let mut response = match self.route(upstream, req, peer, &mut log, via).await {
+        let mut response = match self.route(upstream, req, peer, log, via).await {
             Ok(response) => response,
-            Err(err) => self.refusal(err, &mut log),
+            Err(err) => self.refusal(err, log),
         };
         log.set_status(response.status().as_u16());
         response
             .headers_mut()
             .insert(headers::REQUEST_ID.clone(), log.id().header_value());
+        response
+    }
+
+    /// The answer of [`Proxy::handle`], its log written when its body ends.
+    pub fn logged(response: Response<ResponseBody>, log: RequestLog) -> Response<ResponseBody> {
         let (parts, body) = response.into_parts();
         Response::from_parts(parts, body.with_log(log))
     }
@@ -257,7 +265,7 @@ impl Proxy {
     async fn route(
         &self,
         upstream: &Upstream,
-        req: Request<Incoming>,
+        req: Box<Request<Incoming>>,
         peer: SocketAddr,
         log: &mut RequestLog,
         via: &Via,
@@ -266,7 +274,7 @@ impl Proxy {
             && matches!(via, Via::Direct)
             && let Some(intercept) = &self.intercept
         {
-            return self.connect(intercept, req, peer);
+            return self.connect(intercept, *req, peer);
         }
         self.access.check_method_is_forwardable(req.method())?;
         if req.headers().len() > MAX_HEADERS {
@@ -354,7 +362,7 @@ impl Proxy {
     async fn tunneled(
         &self,
         upstream: &Upstream,
-        req: Request<Incoming>,
+        req: Box<Request<Incoming>>,
         peer: SocketAddr,
         log: &mut RequestLog,
         host: &str,
@@ -417,23 +425,46 @@ impl Proxy {
     async fn forward(
         &self,
         upstream: &Upstream,
-        req: Request<Incoming>,
+        req: Box<Request<Incoming>>,
         target: &Target,
         log: &mut RequestLog,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let started = tokio::time::Instant::now();
-        let (mut parts, body) = req.into_parts();
-        let mut body = self.read_body(body, log).await?;
-        if let Some(replay) = &self.replay {
-            return Box::pin(self.replayed(replay, &parts, body, target, log)).await;
+        let (mut parts, body) = (*req).into_parts();
+        // What is moved into the exchange lives in this block only, so that the request's
+        // future does not keep a second copy of it while Desk answers.
+        let (exchange, recording) = {
+            let mut body = self.read_body(body, log).await?;
+            if let Some(replay) = &self.replay {
+                return Box::pin(self.replayed(replay, &parts, body, target, log)).await;
+            }
+            let uri = self.upstream_uri(target)?;
+            headers::prepare_request(&mut parts.headers, self.config.org_id.as_ref());
+            parts
+                .headers
+                .insert(headers::REQUEST_ID.clone(), log.id().header_value());
+            let recording = self.recording(&parts, &uri, &mut body, log);
+            let exchange = self.exchange(upstream, &mut parts, body, uri, target, log, started);
+            (exchange, recording)
+        };
+        let mut response = exchange.await?;
+        if let Some(recording) = recording {
+            let recording = recording.answered(response.status(), response.headers());
+            response.body_mut().tap(recording);
         }
-        let uri = self.upstream_uri(target)?;
-        headers::prepare_request(&mut parts.headers, self.config.org_id.as_ref());
-        parts
-            .headers
-            .insert(headers::REQUEST_ID.clone(), log.id().header_value());
-        let recording = self.recorder.as_ref().and_then(|recorder| {
-            let seen = match &mut body {
+        Ok(response)
+    }
+
+    /// The start of a recording of this exchange, when recording (`serve --record`).
+    fn recording(
+        &self,
+        parts: &Parts,
+        uri: &Uri,
+        body: &mut RequestBody,
+        log: &RequestLog,
+    ) -> Option<Box<Recording>> {
+        self.recorder.as_ref().and_then(|recorder| {
+            let seen = match body {
                 RequestBody::Replayable(bytes, _) if bytes.is_empty() => RequestBodySeen::Empty,
                 RequestBody::Replayable(bytes, _) => RequestBodySeen::Whole(bytes.clone()),
                 RequestBody::Streaming(client) => {
@@ -444,20 +475,12 @@ impl Proxy {
             };
             recorder.start(
                 &parts.method,
-                &uri,
+                uri,
                 &parts.headers,
                 &log.id().to_string(),
                 seen,
             )
-        });
-        let mut response = self
-            .exchange(upstream, parts, body, uri, target, log, started)
-            .await?;
-        if let Some(recording) = recording {
-            let recording = recording.answered(response.status(), response.headers());
-            response.body_mut().tap(recording);
-        }
-        Ok(response)
+        })
     }
 
     /// The answer from the recording being replayed.
@@ -558,7 +581,7 @@ impl Proxy {
     async fn exchange(
         &self,
         upstream: &Upstream,
-        mut parts: Parts,
+        parts: &mut Parts,
         body: RequestBody,
         uri: Uri,
         target: &Target,
@@ -577,7 +600,7 @@ impl Proxy {
             body: (upstream_body, outcome),
             token: Want::Usable,
         };
-        let (mut answer, token) = self.attempt(upstream, &parts, first, log).await?;
+        let (mut answer, token) = self.attempt(upstream, parts, first, log).await?;
         if let Answer::Throttled(response, wait) = answer {
             // Desk's concurrency or rate limit: once, when the request can be sent again
             // unchanged and Desk's wait fits in the time the request has.
@@ -599,7 +622,7 @@ impl Proxy {
             // The rare paths are boxed: the request's future does not carry their size.
             (answer, _) = Box::pin(async {
                 tokio::time::sleep(wait).await;
-                self.attempt(upstream, &parts, retry, log).await
+                self.attempt(upstream, parts, retry, log).await
             })
             .await?;
         }
@@ -620,10 +643,7 @@ impl Proxy {
             token: Want::NewerThan(token.generation),
         };
         // A second 401 goes to the client as Desk sent it (its token marked rejected too).
-        match Box::pin(self.attempt(upstream, &parts, retry, log))
-            .await?
-            .0
-        {
+        match Box::pin(self.attempt(upstream, parts, retry, log)).await?.0 {
             Answer::Pass(response)
             | Answer::TokenRejected(response)
             | Answer::Throttled(response, _) => Ok(response),

@@ -23,7 +23,7 @@ use std::sync::{Arc, LazyLock, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, Semaphore};
 
@@ -35,7 +35,7 @@ const POLL: Duration = Duration::from_millis(100);
 /// How long a waiter keeps its place in the line without asking again.
 const ALIVE: Duration = Duration::from_secs(2);
 /// Timeout of a single Redis command.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+const COMMAND_TIMEOUT: Duration = crate::client::REDIS_COMMAND_TIMEOUT;
 /// Keys nobody touches for this long expire.
 const KEY_TTL_MS: u64 = 3_600_000;
 
@@ -182,14 +182,8 @@ impl FleetSlots {
         lease: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, FleetError> {
-        crate::client::install_crypto_provider();
-        let client = redis::Client::open(url).map_err(|e| FleetError::Url(e.to_string()))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(COMMAND_TIMEOUT))
-            .set_response_timeout(Some(COMMAND_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        let (client, conn) =
+            crate::client::redis_connection(url).map_err(|e| FleetError::Url(e.to_string()))?;
         Ok(Arc::new(Self {
             client,
             conn,

@@ -23,27 +23,14 @@ impl Config {
     /// Loads the configuration as `serve` does: the file (when given, or `./proxy.toml`
     /// when it exists), then the process environment.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let default = Path::new("proxy.toml");
-        let mut raw = match path {
-            Some(p) => RawConfig::from_file(p)?,
-            None if default.exists() => RawConfig::from_file(default)?,
-            None => RawConfig::default(),
-        };
-        raw.apply_env(|name| std::env::var(name).ok());
-        Self::try_from(raw)
+        Self::try_from(RawConfig::load(path)?)
     }
 
     /// Loads what the commands around transparent mode need (`ca init`, `env`) from the
     /// same file and environment as `serve`, without requiring Zoho credentials: every
     /// other key is validated as usual.
     pub fn load_without_credentials(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let default = Path::new("proxy.toml");
-        let mut raw = match path {
-            Some(p) => RawConfig::from_file(p)?,
-            None if default.exists() => RawConfig::from_file(default)?,
-            None => RawConfig::default(),
-        };
-        raw.apply_env(|name| std::env::var(name).ok());
+        let mut raw = RawConfig::load(path)?;
         raw.stand_in_credentials();
         Self::try_from(raw)
     }
@@ -52,13 +39,7 @@ impl Config {
     /// every credential source is ignored (secrets, their files, the token file, the
     /// token store), so a CI checkout without them replays as well.
     pub fn load_for_replay(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let default = Path::new("proxy.toml");
-        let mut raw = match path {
-            Some(p) => RawConfig::from_file(p)?,
-            None if default.exists() => RawConfig::from_file(default)?,
-            None => RawConfig::default(),
-        };
-        raw.apply_env(|name| std::env::var(name).ok());
+        let mut raw = RawConfig::load(path)?;
         raw.forget_credentials();
         Self::try_from(raw)
     }

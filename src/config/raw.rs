@@ -208,6 +208,19 @@ impl RawConfig {
         }
     }
 
+    /// The file (when given, or `./proxy.toml` when it exists), then the process
+    /// environment, as written.
+    pub(super) fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let default = Path::new("proxy.toml");
+        let mut raw = match path {
+            Some(p) => Self::from_file(p)?,
+            None if default.exists() => Self::from_file(default)?,
+            None => Self::default(),
+        };
+        raw.apply_env(|name| std::env::var(name).ok());
+        Ok(raw)
+    }
+
     /// No credentials at all, and none looked for: placeholders for the ones serving
     /// needs, no secret files, no token file, no token store.
     pub(super) fn forget_credentials(&mut self) {

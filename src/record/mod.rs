@@ -6,5 +6,5 @@ pub mod har;
 pub mod recorder;
 pub mod replay;
 
-pub use recorder::{RecordError, Recorder, RequestBodySeen};
+pub use recorder::{RecordError, Recorder, Recording, RequestBodySeen};
 pub use replay::{BodyHasher, Lookup, Replay, ReplayError};

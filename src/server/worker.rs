@@ -120,16 +120,20 @@ pub(super) fn handler(
         // Before the first poll: hyper may drop a request's future unpolled when its
         // client goes away, and the request is still logged.
         let open = state.open(crate::admin::is_local(req.uri().path()));
-        let log = worker.proxy.start_log(&req);
+        let mut log = worker.proxy.start_log(&req);
+        // Boxed, and the log lent: what the request's future holds is kept small (see
+        // Proxy::handle), for every request in flight holds it.
+        let req = Box::new(req);
         let worker = Arc::clone(&worker);
         let state = Arc::clone(&state);
         let via = via.clone();
         let tunnel = tunnel.clone();
         async move {
-            let mut response = worker
+            let response = worker
                 .proxy
-                .handle(&worker.upstream, req, peer, log, &via)
+                .handle(&worker.upstream, req, peer, &mut log, &via)
                 .await;
+            let mut response = Proxy::logged(response, log);
             if response.extensions().get::<CloseConnection>().is_some() {
                 state.close_after_answers();
             }

@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use redis::AsyncCommands;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
@@ -45,7 +45,7 @@ const MIN_ADOPT_REMAINING: Duration = Duration::from_millis(500);
 /// Re-read of the stored token in case a pub/sub message was missed.
 const RESYNC_EVERY: Duration = Duration::from_secs(15);
 /// Timeout of a single Redis command.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+const COMMAND_TIMEOUT: Duration = crate::client::REDIS_COMMAND_TIMEOUT;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -223,14 +223,8 @@ impl SharedStore {
         max_per_10min: u32,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, StoreError> {
-        crate::client::install_crypto_provider();
-        let client = redis::Client::open(url).map_err(|e| StoreError::Url(e.to_string()))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(COMMAND_TIMEOUT))
-            .set_response_timeout(Some(COMMAND_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        let (client, conn) =
+            crate::client::redis_connection(url).map_err(|e| StoreError::Url(e.to_string()))?;
         Ok(Arc::new(Self {
             client,
             conn,
