@@ -273,16 +273,11 @@ async fn run_replay(
         Arc::clone(&metrics),
     );
     let intercept = intercept_for(&config)?;
-    let desk = Arc::new(DeskSlots::local(
-        config.desk.max_concurrent,
-        config.max_upstream_requests,
-        &metrics,
-    ));
     let strict = config.record.replay_strict;
+    // Nothing goes to Desk: the proxy's own local Desk slots are never taken.
     let proxy = Arc::new(
         Proxy::new(config, tokens, metrics)
             .with_intercept(intercept)
-            .with_desk_slots(desk)
             .with_replay(Some(Arc::clone(&replay))),
     );
     tracing::info!(

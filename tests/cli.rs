@@ -197,7 +197,7 @@ async fn configuration_errors_exit_2_and_name_the_key() {
     let fake = FakeZoho::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cases = [
-        ("lisen = \"127.0.0.1:1\"", "lisen"),
+        ("lisen = \"127.0.0.1:0\"", "lisen"),
         (
             "listen = \"0.0.0.0:0\"",
             "access.allow_unauthenticated_remote",

@@ -141,6 +141,13 @@ async fn tunnel(
 type Body = Full<Bytes>;
 
 /// Sends `request` over `tls`, HTTP/2 when ALPN chose it; status and body.
+/// The status of `GET https://desk.zoho.com/api/v1/tickets` through `tls`.
+async fn tickets(tls: TlsStream<TcpStream>) -> u16 {
+    send(tls, get("https://desk.zoho.com/api/v1/tickets"))
+        .await
+        .0
+}
+
 async fn send(tls: TlsStream<TcpStream>, request: http::Request<Body>) -> (u16, Bytes) {
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let io = TokioIo::new(tls);
@@ -211,12 +218,7 @@ async fn an_http_1_0_connect_as_python_sends_it_is_tunnelled_too() {
         .connect(name, stream)
         .await
         .unwrap();
-    assert_eq!(
-        send(tls, get("https://desk.zoho.com/api/v1/tickets"))
-            .await
-            .0,
-        200
-    );
+    assert_eq!(tickets(tls).await, 200);
 }
 
 #[tokio::test]
@@ -353,8 +355,7 @@ async fn a_keyed_proxy_takes_the_key_on_the_connect_as_bearer_or_basic() {
         )
         .await
         .unwrap();
-        let (status, _) = send(tls, get("https://desk.zoho.com/api/v1/tickets")).await;
-        assert_eq!(status, 200, "{auth}");
+        assert_eq!(tickets(tls).await, 200, "{auth}");
     }
 }
 
@@ -495,12 +496,7 @@ async fn bad_tls_is_refused_and_other_clients_carry_on() {
     let tls = tunnel(t.s.proxy.addr, "desk.zoho.com", &t.ca(), &[b"h2"], &[])
         .await
         .unwrap();
-    assert_eq!(
-        send(tls, get("https://desk.zoho.com/api/v1/tickets"))
-            .await
-            .0,
-        200
-    );
+    assert_eq!(tickets(tls).await, 200);
 }
 
 #[tokio::test]
@@ -597,11 +593,14 @@ async fn ca_init_keeps_the_key_private_and_never_overwrites_by_accident() {
     assert!(out.status.success());
     assert_ne!(std::fs::read(ca.join("ca.pem")).unwrap(), before);
 
-    // `env` names the CA and the proxy, and never prints a key.
+    // `env` names the CA and the proxy, and never prints a key. It binds nothing; the
+    // address it prints is one this test holds (port 0, read back).
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = held.local_addr().unwrap();
     std::fs::write(
         dir.path().join("proxy.toml"),
         format!(
-            "listen = \"127.0.0.1:9999\"\n[intercept]\nca_dir = \"{}\"\n[access]\napi_keys = [\"k-secret-key\"]\n",
+            "listen = \"{listen}\"\n[intercept]\nca_dir = \"{}\"\n[access]\napi_keys = [\"k-secret-key\"]\n",
             ca.display()
         ),
     )
@@ -614,7 +613,7 @@ async fn ca_init_keeps_the_key_private_and_never_overwrites_by_accident() {
         String::from_utf8_lossy(&out.stderr)
     );
     for line in [
-        "export HTTPS_PROXY=\"http://proxy:${ZOHO_PROXY_KEY}@127.0.0.1:9999\"",
+        format!("export HTTPS_PROXY=\"http://proxy:${{ZOHO_PROXY_KEY}}@{listen}\"").as_str(),
         "export SSL_CERT_FILE=",
         "export REQUESTS_CA_BUNDLE=",
         "export CURL_CA_BUNDLE=",
