@@ -332,6 +332,9 @@ async fn read_exact(mut body: ClientBody, len: u64) -> Result<Bytes, BodyError> 
     Ok(buffer.freeze())
 }
 
+/// Desk's answer body, read through the serving thread's connection pool.
+pub type DeskBody = crate::pool::PooledBody<UpstreamBody>;
+
 /// A request body on its way to Desk.
 #[derive(Debug)]
 pub enum UpstreamBody {
@@ -395,7 +398,7 @@ pub struct ResponseBody {
 #[derive(Debug)]
 enum Inner {
     Full(Option<Bytes>),
-    Stream(Incoming),
+    Stream(DeskBody),
 }
 
 impl ResponseBody {
@@ -412,7 +415,7 @@ impl ResponseBody {
     }
 
     /// Desk's body, streamed, holding its upstream slot until dropped.
-    pub fn stream(incoming: Incoming, slot: UpstreamSlot) -> Self {
+    pub fn stream(incoming: DeskBody, slot: UpstreamSlot) -> Self {
         Self {
             inner: Inner::Stream(incoming),
             log: None,

@@ -1,5 +1,7 @@
-//! The outbound HTTP client: hyper-util's pooled client over rustls, HTTP/2 or HTTP/1.1 by
-//! ALPN. It never follows redirects, never reads `HTTP_PROXY`, and never decompresses.
+//! The outbound side's connector (TCP, then rustls, HTTP/2 or HTTP/1.1 by ALPN) and
+//! hyper-util's pooled client over it, for Zoho Accounts (Desk's connections are the
+//! serving threads' own: `pool.rs`). Neither follows redirects, reads `HTTP_PROXY`, or
+//! decompresses.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -36,6 +38,17 @@ where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
 {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(idle)
+        .pool_max_idle_per_host(max_idle)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector(connect, extra_roots))
+}
+
+/// TCP (bounded by `connect`), then TLS for `https` URLs, offering HTTP/2 and HTTP/1.1
+/// by ALPN. Servers are verified against Mozilla's roots plus `extra_roots`.
+pub fn connector(connect: Duration, extra_roots: &[CertificateDer<'static>]) -> Connector {
     install_crypto_provider();
 
     let mut http = HttpConnector::new();
@@ -44,19 +57,12 @@ where
     http.set_nodelay(true);
     http.set_keepalive(Some(Duration::from_secs(60)));
 
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls_config(extra_roots))
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(BareConnector(http));
-
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(idle)
-        .pool_max_idle_per_host(max_idle)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(https)
+        .wrap_connector(BareConnector(http))
 }
 
 fn tls_config(extra_roots: &[CertificateDer<'static>]) -> rustls::ClientConfig {

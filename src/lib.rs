@@ -32,6 +32,7 @@ mod intercept;
 mod metrics;
 mod observe;
 mod paths;
+mod pool;
 mod proxy;
 mod record;
 mod secret;

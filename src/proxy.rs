@@ -10,16 +10,15 @@ use http::request::Parts;
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
 use tokio::sync::Semaphore;
 
 use crate::access::AccessPolicy;
 use crate::admin;
 use crate::body::{
-    BodyError, BodyOutcome, Captured, RequestBody, ResponseBody, StreamReason, UpstreamBody,
+    BodyError, BodyOutcome, Captured, DeskBody, RequestBody, ResponseBody, StreamReason,
+    UpstreamBody,
 };
 use crate::budget::{ByteBudget, Limit, MAX_HEADERS};
-use crate::client::{Connector, describe_client_error};
 use crate::concurrency::{DeskSlots, UpstreamSlot};
 use crate::config::Config;
 use crate::error::ProxyError;
@@ -27,6 +26,7 @@ use crate::headers;
 use crate::intercept::{self, Intercept};
 use crate::metrics::{Metrics, UpstreamErrorKind};
 use crate::observe::{Lifecycle, RequestId, RequestLog};
+use crate::pool::Pool;
 use crate::record::{BodyHasher, Lookup, Recorder, Recording, Replay, RequestBodySeen};
 use crate::target::{self, Target};
 use crate::token::shared::StoreStatus;
@@ -85,7 +85,7 @@ const MAX_401_BODY: usize = 64 * 1024;
 /// upstream connection are driven by the same thread, and its share of
 /// `limits.max_upstream_requests`.
 pub struct Upstream {
-    client: Client<Connector, UpstreamBody>,
+    pool: Arc<Pool<UpstreamBody>>,
     slots: Arc<Semaphore>,
 }
 
@@ -189,12 +189,14 @@ impl Proxy {
     /// The way to Desk of serving thread `index` of `workers`.
     pub fn upstream(&self, index: usize, workers: usize) -> Upstream {
         let share = upstream_share(self.config.max_upstream_requests, index, workers);
+        let connector =
+            crate::client::connector(self.config.timeouts.connect, &self.config.extra_roots);
         Upstream {
-            client: crate::client::build(
-                self.config.timeouts.connect,
-                self.config.timeouts.idle,
+            pool: Pool::new(
+                connector,
+                &self.config.upstream,
                 share,
-                &self.config.extra_roots,
+                self.config.timeouts.idle,
             ),
             slots: Arc::new(Semaphore::new(share)),
         }
@@ -656,7 +658,7 @@ impl Proxy {
     /// asks for.
     async fn answer(
         &self,
-        response: Response<Incoming>,
+        response: Response<DeskBody>,
         slot: UpstreamSlot,
         token: &Token,
     ) -> Result<Answer, ProxyError> {
@@ -754,7 +756,7 @@ impl Proxy {
         parts: &Parts,
         mut attempt: Attempt,
         log: &mut RequestLog,
-    ) -> Result<(Response<Incoming>, UpstreamSlot, Arc<Token>), ProxyError> {
+    ) -> Result<(Response<DeskBody>, UpstreamSlot, Arc<Token>), ProxyError> {
         // The attempt's fields are used in place: an async fn keeps its arguments for its
         // whole life, and a copy in a local would double their room in the future.
         let started = tokio::time::Instant::now();
@@ -785,14 +787,11 @@ impl Proxy {
                 *request.method_mut() = parts.method.clone();
                 *request.uri_mut() = attempt.uri;
                 *request.headers_mut() = attempt.headers;
-                // The pool speaks HTTP/2 or HTTP/1.1 as ALPN decided; an inbound h2 request
-                // must not ask for h2 on an HTTP/1 connection.
-                *request.version_mut() = Version::HTTP_11;
                 // Desk's latency, in the log, starts once a slot is free.
                 let sent = Instant::now();
                 let deadline = started + timeout + token_wait.elapsed();
                 let response =
-                    tokio::time::timeout_at(deadline, upstream.client.request(request)).await;
+                    tokio::time::timeout_at(deadline, upstream.pool.send(Box::new(request))).await;
                 log.set_upstream_latency(sent.elapsed());
                 response.map(|response| (slot, token, response))
             }
@@ -814,16 +813,15 @@ impl Proxy {
                 // Desk never had the whole request: the client's body was at fault.
                 return Err(self.body_failed(stalled));
             }
-            Ok((_, _, Err(err))) if is_connect_timeout(&err) => {
+            Ok((_, _, Err(err))) if err.is_connect_timeout() => {
                 ProxyError::UpstreamTimeout(format!(
                     "Zoho Desk could not be connected to within {} s (timeouts.connect_secs)",
                     self.config.timeouts.connect.as_secs_f64()
                 ))
             }
-            Ok((_, _, Err(err))) => ProxyError::UpstreamUnreachable(format!(
-                "Zoho Desk could not be reached: {}",
-                describe_client_error(&err)
-            )),
+            Ok((_, _, Err(err))) => {
+                ProxyError::UpstreamUnreachable(format!("Zoho Desk could not be reached: {err}"))
+            }
             Err(_) => ProxyError::UpstreamTimeout(format!(
                 "Zoho Desk did not answer within {} s (timeouts.response_secs)",
                 timeout.as_secs_f64()
@@ -935,7 +933,7 @@ fn upstream_share(limit: usize, index: usize, workers: usize) -> usize {
 }
 
 fn into_client_response(
-    response: Response<Incoming>,
+    response: Response<DeskBody>,
     slot: UpstreamSlot,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = response.into_parts();
@@ -961,11 +959,6 @@ fn token_error(err: TokenError) -> ProxyError {
             "Zoho Accounts rejected the proxy's credentials; an operator must act: {reason}"
         )),
     }
-}
-
-fn is_connect_timeout(err: &hyper_util::client::legacy::Error) -> bool {
-    let text = describe_client_error(err);
-    err.is_connect() && (text.contains("timed out") || text.contains("timeout"))
 }
 
 #[cfg(test)]

@@ -18,6 +18,11 @@ pub struct BaseUrl {
     pub authority: http::uri::Authority,
     /// Path prefix without a trailing slash (`""` for none).
     pub prefix: String,
+    /// `scheme://authority/`: where connections go.
+    origin: Uri,
+    /// The `Host` of requests to it: the authority, without the port when it is the
+    /// scheme's default.
+    host_header: http::HeaderValue,
 }
 
 impl BaseUrl {
@@ -50,11 +55,39 @@ impl BaseUrl {
             return Err(invalid("the URL must not have a query"));
         }
         let prefix = uri.path().trim_end_matches('/').to_owned();
+        let origin = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|_| invalid("not a valid URL"))?;
+        let default_port = if scheme == http::uri::Scheme::HTTPS {
+            443
+        } else {
+            80
+        };
+        let host_header = match authority.port_u16() {
+            Some(port) if port != default_port => http::HeaderValue::from_str(authority.as_str()),
+            _ => http::HeaderValue::from_str(authority.host()),
+        }
+        .map_err(|_| invalid("not a valid host"))?;
         Ok(Self {
             scheme,
             authority,
             prefix,
+            origin,
+            host_header,
         })
+    }
+
+    /// `scheme://authority/`: where connections to it go.
+    pub fn origin(&self) -> &Uri {
+        &self.origin
+    }
+
+    /// The `Host` header of requests to it.
+    pub fn host_header(&self) -> &http::HeaderValue {
+        &self.host_header
     }
 
     /// The host name, lower-cased, without brackets for IPv6.

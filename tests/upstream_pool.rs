@@ -1,0 +1,390 @@
+//! Desk's connections (README "How requests are forwarded"): an HTTP/1.1 connection is
+//! kept alive between requests, replaced when Desk closed it while it waited, closed
+//! after `timeouts.idle_secs` unused, and closed when the client leaves in the middle of
+//! Desk's answer; a request Desk may have received is never sent twice.
+//!
+//! Desk here is a plain TCP server of the test's own, so that it can close, stall and
+//! count connections exactly as the test says.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use zoho_desk_proxy::config::Config;
+use zoho_desk_proxy::fake_zoho::{FakeOptions, FakeZoho};
+
+/// How Desk treats each request.
+#[derive(Clone, Copy, PartialEq)]
+enum Behaviour {
+    /// A 200 with a short body; the connection stays open.
+    KeepAlive,
+    /// The same, its body chunked (its end is known only from the last chunk).
+    KeepAliveChunked,
+    /// A 200 with a short body (no `Connection: close`), then the connection is closed.
+    CloseAfterAnswer,
+    /// The head and 64 KiB of a 16 MiB body, then silence.
+    StallInBody,
+    /// The request is read, then the connection is closed without an answer.
+    CloseWithoutAnswer,
+}
+
+/// What Desk saw.
+#[derive(Debug, PartialEq)]
+enum Event {
+    /// A connection was accepted (its number, from 1).
+    Connected(usize),
+    /// A request head arrived on connection `n`: its request line.
+    Request(usize, String),
+    /// Desk closed connection `n` itself.
+    ClosedByDesk(usize),
+    /// The proxy closed connection `n` (Desk read its end).
+    ClosedByProxy(usize),
+}
+
+struct RawDesk {
+    addr: SocketAddr,
+    events: mpsc::UnboundedReceiver<Event>,
+}
+
+impl RawDesk {
+    async fn start(behaviour: Behaviour) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, events) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut n = 0;
+            while let Ok((tcp, _)) = listener.accept().await {
+                n += 1;
+                let _ = tx.send(Event::Connected(n));
+                tokio::spawn(serve(tcp, n, behaviour, tx.clone()));
+            }
+        });
+        Self { addr, events }
+    }
+
+    /// The next event, within 10 s.
+    async fn next(&mut self) -> Event {
+        tokio::time::timeout(Duration::from_secs(10), self.events.recv())
+            .await
+            .expect("an event from Desk within 10 s")
+            .expect("Desk runs")
+    }
+
+    /// Events until `last` (included).
+    async fn until(&mut self, last: &Event) -> Vec<Event> {
+        let mut seen = Vec::new();
+        loop {
+            let event = self.next().await;
+            let done = event == *last;
+            seen.push(event);
+            if done {
+                return seen;
+            }
+        }
+    }
+}
+
+async fn serve(
+    mut tcp: TcpStream,
+    n: usize,
+    behaviour: Behaviour,
+    tx: mpsc::UnboundedSender<Event>,
+) {
+    let mut buffer = Vec::new();
+    loop {
+        // One request head (the tests send no bodies but a small POST's).
+        let head_end = loop {
+            if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => {
+                    let _ = tx.send(Event::ClosedByProxy(n));
+                    return;
+                }
+                Ok(read) => buffer.extend_from_slice(&chunk[..read]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
+        let length = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+            })
+            .unwrap_or(0);
+        while buffer.len() < head_end + length {
+            let mut chunk = [0u8; 4096];
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => buffer.extend_from_slice(&chunk[..read]),
+            }
+        }
+        buffer.drain(..head_end + length);
+        let line = head.lines().next().unwrap_or_default().to_owned();
+        let _ = tx.send(Event::Request(n, line));
+        let body = b"{\"data\":[]}";
+        match behaviour {
+            Behaviour::KeepAliveChunked => {
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{}\r\n0\r\n\r\n",
+                    body.len(),
+                    String::from_utf8_lossy(body)
+                );
+                tcp.write_all(answer.as_bytes()).await.unwrap();
+            }
+            Behaviour::KeepAlive | Behaviour::CloseAfterAnswer => {
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                    body.len()
+                );
+                tcp.write_all(answer.as_bytes()).await.unwrap();
+                tcp.write_all(body).await.unwrap();
+                if behaviour == Behaviour::CloseAfterAnswer {
+                    drop(tcp);
+                    let _ = tx.send(Event::ClosedByDesk(n));
+                    return;
+                }
+            }
+            Behaviour::StallInBody => {
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: 16777216\r\n\r\n";
+                tcp.write_all(head.as_bytes()).await.unwrap();
+                let _ = tcp.write_all(&vec![b'x'; 64 * 1024]).await;
+                // Silence until the proxy goes away.
+                let mut chunk = [0u8; 1024];
+                loop {
+                    match tcp.read(&mut chunk).await {
+                        Ok(0) | Err(_) => {
+                            let _ = tx.send(Event::ClosedByProxy(n));
+                            return;
+                        }
+                        Ok(_) => {}
+                    }
+                }
+            }
+            Behaviour::CloseWithoutAnswer => {
+                drop(tcp);
+                let _ = tx.send(Event::ClosedByDesk(n));
+                return;
+            }
+        }
+    }
+}
+
+/// A proxy (one serving thread) in front of `desk`, with `extra` TOML appended.
+async fn proxy_to(desk: &RawDesk, fake: &FakeZoho, extra: &str) -> TestProxy {
+    let o = FakeOptions::default();
+    let toml = format!(
+        "upstream = \"http://{}\"\naccounts_url = \"{}\"\ntoken_file = \"\"\n\
+         [oauth]\nclient_id = \"{}\"\nclient_secret = \"{}\"\nrefresh_token = \"{}\"\n\
+         [limits]\nworkers = 1\n{extra}",
+        desk.addr,
+        fake.accounts_url(),
+        o.client_id,
+        o.client_secret,
+        o.refresh_token
+    );
+    start_proxy(Config::from_toml(&toml).unwrap()).await
+}
+
+/// A GET's status, once its whole body was read (a client that drops an answer half-read
+/// closes its connection, and the proxy then closes Desk's).
+async fn get(url: String) -> u16 {
+    let answer = client().get(url).send().await.unwrap();
+    let status = answer.status().as_u16();
+    answer.bytes().await.unwrap();
+    status
+}
+
+fn request(n: usize, line: &str) -> Event {
+    Event::Request(n, line.to_owned())
+}
+
+#[tokio::test]
+async fn a_kept_alive_connection_serves_request_after_request() {
+    for behaviour in [Behaviour::KeepAlive, Behaviour::KeepAliveChunked] {
+        kept_alive(behaviour).await;
+    }
+}
+
+async fn kept_alive(behaviour: Behaviour) {
+    let fake = FakeZoho::start().await.unwrap();
+    let mut desk = RawDesk::start(behaviour).await;
+    let proxy = proxy_to(&desk, &fake, "").await;
+    for i in 0..5 {
+        let path = format!("/api/v1/tickets?n={i}");
+        assert_eq!(get(proxy.url(&path)).await, 200);
+        let line = format!("GET {path} HTTP/1.1");
+        let expected = if i == 0 {
+            vec![Event::Connected(1), request(1, &line)]
+        } else {
+            vec![request(1, &line)]
+        };
+        assert_eq!(desk.until(expected.last().unwrap()).await, expected);
+    }
+}
+
+#[tokio::test]
+async fn a_connection_desk_closed_while_it_waited_is_replaced_and_nothing_is_sent_twice() {
+    let fake = FakeZoho::start().await.unwrap();
+    let mut desk = RawDesk::start(Behaviour::CloseAfterAnswer).await;
+    let proxy = proxy_to(&desk, &fake, "").await;
+    for n in 1..=4 {
+        // Desk has closed the last connection (the event says so) before the next request.
+        let body = support::fetch(proxy.url("/api/v1/tickets")).await;
+        assert_eq!(body.status(), 200);
+        assert_eq!(body.text().await.unwrap(), "{\"data\":[]}");
+        let events = desk.until(&Event::ClosedByDesk(n)).await;
+        assert_eq!(
+            events,
+            vec![
+                Event::Connected(n),
+                request(n, "GET /api/v1/tickets HTTP/1.1"),
+                Event::ClosedByDesk(n)
+            ]
+        );
+    }
+    // A POST on a connection Desk closed after answering: sent once, on a new connection.
+    let answer = client()
+        .post(proxy.url("/api/v1/tickets"))
+        .body("{\"subject\":\"once\"}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(
+        desk.until(&Event::ClosedByDesk(5)).await,
+        vec![
+            Event::Connected(5),
+            request(5, "POST /api/v1/tickets HTTP/1.1"),
+            Event::ClosedByDesk(5)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_request_desk_received_is_not_sent_again_when_the_connection_drops() {
+    let fake = FakeZoho::start().await.unwrap();
+    let mut desk = RawDesk::start(Behaviour::CloseWithoutAnswer).await;
+    let proxy = proxy_to(&desk, &fake, "").await;
+    let answer = client()
+        .post(proxy.url("/api/v1/tickets"))
+        .body("{\"subject\":\"once\"}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 502);
+    let error: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(error["errorCode"], "PROXY_UPSTREAM_UNREACHABLE");
+    assert_eq!(
+        desk.until(&Event::ClosedByDesk(1)).await,
+        vec![
+            Event::Connected(1),
+            request(1, "POST /api/v1/tickets HTTP/1.1"),
+            Event::ClosedByDesk(1)
+        ]
+    );
+    // Nothing more reaches Desk: a health check of the proxy's own, then a GET that opens
+    // connection 2 (whose request is the next event).
+    assert_eq!(status(proxy.url("/_proxy/health")).await, 200);
+    assert_eq!(get(proxy.url("/api/v1/agents")).await, 502);
+    assert_eq!(
+        desk.until(&Event::ClosedByDesk(2)).await,
+        vec![
+            Event::Connected(2),
+            request(2, "GET /api/v1/agents HTTP/1.1"),
+            Event::ClosedByDesk(2)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_idle_secs() {
+    let fake = FakeZoho::start().await.unwrap();
+    let mut desk = RawDesk::start(Behaviour::KeepAlive).await;
+    let proxy = proxy_to(&desk, &fake, "[timeouts]\nidle_secs = 0.3\n").await;
+    assert_eq!(get(proxy.url("/api/v1/tickets")).await, 200);
+    let answered = tokio::time::Instant::now();
+    assert_eq!(
+        desk.until(&Event::ClosedByProxy(1)).await,
+        vec![
+            Event::Connected(1),
+            request(1, "GET /api/v1/tickets HTTP/1.1"),
+            Event::ClosedByProxy(1)
+        ]
+    );
+    let idle = answered.elapsed();
+    assert!(
+        idle >= Duration::from_millis(250) && idle < Duration::from_secs(5),
+        "closed after {idle:?}"
+    );
+    // The next request opens a new connection.
+    assert_eq!(get(proxy.url("/api/v1/tickets")).await, 200);
+    assert_eq!(desk.next().await, Event::Connected(2));
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_answer_closes_desk_s_connection() {
+    let fake = FakeZoho::start().await.unwrap();
+    let mut desk = RawDesk::start(Behaviour::StallInBody).await;
+    let proxy = proxy_to(&desk, &fake, "").await;
+    for version in ["HTTP/1.1", "HTTP/2"] {
+        let client = if version == "HTTP/1.1" {
+            client()
+        } else {
+            h2c_client()
+        };
+        let answer = client.get(proxy.url("/api/v1/files")).send().await.unwrap();
+        assert_eq!(answer.status(), 200, "{version}");
+        let n = if version == "HTTP/1.1" { 1 } else { 2 };
+        assert_eq!(desk.next().await, Event::Connected(n), "{version}");
+        assert_eq!(
+            desk.next().await,
+            request(n, "GET /api/v1/files HTTP/1.1"),
+            "{version}"
+        );
+        drop(answer);
+        drop(client);
+        assert_eq!(desk.next().await, Event::ClosedByProxy(n), "{version}");
+    }
+}
+
+/// Many clients at once share as many connections as `limits.max_upstream_requests`
+/// allows, and every request is answered.
+#[tokio::test]
+async fn concurrent_requests_stay_within_the_upstream_limit() {
+    let fake = FakeZoho::start().await.unwrap();
+    let mut desk = RawDesk::start(Behaviour::KeepAliveChunked).await;
+    let proxy = Arc::new(proxy_to(&desk, &fake, "max_upstream_requests = 4\n").await);
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let proxy = Arc::clone(&proxy);
+        tasks.push(tokio::spawn(async move {
+            get(proxy.url(&format!("/api/v1/tickets?i={i}"))).await
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 200);
+    }
+    let mut connections = 0;
+    let mut requests = 0;
+    while requests < 64 {
+        match desk.next().await {
+            Event::Connected(_) => connections += 1,
+            Event::Request(..) => requests += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        (1..=4).contains(&connections),
+        "{connections} connections for max_upstream_requests = 4"
+    );
+}
