@@ -569,11 +569,16 @@ impl Proxy {
         &self,
         upstream: &Upstream,
         parts: &Parts,
-        attempt: Attempt,
+        attempt: Box<Attempt>,
         log: &mut RequestLog,
     ) -> Result<(Answer, Arc<Token>), ProxyError> {
         let (response, slot, token) = self.send(upstream, parts, attempt, log).await?;
-        let answer = self.answer(response, slot, &token).await?;
+        if response.status() != StatusCode::UNAUTHORIZED {
+            return Ok((self.answer(response, slot), token));
+        }
+        // Boxed: reading a 401 is rare, and every request waiting for a slot would
+        // otherwise hold room for it.
+        let answer = Box::pin(self.unauthorized(response, slot, &token)).await?;
         Ok((answer, token))
     }
 
@@ -596,12 +601,12 @@ impl Proxy {
         } else {
             std::mem::take(&mut parts.headers)
         };
-        let first = Attempt {
+        let first = Box::new(Attempt {
             headers: first_headers,
             uri,
             body: (upstream_body, outcome),
             token: Want::Usable,
-        };
+        });
         let (mut answer, token) = self.attempt(upstream, parts, first, log).await?;
         if let Answer::Throttled(response, wait) = answer {
             // Desk's concurrency or rate limit: once, when the request can be sent again
@@ -615,12 +620,12 @@ impl Proxy {
             };
             drop(response);
             log.set_retried_after_429();
-            let retry = Attempt {
+            let retry = Box::new(Attempt {
                 headers: parts.headers.clone(),
                 uri: self.upstream_uri(target)?,
                 body: (UpstreamBody::buffered(replay.bytes.clone()), None),
                 token: Want::Usable,
-            };
+            });
             // The rare paths are boxed: the request's future does not carry their size.
             (answer, _) = Box::pin(async {
                 tokio::time::sleep(wait).await;
@@ -638,12 +643,12 @@ impl Proxy {
             return Ok(desk_401);
         };
         log.set_retried();
-        let retry = Attempt {
+        let retry = Box::new(Attempt {
             headers: std::mem::take(&mut parts.headers),
             uri: self.upstream_uri(target)?,
             body: (UpstreamBody::buffered(replay.bytes.clone()), None),
             token: Want::NewerThan(token.generation),
-        };
+        });
         // A second 401 goes to the client as Desk sent it (its token marked rejected too).
         match Box::pin(self.attempt(upstream, parts, retry, log)).await?.0 {
             Answer::Pass(response)
@@ -652,31 +657,35 @@ impl Proxy {
         }
     }
 
-    /// Desk's answer for the client. A 401 that says the token itself is bad is read
-    /// whole, and the token marked rejected before the upstream slot is freed, so that
-    /// the request taking the slot never sends it. A 429 is counted, with the wait Desk
-    /// asks for.
-    async fn answer(
+    /// Desk's answer, other than a 401, for the client. A 429 is counted, with the wait
+    /// Desk asks for.
+    fn answer(&self, response: Response<DeskBody>, slot: UpstreamSlot) -> Answer {
+        self.note_rate_limit(&response);
+        if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            self.metrics.record_desk_429();
+            let wait = retry_after(response.headers()).unwrap_or(DEFAULT_RETRY_AFTER);
+            return Answer::Throttled(into_client_response(response, slot), wait);
+        }
+        Answer::Pass(into_client_response(response, slot))
+    }
+
+    /// Desk's remaining credits, when its answer tells them.
+    fn note_rate_limit(&self, response: &Response<DeskBody>) {
+        if let Some(remaining) = rate_limit_remaining(response.headers()) {
+            self.metrics.set_desk_rate_limit_remaining(remaining);
+        }
+    }
+
+    /// Desk's 401 for the client. One that says the token itself is bad is read whole,
+    /// and the token marked rejected before the upstream slot is freed, so that the
+    /// request taking the slot never sends it.
+    async fn unauthorized(
         &self,
         response: Response<DeskBody>,
         slot: UpstreamSlot,
         token: &Token,
     ) -> Result<Answer, ProxyError> {
-        if let Some(remaining) = rate_limit_remaining(response.headers()) {
-            self.metrics.set_desk_rate_limit_remaining(remaining);
-        }
-        match response.status() {
-            StatusCode::UNAUTHORIZED => {}
-            StatusCode::TOO_MANY_REQUESTS => {
-                self.metrics.record_desk_429();
-                let wait = retry_after(response.headers()).unwrap_or(DEFAULT_RETRY_AFTER);
-                return Ok(Answer::Throttled(
-                    into_client_response(response, slot),
-                    wait,
-                ));
-            }
-            _ => return Ok(Answer::Pass(into_client_response(response, slot))),
-        }
+        self.note_rate_limit(&response);
         let (parts, body) = response.into_parts();
         let desk_401 = Limited::new(body, MAX_401_BODY)
             .collect()
@@ -754,11 +763,12 @@ impl Proxy {
         &self,
         upstream: &Upstream,
         parts: &Parts,
-        mut attempt: Attempt,
+        attempt: Box<Attempt>,
         log: &mut RequestLog,
     ) -> Result<(Response<DeskBody>, UpstreamSlot, Arc<Token>), ProxyError> {
-        // The attempt's fields are used in place: an async fn keeps its arguments for its
-        // whole life, and a copy in a local would double their room in the future.
+        // The attempt comes boxed and leaves as a boxed request: an async fn keeps its
+        // arguments for its whole life, and every request waiting for a slot holds this
+        // future at its largest.
         let started = tokio::time::Instant::now();
         let timeout = self.config.timeouts.response;
         // Desk's call first (shared by the serving threads, in arrival order), then the
@@ -780,20 +790,13 @@ impl Proxy {
                     Want::NewerThan(generation) => self.tokens.refresh_after(generation).await,
                 }
                 .map_err(token_error)?;
-                attempt
-                    .headers
-                    .insert(http::header::AUTHORIZATION, token.header.clone());
-                let mut request = Request::new(attempt.body.0);
-                *request.method_mut() = parts.method.clone();
-                *request.uri_mut() = attempt.uri;
-                *request.headers_mut() = attempt.headers;
+                let (request, outcome) = attempt.into_request(parts, &token);
                 // Desk's latency, in the log, starts once a slot is free.
                 let sent = Instant::now();
                 let deadline = started + timeout + token_wait.elapsed();
-                let response =
-                    tokio::time::timeout_at(deadline, upstream.pool.send(Box::new(request))).await;
+                let response = tokio::time::timeout_at(deadline, upstream.pool.send(request)).await;
                 log.set_upstream_latency(sent.elapsed());
-                response.map(|response| (slot, token, response))
+                response.map(|response| (slot, token, response, outcome))
             }
             Ok(Err(_closed)) => {
                 return Err(ProxyError::UpstreamUnreachable(
@@ -806,20 +809,20 @@ impl Proxy {
             }
         };
         let err = match answered {
-            Ok((slot, token, Ok(response))) => return Ok((response, slot, token)),
-            Ok((_, _, Err(_)))
-                if let Some(stalled) = attempt.body.1.as_deref().and_then(BodyOutcome::stalled) =>
+            Ok((slot, token, Ok(response), _)) => return Ok((response, slot, token)),
+            Ok((_, _, Err(_), outcome))
+                if let Some(stalled) = outcome.as_deref().and_then(BodyOutcome::stalled) =>
             {
                 // Desk never had the whole request: the client's body was at fault.
                 return Err(self.body_failed(stalled));
             }
-            Ok((_, _, Err(err))) if err.is_connect_timeout() => {
+            Ok((_, _, Err(err), _)) if err.is_connect_timeout() => {
                 ProxyError::UpstreamTimeout(format!(
                     "Zoho Desk could not be connected to within {} s (timeouts.connect_secs)",
                     self.config.timeouts.connect.as_secs_f64()
                 ))
             }
-            Ok((_, _, Err(err))) => {
+            Ok((_, _, Err(err), _)) => {
                 ProxyError::UpstreamUnreachable(format!("Zoho Desk could not be reached: {err}"))
             }
             Err(_) => ProxyError::UpstreamTimeout(format!(
@@ -842,6 +845,30 @@ struct Attempt {
     uri: Uri,
     body: (UpstreamBody, Option<Arc<BodyOutcome>>),
     token: Want,
+}
+
+impl Attempt {
+    /// The request for Desk, with `token`, and what its body will tell of its end.
+    /// Boxed, as the pool takes it: the future that sends it keeps 8 bytes for it, not
+    /// the request's size.
+    fn into_request(
+        self: Box<Self>,
+        parts: &Parts,
+        token: &Token,
+    ) -> (Box<Request<UpstreamBody>>, Option<Arc<BodyOutcome>>) {
+        let Attempt {
+            mut headers,
+            uri,
+            body: (body, outcome),
+            ..
+        } = *self;
+        headers.insert(http::header::AUTHORIZATION, token.header.clone());
+        let mut request = Box::new(Request::new(body));
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
+        (request, outcome)
+    }
 }
 
 /// The token an attempt is sent with, chosen once its upstream slot is free.
