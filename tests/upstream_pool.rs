@@ -76,6 +76,15 @@ impl RawDesk {
             .expect("Desk runs")
     }
 
+    /// Asserts that the next events are connection `n` opening, the request `line` on it,
+    /// and then `end`.
+    async fn expect_connection(&mut self, n: usize, line: &str, end: Event) {
+        assert_eq!(
+            self.until(&end).await,
+            vec![Event::Connected(n), request(n, line), end]
+        );
+    }
+
     /// Events until `last` (included).
     async fn until(&mut self, last: &Event) -> Vec<Event> {
         let mut seen = Vec::new();
@@ -204,6 +213,16 @@ async fn get(url: String) -> u16 {
     status
 }
 
+/// A POST that creates a ticket: one that must never reach Desk twice.
+async fn post_ticket(proxy: &TestProxy) -> reqwest::Response {
+    client()
+        .post(proxy.url("/api/v1/tickets"))
+        .body("{\"subject\":\"once\"}")
+        .send()
+        .await
+        .unwrap()
+}
+
 fn request(n: usize, line: &str) -> Event {
     Event::Request(n, line.to_owned())
 }
@@ -242,32 +261,14 @@ async fn a_connection_desk_closed_while_it_waited_is_replaced_and_nothing_is_sen
         let body = support::fetch(proxy.url("/api/v1/tickets")).await;
         assert_eq!(body.status(), 200);
         assert_eq!(body.text().await.unwrap(), "{\"data\":[]}");
-        let events = desk.until(&Event::ClosedByDesk(n)).await;
-        assert_eq!(
-            events,
-            vec![
-                Event::Connected(n),
-                request(n, "GET /api/v1/tickets HTTP/1.1"),
-                Event::ClosedByDesk(n)
-            ]
-        );
+        desk.expect_connection(n, "GET /api/v1/tickets HTTP/1.1", Event::ClosedByDesk(n))
+            .await;
     }
     // A POST on a connection Desk closed after answering: sent once, on a new connection.
-    let answer = client()
-        .post(proxy.url("/api/v1/tickets"))
-        .body("{\"subject\":\"once\"}")
-        .send()
-        .await
-        .unwrap();
+    let answer = post_ticket(&proxy).await;
     assert_eq!(answer.status(), 200);
-    assert_eq!(
-        desk.until(&Event::ClosedByDesk(5)).await,
-        vec![
-            Event::Connected(5),
-            request(5, "POST /api/v1/tickets HTTP/1.1"),
-            Event::ClosedByDesk(5)
-        ]
-    );
+    desk.expect_connection(5, "POST /api/v1/tickets HTTP/1.1", Event::ClosedByDesk(5))
+        .await;
 }
 
 #[tokio::test]
@@ -275,35 +276,18 @@ async fn a_request_desk_received_is_not_sent_again_when_the_connection_drops() {
     let fake = FakeZoho::start().await.unwrap();
     let mut desk = RawDesk::start(Behaviour::CloseWithoutAnswer).await;
     let proxy = proxy_to(&desk, &fake, "").await;
-    let answer = client()
-        .post(proxy.url("/api/v1/tickets"))
-        .body("{\"subject\":\"once\"}")
-        .send()
-        .await
-        .unwrap();
+    let answer = post_ticket(&proxy).await;
     assert_eq!(answer.status(), 502);
     let error: serde_json::Value = answer.json().await.unwrap();
     assert_eq!(error["errorCode"], "PROXY_UPSTREAM_UNREACHABLE");
-    assert_eq!(
-        desk.until(&Event::ClosedByDesk(1)).await,
-        vec![
-            Event::Connected(1),
-            request(1, "POST /api/v1/tickets HTTP/1.1"),
-            Event::ClosedByDesk(1)
-        ]
-    );
+    desk.expect_connection(1, "POST /api/v1/tickets HTTP/1.1", Event::ClosedByDesk(1))
+        .await;
     // Nothing more reaches Desk: a health check of the proxy's own, then a GET that opens
     // connection 2 (whose request is the next event).
     assert_eq!(status(proxy.url("/_proxy/health")).await, 200);
     assert_eq!(get(proxy.url("/api/v1/agents")).await, 502);
-    assert_eq!(
-        desk.until(&Event::ClosedByDesk(2)).await,
-        vec![
-            Event::Connected(2),
-            request(2, "GET /api/v1/agents HTTP/1.1"),
-            Event::ClosedByDesk(2)
-        ]
-    );
+    desk.expect_connection(2, "GET /api/v1/agents HTTP/1.1", Event::ClosedByDesk(2))
+        .await;
 }
 
 #[tokio::test]
@@ -313,14 +297,8 @@ async fn an_idle_connection_is_closed_after_idle_secs() {
     let proxy = proxy_to(&desk, &fake, "[timeouts]\nidle_secs = 0.3\n").await;
     assert_eq!(get(proxy.url("/api/v1/tickets")).await, 200);
     let answered = tokio::time::Instant::now();
-    assert_eq!(
-        desk.until(&Event::ClosedByProxy(1)).await,
-        vec![
-            Event::Connected(1),
-            request(1, "GET /api/v1/tickets HTTP/1.1"),
-            Event::ClosedByProxy(1)
-        ]
-    );
+    desk.expect_connection(1, "GET /api/v1/tickets HTTP/1.1", Event::ClosedByProxy(1))
+        .await;
     let idle = answered.elapsed();
     assert!(
         idle >= Duration::from_millis(250) && idle < Duration::from_secs(5),
