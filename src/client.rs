@@ -183,10 +183,10 @@ pub fn redis_connection(
     Ok((client, conn))
 }
 
-/// A client error in words, from its innermost cause (never a URL or header).
-pub fn describe_client_error(err: &hyper_util::client::legacy::Error) -> String {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+/// An error in words, from its innermost cause (never a URL or header).
+pub fn innermost(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();
+    let mut source = err.source();
     while let Some(cause) = source {
         text = cause.to_string();
         source = cause.source();

@@ -205,7 +205,7 @@ async fn desk_call(config: &Config, token: &Secret<String>) -> Result<(u16, Byte
         let response = client
             .request(request)
             .await
-            .map_err(|e| crate::client::describe_client_error(&e))?;
+            .map_err(|e| crate::client::innermost(&e))?;
         let status = response.status().as_u16();
         let body = Limited::new(response.into_body(), 64 * 1024)
             .collect()

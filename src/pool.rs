@@ -20,7 +20,6 @@
 
 use std::future::poll_fn;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -35,7 +34,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 use tower_service::Service;
 
-use crate::client::Connector;
+use arc_swap::ArcSwapOption;
+
+use crate::client::{Connector, innermost};
 
 /// A connection's byte stream: TCP, or TLS over it.
 type Io = <Connector as Service<Uri>>::Response;
@@ -72,17 +73,6 @@ impl SendError {
     }
 }
 
-/// An error's innermost cause in words (never a URL or header).
-fn innermost(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text = cause.to_string();
-        source = cause.source();
-    }
-    text
-}
-
 /// One serving thread's connections to one upstream.
 pub struct Pool<B: SendBody> {
     connector: Connector,
@@ -92,12 +82,11 @@ pub struct Pool<B: SendBody> {
     /// scheme's default.
     host: HeaderValue,
     idle: Mutex<Vec<Idle<B>>>,
-    /// The shared HTTP/2 connection, once ALPN chose HTTP/2.
-    h2: Mutex<Option<http2::SendRequest<B>>>,
+    /// The shared HTTP/2 connection, once ALPN chose HTTP/2 (read without a lock by
+    /// every request).
+    h2: ArcSwapOption<http2::SendRequest<B>>,
     max_idle: usize,
     idle_timeout: Duration,
-    /// Whether the task that closes expired idle connections was started.
-    sweeping: AtomicBool,
     /// Itself, for the bodies that bring their connection back.
     this: Weak<Self>,
 }
@@ -128,24 +117,26 @@ struct Idle<B: SendBody> {
 
 impl<B: SendBody> Pool<B> {
     /// A pool for requests to `origin` (`scheme://authority`), keeping at most `max_idle`
-    /// connections waiting, each for at most `idle_timeout`.
+    /// connections waiting, each for at most `idle_timeout`. Called on the serving
+    /// thread's runtime: the task that closes expired idle connections starts with it.
     pub fn new(
         connector: Connector,
         origin: &crate::url::BaseUrl,
         max_idle: usize,
         idle_timeout: Duration,
     ) -> Arc<Self> {
-        Arc::new_cyclic(|this| Self {
+        let pool = Arc::new_cyclic(|this| Self {
             connector,
             origin: origin.origin().clone(),
             host: origin.host_header().clone(),
             idle: Mutex::new(Vec::with_capacity(max_idle)),
-            h2: Mutex::new(None),
+            h2: ArcSwapOption::empty(),
             max_idle,
             idle_timeout,
-            sweeping: AtomicBool::new(false),
             this: this.clone(),
-        })
+        });
+        tokio::spawn(sweep(Arc::downgrade(&pool), idle_timeout));
+        pool
     }
 
     /// Sends `req` (its URI absolute, as `BaseUrl::join` makes it) and returns Desk's
@@ -159,16 +150,8 @@ impl<B: SendBody> Pool<B> {
         req.headers_mut()
             .entry(http::header::HOST)
             .or_insert_with(|| self.host.clone());
-        if !self.sweeping.swap(true, Ordering::AcqRel) {
-            tokio::spawn(sweep(self.this.clone(), self.idle_timeout));
-        }
         if let Some(h2) = self.shared_h2() {
             return Box::pin(send_h2(h2, *req)).await;
-        }
-        // HTTP/1.1 takes the path and query only.
-        *req.version_mut() = Version::HTTP_11;
-        if let Some(pq) = req.uri().path_and_query().cloned() {
-            *req.uri_mut() = Uri::from(pq);
         }
         let mut fresh = false;
         loop {
@@ -178,12 +161,16 @@ impl<B: SendBody> Pool<B> {
                 // is allocated at its full size for every client connection.
                 None => match Box::pin(self.connect()).await? {
                     Connection::H1(h1) => (h1, false),
-                    Connection::H2(h2) => {
-                        *req.uri_mut() = absolute(&self.origin, req.uri())?;
-                        return Box::pin(send_h2(h2, *req)).await;
-                    }
+                    Connection::H2(h2) => return Box::pin(send_h2(h2, *req)).await,
                 },
             };
+            // HTTP/1.1 takes the path and query only (HTTP/2 keeps the whole URI).
+            *req.version_mut() = Version::HTTP_11;
+            if req.uri().scheme().is_some()
+                && let Some(pq) = req.uri().path_and_query().cloned()
+            {
+                *req.uri_mut() = Uri::from(pq);
+            }
             let mut answer = Box::pin(h1.sender.try_send_request(*req));
             let answered = poll_fn(|cx| {
                 h1.drive(cx);
@@ -211,11 +198,12 @@ impl<B: SendBody> Pool<B> {
 
     /// The thread's HTTP/2 connection, while it is open.
     fn shared_h2(&self) -> Option<http2::SendRequest<B>> {
-        let mut h2 = self.h2.lock().unwrap_or_else(PoisonError::into_inner);
-        if h2.as_ref().is_some_and(http2::SendRequest::is_closed) {
-            *h2 = None;
+        let h2 = self.h2.load();
+        let open = h2.as_deref().filter(|h2| !h2.is_closed()).cloned();
+        if open.is_none() && h2.is_some() {
+            self.h2.store(None);
         }
-        h2.clone()
+        open
     }
 
     /// A waiting connection that is still open and ready, unless `fresh` is asked for.
@@ -257,7 +245,7 @@ impl<B: SendBody> Pool<B> {
                     tracing::debug!(error = %innermost(&err), "Desk's HTTP/2 connection ended");
                 }
             });
-            *self.h2.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender.clone());
+            self.h2.store(Some(Arc::new(sender.clone())));
             return Ok(Connection::H2(sender));
         }
         let (sender, conn) = http1::handshake(io).await?;
@@ -319,15 +307,6 @@ async fn send_h2<B: SendBody>(
     *req.version_mut() = Version::HTTP_2;
     let response = h2.send_request(req).await?;
     Ok(response.map(PooledBody::shared))
-}
-
-/// `uri` (path and query) under `origin`, as HTTP/2 wants it.
-fn absolute(origin: &Uri, uri: &Uri) -> Result<Uri, SendError> {
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = origin.scheme().cloned();
-    parts.authority = origin.authority().cloned();
-    parts.path_and_query = uri.path_and_query().cloned();
-    Uri::from_parts(parts).map_err(|err| SendError::Connect(err.to_string()))
 }
 
 /// Closes expired idle connections of `pool` every half `idle_timeout`, for as long as

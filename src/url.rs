@@ -61,13 +61,10 @@ impl BaseUrl {
             .path_and_query("/")
             .build()
             .map_err(|_| invalid("not a valid URL"))?;
-        let default_port = if scheme == http::uri::Scheme::HTTPS {
-            443
-        } else {
-            80
-        };
         let host_header = match authority.port_u16() {
-            Some(port) if port != default_port => http::HeaderValue::from_str(authority.as_str()),
+            Some(port) if port != default_port(&scheme) => {
+                http::HeaderValue::from_str(authority.as_str())
+            }
             _ => http::HeaderValue::from_str(authority.host()),
         }
         .map_err(|_| invalid("not a valid host"))?;
@@ -103,11 +100,7 @@ impl BaseUrl {
     pub fn port(&self) -> u16 {
         self.authority
             .port_u16()
-            .unwrap_or(if self.scheme == http::uri::Scheme::HTTPS {
-                443
-            } else {
-                80
-            })
+            .unwrap_or_else(|| default_port(&self.scheme))
     }
 
     /// The URL of `path_and_query` under this base, byte-for-byte.
@@ -128,6 +121,15 @@ impl BaseUrl {
         parts.authority = Some(self.authority.clone());
         parts.path_and_query = Some(path_and_query);
         Ok(Uri::from_parts(parts)?)
+    }
+}
+
+/// The port a scheme implies: 443 for `https`, 80 for `http`.
+fn default_port(scheme: &http::uri::Scheme) -> u16 {
+    if *scheme == http::uri::Scheme::HTTPS {
+        443
+    } else {
+        80
     }
 }
 

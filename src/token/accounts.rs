@@ -160,7 +160,7 @@ impl AccountsClient {
 
         let exchange = async {
             let response = self.http.request(request).await.map_err(|e| {
-                let why = crate::client::describe_client_error(&e);
+                let why = crate::client::innermost(&e);
                 // Only a failed connect is sure never to have reached Accounts.
                 if e.is_connect() {
                     AccountsError::Unreachable(why)
