@@ -347,18 +347,13 @@ start_accounts() { # name lifetime_secs; sets ACC_URL ACC_ID ACC_SECRET ACC_REFR
     } <"$WORK/$1.out"
 }
 # The product's own limit on calls at Desk (desk.max_concurrent, 10 by default) would be
-# the bottleneck here, not the proxy: set far above the load (not for BASELINE_BIN, whose
-# build may predate the key).
-# DESK_TOML= (empty) leaves it out, for a PRODUCT_BIN that predates the key.
+# the bottleneck here, not the proxy: set far above the load. BASELINE_BIN gets the same
+# when its `check` accepts it (a build that predates the key runs without it, as it did
+# then), so that both builds are measured alike. DESK_TOML= (empty) leaves it out, for a
+# PRODUCT_BIN that predates the key.
 DESK_TOML=${DESK_TOML-'[desk]\n# bench/run.sh measures the proxy, not Desk'"'"'s limits (bench/desk_limits.sh does).\nmax_concurrent = 100000'}
-start_product() { # name port [binary [args]]; uses ACC_* the first time; sets LAST_PID
-    local desk_toml=$DESK_TOML
-    [[ -n ${3:-} && $3 != "$BIN" ]] && desk_toml=""
-    # @WORK: a scratch directory of this target's, emptied at each start.
-    local args=${4-$PRODUCT_ARGS}
-    rm -rf "$WORK/files-$1" && mkdir -p "$WORK/files-$1"
-    args=${args//@WORK/$WORK/files-$1}
-    [[ -f $WORK/$1.toml ]] || cat >"$WORK/$1.toml" <<EOF
+product_toml() { # name port desk_toml: writes the config of a product
+    cat >"$WORK/$1.toml" <<EOF
 listen = "127.0.0.1:$2"
 upstream = "http://127.0.0.1:$UP_PORT"
 accounts_url = "$ACC_URL"
@@ -369,11 +364,25 @@ client_id = "$ACC_ID"
 client_secret = "$ACC_SECRET"
 refresh_token = "$ACC_REFRESH"
 max_refreshes_per_10min = 100000
-$(printf '%b' "$desk_toml")
+$(printf '%b' "$3")
 $(printf '%b' "$PRODUCT_TOML")
 EOF
+}
+start_product() { # name port [binary [args]]; uses ACC_* the first time; sets LAST_PID
+    # @WORK: a scratch directory of this target's, emptied at each start.
+    local args=${4-$PRODUCT_ARGS}
+    rm -rf "$WORK/files-$1" && mkdir -p "$WORK/files-$1"
+    args=${args//@WORK/$WORK/files-$1}
     local unset_zoho=() var
     for var in $(compgen -e | grep '^ZOHO_'); do unset_zoho+=(-u "$var"); done
+    if [[ ! -f $WORK/$1.toml ]]; then
+        product_toml "$1" "$2" "$DESK_TOML"
+        if [[ -n $DESK_TOML && -n ${3:-} && $3 != "$BIN" ]] &&
+            ! env "${unset_zoho[@]}" "$3" check --config "$WORK/$1.toml" >/dev/null 2>&1; then
+            say "$1: $3 does not take [desk] max_concurrent; it runs with its own limits"
+            product_toml "$1" "$2" ""
+        fi
+    fi
     # shellcheck disable=SC2086 # PRODUCT_ENV and args are lists of words
     env "${unset_zoho[@]}" RUST_LOG=warn $PRODUCT_ENV \
         "${3:-$BIN}" serve --config "$WORK/$1.toml" $args >>"$WORK/$1.out" 2>>"$WORK/$1.log" &

@@ -303,3 +303,105 @@ fn mib_per_s(bytes: u64, took: Duration) -> f64 {
 }
 
 // The helpers below are small copies of those in tests/cli.rs.
+
+/// Connections of the in-flight test: each holds one request while it is measured.
+const IN_FLIGHT: usize = 300;
+/// What one more request in flight may add to the proxy's memory: its future, log and
+/// budgets, a little over 2 KiB, and slack for the allocator. A second 8 KiB read buffer
+/// per request (hyper's, when the head still refers to the first one: README
+/// "Performance", "A request head of its own") would go over it.
+const PER_REQUEST_IN_FLIGHT: u64 = 6 * 1024;
+
+/// 300 kept-alive connections, each of which has already been answered once, send a
+/// request that waits (at Desk, or for one of Desk's calls): the memory that adds, per
+/// request, stays under 6 KiB. Each request's head (URI and header values, ~300 bytes)
+/// is copied out of its connection's read buffer, so that hyper, which keeps reading the
+/// connection for a client leaving, does not allocate a second buffer for every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_does_not_hold_a_second_read_buffer() {
+    use hyper_util::rt::TokioIo;
+
+    let fake = FakeZoho::start().await.unwrap();
+    let zoho = fake.control();
+    let dir = tempfile::tempdir().unwrap();
+    let limits = "[limits]\nworkers = 1\n[timeouts]\nheader_read_secs = 300\nresponse_secs = 300";
+    let config = write_config(dir.path(), &fake, true, "", limits);
+    let serving = serve(dir.path(), &config).await;
+    let pid = serving.child.id().expect("running");
+    let addr = serving.addr;
+    let request = move || {
+        http::Request::get("/api/v1/tickets?from=0&limit=50&sortBy=createdTime")
+            .header("host", addr.to_string())
+            .header("orgid", "60001234567")
+            .header(
+                "user-agent",
+                "memory-test/1.0 (in-flight requests and read buffers)",
+            )
+            .header("accept", "application/json")
+            .header(
+                "x-trace",
+                "0123456789abcdef0123456789abcdef0123456789abcdef",
+            )
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap()
+    };
+
+    // Every connection answered once: each has its read buffer, and the proxy its
+    // connection to Desk.
+    let mut senders = Vec::new();
+    for _ in 0..IN_FLIGHT {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let answer = sender.send_request(request()).await.unwrap();
+        assert_eq!(answer.status(), 200);
+        http_body_util::BodyExt::collect(answer.into_body())
+            .await
+            .unwrap();
+        senders.push(sender);
+    }
+    let (_, before) = peak_and_current_rss(pid);
+
+    // Now each sends one that waits.
+    zoho.set_desk_delay(Duration::from_secs(600));
+    let waiting: Vec<_> = senders
+        .into_iter()
+        .map(|mut sender| tokio::spawn(async move { sender.send_request(request()).await }))
+        .collect();
+    let in_flight = |text: &str| -> Option<usize> {
+        text.lines()
+            .find_map(|l| l.strip_prefix("zoho_proxy_in_flight_requests "))
+            .and_then(|n| n.parse().ok())
+    };
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let text = support::fetch(serving.url("/_proxy/metrics"))
+                .await
+                .text()
+                .await
+                .unwrap_or_default();
+            if in_flight(&text).is_some_and(|n| n >= IN_FLIGHT) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("every request reached the proxy");
+    let (_, during) = peak_and_current_rss(pid);
+    let per_request = during.saturating_sub(before) / IN_FLIGHT as u64;
+    println!(
+        "{IN_FLIGHT} requests in flight: VmRSS {:.1} → {:.1} MiB, {per_request} bytes per request",
+        before as f64 / MIB as f64,
+        during as f64 / MIB as f64,
+    );
+    assert!(
+        per_request < PER_REQUEST_IN_FLIGHT,
+        "a request in flight costs {per_request} bytes, over {PER_REQUEST_IN_FLIGHT}"
+    );
+    for task in waiting {
+        task.abort();
+    }
+}

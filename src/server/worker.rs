@@ -116,7 +116,9 @@ pub(super) fn handler(
 + 'static {
     let worker = Arc::clone(worker);
     let state = Arc::clone(state);
-    service_fn(move |req: hyper::Request<Incoming>| {
+    service_fn(move |mut req: hyper::Request<Incoming>| {
+        // Now, before hyper reads the connection again (see `head`).
+        super::head::detach(&mut req);
         // Before the first poll: hyper may drop a request's future unpolled when its
         // client goes away, and the request is still logged.
         let open = state.open(crate::admin::is_local(req.uri().path()));
