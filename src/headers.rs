@@ -12,8 +12,6 @@ pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// `Keep-Alive`, not among `http`'s standard names.
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-/// A field named by the `close` connection option, should a client send one.
-static CLOSE: HeaderName = HeaderName::from_static("close");
 /// The legacy `Proxy-Connection`.
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -34,46 +32,58 @@ fn hop_by_hop() -> [&'static HeaderName; 8] {
 
 /// Removes `Connection`, every header it names, and the fixed hop-by-hop set.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        // Split the raw bytes: a value with non-ASCII bytes still names headers to remove.
-        // `close` and `keep-alive`, by far the most common, are matched without parsing.
-        let named: Vec<HeaderName> = headers
+    remove_hop_by_hop_and(headers, |_| false);
+}
+
+/// Removes what [`remove_hop_by_hop`] does and every header `also` picks. The names are
+/// looked at in one pass, and only those present are removed: a message usually carries
+/// one of them (`Connection`) or none, and a removal by name hashes it.
+fn remove_hop_by_hop_and(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
+    let connection: Vec<HeaderValue> = if headers.keys().any(|n| n == header::CONNECTION) {
+        headers
             .get_all(header::CONNECTION)
             .iter()
-            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-            .map(<[u8]>::trim_ascii)
-            .filter_map(|name| {
-                if name.eq_ignore_ascii_case(b"keep-alive") {
-                    Some(KEEP_ALIVE.clone())
-                } else if name.eq_ignore_ascii_case(b"close") {
-                    Some(CLOSE.clone())
-                } else {
-                    HeaderName::from_bytes(name).ok()
-                }
-            })
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let doomed = |name: &HeaderName| {
+        hop_by_hop().contains(&name) || also(name) || connection.iter().any(|v| lists(v, name))
+    };
+    while let Some(name) = headers.keys().find(|n| doomed(n)).cloned() {
+        headers.remove(&name);
     }
-    for name in hop_by_hop() {
-        headers.remove(name);
-    }
+}
+
+/// Whether a `Connection` value names `name`. The raw bytes are split: a value with
+/// non-ASCII bytes still names headers to remove.
+fn lists(value: &HeaderValue, name: &HeaderName) -> bool {
+    value.as_bytes().split(|b| *b == b',').any(|token| {
+        token
+            .trim_ascii()
+            .eq_ignore_ascii_case(name.as_str().as_bytes())
+    })
 }
 
 /// Turns the client's headers into Desk's: hop-by-hop, `Host`, `Cookie`, `Expect`, the
 /// proxy key and the client's `Authorization` go (the token goes in when the request is
 /// sent); `orgId` is added when configured and absent. Everything else passes unchanged.
 pub fn prepare_request(headers: &mut HeaderMap, org_id: Option<&HeaderValue>) {
-    remove_hop_by_hop(headers);
-    headers.remove(header::HOST);
-    headers.remove(header::COOKIE);
-    // The proxy answered `100 Continue` itself when it started reading the body.
-    headers.remove(header::EXPECT);
-    headers.remove(&PROXY_KEY);
-    headers.remove(header::AUTHORIZATION);
+    remove_hop_by_hop_and(headers, |name| {
+        // `Expect`: the proxy answered `100 Continue` itself when it started reading the
+        // body.
+        [
+            &header::HOST,
+            &header::COOKIE,
+            &header::EXPECT,
+            &PROXY_KEY,
+            &header::AUTHORIZATION,
+        ]
+        .contains(&name)
+    });
     if let Some(org_id) = org_id
-        && !headers.contains_key(&ORG_ID)
+        && !headers.keys().any(|n| n == ORG_ID)
     {
         headers.insert(ORG_ID.clone(), org_id.clone());
     }
@@ -121,6 +131,21 @@ mod tests {
             ),
             (&[("connection", "close")], "connection", None),
             (&[("connection", "close"), ("close", "x")], "close", None),
+            (
+                &[
+                    ("connection", "Keep-Alive"),
+                    ("connection", " X-One ,x-two"),
+                    ("x-one", "1"),
+                    ("x-two", "2"),
+                ],
+                "x-two",
+                None,
+            ),
+            (
+                &[("connection", "x-one"), ("x-one", "1"), ("x-three", "3")],
+                "x-three",
+                Some("3"),
+            ),
             (&[("keep-alive", "timeout=5")], "keep-alive", None),
             (&[("te", "trailers")], "te", None),
             (&[("trailer", "x")], "trailer", None),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, HeaderName, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::sync::Semaphore;
@@ -926,9 +926,14 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 /// The remaining value of Desk's rate limit, when its answer carries one
 /// (`X-Rate-Limit-Remaining-v3`, or `X-Rate-Limit-Remaining`).
 fn rate_limit_remaining(headers: &HeaderMap) -> Option<i64> {
-    ["x-rate-limit-remaining-v3", "x-rate-limit-remaining"]
+    // Ready names: a lookup by `&str` would parse the name on every answer.
+    static NAMES: [HeaderName; 2] = [
+        HeaderName::from_static("x-rate-limit-remaining-v3"),
+        HeaderName::from_static("x-rate-limit-remaining"),
+    ];
+    NAMES
         .iter()
-        .find_map(|name| headers.get(*name))
+        .find_map(|name| headers.get(name))
         .and_then(|value| value.to_str().ok())
         .and_then(|text| text.trim().parse().ok())
 }

@@ -73,24 +73,32 @@ pub(super) async fn drive<C: Closable>(
     let idle_timer = tokio::time::sleep(idle);
     tokio::pin!(idle_timer);
     let mut closing = false;
+    // Whether the timer was polled since it was set: it then wakes this task when it
+    // fires, and needs no poll before its deadline. A request wakes the task several
+    // times; each then costs a clock read instead of a timer poll.
+    let mut armed = false;
     std::future::poll_fn(|cx| {
         loop {
             if let Poll::Ready(result) = connection.as_mut().poll(cx) {
                 return Poll::Ready(result);
             }
             state.register_task(cx);
+            let due = !armed || Instant::now() >= idle_timer.deadline();
+            armed = true;
             let close = if !closing && state.close_requested() {
                 true
-            } else if idle_timer.as_mut().poll(cx).is_ready() {
+            } else if due && idle_timer.as_mut().poll(cx).is_ready() {
                 let now = Instant::now();
                 match state.idle_deadline(idle).map(Instant::from_std) {
                     // Requests are open: look again one idle period later.
                     None => {
                         idle_timer.as_mut().reset(now + idle);
+                        armed = false;
                         continue;
                     }
                     Some(deadline) if deadline > now => {
                         idle_timer.as_mut().reset(deadline);
+                        armed = false;
                         continue;
                     }
                     Some(_) if closing => {
@@ -111,6 +119,7 @@ pub(super) async fn drive<C: Closable>(
             closing = true;
             connection.as_mut().close_gracefully();
             idle_timer.as_mut().reset(Instant::now() + idle);
+            armed = false;
         }
     })
     .await
