@@ -265,21 +265,23 @@ impl AccessPolicy {
                 "access.allow_methods: {method} is not allowed by this proxy"
             )));
         }
-        for name in &METHOD_OVERRIDES {
-            for value in headers.get_all(name) {
-                for claimed in value.as_bytes().split(|b| *b == b',') {
-                    let claimed =
-                        String::from_utf8_lossy(claimed.trim_ascii()).to_ascii_uppercase();
-                    let allowed = !NEVER_FORWARDED.contains(&claimed.as_str())
-                        && self
-                            .allow_methods
-                            .as_ref()
-                            .is_none_or(|methods| methods.iter().any(|m| m.as_str() == claimed));
-                    if !allowed {
-                        return Err(self.method_not_allowed(format!(
-                            "access.allow_methods: {name} claims {claimed:?}, which this proxy does not allow"
-                        )));
-                    }
+        // One pass over the request's headers: a request has a handful, and looking up
+        // each of the override names would hash it three times for nothing.
+        let overrides = headers
+            .iter()
+            .filter(|(name, _)| METHOD_OVERRIDES.contains(name));
+        for (name, value) in overrides {
+            for claimed in value.as_bytes().split(|b| *b == b',') {
+                let claimed = String::from_utf8_lossy(claimed.trim_ascii()).to_ascii_uppercase();
+                let allowed = !NEVER_FORWARDED.contains(&claimed.as_str())
+                    && self
+                        .allow_methods
+                        .as_ref()
+                        .is_none_or(|methods| methods.iter().any(|m| m.as_str() == claimed));
+                if !allowed {
+                    return Err(self.method_not_allowed(format!(
+                        "access.allow_methods: {name} claims {claimed:?}, which this proxy does not allow"
+                    )));
                 }
             }
         }

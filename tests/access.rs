@@ -416,6 +416,15 @@ async fn a_read_only_proxy_refuses_method_overrides() {
         .await
         .unwrap();
     assert_eq!(ok.status(), 200);
+    // Every line of a repeated override counts, not only the first, in any order among
+    // the other headers.
+    let answer = raw_request(
+        s.proxy.addr,
+        "GET /api/v1/tickets/1 HTTP/1.1\r\nX-Method-Override: GET\r\nHost: 127.0.0.1\r\nAccept: */*\r\nx-method-override: DELETE\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(raw_status(&answer), 405, "{answer}");
+    assert_eq!(s.zoho.desk_request_count(), 1);
 }
 
 #[tokio::test]
