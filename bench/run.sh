@@ -56,8 +56,8 @@ ROTATE_SECS=${ROTATE_SECS:-4}
 SCENARIOS=${SCENARIOS:-"c64 c1 c1000 download upload rotation client tunnel"}
 # Extra directives for the anchor's location, e.g. ANCHOR_EXTRA='proxy_buffer_size 64k;'.
 ANCHOR_EXTRA=${ANCHOR_EXTRA:-}
-# Extra environment for the product, e.g. PRODUCT_ENV='TOKIO_WORKER_THREADS=1' or an
-# LD_PRELOAD'ed allocator.
+# Extra environment for the product, e.g. PRODUCT_ENV='TOKIO_WORKER_THREADS=1' or one of
+# mimalloc's options (PRODUCT_ENV='MIMALLOC_ARENA_EAGER_COMMIT=0'; the binary's allocator).
 PRODUCT_ENV=${PRODUCT_ENV:-}
 # Extra proxy.toml lines for the product (after [oauth]; \n for new lines), e.g.
 # PRODUCT_TOML='[limits]\nworkers = 1'.

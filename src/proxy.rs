@@ -596,8 +596,12 @@ impl Proxy {
         started: tokio::time::Instant,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let (upstream_body, outcome, replay) = body.into_parts();
+        // The first attempt takes the request's own headers and a retry the copy: a
+        // copy is allocated to its exact size and would grow again to take the token,
+        // where the map hyper built has room to spare (README "Performance").
         let first_headers = if replay.is_some() {
-            parts.headers.clone()
+            let copy = parts.headers.clone();
+            std::mem::replace(&mut parts.headers, copy)
         } else {
             std::mem::take(&mut parts.headers)
         };

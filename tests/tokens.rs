@@ -91,6 +91,38 @@ async fn a_401_without_body_refreshes_and_retries() {
 }
 
 #[tokio::test]
+async fn the_retry_after_a_401_sends_the_client_s_headers_again_with_one_token() {
+    let s = Scenario::start().await;
+    s.zoho.fail_next_desk_requests(1, Some("INVALID_OAUTH"));
+    let response = client()
+        .post(s.url("/api/v1/echo"))
+        .header("orgId", "7001")
+        .header("X-Trace", "a")
+        .header("X-Trace", "b")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let sent = s.zoho.desk_requests();
+    assert_eq!(sent.len(), 2);
+    for (attempt, request) in sent.iter().enumerate() {
+        assert_eq!(request.headers["orgid"], "7001", "attempt {attempt}");
+        let traces: Vec<_> = request.headers.get_all("x-trace").iter().collect();
+        assert_eq!(traces, ["a", "b"], "attempt {attempt}");
+        assert_eq!(
+            request.headers.get_all("authorization").iter().count(),
+            1,
+            "attempt {attempt}"
+        );
+    }
+    assert_ne!(
+        sent[0].headers["authorization"], sent[1].headers["authorization"],
+        "the retry used the new token"
+    );
+}
+
+#[tokio::test]
 async fn scope_class_401s_pass_through_and_cost_no_refresh() {
     let s = Scenario::start().await;
     assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
