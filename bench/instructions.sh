@@ -9,8 +9,9 @@
 # under callgrind in turn (ROUNDS rounds, alternating), behind it the same static nginx
 # upstream as bench/run.sh and the crate's fake Accounts. Instrumentation is off while it
 # starts and warms up (WARM_SECS of load), on for LOAD_SECS of `wrk -t1 -cCONNS`, then the
-# count is divided by the requests wrk saw answered. Kernel time is not counted: this
-# measures what the code does, not what the system calls cost.
+# count is divided by the requests wrk saw answered, as are the calls into the allocator
+# (heaptrack's figure, which it cannot see under mimalloc). Kernel time is not counted:
+# this measures what the code does, not what the system calls cost.
 #
 # Knobs (environment): BASELINE_BIN (required: the build to compare with), PRODUCT_BIN
 # (default: target/release/zoho-desk-proxy, built unless SKIP_BUILD=1), ROUNDS (3),
@@ -158,7 +159,30 @@ measure() {
     # The dump taken at the load's end is the largest of the files callgrind wrote.
     LAST_FILE=$(ls -S "$out"* | head -1)
     TOTAL=$(callgrind_annotate "$LAST_FILE" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+    ALLOCS=$(allocator_calls "$LAST_FILE")
     [[ -n $REQUESTS && $REQUESTS -gt 0 && -n $TOTAL ]] || die "$1: no count (requests '$REQUESTS', instructions '$TOTAL')"
+}
+
+# allocator_calls file: the calls into the allocator's entry points that the callgrind
+# file records (glibc's malloc, calloc and realloc, or mimalloc's, which the binary uses),
+# the count heaptrack would give. Names are written once, then referred to by number.
+allocator_calls() {
+    awk '
+        /^c?fn=\(/ {
+            rest = substr($0, index($0, "=") + 1)
+            id = substr(rest, 2, index(rest, ")") - 2)
+            name = substr(rest, index(rest, ")") + 2)
+            if (name != "") names[id] = name
+            if ($0 ~ /^cfn=/) callee = id
+            next
+        }
+        /^calls=/ { split(substr($0, 7), c, " "); calls[callee] += c[1] }
+        END {
+            for (id in calls)
+                if (names[id] ~ /^(malloc|calloc|realloc|mi_malloc_aligned|mi_zalloc_aligned|mi_realloc_aligned)$/)
+                    total += calls[id]
+            print total + 0
+        }' "$1"
 }
 
 median() { sort -n | awk '{v[NR] = $1} END {if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
@@ -173,8 +197,10 @@ for round in $(seq "$ROUNDS"); do
         [[ $target == baseline ]] && bin=$BASELINE_BIN
         measure "$target" "$bin"
         per=$((TOTAL / REQUESTS))
-        printf '  round %d %-8s %9d requests  %6d instructions per request\n' "$round" "$target" "$REQUESTS" "$per"
-        echo "$round $target $per" >>"$WORK/results"
+        allocs=$(awk -v a="$ALLOCS" -v n="$REQUESTS" 'BEGIN {printf "%.1f", a / n}')
+        printf '  round %d %-8s %9d requests  %6d instructions per request  %5s allocations per request\n' \
+            "$round" "$target" "$REQUESTS" "$per" "$allocs"
+        echo "$round $target $per $allocs" >>"$WORK/results"
         if [[ $target == product ]]; then
             cp "$LAST_FILE" "$WORK/product-last.callgrind"
             PRODUCT_REQUESTS=$REQUESTS
@@ -187,6 +213,7 @@ baseline=$(awk '$2 == "baseline" {print $3}' "$WORK/results" | median)
 ratio=$(awk '{v[$1, $2] = $3; r[$1] = 1} END {for (k in r) print v[k, "product"] / v[k, "baseline"]}' "$WORK/results" | median)
 echo
 echo "median: product $product, baseline $baseline instructions per request; product/baseline $(awk -v r="$ratio" 'BEGIN {printf "%.3f", r}')× (median of per-round ratios)"
+echo "allocations per request (calls into the allocator, realloc included), medians: product $(awk '$2 == "product" {print $4}' "$WORK/results" | median), baseline $(awk '$2 == "baseline" {print $4}' "$WORK/results" | median)"
 
 if ((TOP > 0)); then
     echo
