@@ -12,6 +12,8 @@ pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// `Keep-Alive`, not among `http`'s standard names.
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+/// A field named by the `close` connection option, should a client send one.
+static CLOSE: HeaderName = HeaderName::from_static("close");
 /// The legacy `Proxy-Connection`.
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -35,35 +37,39 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     remove_hop_by_hop_and(headers, |_| false);
 }
 
-/// Removes what [`remove_hop_by_hop`] does and every header `also` picks. The names are
-/// looked at in one pass, and only those present are removed: a message usually carries
-/// one of them (`Connection`) or none, and a removal by name hashes it.
+/// Removes what [`remove_hop_by_hop`] does and every header `also` picks.
 fn remove_hop_by_hop_and(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
-    let connection: Vec<HeaderValue> = if headers.keys().any(|n| n == header::CONNECTION) {
-        headers
+    if headers.keys().any(|n| n == header::CONNECTION) {
+        // The names `Connection` lists are parsed once and removed by name: however many
+        // a client lists, each costs one parse and one removal. The raw bytes are split:
+        // a value with non-ASCII bytes still names headers to remove. `close` and
+        // `keep-alive`, by far the most common, are matched without parsing.
+        let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
-            .cloned()
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let doomed = |name: &HeaderName| {
-        hop_by_hop().contains(&name) || also(name) || connection.iter().any(|v| lists(v, name))
-    };
-    while let Some(name) = headers.keys().find(|n| doomed(n)).cloned() {
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter_map(|name| {
+                if name.eq_ignore_ascii_case(b"keep-alive") {
+                    Some(KEEP_ALIVE.clone())
+                } else if name.eq_ignore_ascii_case(b"close") {
+                    Some(CLOSE.clone())
+                } else {
+                    HeaderName::from_bytes(name).ok()
+                }
+            })
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    // The fixed names are looked for among those present, and only those found are
+    // removed: a message carries one or two of them, and a removal by name hashes it.
+    // Each pass removes one, so there are at most as many passes as fixed names.
+    let fixed = |name: &HeaderName| hop_by_hop().contains(&name) || also(name);
+    while let Some(name) = headers.keys().find(|n| fixed(n)).cloned() {
         headers.remove(&name);
     }
-}
-
-/// Whether a `Connection` value names `name`. The raw bytes are split: a value with
-/// non-ASCII bytes still names headers to remove.
-fn lists(value: &HeaderValue, name: &HeaderName) -> bool {
-    value.as_bytes().split(|b| *b == b',').any(|token| {
-        token
-            .trim_ascii()
-            .eq_ignore_ascii_case(name.as_str().as_bytes())
-    })
 }
 
 /// Turns the client's headers into Desk's: hop-by-hop, `Host`, `Cookie`, `Expect`, the
