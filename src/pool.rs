@@ -20,8 +20,9 @@
 
 use std::future::poll_fn;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -35,6 +36,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use arc_swap::ArcSwapOption;
+use futures_util::task::AtomicWaker;
 
 use crate::client::{Connector, innermost};
 
@@ -93,19 +95,135 @@ pub struct Pool<B: SendBody> {
 
 /// An HTTP/1.1 connection: the handle requests are given to, and the connection itself,
 /// which whoever waits on it polls.
+///
+/// Everything of the connection (the connection, the answer's future, the answer's body)
+/// is polled with a waker of its own ([`Wakeup`]), so that the request's task knows
+/// whether anything of Desk's side happened since it last looked: a task woken by its
+/// client's socket or a timer does not poll Desk's connection, and what the connection
+/// wakes while it is being polled (a request handed to it, the answer it completes, the
+/// body it fills) is polled again at once instead of scheduling the task once more.
 struct H1<B: SendBody> {
     sender: http1::SendRequest<B>,
     /// `None` once it has ended.
     conn: Option<http1::Connection<Io, B>>,
+    wakeup: Arc<Wakeup>,
+    /// `wakeup` as a waker, made once.
+    waker: Waker,
 }
 
 impl<B: SendBody> H1<B> {
-    /// Drives the connection as far as it goes now; its end (clean or not) drops it.
+    fn new(sender: http1::SendRequest<B>, conn: http1::Connection<Io, B>) -> Self {
+        let wakeup = Arc::new(Wakeup::default());
+        Self {
+            sender,
+            conn: Some(conn),
+            waker: Waker::from(Arc::clone(&wakeup)),
+            wakeup,
+        }
+    }
+
+    /// Polls `f` (given the sender and the connection's context), after driving the
+    /// connection as far as it goes if anything woke it; again while what was polled
+    /// woke it, a few times at most. The connection's end (clean or not) drops it.
+    fn poll_with<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut f: impl FnMut(&mut http1::SendRequest<B>, &mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
+        self.wakeup.parent.register(cx.waker());
+        let mut inner = Context::from_waker(&self.waker);
+        for _ in 0..POLLS_PER_WAKE {
+            let woken = self.wakeup.enter();
+            if woken
+                && let Some(conn) = &mut self.conn
+                && Pin::new(conn).poll(&mut inner).is_ready()
+            {
+                self.conn = None;
+            }
+            let polled = f(&mut self.sender, &mut inner);
+            // A wake during the poll stays noted: for the next turn of this loop, or
+            // whoever polls next (the answer's body, or the pool).
+            let woken = self.wakeup.leave();
+            if polled.is_ready() || !woken {
+                return polled;
+            }
+        }
+        // Still being woken: let the runtime's other tasks run first.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Runs `f` as if it were polled: what it wakes of the connection is noted for the
+    /// next poll, without waking the task.
+    fn quietly<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
+        self.wakeup.enter_keeping();
+        let out = f(self);
+        self.wakeup.leave();
+        out
+    }
+
+    /// Drives the connection as far as it goes now (if anything woke it).
     fn drive(&mut self, cx: &mut Context<'_>) {
-        if let Some(conn) = &mut self.conn
-            && Pin::new(conn).poll(cx).is_ready()
-        {
-            self.conn = None;
+        let _ = self.poll_with(cx, |_, _| Poll::Ready(()));
+    }
+}
+
+/// How many times one poll of the request's task polls Desk's connection at most while
+/// it keeps waking itself (hyper yields after a number of reads of a long body).
+const POLLS_PER_WAKE: usize = 4;
+
+/// The waker of one HTTP/1.1 connection's side: it notes that something of the
+/// connection is ready to be polled, and wakes the task that polls it unless that task is
+/// polling it right now (and will poll again before it returns).
+struct Wakeup {
+    /// [`WOKEN`] and [`POLLING`].
+    state: AtomicU8,
+    /// The task that polled the connection last.
+    parent: AtomicWaker,
+}
+
+impl Default for Wakeup {
+    /// A new connection has never been polled: it counts as woken.
+    fn default() -> Self {
+        Self {
+            state: AtomicU8::new(WOKEN),
+            parent: AtomicWaker::new(),
+        }
+    }
+}
+
+/// Something was woken since the connection was last polled.
+const WOKEN: u8 = 1;
+/// The connection is being polled.
+const POLLING: u8 = 2;
+
+impl Wakeup {
+    /// Starts a poll; whether anything was woken since the last one (a new connection
+    /// counts as woken).
+    fn enter(&self) -> bool {
+        self.state.swap(POLLING, Ordering::AcqRel) & WOKEN != 0
+    }
+
+    /// Starts a poll that keeps what was woken before it.
+    fn enter_keeping(&self) {
+        self.state.fetch_or(POLLING, Ordering::AcqRel);
+    }
+
+    /// Ends a poll; whether anything was woken while it ran (which stays noted for
+    /// the next poll).
+    fn leave(&self) -> bool {
+        self.state.fetch_and(!POLLING, Ordering::AcqRel) & WOKEN != 0
+    }
+}
+
+impl Wake for Wakeup {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.state.fetch_or(WOKEN, Ordering::AcqRel) & POLLING == 0 {
+            self.parent.wake();
         }
     }
 }
@@ -171,12 +289,11 @@ impl<B: SendBody> Pool<B> {
             {
                 *req.uri_mut() = Uri::from(pq);
             }
-            let mut answer = Box::pin(h1.sender.try_send_request(*req));
-            let answered = poll_fn(|cx| {
-                h1.drive(cx);
-                answer.as_mut().poll(cx)
-            })
-            .await;
+            // Handing the request over wakes the connection: noted, so the first poll
+            // drives it, without scheduling the task once more.
+            let request = *req;
+            let mut answer = h1.quietly(move |h1| Box::pin(h1.sender.try_send_request(request)));
+            let answered = poll_fn(|cx| h1.poll_with(cx, |_, cx| answer.as_mut().poll(cx))).await;
             let mut err = match answered {
                 Ok(response) => {
                     return Ok(
@@ -214,11 +331,13 @@ impl<B: SendBody> Pool<B> {
         }
         loop {
             let mut h1 = self.pop()?;
+            // Polled only if something woke it while it waited (Desk closing it, say);
+            // otherwise it is as it was when it was put back: ready.
             let ready = poll_fn(|cx| {
-                h1.drive(cx);
-                Poll::Ready(
-                    h1.conn.is_some() && matches!(h1.sender.poll_ready(cx), Poll::Ready(Ok(()))),
-                )
+                let ready = h1.poll_with(cx, |sender, cx| {
+                    Poll::Ready(matches!(sender.poll_ready(cx), Poll::Ready(Ok(()))))
+                });
+                Poll::Ready(h1.conn.is_some() && matches!(ready, Poll::Ready(true)))
             })
             .await;
             if ready {
@@ -249,10 +368,7 @@ impl<B: SendBody> Pool<B> {
             return Ok(Connection::H2(sender));
         }
         let (sender, conn) = http1::handshake(io).await?;
-        Ok(Connection::H1(Box::new(H1 {
-            sender,
-            conn: Some(conn),
-        })))
+        Ok(Connection::H1(Box::new(H1::new(sender, conn))))
     }
 }
 
@@ -367,8 +483,11 @@ impl<B: SendBody> PooledBody<B> {
         if !ended && self.body.as_ref().is_some_and(|b| !b.is_end_stream()) {
             return;
         }
-        self.body = None;
+        let body = self.body.take();
         if let Some((mut h1, pool)) = self.h1.take() {
+            // Dropping the body wakes the connection: noted, for the drive below or the
+            // next checkout.
+            h1.quietly(|_| drop(body));
             if let Some(cx) = cx {
                 h1.drive(cx);
             }
@@ -388,13 +507,13 @@ impl<B: SendBody> Body for PooledBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        if let Some((h1, _)) = &mut this.h1 {
-            h1.drive(cx);
-        }
         let Some(body) = &mut this.body else {
             return Poll::Ready(None);
         };
-        let polled = Pin::new(body).poll_frame(cx);
+        let polled = match &mut this.h1 {
+            Some((h1, _)) => h1.poll_with(cx, |_, cx| Pin::new(&mut *body).poll_frame(cx)),
+            None => Pin::new(body).poll_frame(cx),
+        };
         // Back to the stack as soon as the answer is read, not when the body is dropped
         // (after its last bytes went to the client, which may already have sent its
         // next request).
@@ -422,5 +541,54 @@ impl<B: SendBody> Drop for PooledBody<B> {
         // Bodies that were never polled (HEAD, 204, 304, empty) ended all along; any
         // other is closed with its connection.
         self.finish(false, None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    /// A task's waker that counts its wakes.
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn what_the_connection_wakes_while_it_is_polled_is_noted_without_waking_the_task() {
+        let task = Arc::new(Count(AtomicUsize::new(0)));
+        let woken = || task.0.load(Ordering::SeqCst);
+        let wakeup = Arc::new(Wakeup::default());
+        let waker = Waker::from(Arc::clone(&wakeup));
+        wakeup.parent.register(&Waker::from(Arc::clone(&task)));
+
+        assert!(wakeup.enter(), "a new connection is polled");
+        waker.wake_by_ref();
+        assert!(
+            wakeup.leave(),
+            "a wake during the poll is seen when it ends"
+        );
+        assert_eq!(woken(), 0, "and does not wake the task");
+        assert!(wakeup.enter(), "it stays noted for the next poll");
+        assert!(!wakeup.leave(), "nothing woke it during that one");
+        assert!(!wakeup.enter(), "nor since: the next poll may skip it");
+        assert!(!wakeup.leave());
+
+        waker.wake_by_ref();
+        assert_eq!(woken(), 1, "a wake between polls wakes the task");
+        assert!(wakeup.enter(), "and is seen by its next poll");
+        assert!(!wakeup.leave());
+
+        wakeup.enter_keeping();
+        waker.wake_by_ref();
+        assert!(wakeup.leave());
+        assert_eq!(woken(), 1, "a quiet step wakes no one");
+        assert!(wakeup.enter(), "but its wake is kept for the next poll");
+        assert!(!wakeup.leave());
     }
 }
