@@ -162,6 +162,17 @@ impl<B: SendBody> H1<B> {
         out
     }
 
+    /// Whether the connection is open and ready for a request. It is polled only if
+    /// something woke it while it waited (Desk closing it, say); otherwise it is as it
+    /// was when it was put back: ready, its last answer taken in to its end (a
+    /// bodiless 204 too: `tests/upstream_pool.rs`).
+    fn is_ready(&mut self, cx: &mut Context<'_>) -> bool {
+        let ready = self.poll_with(cx, |sender, cx| {
+            Poll::Ready(matches!(sender.poll_ready(cx), Poll::Ready(Ok(()))))
+        });
+        self.conn.is_some() && matches!(ready, Poll::Ready(true))
+    }
+
     /// Drives the connection as far as it goes now (if anything woke it).
     fn drive(&mut self, cx: &mut Context<'_>) {
         let _ = self.poll_with(cx, |_, _| Poll::Ready(()));
@@ -331,15 +342,7 @@ impl<B: SendBody> Pool<B> {
         }
         loop {
             let mut h1 = self.pop()?;
-            // Polled only if something woke it while it waited (Desk closing it, say);
-            // otherwise it is as it was when it was put back: ready.
-            let ready = poll_fn(|cx| {
-                let ready = h1.poll_with(cx, |sender, cx| {
-                    Poll::Ready(matches!(sender.poll_ready(cx), Poll::Ready(Ok(()))))
-                });
-                Poll::Ready(h1.conn.is_some() && matches!(ready, Poll::Ready(true)))
-            })
-            .await;
+            let ready = poll_fn(|cx| Poll::Ready(h1.is_ready(cx))).await;
             if ready {
                 return Some(h1);
             }

@@ -26,6 +26,8 @@ enum Behaviour {
     KeepAlive,
     /// The same, its body chunked (its end is known only from the last chunk).
     KeepAliveChunked,
+    /// A 204, no body; the connection stays open.
+    NoContent,
     /// A 200 with a short body (no `Connection: close`), then the connection is closed.
     CloseAfterAnswer,
     /// The head and 64 KiB of a 16 MiB body, then silence.
@@ -163,6 +165,11 @@ async fn serve(
                     return;
                 }
             }
+            Behaviour::NoContent => {
+                tcp.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                    .await
+                    .unwrap();
+            }
             Behaviour::StallInBody => {
                 let head = "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: 16777216\r\n\r\n";
                 tcp.write_all(head.as_bytes()).await.unwrap();
@@ -229,7 +236,11 @@ fn request(n: usize, line: &str) -> Event {
 
 #[tokio::test]
 async fn a_kept_alive_connection_serves_request_after_request() {
-    for behaviour in [Behaviour::KeepAlive, Behaviour::KeepAliveChunked] {
+    for behaviour in [
+        Behaviour::KeepAlive,
+        Behaviour::KeepAliveChunked,
+        Behaviour::NoContent,
+    ] {
         kept_alive(behaviour).await;
     }
 }
@@ -240,7 +251,12 @@ async fn kept_alive(behaviour: Behaviour) {
     let proxy = proxy_to(&desk, &fake, "").await;
     for i in 0..5 {
         let path = format!("/api/v1/tickets?n={i}");
-        assert_eq!(get(proxy.url(&path)).await, 200);
+        let status = if behaviour == Behaviour::NoContent {
+            204
+        } else {
+            200
+        };
+        assert_eq!(get(proxy.url(&path)).await, status);
         let line = format!("GET {path} HTTP/1.1");
         let expected = if i == 0 {
             vec![Event::Connected(1), request(1, &line)]
