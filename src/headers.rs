@@ -43,7 +43,10 @@ fn remove_hop_by_hop_and(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> 
         // The names `Connection` lists are parsed once and removed by name: however many
         // a client lists, each costs one parse and one removal. The raw bytes are split:
         // a value with non-ASCII bytes still names headers to remove. `close` and
-        // `keep-alive`, by far the most common, are matched without parsing.
+        // `keep-alive`, by far the most common, are matched without parsing, and kept
+        // out of the list (no allocation for a `Connection` that names only them):
+        // `keep-alive` is one of the fixed names removed below.
+        let mut close = false;
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -51,14 +54,18 @@ fn remove_hop_by_hop_and(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> 
             .map(<[u8]>::trim_ascii)
             .filter_map(|name| {
                 if name.eq_ignore_ascii_case(b"keep-alive") {
-                    Some(KEEP_ALIVE.clone())
+                    None
                 } else if name.eq_ignore_ascii_case(b"close") {
-                    Some(CLOSE.clone())
+                    close = true;
+                    None
                 } else {
                     HeaderName::from_bytes(name).ok()
                 }
             })
             .collect();
+        if close {
+            headers.remove(&CLOSE);
+        }
         for name in named {
             headers.remove(name);
         }
@@ -217,5 +224,17 @@ mod tests {
         assert_eq!(h["content-encoding"], "gzip");
         assert_eq!(h["x-rate-limit-remaining-v3"], "4999");
         assert_eq!(h["set-cookie"], "a=b");
+
+        // What `Connection` names goes, `keep-alive` and `close` too.
+        let mut h = map(&[
+            ("connection", "Keep-Alive, close, x-hop"),
+            ("keep-alive", "timeout=5"),
+            ("close", "x"),
+            ("x-hop", "1"),
+            ("x-end", "2"),
+        ]);
+        prepare_response(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-end"], "2");
     }
 }
