@@ -83,9 +83,15 @@ const MAX_CLIENT_ID: usize = 128;
 impl RequestId {
     /// A new random id.
     pub fn new() -> Self {
-        let digits = hex(fastrand::u64(..));
+        // One allocation holding the digits, shared by the request's copies (the log,
+        // Desk's request, the answer): copied into a `Vec`, the value's first clone
+        // would allocate again to share it.
+        let digits = bytes::Bytes::from_owner(hex(fastrand::u64(..)));
         // Hex digits are always a valid header value.
-        Self(http::HeaderValue::from_bytes(&digits).unwrap_or(http::HeaderValue::from_static("0")))
+        Self(
+            http::HeaderValue::from_maybe_shared(digits)
+                .unwrap_or(http::HeaderValue::from_static("0")),
+        )
     }
 
     /// The client's id when it sent exactly one that is sane, else a new one.
