@@ -14,7 +14,9 @@
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use http::HeaderValue;
+use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::service::service_fn;
@@ -87,18 +89,20 @@ async fn accept(listener: std::net::TcpListener, upstream: Arc<str>) -> Result<(
                 async move {
                     // bench/run.sh waits for this before it measures.
                     if req.uri().path().starts_with("/_proxy/") {
-                        return Ok(hyper::Response::new(Either::Empty));
+                        return Ok(hyper::Response::new(Either::Right(Empty::new())));
                     }
                     if let Some(path) = req.uri().path_and_query().cloned() {
                         *req.uri_mut() = path.into();
                     }
                     req.headers_mut().insert(http::header::AUTHORIZATION, token);
                     match forward(&sender, &upstream, req).await {
-                        Ok(response) => Ok::<_, Infallible>(response.map(Either::Upstream)),
-                        Err(_) => Ok(hyper::Response::builder()
-                            .status(502)
-                            .body(Either::Empty)
-                            .unwrap_or_default()),
+                        Ok(response) => Ok::<_, Infallible>(response.map(Either::Left)),
+                        Err(_) => {
+                            let mut bad_gateway =
+                                hyper::Response::new(Either::Right(Empty::<Bytes>::new()));
+                            *bad_gateway.status_mut() = http::StatusCode::BAD_GATEWAY;
+                            Ok(bad_gateway)
+                        }
                     }
                 }
             });
@@ -129,34 +133,4 @@ async fn forward(
     let response = send.send_request(req);
     *sender.lock().map_err(|_| "poisoned")? = Some(send);
     Ok(response.await?)
-}
-
-/// An upstream answer, or nothing (the 502 when the upstream cannot be reached).
-#[derive(Default)]
-enum Either {
-    Upstream(Incoming),
-    #[default]
-    Empty,
-}
-
-impl hyper::body::Body for Either {
-    type Data = bytes::Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        match self.get_mut() {
-            Either::Upstream(body) => std::pin::Pin::new(body).poll_frame(cx),
-            Either::Empty => std::task::Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Either::Upstream(body) => body.is_end_stream(),
-            Either::Empty => true,
-        }
-    }
 }
