@@ -195,6 +195,11 @@ impl RequestLog {
         self.status = status;
     }
 
+    /// How long ago the request arrived.
+    pub fn age(&self) -> Duration {
+        self.started.elapsed()
+    }
+
     /// Records the time Desk took to send response headers.
     pub fn set_upstream_latency(&mut self, latency: Duration) {
         self.upstream_latency = Some(latency);

@@ -111,11 +111,13 @@ pub fn canonicalize(path: &str) -> Result<Cow<'_, str>, PathError> {
 
 /// Refuses empty segments (a trailing `/` aside) and dot-segments.
 fn check_segments(path: &str) -> Result<(), PathError> {
-    let mut segments = path[1..].split('/').peekable();
+    // Split as bytes: a `str` split by a `char` costs several times more on paths this
+    // short, and every request's path goes through here.
+    let mut segments = path.as_bytes()[1..].split(|&b| b == b'/').peekable();
     while let Some(segment) = segments.next() {
         match segment {
-            "" if segments.peek().is_some() => return Err(PathError::EmptySegment),
-            "." | ".." => return Err(PathError::DotSegment),
+            b"" if segments.peek().is_some() => return Err(PathError::EmptySegment),
+            b"." | b".." => return Err(PathError::DotSegment),
             _ => {}
         }
     }

@@ -303,7 +303,8 @@ impl<B: SendBody> Pool<B> {
             // Handing the request over wakes the connection: noted, so the first poll
             // drives it, without scheduling the task once more.
             let request = *req;
-            let mut answer = h1.quietly(move |h1| Box::pin(h1.sender.try_send_request(request)));
+            let answer = h1.quietly(move |h1| h1.sender.try_send_request(request));
+            let mut answer = std::pin::pin!(answer);
             let answered = poll_fn(|cx| h1.poll_with(cx, |_, cx| answer.as_mut().poll(cx))).await;
             let mut err = match answered {
                 Ok(response) => {

@@ -197,6 +197,15 @@ impl TokenCache {
         token.is_valid_at(now) && token.generation > self.rejected.load(Ordering::Acquire)
     }
 
+    /// The current token if it is usable at `now` (lock-free; no refresh is started).
+    pub fn usable_at(&self, now: Instant) -> Option<Arc<Token>> {
+        self.current
+            .load()
+            .as_ref()
+            .filter(|token| self.is_usable(token, now))
+            .cloned()
+    }
+
     /// A usable token: the current one (lock-free), else the result of a refresh.
     pub async fn usable(self: &Arc<Self>) -> Result<Arc<Token>, TokenError> {
         let current = self.current.load();
