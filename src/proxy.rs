@@ -602,15 +602,20 @@ impl Proxy {
         } else {
             std::mem::take(&mut parts.headers)
         };
-        let first = Attempt::new(&parts.method, first_headers, uri, upstream_body, Want::Usable)
-            .telling(outcome);
+        let first = Attempt::new(
+            &parts.method,
+            first_headers,
+            uri,
+            upstream_body,
+            Want::Usable,
+        )
+        .telling(outcome);
         let (mut answer, token) = self.attempt(upstream, first, log).await?;
         if let Answer::Throttled(response, wait) = answer {
             // Desk's concurrency or rate limit: once, when the request can be sent again
             // unchanged and Desk's wait fits in the time the request has.
             let again = replay.as_ref().filter(|_| {
-                is_idempotent(&parts.method)
-                    && log.age() + wait < self.config.timeouts.response
+                is_idempotent(&parts.method) && log.age() + wait < self.config.timeouts.response
             });
             let Some(replay) = again else {
                 return Ok(response);
@@ -790,11 +795,7 @@ impl Proxy {
         let answered = match slot {
             // The semaphore is never closed.
             Ok(Ok(slot)) => {
-                let free = if queued {
-                    Instant::now()
-                } else {
-                    started
-                };
+                let free = if queued { Instant::now() } else { started };
                 // Chosen now, not when the request was queued: a token Desk rejected while
                 // it waited is never sent.
                 let current = match attempt.token {

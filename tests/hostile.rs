@@ -352,6 +352,74 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_read_timeout()
     assert_still_serving(&s).await;
 }
 
+/// A kept-alive connection whose next request head only trickles in is cut off at the
+/// header read timeout, counted from the end of its last answer, like one that says
+/// nothing.
+#[tokio::test]
+async fn a_head_trickled_after_a_first_answer_is_cut_off_at_the_header_read_timeout() {
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.timeouts.header_read = HEADER_READ
+    })
+    .await;
+    let (mut reader, mut writer) = TcpStream::connect(s.proxy.addr)
+        .await
+        .expect("connect")
+        .into_split();
+    writer
+        .write_all(b"GET /api/v1/tickets HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .expect("write");
+    let mut first = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The fake's answers are small: the first read that holds a whole head and body.
+    while !String::from_utf8_lossy(&first).contains("\r\n\r\n{") {
+        let n = reader.read(&mut buf).await.expect("read");
+        assert!(n > 0, "closed before the first answer");
+        first.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(raw_status(&String::from_utf8_lossy(&first)), 200);
+    let answered = Instant::now();
+    let head = b"GET /api/v1/tickets HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    let trickle = async {
+        let mut every = tokio::time::interval(Duration::from_millis(100));
+        for byte in head {
+            every.tick().await;
+            if writer.write_all(&[*byte]).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let closed = async {
+        let mut rest = Vec::new();
+        loop {
+            match reader.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => rest.extend_from_slice(&buf[..n]),
+            }
+        }
+        (answered.elapsed(), rest)
+    };
+    let (closed_after, rest) = timeout(Duration::from_secs(3), async {
+        tokio::select! {
+            closed = closed => closed,
+            () = trickle => panic!("the whole second head was trickled in without the proxy closing the connection"),
+        }
+    })
+    .await
+    .expect("the connection was still open after 3 s");
+    eprintln!("trickled second head: closed {closed_after:?} after the first answer");
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    assert!(
+        closed_after >= HEADER_READ - Duration::from_millis(50),
+        "closed before the header read timeout: {closed_after:?}"
+    );
+    assert!(
+        closed_after <= Duration::from_secs(2),
+        "closed late: {closed_after:?}"
+    );
+    assert_still_serving(&s).await;
+}
+
 /// Plain hyper starts the header read timeout as soon as it waits for a request head,
 /// but the HTTP/1-or-h2 detection of hyper-util's `auto` builder runs first, without any
 /// timeout, until it has seen the first bytes: a client that connects and says nothing

@@ -19,6 +19,12 @@ use crate::connection::ConnectionState;
 /// A served connection that can be asked to close gracefully: after the answers in
 /// progress, with GOAWAY on HTTP/2.
 pub(super) trait Closable: Future<Output = Result<(), hyper::Error>> {
+    /// Whether the connection is dropped outright once it has had no open request for
+    /// its idle time. An HTTP/1 connection then holds at most a part of a request head,
+    /// which this bounds in hyper's place (README "Performance": hyper's own timer cost
+    /// every request a timer); HTTP/2 is told with GOAWAY first.
+    const DROPPED_WHEN_IDLE: bool;
+
     /// Starts closing.
     fn close_gracefully(self: Pin<&mut Self>);
 }
@@ -29,6 +35,8 @@ where
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    const DROPPED_WHEN_IDLE: bool = true;
+
     fn close_gracefully(self: Pin<&mut Self>) {
         self.graceful_shutdown();
     }
@@ -40,6 +48,8 @@ where
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     I: hyper::rt::Read + hyper::rt::Write + Unpin,
 {
+    const DROPPED_WHEN_IDLE: bool = true;
+
     fn close_gracefully(self: Pin<&mut Self>) {
         self.graceful_shutdown();
     }
@@ -52,6 +62,8 @@ where
     I: hyper::rt::Read + hyper::rt::Write + Unpin,
     TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, ResponseBody>,
 {
+    const DROPPED_WHEN_IDLE: bool = false;
+
     fn close_gracefully(self: Pin<&mut Self>) {
         self.graceful_shutdown();
     }
@@ -103,6 +115,10 @@ pub(super) async fn drive<C: Closable>(
                     }
                     Some(_) if closing => {
                         tracing::debug!(%peer, "dropping a connection that did not close after being asked to");
+                        return Poll::Ready(Ok(()));
+                    }
+                    Some(_) if C::DROPPED_WHEN_IDLE => {
+                        tracing::debug!(%peer, budget = "timeouts.header_read_secs", "closing an idle connection (or one whose request head did not come in time)");
                         return Poll::Ready(Ok(()));
                     }
                     Some(_) => {

@@ -36,7 +36,7 @@ pub(super) struct Worker {
 impl Worker {
     /// Worker `index` of `workers`.
     pub(super) fn new(proxy: Arc<Proxy>, index: usize, workers: usize) -> Self {
-        let (http1, http2) = connection_builders(&proxy);
+        let (http1, http2) = connection_builders();
         Self {
             upstream: proxy.upstream(index, workers),
             proxy,
@@ -71,11 +71,12 @@ impl Worker {
     }
 }
 
-fn connection_builders(proxy: &Proxy) -> (http1::Builder, http2::Builder<TokioExecutor>) {
+fn connection_builders() -> (http1::Builder, http2::Builder<TokioExecutor>) {
     let mut http1 = http1::Builder::new();
+    // No timer: the time a request head may take (`timeouts.header_read_secs`) is
+    // bounded with the connection's idle time, by `drive`, at no cost per request.
     http1
-        .timer(TokioTimer::new())
-        .header_read_timeout(proxy.config.timeouts.header_read)
+        .header_read_timeout(None)
         // The head limit itself (431); the buffer limit alone is enforced only when a
         // read happens to end at it.
         .max_header_size(MAX_HEAD_BYTES)
