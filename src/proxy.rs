@@ -779,19 +779,25 @@ impl Proxy {
         // "Performance").
         let mut queued = false;
         // Desk's call first (shared by the serving threads, in arrival order), then the
-        // serving thread's own slot.
-        let slot = tokio::time::timeout_at(
-            started + timeout,
-            noting_wait(
-                async {
-                    let desk = self.desk.acquire().await;
-                    let worker = Arc::clone(&upstream.slots).acquire_owned().await;
-                    worker.map(|worker| UpstreamSlot::new(desk, worker))
-                },
-                &mut queued,
-            ),
-        )
-        .await;
+        // serving thread's own slot: at once when both are free (no timer is made),
+        // else in line within the response's time.
+        let slot = match self.slot_now(upstream) {
+            Some(slot) => Ok(Ok(slot)),
+            None => {
+                tokio::time::timeout_at(
+                    started + timeout,
+                    noting_wait(
+                        async {
+                            let desk = self.desk.acquire().await;
+                            let worker = Arc::clone(&upstream.slots).acquire_owned().await;
+                            worker.map(|worker| UpstreamSlot::new(desk, worker))
+                        },
+                        &mut queued,
+                    ),
+                )
+                .await
+            }
+        };
         let answered = match slot {
             // The semaphore is never closed.
             Ok(Ok(slot)) => {
@@ -860,6 +866,14 @@ impl Proxy {
             _ => UpstreamErrorKind::Unreachable,
         });
         Err(err)
+    }
+
+    /// A place at Desk free at once: one of Desk's calls and one of the serving thread's
+    /// slots, neither taken from anyone in line.
+    fn slot_now(&self, upstream: &Upstream) -> Option<UpstreamSlot> {
+        let desk = self.desk.try_acquire()?;
+        let worker = Arc::clone(&upstream.slots).try_acquire_owned().ok()?;
+        Some(UpstreamSlot::new(desk, worker))
     }
 }
 

@@ -98,6 +98,23 @@ impl DeskSlots {
                 Box::pin(fleet.acquire()).await
             }
         };
+        self.permit(held)
+    }
+
+    /// A call at once, when one is free and nobody waits for one (a freed call goes to
+    /// the first in line before anyone can take it, so this never jumps the line);
+    /// `None` otherwise, and always for a fleet, whose count Redis keeps: then
+    /// [`Self::acquire`] waits.
+    pub fn try_acquire(&self) -> Option<DeskPermit> {
+        let held = match &self.queue {
+            Queue::None => Held::Nothing,
+            Queue::Local(semaphore) => Held::Local(Arc::clone(semaphore).try_acquire_owned().ok()?),
+            Queue::Fleet(_) => return None,
+        };
+        Some(self.permit(held))
+    }
+
+    fn permit(&self, held: Held) -> DeskPermit {
         self.in_flight.inc();
         DeskPermit {
             _held: held,
@@ -217,6 +234,30 @@ mod tests {
         drop(held);
         let _next = slots.acquire().await;
         assert_eq!(metrics.desk_in_flight().get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_call_taken_at_once_never_jumps_the_line() {
+        let metrics = Metrics::new();
+        let slots = Arc::new(DeskSlots::local(1, 64, &metrics));
+        let held = slots.try_acquire().expect("a free call is taken at once");
+        assert_eq!(metrics.desk_in_flight().get(), 1);
+        assert!(slots.try_acquire().is_none(), "no call is free");
+        let waiter = tokio::spawn({
+            let slots = Arc::clone(&slots);
+            async move { slots.acquire().await }
+        });
+        while metrics.desk_queue_depth().get() < 1 {
+            tokio::task::yield_now().await;
+        }
+        // The freed call goes to the one in line, not to whoever asks next.
+        drop(held);
+        assert!(slots.try_acquire().is_none(), "the line was jumped");
+        let served = waiter.await.expect("the waiter");
+        assert_eq!(metrics.desk_in_flight().get(), 1);
+        drop(served);
+        assert!(slots.try_acquire().is_some());
+        assert_eq!(metrics.desk_in_flight().get(), 0);
     }
 
     #[tokio::test]
