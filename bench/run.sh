@@ -458,6 +458,14 @@ cpu_ticks() { # pids…: utime+stime
     done
     echo "$total"
 }
+sys_ticks() { # pids…: stime, the kernel's part (system calls, and the loopback's TCP work they do)
+    local total=0 pid t
+    for pid in "$@"; do
+        t=$(awk '{print $15}' "/proc/$pid/stat" 2>/dev/null) || t=0
+        total=$((total + ${t:-0}))
+    done
+    echo "$total"
+}
 TICKS=$(getconf CLK_TCK)
 clear_hwm() { # pids…
     local pid
@@ -532,11 +540,12 @@ RESULTS=$WORK/results.txt
 # wrk_run scenario target round conns secs: appends one result line (round 0 = warm-up,
 # not recorded).
 wrk_run() {
-    local scen=$1 target=$2 round=$3 conns=$4 secs=$5 threads=2 pids c0 c1 out line
+    local scen=$1 target=$2 round=$3 conns=$4 secs=$5 threads=2 pids c0 c1 s0 s1 out line
     ((conns < 2)) && threads=1
     mapfile -t pids < <(target_pids "$target")
     clear_hwm "${pids[@]}"
     c0=$(cpu_ticks "${pids[@]}")
+    s0=$(sys_ticks "${pids[@]}")
     other_start
     out=$(
         TIMEFORMAT='WRKCPU %U %S'
@@ -544,6 +553,7 @@ wrk_run() {
             "$(target_url "$target")/api/v1/tickets" 2>&1; } 2>&1
     )
     c1=$(cpu_ticks "${pids[@]}")
+    s1=$(sys_ticks "${pids[@]}")
     other_stop "$(awk '/^WRKCPU/ {printf "%.0f", ($2 + $3) * '"$TICKS"'}' <<<"$out")"
     line=$(grep '^BENCH ' <<<"$out")
     if [[ -z $line ]]; then
@@ -551,22 +561,24 @@ wrk_run() {
         return
     fi
     ((round == 0)) && return
-    local requests hwm cpu_us
+    local requests hwm cpu_us sys_us
     requests=$(sed 's/.* requests=\([0-9]*\).*/\1/' <<<"$line")
     hwm=$(sum_hwm "${pids[@]}")
     cpu_us=$(awk -v t=$((c1 - c0)) -v hz="$TICKS" -v n="$requests" \
         'BEGIN {printf "%.1f", (n > 0 ? t / hz * 1e6 / n : 0)}')
-    line="${line#BENCH } scen=$scen target=$target round=$round cpu_us=$cpu_us hwm_kb=$hwm other_pct=$OTHER_PCT"
+    sys_us=$(awk -v t=$((s1 - s0)) -v hz="$TICKS" -v n="$requests" \
+        'BEGIN {printf "%.1f", (n > 0 ? t / hz * 1e6 / n : 0)}')
+    line="${line#BENCH } scen=$scen target=$target round=$round cpu_us=$cpu_us sys_us=$sys_us user_us=$(awk -v c="$cpu_us" -v k="$sys_us" 'BEGIN {printf "%.1f", c - k}') hwm_kb=$hwm other_pct=$OTHER_PCT"
     echo "$line" >>"$RESULTS"
     say "  $scen round $round $(printf '%-11s' "$target") $(fmt_line "$line")"
 }
 fmt_line() {
     awk '{
         for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
-        printf "%9.0f req/s  p50 %7.3f ms  p99 %7.3f ms  errors %d  cpu %6.1f us/req  peak %6.1f MiB  other work %s %%\n",
+        printf "%9.0f req/s  p50 %7.3f ms  p99 %7.3f ms  errors %d  cpu %6.1f us/req (kernel %5.1f)  peak %6.1f MiB  other work %s %%\n",
             v["rps"], v["p50_us"] / 1000, v["p99_us"] / 1000,
             v["non2xx"] + v["connect"] + v["read"] + v["write"] + v["timeout"],
-            v["cpu_us"], v["hwm_kb"] / 1024, v["other_pct"]
+            v["cpu_us"], v["sys_us"], v["hwm_kb"] / 1024, v["other_pct"]
     }' <<<"$1"
 }
 
@@ -810,7 +822,7 @@ echo
 echo "## Benchmark: zoho-desk-proxy vs nginx and HAProxy"
 echo
 echo "Machine: $MACHINE. nginx $NGINX_V (worker_processes 2, upstream keepalive 64, unbuffered both ways, 64 KiB buffers for the download, no access log), HAProxy $HAPROXY_V (nbthread 2, http-reuse always, set-header Authorization, no log), wrk $WRK_V, product at $COMMIT$DIRTY (release, ${PRODUCT_BIN:+$PRODUCT_BIN, }one worker thread per core, desk.max_concurrent = 100000 so that the proxy is measured and not Desk's limits, RUST_LOG=warn: no per-request log lines${PRODUCT_ENV:+, $PRODUCT_ENV}${PRODUCT_TOML:+, $PRODUCT_TOML})."
-echo "Medians of $ROUNDS alternating rounds (direct, nginx, haproxy, product; then nginx, haproxy, product, direct; …); ratios are medians of per-round ratios. Load runs: ${LOAD_SECS} s (1 connection: ${LAT_SECS} s); wrk, the upstream and the proxy share the same $(nproc) cores. CPU = proxy process time per request (nginx: master + workers; HAProxy: its process). Peak = VmHWM during the run (reset before each run; nginx: sum of its processes)."
+echo "Medians of $ROUNDS alternating rounds (direct, nginx, haproxy, product; then nginx, haproxy, product, direct; …); ratios are medians of per-round ratios. Load runs: ${LOAD_SECS} s (1 connection: ${LAT_SECS} s); wrk, the upstream and the proxy share the same $(nproc) cores. CPU = proxy process time per request (nginx: master + workers; HAProxy: its process), of it the kernel's (system time: the system calls and the loopback TCP work they do). Peak = VmHWM during the run (reset before each run; nginx: sum of its processes)."
 echo
 echo "| scenario | target | throughput | p50 | p99 | ×nginx | ×haproxy | ×direct | p99 ×nginx | p99 ×haproxy | errors | CPU/req | peak RSS |"
 echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -835,7 +847,7 @@ for scen in c64 c1 c1000; do
             ph=$(f "$(ratio_med $scen $t haproxy p99_us)" '%.2f×')
         fi
         if [[ $t == direct ]]; then cpu="" peak=""; else
-            cpu=$(f "$(med $scen $t cpu_us)" '%.1f µs')
+            cpu="$(f "$(med $scen $t cpu_us)" '%.1f µs') ($(f "$(med $scen $t sys_us)" '%.1f') kernel)"
             peak=$(mib "$(maxv $scen $t hwm_kb)")
         fi
         echo "| $label | $t | $(f "$rps" '%.0f req/s') | $(f "$p50" "%.0f µs") | $(f "$p99" '%.0f µs') | $xn | $xh | $xd | $pn | $ph | $(errors_sum $scen $t) | $cpu | $peak |"
@@ -877,7 +889,7 @@ if [[ -n $BASELINE_BIN ]]; then
     echo "Against the baseline ($BASELINE_BIN), same rounds (medians of per-round ratios):"
     for scen in c64 c1 c1000; do
         has_scenario $scen || continue
-        echo "- $scen: throughput $(f "$(ratio_med $scen product baseline rps)" '%.2f×'), p99 $(f "$(ratio_med $scen product baseline p99_us)" '%.2f×'), CPU per request $(f "$(ratio_med $scen product baseline cpu_us)" '%.2f×'), peak RSS $(mib "$(maxv $scen product hwm_kb)") against $(mib "$(maxv $scen baseline hwm_kb)")"
+        echo "- $scen: throughput $(f "$(ratio_med $scen product baseline rps)" '%.2f×'), p99 $(f "$(ratio_med $scen product baseline p99_us)" '%.2f×'), CPU per request $(f "$(ratio_med $scen product baseline cpu_us)" '%.2f×') (user $(f "$(ratio_med $scen product baseline user_us)" '%.2f×'), kernel $(f "$(ratio_med $scen product baseline sys_us)" '%.2f×')), peak RSS $(mib "$(maxv $scen product hwm_kb)") against $(mib "$(maxv $scen baseline hwm_kb)")"
     done
 fi
 echo
