@@ -426,9 +426,8 @@ impl ResponseBody {
     }
 
     /// Attaches the request's log record, written when the body ends or is dropped.
-    pub fn with_log(mut self, log: RequestLog) -> Self {
+    pub fn log_to(&mut self, log: RequestLog) {
         self.log = Some(log);
-        self
     }
 
     /// Tells `tap` of the body as it goes to the client, and of its end.

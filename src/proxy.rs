@@ -33,6 +33,11 @@ use crate::target::{self, Target};
 use crate::token::shared::StoreStatus;
 use crate::token::{Token, TokenCache, TokenError};
 
+/// The client's answer on its way up the request path, boxed: a response with its body's
+/// state is about 490 bytes, and each level of the path (the exchange, forward, route,
+/// handle, the service) would otherwise copy it again (README "Performance").
+pub type ClientResponse = Box<Response<ResponseBody>>;
+
 /// Marks an answer after which the client's connection is closed (its request's body was
 /// left unread, so nothing after it can be trusted to start a request).
 #[derive(Debug, Clone, Copy)]
@@ -229,7 +234,7 @@ impl Proxy {
         peer: SocketAddr,
         log: &mut RequestLog,
         via: &Via,
-    ) -> Response<ResponseBody> {
+    ) -> ClientResponse {
         let mut response = match self.route(upstream, req, peer, log, via).await {
             Ok(response) => response,
             Err(err) => self.refusal(err, log),
@@ -242,13 +247,13 @@ impl Proxy {
     }
 
     /// The answer of [`Proxy::handle`], its log written when its body ends.
-    pub fn logged(response: Response<ResponseBody>, log: RequestLog) -> Response<ResponseBody> {
-        let (parts, body) = response.into_parts();
-        Response::from_parts(parts, body.with_log(log))
+    pub fn logged(mut response: ClientResponse, log: RequestLog) -> ClientResponse {
+        response.body_mut().log_to(log);
+        response
     }
 
     /// The answer for a request the proxy refused or could not forward.
-    fn refusal(&self, err: ProxyError, log: &mut RequestLog) -> Response<ResponseBody> {
+    fn refusal(&self, err: ProxyError, log: &mut RequestLog) -> ClientResponse {
         log.set_error_code(err.code());
         if matches!(
             err,
@@ -262,7 +267,7 @@ impl Proxy {
         if err.closes_connection() {
             response.extensions_mut().insert(CloseConnection);
         }
-        response
+        Box::new(response)
     }
 
     async fn route(
@@ -272,12 +277,12 @@ impl Proxy {
         peer: SocketAddr,
         log: &mut RequestLog,
         via: &Via,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
+    ) -> Result<ClientResponse, ProxyError> {
         if req.method() == http::Method::CONNECT
             && matches!(via, Via::Direct)
             && let Some(intercept) = &self.intercept
         {
-            return self.connect(intercept, *req, peer);
+            return self.connect(intercept, *req, peer).map(Box::new);
         }
         self.access.check_method_is_forwardable(req.method())?;
         if req.headers().len() > MAX_HEADERS {
@@ -298,7 +303,7 @@ impl Proxy {
             } else {
                 self.access.check_private(&req, peer)?;
             }
-            return admin::answer(&self.status(), endpoint, &req);
+            return admin::answer(&self.status(), endpoint, &req).map(Box::new);
         }
         self.access.check(&req, peer, &target)?;
         self.forward(upstream, req, &target, log).await
@@ -370,7 +375,7 @@ impl Proxy {
         log: &mut RequestLog,
         host: &str,
         service: intercept::Service,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
+    ) -> Result<ClientResponse, ProxyError> {
         let named = req
             .headers()
             .get(http::header::HOST)
@@ -412,7 +417,7 @@ impl Proxy {
                     http::header::CONTENT_TYPE,
                     http::HeaderValue::from_static("application/json;charset=UTF-8"),
                 );
-                Ok(response)
+                Ok(Box::new(response))
             }
             intercept::Service::Desk => {
                 self.access.check_tunneled(&req, peer, &target)?;
@@ -431,7 +436,7 @@ impl Proxy {
         req: Box<Request<Incoming>>,
         target: &Target,
         log: &mut RequestLog,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
+    ) -> Result<ClientResponse, ProxyError> {
         let (mut parts, body) = (*req).into_parts();
         // What is moved into the exchange lives in this block only, so that the request's
         // future does not keep a second copy of it while Desk answers.
@@ -493,7 +498,7 @@ impl Proxy {
         body: RequestBody,
         target: &Target,
         log: &mut RequestLog,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
+    ) -> Result<ClientResponse, ProxyError> {
         // The body is matched by its digest, hashed as it arrives: nothing is held.
         let body = if Replay::matches_body(&parts.method) {
             let mut hasher = BodyHasher::default();
@@ -532,7 +537,7 @@ impl Proxy {
                         http::HeaderValue::from_static("true"),
                     );
                 }
-                Ok(response)
+                Ok(Box::new(response))
             }
             Lookup::Miss { request, closest } => {
                 let closest = match closest {
@@ -591,7 +596,7 @@ impl Proxy {
         uri: Uri,
         target: &Target,
         log: &mut RequestLog,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
+    ) -> Result<ClientResponse, ProxyError> {
         let (upstream_body, outcome, replay) = body.into_parts();
         // The first attempt takes the request's own headers and a retry the copy: a
         // copy is allocated to its exact size and would grow again to take the token,
@@ -949,11 +954,11 @@ enum Want {
 /// Desk's answer to one attempt.
 enum Answer {
     /// For the client as it is.
-    Pass(Response<ResponseBody>),
+    Pass(ClientResponse),
     /// A 401 saying the token is bad (read whole; the token marked rejected).
-    TokenRejected(Response<ResponseBody>),
+    TokenRejected(ClientResponse),
     /// A 429, for the client as it is unless retried after the wait Desk asks for.
-    Throttled(Response<ResponseBody>, Duration),
+    Throttled(ClientResponse, Duration),
 }
 
 /// The wait after a 429 that says nothing of one.
@@ -1030,18 +1035,18 @@ fn upstream_share(limit: usize, index: usize, workers: usize) -> usize {
     (limit / workers + usize::from(index < limit % workers)).max(1)
 }
 
-fn into_client_response(
-    response: Response<DeskBody>,
-    slot: UpstreamSlot,
-) -> Response<ResponseBody> {
+fn into_client_response(response: Response<DeskBody>, slot: UpstreamSlot) -> ClientResponse {
     let (mut parts, body) = response.into_parts();
     headers::prepare_response(&mut parts.headers);
-    Response::from_parts(parts, ResponseBody::stream(body, slot))
+    Box::new(Response::from_parts(
+        parts,
+        ResponseBody::stream(body, slot),
+    ))
 }
 
-fn rebuild(mut parts: http::response::Parts, body: Bytes) -> Response<ResponseBody> {
+fn rebuild(mut parts: http::response::Parts, body: Bytes) -> ClientResponse {
     headers::prepare_response(&mut parts.headers);
-    Response::from_parts(parts, ResponseBody::full(body))
+    Box::new(Response::from_parts(parts, ResponseBody::full(body)))
 }
 
 fn token_error(err: TokenError) -> ProxyError {
@@ -1075,6 +1080,34 @@ mod tests {
                 .collect();
             assert_eq!(got, parts, "{limit} over {workers}");
         }
+    }
+
+    #[test]
+    fn desks_remaining_credits_are_read_from_the_v3_header_first() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                map.append(*name, http::HeaderValue::from_static(value));
+            }
+            map
+        };
+        let v3 = "x-rate-limit-remaining-v3";
+        let v2 = "x-rate-limit-remaining";
+        assert_eq!(rate_limit_remaining(&headers(&[])), None);
+        assert_eq!(rate_limit_remaining(&headers(&[(v2, "7")])), Some(7));
+        assert_eq!(
+            rate_limit_remaining(&headers(&[(v2, "7"), (v3, "9")])),
+            Some(9)
+        );
+        assert_eq!(
+            rate_limit_remaining(&headers(&[(v3, " 9 "), (v2, "7")])),
+            Some(9)
+        );
+        assert_eq!(
+            rate_limit_remaining(&headers(&[(v3, "9"), (v3, "1")])),
+            Some(9)
+        );
+        assert_eq!(rate_limit_remaining(&headers(&[(v3, "many")])), None);
     }
 
     #[test]

@@ -155,7 +155,7 @@ pub(super) fn handler(
                 }
             }
             response.body_mut().hold_stream(open);
-            Ok::<_, Infallible>(response)
+            Ok::<_, Infallible>(*response)
         }
     })
 }
