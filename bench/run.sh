@@ -450,22 +450,17 @@ nginx_pids() { # master pid: master and workers
     echo "$1"
     ps -o pid= --ppid "$1" 2>/dev/null | tr -d " "
 }
-cpu_ticks() { # pids…: utime+stime
-    local total=0 pid t
+stat_ticks() { # awk-expression pids…: the expression over /proc/<pid>/stat's fields, summed
+    local total=0 pid t expr=$1
+    shift
     for pid in "$@"; do
-        t=$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null) || t=0
+        t=$(awk "{print $expr}" "/proc/$pid/stat" 2>/dev/null) || t=0
         total=$((total + ${t:-0}))
     done
     echo "$total"
 }
-sys_ticks() { # pids…: stime, the kernel's part (system calls, and the loopback's TCP work they do)
-    local total=0 pid t
-    for pid in "$@"; do
-        t=$(awk '{print $15}' "/proc/$pid/stat" 2>/dev/null) || t=0
-        total=$((total + ${t:-0}))
-    done
-    echo "$total"
-}
+cpu_ticks() { stat_ticks '$14 + $15' "$@"; } # pids…: utime+stime
+sys_ticks() { stat_ticks '$15' "$@"; } # pids…: stime, the kernel's part (system calls, and the loopback's TCP work they do)
 TICKS=$(getconf CLK_TCK)
 clear_hwm() { # pids…
     local pid

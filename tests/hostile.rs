@@ -115,6 +115,19 @@ async fn read_one_response(stream: &mut TcpStream) -> (u16, String) {
     .expect("no complete response in time")
 }
 
+/// A connection closed for its head came neither before the header read timeout nor
+/// long after it.
+fn assert_cut_off_at_the_header_read_timeout(closed_after: Duration) {
+    assert!(
+        closed_after >= HEADER_READ - Duration::from_millis(50),
+        "closed before the header read timeout: {closed_after:?}"
+    );
+    assert!(
+        closed_after <= Duration::from_secs(2),
+        "closed late: {closed_after:?}"
+    );
+}
+
 fn get(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
 }
@@ -304,14 +317,7 @@ async fn a_slow_client_is_cut_off_while_others_are_served() {
         "slow client: closed after {closed_after:?}, {sent} of {} bytes sent; a concurrent client was served in {served_in:?}",
         head.len()
     );
-    assert!(
-        closed_after >= HEADER_READ - Duration::from_millis(50),
-        "closed before the header read timeout: {closed_after:?}"
-    );
-    assert!(
-        closed_after <= Duration::from_secs(2),
-        "closed late: {closed_after:?}"
-    );
+    assert_cut_off_at_the_header_read_timeout(closed_after);
     assert!(sent < head.len());
     assert!(
         answer.is_empty() || raw_status(&String::from_utf8_lossy(&answer)) == 408,
@@ -409,14 +415,7 @@ async fn a_head_trickled_after_a_first_answer_is_cut_off_at_the_header_read_time
     .expect("the connection was still open after 3 s");
     eprintln!("trickled second head: closed {closed_after:?} after the first answer");
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
-    assert!(
-        closed_after >= HEADER_READ - Duration::from_millis(50),
-        "closed before the header read timeout: {closed_after:?}"
-    );
-    assert!(
-        closed_after <= Duration::from_secs(2),
-        "closed late: {closed_after:?}"
-    );
+    assert_cut_off_at_the_header_read_timeout(closed_after);
     assert_still_serving(&s).await;
 }
 
