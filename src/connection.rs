@@ -32,6 +32,9 @@ pub struct ConnectionState {
     born: Instant,
     /// When the last open request ended, in milliseconds since `born`.
     idle_since_ms: AtomicU64,
+    /// The last write to the client could not complete: answer bytes wait in hyper's
+    /// buffer for a client that does not read.
+    output_blocked: AtomicBool,
 }
 
 impl ConnectionState {
@@ -45,6 +48,7 @@ impl ConnectionState {
             task: AtomicWaker::new(),
             born: Instant::now(),
             idle_since_ms: AtomicU64::new(0),
+            output_blocked: AtomicBool::new(false),
         })
     }
 
@@ -80,6 +84,19 @@ impl ConnectionState {
     pub fn close_after_answers(&self) {
         self.close.store(true, Ordering::Release);
         self.task.wake();
+    }
+
+    /// Whether answer bytes wait to be written (the client's side is full): dropping the
+    /// connection now would cut an answer short.
+    pub fn output_blocked(&self) -> bool {
+        self.output_blocked.load(Ordering::Acquire)
+    }
+
+    /// Notes how a write to the client went.
+    fn note_write<T>(&self, polled: Poll<T>) -> Poll<T> {
+        self.output_blocked
+            .store(polled.is_pending(), Ordering::Release);
+        polled
     }
 
     /// Whether a close was asked for.
@@ -175,7 +192,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Gated<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        this.state
+            .note_write(Pin::new(&mut this.io).poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -183,7 +202,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Gated<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        this.state
+            .note_write(Pin::new(&mut this.io).poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -191,7 +212,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Gated<IO> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        this.state.note_write(Pin::new(&mut this.io).poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -221,6 +243,31 @@ mod tests {
         drop(local);
         assert_eq!(reader.await.unwrap(), 0, "released with the answer");
         assert_eq!(state.open_requests(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_write_the_client_does_not_take_is_noted_until_it_goes_through() {
+        let (mut client, server) = tokio::io::duplex(8);
+        let state = ConnectionState::new();
+        let mut gated = Gated::new(server, Arc::clone(&state));
+        gated.write_all(b"12345678").await.unwrap();
+        assert!(!state.output_blocked(), "it all went");
+        // The client reads nothing: the next bytes wait.
+        let mut writing = tokio::spawn(async move {
+            gated.write_all(b"abcd").await.unwrap();
+            gated
+        });
+        while !state.output_blocked() {
+            assert!(
+                futures_util::poll!(&mut writing).is_pending(),
+                "the write went through"
+            );
+            tokio::task::yield_now().await;
+        }
+        let mut buf = [0u8; 8];
+        client.read_exact(&mut buf).await.unwrap();
+        let _gated = writing.await.unwrap();
+        assert!(!state.output_blocked(), "taken by the client");
     }
 
     #[tokio::test]

@@ -128,6 +128,44 @@ fn assert_cut_off_at_the_header_read_timeout(closed_after: Duration) {
     );
 }
 
+/// Trickles a request head on `writer`, a byte every `every`, until the proxy closes the
+/// connection (which must come within 3 s and before the head is whole); what the proxy
+/// sent before it closed.
+async fn trickle_until_closed(
+    reader: &mut (impl AsyncReadExt + Unpin),
+    writer: &mut (impl AsyncWriteExt + Unpin),
+    every: Duration,
+) -> Vec<u8> {
+    let head = b"GET /api/v1/tickets HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    let trickle = async {
+        let mut ticks = tokio::time::interval(every);
+        for byte in head {
+            ticks.tick().await;
+            if writer.write_all(&[*byte]).await.is_err() {
+                // Closed by the proxy: wait for the reader to see it.
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let closed = async {
+        let (mut sent, mut buf) = (Vec::new(), [0u8; 1024]);
+        loop {
+            match reader.read(&mut buf).await {
+                Ok(0) | Err(_) => break sent,
+                Ok(n) => sent.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    timeout(Duration::from_secs(3), async {
+        tokio::select! {
+            sent = closed => sent,
+            () = trickle => panic!("the whole head was trickled in without the proxy closing the connection"),
+        }
+    })
+    .await
+    .expect("the connection was still open after 3 s")
+}
+
 fn get(path: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
 }
@@ -385,44 +423,43 @@ async fn a_head_trickled_after_a_first_answer_is_cut_off_at_the_header_read_time
     }
     assert_eq!(raw_status(&String::from_utf8_lossy(&first)), 200);
     let answered = Instant::now();
-    let head = b"GET /api/v1/tickets HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
-    let trickle = async {
-        let mut every = tokio::time::interval(Duration::from_millis(100));
-        for byte in head {
-            every.tick().await;
-            if writer.write_all(&[*byte]).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    let closed = async {
-        let mut rest = Vec::new();
-        loop {
-            match reader.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => rest.extend_from_slice(&buf[..n]),
-            }
-        }
-        (answered.elapsed(), rest)
-    };
-    let (closed_after, rest) = timeout(Duration::from_secs(3), async {
-        tokio::select! {
-            closed = closed => closed,
-            () = trickle => panic!("the whole second head was trickled in without the proxy closing the connection"),
-        }
-    })
-    .await
-    .expect("the connection was still open after 3 s");
+    let rest = trickle_until_closed(&mut reader, &mut writer, Duration::from_millis(100)).await;
+    let closed_after = answered.elapsed();
     eprintln!("trickled second head: closed {closed_after:?} after the first answer");
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
     assert_cut_off_at_the_header_read_timeout(closed_after);
     assert_still_serving(&s).await;
 }
 
-/// Plain hyper starts the header read timeout as soon as it waits for a request head,
-/// but the HTTP/1-or-h2 detection of hyper-util's `auto` builder runs first, without any
-/// timeout, until it has seen the first bytes: a client that connects and says nothing
-/// holds its connection (and a file descriptor) for ever.
+/// The first head's time counts from the accept: a client that waits most of it before
+/// its first byte, then trickles, has only what is left.
+#[tokio::test]
+async fn a_first_head_that_starts_late_has_only_the_rest_of_the_header_read_timeout() {
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.timeouts.header_read = HEADER_READ
+    })
+    .await;
+    let mut stream = TcpStream::connect(s.proxy.addr).await.expect("connect");
+    let connected = Instant::now();
+    // The attack is time itself: most of the timeout spent before the first byte.
+    tokio::time::sleep(HEADER_READ * 4 / 5).await;
+    let (mut reader, mut writer) = stream.split();
+    let rest = trickle_until_closed(&mut reader, &mut writer, Duration::from_millis(50)).await;
+    let closed_after = connected.elapsed();
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    eprintln!("late first head: closed {closed_after:?} after the connect");
+    assert_cut_off_at_the_header_read_timeout(closed_after);
+    assert!(
+        closed_after < HEADER_READ + Duration::from_millis(300),
+        "the timeout started again after the first byte: {closed_after:?}"
+    );
+    assert_still_serving(&s).await;
+}
+
+/// Telling HTTP/1 from h2c waits for the first bytes before hyper ever sees the
+/// connection (hyper-util's `auto` builder did so without any timeout): a client that
+/// connects and says nothing must not hold its connection (and a file descriptor) for
+/// ever.
 #[tokio::test]
 async fn a_silent_connection_is_closed_after_the_header_read_timeout() {
     let s = Scenario::with(FakeOptions::default(), |c| {

@@ -39,8 +39,8 @@ pub(super) fn serve(worker: &Arc<Worker>, accepted: Accepted, load: Counted) {
     tokio::spawn(async move {
         let _counted = (slot, load, alive);
         let idle = worker.proxy.config.timeouts.header_read;
-        // hyper's header read timeout starts only once an HTTP/1 head begins: a client
-        // that sends nothing, or stalls in the HTTP/2 preface, is cut off here.
+        // A client that sends nothing, or stalls in the HTTP/2 preface, is cut off here;
+        // `drive` bounds the rest of the first head, from the same start.
         let detected = tokio::select! {
             detected = tokio::time::timeout(idle, detect::detect(stream)) => detected,
             // Shutting down: a connection that has sent nothing yet has nothing to drain.

@@ -20,9 +20,10 @@ use crate::connection::ConnectionState;
 /// progress, with GOAWAY on HTTP/2.
 pub(super) trait Closable: Future<Output = Result<(), hyper::Error>> {
     /// Whether the connection is dropped outright once it has had no open request for
-    /// its idle time. An HTTP/1 connection then holds at most a part of a request head,
-    /// which this bounds in hyper's place (README "Performance": hyper's own timer cost
-    /// every request a timer); HTTP/2 is told with GOAWAY first.
+    /// its idle time (and no answer bytes wait for the client to read them). An HTTP/1
+    /// connection then holds at most a part of a request head, which this bounds in
+    /// hyper's place (README "Performance": hyper's own timer cost every request a
+    /// timer); HTTP/2 is told with GOAWAY first.
     const DROPPED_WHEN_IDLE: bool;
 
     /// Starts closing.
@@ -70,9 +71,12 @@ where
 }
 
 /// Runs a connection to its end, closing it gracefully when a close is asked for (a
-/// request's, or the worker stopping), or when it has had no open request for `idle`. A
-/// connection still there `idle` after that with no open request (an HTTP/2 client that
-/// never acknowledges the GOAWAY) is dropped.
+/// request's, or the worker stopping), or when it has had no open request for `idle`
+/// since it was accepted or since its last answer ended. An HTTP/1 connection is then
+/// dropped at once (it holds at most a part of a head), unless answer bytes still wait
+/// for its client to read them. A connection still there `idle` after a graceful close
+/// with no open request (an HTTP/2 client that never acknowledges the GOAWAY, a client
+/// that does not read) is dropped.
 ///
 /// A request costs this loop nothing: only the idle timer, when it fires, and a close
 /// request wake it besides the connection itself.
@@ -82,7 +86,12 @@ pub(super) async fn drive<C: Closable>(
     idle: Duration,
     peer: SocketAddr,
 ) -> Result<(), hyper::Error> {
-    let idle_timer = tokio::time::sleep(idle);
+    // From the accept: the time spent telling HTTP/1 from h2c counts against the first
+    // request's head.
+    let first = state
+        .idle_deadline(idle)
+        .map_or_else(|| Instant::now() + idle, Instant::from_std);
+    let idle_timer = tokio::time::sleep_until(first);
     tokio::pin!(idle_timer);
     let mut closing = false;
     // Whether the timer was polled since it was set: it then wakes this task when it
@@ -117,8 +126,8 @@ pub(super) async fn drive<C: Closable>(
                         tracing::debug!(%peer, "dropping a connection that did not close after being asked to");
                         return Poll::Ready(Ok(()));
                     }
-                    Some(_) if C::DROPPED_WHEN_IDLE => {
-                        tracing::debug!(%peer, budget = "timeouts.header_read_secs", "closing an idle connection (or one whose request head did not come in time)");
+                    Some(_) if C::DROPPED_WHEN_IDLE && !state.output_blocked() => {
+                        tracing::debug!(%peer, budget = "timeouts.header_read_secs", "dropping an idle connection (or one whose request head did not come in time)");
                         return Poll::Ready(Ok(()));
                     }
                     Some(_) => {
