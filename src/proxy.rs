@@ -611,10 +611,9 @@ impl Proxy {
             &parts.method,
             first_headers,
             uri,
-            upstream_body,
+            (upstream_body, outcome),
             Want::Usable,
-        )
-        .telling(outcome);
+        );
         let (mut answer, token) = self.attempt(upstream, first, log).await?;
         if let Answer::Throttled(response, wait) = answer {
             // Desk's concurrency or rate limit: once, when the request can be sent again
@@ -631,7 +630,7 @@ impl Proxy {
                 &parts.method,
                 parts.headers.clone(),
                 self.upstream_uri(target)?,
-                UpstreamBody::buffered(replay.bytes.clone()),
+                (UpstreamBody::buffered(replay.bytes.clone()), None),
                 Want::Usable,
             );
             // The rare paths are boxed: the request's future does not carry their size.
@@ -655,7 +654,7 @@ impl Proxy {
             &parts.method,
             std::mem::take(&mut parts.headers),
             self.upstream_uri(target)?,
-            UpstreamBody::buffered(replay.bytes.clone()),
+            (UpstreamBody::buffered(replay.bytes.clone()), None),
             Want::NewerThan(token.generation),
         );
         // A second 401 goes to the client as Desk sent it (its token marked rejected too).
@@ -781,51 +780,36 @@ impl Proxy {
         let timeout = self.config.timeouts.response;
         // The clock is read again only after a wait (for a slot, for a token): about
         // 23 ns a read, and the request's path used to read it 17 times (README
-        // "Performance").
-        let mut queued = false;
-        // Desk's call first (shared by the serving threads, in arrival order), then the
+        // "Performance"). Desk's call first (shared by the serving threads, in arrival order), then the
         // serving thread's own slot: at once when both are free (no timer is made),
         // else in line within the response's time.
-        let slot = match self.slot_now(upstream) {
-            Some(slot) => Ok(Ok(slot)),
+        let (slot, free) = match self.slot_now(upstream) {
+            Some(slot) => (Ok(Ok(slot)), started),
             None => {
-                tokio::time::timeout_at(
-                    started + timeout,
-                    noting_wait(
-                        async {
-                            let desk = self.desk.acquire().await;
-                            let worker = Arc::clone(&upstream.slots).acquire_owned().await;
-                            worker.map(|worker| UpstreamSlot::new(desk, worker))
-                        },
-                        &mut queued,
-                    ),
-                )
-                .await
+                let slot = tokio::time::timeout_at(started + timeout, async {
+                    let desk = self.desk.acquire().await;
+                    let worker = Arc::clone(&upstream.slots).acquire_owned().await;
+                    worker.map(|worker| UpstreamSlot::new(desk, worker))
+                })
+                .await;
+                (slot, Instant::now())
             }
         };
         let answered = match slot {
             // The semaphore is never closed.
             Ok(Ok(slot)) => {
-                let free = if queued { Instant::now() } else { started };
                 // Chosen now, not when the request was queued: a token Desk rejected while
                 // it waited is never sent.
-                let current = match attempt.token {
-                    Want::Usable => self.tokens.usable_at(free),
-                    Want::NewerThan(_) => None,
-                };
-                let (token, sent) = match current {
-                    Some(token) => (token, free),
-                    None => {
-                        let token = match attempt.token {
-                            Want::Usable => self.tokens.usable().await,
-                            Want::NewerThan(generation) => {
-                                self.tokens.refresh_after(generation).await
-                            }
-                        }
-                        .map_err(token_error)?;
-                        (token, Instant::now())
+                let (token, sent) = match attempt.token {
+                    Want::Usable => match self.tokens.usable_at(free) {
+                        Some(token) => (Ok(token), free),
+                        None => (self.tokens.usable().await, Instant::now()),
+                    },
+                    Want::NewerThan(generation) => {
+                        (self.tokens.refresh_after(generation).await, Instant::now())
                     }
                 };
+                let token = token.map_err(token_error)?;
                 let (request, outcome) = attempt.into_request(&token);
                 // Desk's latency, in the log, starts once a slot and a token are in hand;
                 // the wait for a token does not count against the response's time.
@@ -882,17 +866,6 @@ impl Proxy {
     }
 }
 
-/// Awaits `future`, noting in `waited` whether it ever had to wait.
-async fn noting_wait<F: Future>(future: F, waited: &mut bool) -> F::Output {
-    let mut future = std::pin::pin!(future);
-    std::future::poll_fn(|cx| {
-        let polled = future.as_mut().poll(cx);
-        *waited |= polled.is_pending();
-        polled
-    })
-    .await
-}
-
 /// One attempt at Desk: its request, without the token yet (boxed once, as the pool
 /// takes it: the futures that carry it keep 8 bytes for it, not the request's size),
 /// what its body will tell of its end, and which token it needs.
@@ -903,12 +876,13 @@ struct Attempt {
 }
 
 impl Attempt {
-    /// An attempt at `uri` with the client's method, these headers and this body.
+    /// An attempt at `uri` with the client's method, these headers and this body (and
+    /// what a streamed one will tell of its end).
     fn new(
         method: &http::Method,
         headers: HeaderMap,
         uri: Uri,
-        body: UpstreamBody,
+        (body, outcome): (UpstreamBody, Option<Arc<BodyOutcome>>),
         token: Want,
     ) -> Self {
         let mut request = Box::new(Request::new(body));
@@ -917,15 +891,9 @@ impl Attempt {
         *request.headers_mut() = headers;
         Self {
             request,
-            outcome: None,
+            outcome,
             token,
         }
-    }
-
-    /// With what the client's streamed body will tell of its end.
-    fn telling(mut self, outcome: Option<Arc<BodyOutcome>>) -> Self {
-        self.outcome = outcome;
-        self
     }
 
     /// The request for Desk, with `token`, and what its body will tell of its end.
