@@ -462,6 +462,9 @@ stat_ticks() { # awk-expression pids…: the expression over /proc/<pid>/stat's 
 cpu_ticks() { stat_ticks '$14 + $15' "$@"; } # pids…: utime+stime
 sys_ticks() { stat_ticks '$15' "$@"; } # pids…: stime, the kernel's part (system calls, and the loopback's TCP work they do)
 TICKS=$(getconf CLK_TCK)
+per_request() { # ticks requests: µs of CPU per request
+    awk -v t="$1" -v hz="$TICKS" -v n="$2" 'BEGIN {printf "%.1f", (n > 0 ? t / hz * 1e6 / n : 0)}'
+}
 clear_hwm() { # pids…
     local pid
     for pid in "$@"; do echo 5 >"/proc/$pid/clear_refs" 2>/dev/null || true; done
@@ -556,14 +559,10 @@ wrk_run() {
         return
     fi
     ((round == 0)) && return
-    local requests hwm cpu_us sys_us
+    local requests hwm
     requests=$(sed 's/.* requests=\([0-9]*\).*/\1/' <<<"$line")
     hwm=$(sum_hwm "${pids[@]}")
-    cpu_us=$(awk -v t=$((c1 - c0)) -v hz="$TICKS" -v n="$requests" \
-        'BEGIN {printf "%.1f", (n > 0 ? t / hz * 1e6 / n : 0)}')
-    sys_us=$(awk -v t=$((s1 - s0)) -v hz="$TICKS" -v n="$requests" \
-        'BEGIN {printf "%.1f", (n > 0 ? t / hz * 1e6 / n : 0)}')
-    line="${line#BENCH } scen=$scen target=$target round=$round cpu_us=$cpu_us sys_us=$sys_us user_us=$(awk -v c="$cpu_us" -v k="$sys_us" 'BEGIN {printf "%.1f", c - k}') hwm_kb=$hwm other_pct=$OTHER_PCT"
+    line="${line#BENCH } scen=$scen target=$target round=$round cpu_us=$(per_request $((c1 - c0)) "$requests") sys_us=$(per_request $((s1 - s0)) "$requests") user_us=$(per_request $((c1 - c0 - s1 + s0)) "$requests") hwm_kb=$hwm other_pct=$OTHER_PCT"
     echo "$line" >>"$RESULTS"
     say "  $scen round $round $(printf '%-11s' "$target") $(fmt_line "$line")"
 }
