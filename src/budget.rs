@@ -20,8 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Largest request head: an HTTP/1.1 request line plus headers, or an HTTP/2 header list.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
-/// Most header fields in one request, HTTP/1.1 and HTTP/2.
-pub const MAX_HEADERS: usize = 128;
+/// Most header fields in one request, HTTP/1.1 and HTTP/2: hyper's HTTP/1 parser's
+/// own limit (which it parses without allocating), and Apache httpd's default.
+pub const MAX_HEADERS: usize = 100;
 /// Most streams open at once on one HTTP/2 connection.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 

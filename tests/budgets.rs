@@ -428,8 +428,9 @@ async fn idle_h2_connections_cannot_lock_out_a_client_with_a_key() {
 async fn too_many_header_fields_are_refused_over_h2_as_over_http1() {
     let s = Scenario::start().await;
     let (mut sender, _connection) = h2(s.proxy.addr).await;
+    // One over the limit of 100, as hyper's HTTP/1 parser counts them.
     let mut request = h2_request("GET", s.proxy.addr, "/api/v1/tickets");
-    for i in 0..200 {
+    for i in 0..101 {
         request = request.header(format!("x-h{i}"), "v");
     }
     let (status, json) = h2_send(&mut sender, request.body(empty()).unwrap()).await;

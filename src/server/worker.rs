@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::body::ResponseBody;
-use crate::budget::{MAX_HEAD_BYTES, MAX_HEADERS, MAX_STREAMS_PER_CONNECTION};
+use crate::budget::{MAX_HEAD_BYTES, MAX_STREAMS_PER_CONNECTION};
 use crate::connection::ConnectionState;
 use crate::proxy::{CloseConnection, Proxy, Tunnel, TunnelRequest, Upstream, Via};
 
@@ -81,7 +81,9 @@ fn connection_builders() -> (http1::Builder, http2::Builder<TokioExecutor>) {
         // read happens to end at it.
         .max_header_size(MAX_HEAD_BYTES)
         .max_buf_size(MAX_HEAD_BYTES)
-        .max_headers(MAX_HEADERS)
+        // No `max_headers`: hyper's own limit is `MAX_HEADERS` (100 fields, 431 past
+        // it), parsed on the stack; any other figure makes hyper allocate two arrays
+        // of that many entries on the heap for every request.
         // hyper's default: a client's EOF while its request is in flight cancels the
         // request, so that one queued for a slot is never sent once its client has gone
         // (`half_close(true)` would save memory; README "Performance" says why not).
