@@ -16,7 +16,10 @@
 # Knobs (environment): BASELINE_BIN (required: the build to compare with), PRODUCT_BIN
 # (default: target/release/zoho-desk-proxy, built unless SKIP_BUILD=1), ROUNDS (3),
 # CONNS (64), LOAD_SECS (8), WARM_SECS (3), TOP=N (print the N functions with the most
-# instructions, inclusive, per request, of the product's last round).
+# instructions, inclusive, per request, of the product's last round), PRODUCT_ARGS /
+# BASELINE_ARGS (extra `serve` arguments of each, split on spaces: e.g. the floors of
+# examples/bare_proxy.rs, BASELINE_BIN=target/release/examples/bare_proxy
+# BASELINE_ARGS=--raw).
 #
 # Needs Linux, valgrind, nginx and wrk (installed with apt-get when missing and running
 # as root), curl, and cargo.
@@ -135,7 +138,7 @@ ${2:-}
 EOF
 }
 
-# measure name binary: one round under callgrind; sets REQUESTS, TOTAL and LAST_FILE.
+# measure name binary [args]: one round under callgrind; sets REQUESTS, TOTAL and LAST_FILE.
 measure() {
     local port pid out
     port=$(free_port)
@@ -145,7 +148,7 @@ measure() {
     out=$WORK/callgrind-$1.out
     rm -f "$out"*
     RUST_LOG=warn valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" \
-        "$2" serve --config "$WORK/proxy-$port.toml" >"$WORK/$1.stdout" 2>"$WORK/$1.stderr" &
+        "$2" serve --config "$WORK/proxy-$port.toml" ${3:-} >"$WORK/$1.stdout" 2>"$WORK/$1.stderr" &
     pid=$!
     wait_up "http://127.0.0.1:$port/_proxy/ready" || die "$1 did not start under valgrind: $(tail -5 "$WORK/$1.stderr")"
     local url="http://127.0.0.1:$port/api/v1/tickets"
@@ -188,14 +191,14 @@ allocator_calls() {
 median() { sort -n | awk '{v[NR] = $1} END {if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 
 echo "instructions per request (callgrind), wrk -t1 -c$CONNS for ${LOAD_SECS} s after ${WARM_SECS} s of warm-up, $ROUNDS rounds"
-echo "product  $BIN"
-echo "baseline $BASELINE_BIN"
+echo "product  $BIN ${PRODUCT_ARGS:-}"
+echo "baseline $BASELINE_BIN ${BASELINE_ARGS:-}"
 : >"$WORK/results"
 for round in $(seq "$ROUNDS"); do
     for target in product baseline; do
-        bin=$BIN
-        [[ $target == baseline ]] && bin=$BASELINE_BIN
-        measure "$target" "$bin"
+        bin=$BIN args=${PRODUCT_ARGS:-}
+        [[ $target == baseline ]] && bin=$BASELINE_BIN args=${BASELINE_ARGS:-}
+        measure "$target" "$bin" "$args"
         per=$((TOTAL / REQUESTS))
         allocs=$(awk -v a="$ALLOCS" -v n="$REQUESTS" 'BEGIN {printf "%.1f", a / n}')
         printf '  round %d %-8s %9d requests  %6d instructions per request  %5s allocations per request\n' \

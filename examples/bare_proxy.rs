@@ -16,14 +16,19 @@
 //! - by default, hyper alone: hyper's HTTP/1 server and its connection-level client;
 //! - `--raw-client`: hyper's server, and Desk's side written by hand on the connection's
 //!   own socket (the request head in one write, the answer's head parsed with `httparse`
-//!   and its `Content-Length` body read whole: bodiless requests and small answers only,
-//!   anything else is a 502), to split hyper's cost between its server and its client;
+//!   and its body read whole), to split hyper's cost between its server and its client.
+//!   Bodiless requests and answers of at most 1 MiB with a `Content-Length` (none for a
+//!   HEAD, 204 or 304) only; anything else is a 502;
 //! - `--raw`: tokio alone, no HTTP library: the client's head parsed with `httparse` in
 //!   a buffer, one upstream head written with `Authorization` in place of the client's,
-//!   the answer's head parsed and the answer copied back (`Content-Length` bodies only,
-//!   no pipelining; anything else closes the connection). The same four socket transfers
-//!   as nginx, with as little between them as tokio allows: the floor of any proxy on
-//!   tokio (README "Below hyper: tokio alone").
+//!   the answer's head parsed and the answer copied back, requests one after the other
+//!   (pipelined ones in order). The same four socket transfers as nginx, with as little
+//!   between them as tokio allows: a floor for any proxy on tokio (README "Below hyper:
+//!   tokio alone"). Bodies with a `Content-Length` only; a chunked body, an answer with
+//!   no length, an interim (1xx) answer or a head of more than 64 fields closes the
+//!   connection.
+//!
+//! Both hand-written sides honour `Connection: close`.
 
 use std::convert::Infallible;
 use std::io;
@@ -45,7 +50,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 const TOKEN: &str = "Zoho-oauthtoken 1000.bare.floor";
-const MAX_HEADERS: usize = 64;
+/// Header fields parsed per head (more: the connection is closed, or a 502).
+const PARSE_HEADERS: usize = 64;
+/// The largest answer `--raw-client` reads whole (more: a 502).
+const MAX_RAW_ANSWER: usize = 1 << 20;
 
 /// Which floor runs.
 #[derive(Clone, Copy, PartialEq)]
@@ -56,21 +64,23 @@ enum Floor {
 }
 
 fn main() -> Result<(), Error> {
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) != Some("serve") {
-        return Err("usage: bare_proxy serve --config FILE [--raw-client | --raw]".into());
+    const USAGE: &str = "usage: bare_proxy serve --config FILE [--raw-client | --raw]";
+    let mut args = std::env::args().skip(1);
+    if args.next().as_deref() != Some("serve") {
+        return Err(USAGE.into());
     }
-    let config = match args.iter().position(|a| a == "--config") {
-        Some(i) => args.get(i + 1).ok_or("--config needs a file")?,
-        None => return Err("usage: bare_proxy serve --config FILE [--raw-client | --raw]".into()),
-    };
-    let floor = if args.iter().any(|a| a == "--raw") {
-        Floor::Raw
-    } else if args.iter().any(|a| a == "--raw-client") {
-        Floor::RawClient
-    } else {
-        Floor::Hyper
-    };
+    let (mut config, mut floor) = (None, None);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--config" => config = Some(args.next().ok_or("--config needs a file")?),
+            "--raw-client" | "--raw" if floor.is_some() => return Err(USAGE.into()),
+            "--raw-client" => floor = Some(Floor::RawClient),
+            "--raw" => floor = Some(Floor::Raw),
+            _ => return Err(format!("{arg}? {USAGE}").into()),
+        }
+    }
+    let config = config.ok_or(USAGE)?;
+    let floor = floor.unwrap_or(Floor::Hyper);
     let config: toml::Table = std::fs::read_to_string(config)?.parse()?;
     let listen = config
         .get("listen")
@@ -112,6 +122,8 @@ async fn accept(
     let listener = tokio::net::TcpListener::from_std(listener)?;
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors, say: let connections end before trying again.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -201,7 +213,7 @@ async fn forward(
                 None => connect(upstream).await?,
             };
             let (response, stream) = raw_exchange(stream, &req).await?;
-            *desk.lock().map_err(|_| "poisoned")? = Desk::Raw(Some(stream));
+            *desk.lock().map_err(|_| "poisoned")? = Desk::Raw(stream);
             Ok(response.map(Either::Right))
         }
     }
@@ -215,11 +227,11 @@ async fn connect(upstream: &str) -> io::Result<TcpStream> {
 
 /// One request and its answer on `stream`, by hand: the head written in one write, the
 /// answer's head parsed with `httparse` and its `Content-Length` body read whole. Gives
-/// the connection back with the answer.
+/// the connection back with the answer, unless Desk said it closes it.
 async fn raw_exchange(
     mut stream: TcpStream,
     req: &hyper::Request<Incoming>,
-) -> Result<(hyper::Response<Full<Bytes>>, TcpStream), Error> {
+) -> Result<(hyper::Response<Full<Bytes>>, Option<TcpStream>), Error> {
     use hyper::body::Body as _;
     if req.body().size_hint().upper() != Some(0) {
         return Err("--raw-client forwards bodiless requests only".into());
@@ -237,32 +249,37 @@ async fn raw_exchange(
     stream.write_all(&head).await?;
 
     let mut buf = BytesMut::with_capacity(4096);
-    loop {
+    let mut response = hyper::Response::builder();
+    let answer = loop {
         if stream.read_buf(&mut buf).await? == 0 {
             return Err("Desk closed the connection".into());
         }
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut headers);
-        let httparse::Status::Complete(len) = parsed.parse(&buf)? else {
-            continue;
-        };
-        let length = raw::content_length(parsed.headers)?;
-        let mut response = hyper::Response::builder().status(parsed.code.unwrap_or(502));
-        for header in parsed.headers.iter() {
-            if !header.name.eq_ignore_ascii_case("content-length") {
-                response = response.header(header.name, header.value);
+        let to_head = req.method() == http::Method::HEAD;
+        let parsed = raw::parse_answer(&buf, to_head, |parsed| {
+            response = hyper::Response::builder().status(parsed.code.unwrap_or(502));
+            for header in parsed.headers.iter() {
+                if !header.name.eq_ignore_ascii_case("content-length") {
+                    response = std::mem::take(&mut response).header(header.name, header.value);
+                }
             }
+        })?;
+        if let Some(answer) = parsed {
+            break answer;
         }
-        let length = usize::try_from(length)?;
-        while buf.len() < len + length {
-            if stream.read_buf(&mut buf).await? == 0 {
-                return Err("Desk closed the connection mid-answer".into());
-            }
+    };
+    let length = usize::try_from(answer.body)
+        .ok()
+        .filter(|length| *length <= MAX_RAW_ANSWER)
+        .ok_or("--raw-client reads small answers only")?;
+    while buf.len() < answer.len + length {
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err("Desk closed the connection mid-answer".into());
         }
-        let mut body = buf.split_off(len);
-        body.truncate(length);
-        return Ok((response.body(Full::new(body.freeze()))?, stream));
     }
+    let mut body = buf.split_off(answer.len);
+    body.truncate(length);
+    let stream = (!answer.close).then_some(stream);
+    Ok((response.body(Full::new(body.freeze()))?, stream))
 }
 
 /// `--raw`: a proxy on tokio alone.
@@ -272,17 +289,21 @@ mod raw {
     const READY: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
 
     /// What a parsed head tells the copy loop.
-    struct Head {
+    pub(super) struct Head {
         /// Bytes of the head in the buffer.
-        len: usize,
-        /// `Content-Length`, 0 when absent.
-        body: u64,
+        pub(super) len: usize,
+        /// Bytes of the body after it.
+        pub(super) body: u64,
+        /// Whether it said `Connection: close`.
+        pub(super) close: bool,
+        /// Whether it asked for a HEAD (requests only).
+        pub(super) to_head: bool,
     }
 
     /// What the client asked.
     enum Asked {
         /// bench/run.sh's readiness check (`/_proxy/…`), answered here.
-        Ready(usize),
+        Ready(Head),
         /// A request for the upstream, whose head is in `out`.
         Forward(Head),
     }
@@ -302,21 +323,66 @@ mod raw {
         out.extend_from_slice(b"\r\n");
     }
 
-    /// `Content-Length`, 0 when absent; chunked bodies are refused.
-    pub(super) fn content_length(headers: &[httparse::Header<'_>]) -> io::Result<u64> {
-        let mut length = 0;
+    /// `Content-Length`, if given; chunked bodies are refused.
+    fn content_length(headers: &[httparse::Header<'_>]) -> io::Result<Option<u64>> {
+        let mut length = None;
         for header in headers {
             if header.name.eq_ignore_ascii_case("transfer-encoding") {
                 return Err(bad("chunked bodies are not supported"));
             }
             if header.name.eq_ignore_ascii_case("content-length") {
-                length = std::str::from_utf8(header.value)
-                    .ok()
-                    .and_then(|v| v.trim().parse().ok())
-                    .ok_or(bad("bad content-length"))?;
+                length = Some(
+                    std::str::from_utf8(header.value)
+                        .ok()
+                        .and_then(|v| v.trim().parse().ok())
+                        .ok_or(bad("bad content-length"))?,
+                );
             }
         }
         Ok(length)
+    }
+
+    fn says_close(headers: &[httparse::Header<'_>]) -> bool {
+        headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("connection")
+                && h.value
+                    .split(|b| *b == b',')
+                    .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
+        })
+    }
+
+    /// Parses an answer's head at the start of `buf` (`None`: not all of it is there
+    /// yet), showing it to `look`. An answer to a HEAD, a 204 or a 304 has no body;
+    /// any other needs a `Content-Length` here (no reading to the close), and interim
+    /// (1xx) answers are not supported.
+    pub(super) fn parse_answer(
+        buf: &[u8],
+        to_head: bool,
+        look: impl FnOnce(&httparse::Response<'_, '_>),
+    ) -> io::Result<Option<Head>> {
+        let mut headers = [httparse::EMPTY_HEADER; PARSE_HEADERS];
+        let mut response = httparse::Response::new(&mut headers);
+        let httparse::Status::Complete(len) =
+            response.parse(buf).map_err(|_| bad("bad answer head"))?
+        else {
+            return Ok(None);
+        };
+        let code = response.code.unwrap_or(0);
+        if code < 200 {
+            return Err(bad("interim answers are not supported"));
+        }
+        let body = match content_length(response.headers)? {
+            _ if to_head || code == 204 || code == 304 => 0,
+            Some(length) => length,
+            None => return Err(bad("an answer without Content-Length")),
+        };
+        look(&response);
+        Ok(Some(Head {
+            len,
+            body,
+            close: says_close(response.headers),
+            to_head,
+        }))
     }
 
     /// Reads until `buf` holds a whole request head, and writes Desk's version of it
@@ -328,17 +394,24 @@ mod raw {
     ) -> io::Result<Option<Asked>> {
         loop {
             if !buf.is_empty() {
-                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let mut headers = [httparse::EMPTY_HEADER; PARSE_HEADERS];
                 let mut request = httparse::Request::new(&mut headers);
                 if let httparse::Status::Complete(len) =
                     request.parse(buf).map_err(|_| bad("bad request head"))?
                 {
+                    let method = request.method.unwrap_or("GET");
+                    let head = Head {
+                        len,
+                        body: content_length(request.headers)?.unwrap_or(0),
+                        close: says_close(request.headers),
+                        to_head: method == "HEAD",
+                    };
                     let path = request.path.unwrap_or("/");
                     if path.starts_with("/_proxy/") {
-                        return Ok(Some(Asked::Ready(len)));
+                        return Ok(Some(Asked::Ready(head)));
                     }
                     out.clear();
-                    out.extend_from_slice(request.method.unwrap_or("GET").as_bytes());
+                    out.extend_from_slice(method.as_bytes());
                     out.push(b' ');
                     out.extend_from_slice(path.as_bytes());
                     out.extend_from_slice(b" HTTP/1.1\r\n");
@@ -349,8 +422,7 @@ mod raw {
                     }
                     header_line(out, "Authorization", TOKEN.as_bytes());
                     out.extend_from_slice(b"\r\n");
-                    let body = content_length(request.headers)?;
-                    return Ok(Some(Asked::Forward(Head { len, body })));
+                    return Ok(Some(Asked::Forward(head)));
                 }
             }
             if client.read_buf(buf).await? == 0 {
@@ -378,7 +450,8 @@ mod raw {
         Ok(())
     }
 
-    /// Serves one client connection to its end.
+    /// Serves one client connection to its end, its requests one after the other (a
+    /// pipelined one waits in the buffer for the answer before it).
     pub(super) async fn serve(mut client: TcpStream, upstream: &str) -> io::Result<()> {
         let mut desk: Option<TcpStream> = None;
         let mut from_client = BytesMut::with_capacity(8192);
@@ -386,8 +459,9 @@ mod raw {
         let mut head = Vec::with_capacity(1024);
         while let Some(asked) = read_request(&mut client, &mut from_client, &mut head).await? {
             let request = match asked {
-                Asked::Ready(len) => {
-                    from_client.advance(len);
+                Asked::Ready(request) => {
+                    from_client.advance(request.len);
+                    // The readiness check's body, if any, is not expected.
                     client.write_all(READY).await?;
                     continue;
                 }
@@ -401,31 +475,33 @@ mod raw {
             stream.write_all(&head).await?;
             copy_body(&mut client, stream, &mut from_client, request.body).await?;
             let answer = loop {
-                if !from_desk.is_empty() {
-                    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                    let mut response = httparse::Response::new(&mut headers);
-                    if let httparse::Status::Complete(len) = response
-                        .parse(&from_desk)
-                        .map_err(|_| bad("bad answer head"))?
-                    {
-                        break Head {
-                            len,
-                            body: content_length(response.headers)?,
-                        };
-                    }
+                if !from_desk.is_empty()
+                    && let Some(answer) = parse_answer(&from_desk, request.to_head, |_| ())?
+                {
+                    break answer;
                 }
                 if stream.read_buf(&mut from_desk).await? == 0 {
                     return Err(closed());
                 }
             };
             // The head and what came with it of the body, in one write.
+            let whole = u64::try_from(answer.len)
+                .unwrap_or(u64::MAX)
+                .saturating_add(answer.body);
             let first = from_desk
                 .len()
-                .min(answer.len + usize::try_from(answer.body).unwrap_or(usize::MAX));
+                .min(usize::try_from(whole).unwrap_or(usize::MAX));
             client.write_all(&from_desk[..first]).await?;
             from_desk.advance(first);
-            let rest = answer.body - (first - answer.len) as u64;
+            let rest = whole - first as u64;
             copy_body(stream, &mut client, &mut from_desk, rest).await?;
+            if answer.close {
+                desk = None;
+                from_desk.clear();
+            }
+            if request.close {
+                return Ok(());
+            }
         }
         Ok(())
     }
