@@ -450,17 +450,16 @@ nginx_pids() { # master pid: master and workers
     echo "$1"
     ps -o pid= --ppid "$1" 2>/dev/null | tr -d " "
 }
-stat_ticks() { # awk-expression pids…: the expression over /proc/<pid>/stat's fields, summed
-    local total=0 pid t expr=$1
-    shift
+# cpu_ticks pids…: "user system" CPU ticks, summed, from one read of each /proc/<pid>/stat
+# (system time is the kernel's part: the system calls, and the loopback TCP work they do).
+cpu_ticks() {
+    local user=0 sys=0 pid u s
     for pid in "$@"; do
-        t=$(awk "{print $expr}" "/proc/$pid/stat" 2>/dev/null) || t=0
-        total=$((total + ${t:-0}))
+        read -r u s < <(awk '{print $14, $15}' "/proc/$pid/stat" 2>/dev/null)
+        user=$((user + ${u:-0})) sys=$((sys + ${s:-0}))
     done
-    echo "$total"
+    echo "$user $sys"
 }
-cpu_ticks() { stat_ticks '$14 + $15' "$@"; } # pids…: utime+stime
-sys_ticks() { stat_ticks '$15' "$@"; } # pids…: stime, the kernel's part (system calls, and the loopback's TCP work they do)
 TICKS=$(getconf CLK_TCK)
 per_request() { # ticks requests: µs of CPU per request
     awk -v t="$1" -v hz="$TICKS" -v n="$2" 'BEGIN {printf "%.1f", (n > 0 ? t / hz * 1e6 / n : 0)}'
@@ -512,7 +511,9 @@ our_ticks() {
         all+=("$pid")
         mapfile -t -O "${#all[@]}" all < <(ps -o pid= --ppid "$pid" 2>/dev/null | tr -d " ")
     done
-    cpu_ticks "${all[@]}"
+    local user sys
+    read -r user sys < <(cpu_ticks "${all[@]}")
+    echo $((user + sys))
 }
 machine_ticks() { # user+nice+system, and the total
     local c
@@ -538,20 +539,18 @@ RESULTS=$WORK/results.txt
 # wrk_run scenario target round conns secs: appends one result line (round 0 = warm-up,
 # not recorded).
 wrk_run() {
-    local scen=$1 target=$2 round=$3 conns=$4 secs=$5 threads=2 pids c0 c1 s0 s1 out line
+    local scen=$1 target=$2 round=$3 conns=$4 secs=$5 threads=2 pids u0 u1 s0 s1 out line
     ((conns < 2)) && threads=1
     mapfile -t pids < <(target_pids "$target")
     clear_hwm "${pids[@]}"
-    c0=$(cpu_ticks "${pids[@]}")
-    s0=$(sys_ticks "${pids[@]}")
+    read -r u0 s0 < <(cpu_ticks "${pids[@]}")
     other_start
     out=$(
         TIMEFORMAT='WRKCPU %U %S'
         { time wrk -t"$threads" -c"$conns" -d"${secs}s" --timeout 5s -s "$ROOT/bench/report.lua" \
             "$(target_url "$target")/api/v1/tickets" 2>&1; } 2>&1
     )
-    c1=$(cpu_ticks "${pids[@]}")
-    s1=$(sys_ticks "${pids[@]}")
+    read -r u1 s1 < <(cpu_ticks "${pids[@]}")
     other_stop "$(awk '/^WRKCPU/ {printf "%.0f", ($2 + $3) * '"$TICKS"'}' <<<"$out")"
     line=$(grep '^BENCH ' <<<"$out")
     if [[ -z $line ]]; then
@@ -562,7 +561,7 @@ wrk_run() {
     local requests hwm
     requests=$(sed 's/.* requests=\([0-9]*\).*/\1/' <<<"$line")
     hwm=$(sum_hwm "${pids[@]}")
-    line="${line#BENCH } scen=$scen target=$target round=$round cpu_us=$(per_request $((c1 - c0)) "$requests") sys_us=$(per_request $((s1 - s0)) "$requests") user_us=$(per_request $((c1 - c0 - s1 + s0)) "$requests") hwm_kb=$hwm other_pct=$OTHER_PCT"
+    line="${line#BENCH } scen=$scen target=$target round=$round cpu_us=$(per_request $((u1 - u0 + s1 - s0)) "$requests") sys_us=$(per_request $((s1 - s0)) "$requests") user_us=$(per_request $((u1 - u0)) "$requests") hwm_kb=$hwm other_pct=$OTHER_PCT"
     echo "$line" >>"$RESULTS"
     say "  $scen round $round $(printf '%-11s' "$target") $(fmt_line "$line")"
 }

@@ -249,19 +249,20 @@ async fn raw_exchange(
     stream.write_all(&head).await?;
 
     let mut buf = BytesMut::with_capacity(4096);
+    let to_head = req.method() == http::Method::HEAD;
     let mut response = hyper::Response::builder();
     let answer = loop {
         if stream.read_buf(&mut buf).await? == 0 {
             return Err("Desk closed the connection".into());
         }
-        let to_head = req.method() == http::Method::HEAD;
         let parsed = raw::parse_answer(&buf, to_head, |parsed| {
-            response = hyper::Response::builder().status(parsed.code.unwrap_or(502));
+            let mut builder = hyper::Response::builder().status(parsed.code.unwrap_or(502));
             for header in parsed.headers.iter() {
                 if !header.name.eq_ignore_ascii_case("content-length") {
-                    response = std::mem::take(&mut response).header(header.name, header.value);
+                    builder = builder.header(header.name, header.value);
                 }
             }
+            response = builder;
         })?;
         if let Some(answer) = parsed {
             break answer;
@@ -296,16 +297,14 @@ mod raw {
         pub(super) body: u64,
         /// Whether it said `Connection: close`.
         pub(super) close: bool,
-        /// Whether it asked for a HEAD (requests only).
-        pub(super) to_head: bool,
     }
 
     /// What the client asked.
     enum Asked {
         /// bench/run.sh's readiness check (`/_proxy/…`), answered here.
         Ready(Head),
-        /// A request for the upstream, whose head is in `out`.
-        Forward(Head),
+        /// A request for the upstream, whose head is in `out`; whether it is a HEAD.
+        Forward(Head, bool),
     }
 
     fn closed() -> io::Error {
@@ -381,7 +380,6 @@ mod raw {
             len,
             body,
             close: says_close(response.headers),
-            to_head,
         }))
     }
 
@@ -404,7 +402,6 @@ mod raw {
                         len,
                         body: content_length(request.headers)?.unwrap_or(0),
                         close: says_close(request.headers),
-                        to_head: method == "HEAD",
                     };
                     let path = request.path.unwrap_or("/");
                     if path.starts_with("/_proxy/") {
@@ -422,7 +419,7 @@ mod raw {
                     }
                     header_line(out, "Authorization", TOKEN.as_bytes());
                     out.extend_from_slice(b"\r\n");
-                    return Ok(Some(Asked::Forward(head)));
+                    return Ok(Some(Asked::Forward(head, method == "HEAD")));
                 }
             }
             if client.read_buf(buf).await? == 0 {
@@ -458,14 +455,14 @@ mod raw {
         let mut from_desk = BytesMut::with_capacity(8192);
         let mut head = Vec::with_capacity(1024);
         while let Some(asked) = read_request(&mut client, &mut from_client, &mut head).await? {
-            let request = match asked {
+            let (request, to_head) = match asked {
                 Asked::Ready(request) => {
                     from_client.advance(request.len);
                     // The readiness check's body, if any, is not expected.
                     client.write_all(READY).await?;
                     continue;
                 }
-                Asked::Forward(request) => request,
+                Asked::Forward(request, to_head) => (request, to_head),
             };
             from_client.advance(request.len);
             let stream = match desk.as_mut() {
@@ -476,7 +473,7 @@ mod raw {
             copy_body(&mut client, stream, &mut from_client, request.body).await?;
             let answer = loop {
                 if !from_desk.is_empty()
-                    && let Some(answer) = parse_answer(&from_desk, request.to_head, |_| ())?
+                    && let Some(answer) = parse_answer(&from_desk, to_head, |_| ())?
                 {
                     break answer;
                 }

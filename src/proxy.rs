@@ -780,9 +780,9 @@ impl Proxy {
         let timeout = self.config.timeouts.response;
         // The clock is read again only after a wait (for a slot, for a token): about
         // 23 ns a read, and the request's path used to read it 17 times (README
-        // "Performance"). Desk's call first (shared by the serving threads, in arrival order), then the
-        // serving thread's own slot: at once when both are free (no timer is made),
-        // else in line within the response's time.
+        // "Performance"). Desk's call first (shared by the serving threads, in arrival
+        // order), then the serving thread's own slot: at once when both are free (no
+        // timer is made), else in line within the response's time.
         let (slot, free) = match self.slot_now(upstream) {
             Some(slot) => (Ok(Ok(slot)), started),
             None => {
