@@ -557,3 +557,55 @@ async fn bytes_after_the_trailer_are_repaired_before_recording_appends() {
     let entries = har["log"]["entries"].as_array().unwrap().len();
     assert_eq!(entries, recorded.len() + more.len());
 }
+
+#[tokio::test]
+async fn an_answer_cut_off_before_its_end_is_recorded_as_truncated() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("desk.har");
+    let recorded = file.clone();
+    let s = Scenario::with(FakeOptions::default(), move |c| {
+        c.record.file = Some(recorded);
+    })
+    .await;
+    let whole = fetch(s.url("/api/v1/tickets")).await;
+    assert_eq!(whole.status(), 200);
+    whole.bytes().await.unwrap();
+    // Desk sends the head at once and the body a minute later: the client takes the
+    // head and leaves.
+    let mut stream = tokio::net::TcpStream::connect(s.proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /api/v1/slow-body?ms=60000 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut buf = [0u8; 1024];
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the head never came");
+        head.extend_from_slice(&buf[..n]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"));
+    wait_for_metric(&s.proxy, "zoho_proxy_desk_in_flight 1").await;
+    drop(stream);
+    // Desk's call is given back when the answer ends, after its recording is handed over.
+    wait_for_metric(&s.proxy, "zoho_proxy_desk_in_flight 0").await;
+    s.proxy.stop().await;
+
+    let har: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let entries = har["log"]["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 2, "{har}");
+    let content = |path: &str| {
+        let entry = entries
+            .iter()
+            .find(|e| e["request"]["url"].as_str().unwrap().contains(path))
+            .unwrap();
+        entry["response"]["content"].clone()
+    };
+    assert_eq!(content("/api/v1/tickets").get("_truncated"), None, "whole");
+    let cut = content("/api/v1/slow-body");
+    assert_eq!(cut["_truncated"], true, "{cut}");
+    assert_eq!(cut["size"], 0, "{cut}");
+}

@@ -12,7 +12,7 @@
 //! ```
 //!
 //! Fields HAR has no place for start with `_`, as HAR allows: `_truncated` (a body longer
-//! than `record.max_body_bytes`), `_encoding` (a binary request body, base64) and
+//! than `record.max_body_bytes`, or one whose end was not seen), `_encoding` (a binary request body, base64) and
 //! `_requestId`.
 
 use serde::{Deserialize, Serialize};
@@ -97,7 +97,8 @@ pub struct PostData {
     /// `base64` for a body that is not UTF-8.
     #[serde(rename = "_encoding", skip_serializing_if = "Option::is_none")]
     pub encoding: Option<String>,
-    /// Longer than `record.max_body_bytes`: only its start is here.
+    /// Longer than `record.max_body_bytes`, or not seen to its end: only its start is
+    /// here.
     #[serde(rename = "_truncated", skip_serializing_if = "is_false")]
     pub truncated: bool,
 }
@@ -141,7 +142,8 @@ pub struct Content {
     /// `base64` for a body that is not UTF-8 (compressed bodies included).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encoding: Option<String>,
-    /// Longer than `record.max_body_bytes`: only its start is here.
+    /// Longer than `record.max_body_bytes`, or not seen to its end: only its start is
+    /// here.
     #[serde(rename = "_truncated", skip_serializing_if = "is_false")]
     pub truncated: bool,
 }

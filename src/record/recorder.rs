@@ -160,6 +160,7 @@ impl Recorder {
                 response_headers: String::new(),
                 body: Vec::new(),
                 body_total: 0,
+                body_complete: false,
             },
         }))
     }
@@ -230,6 +231,9 @@ struct Exchange {
     /// The answer's body, up to the recording's limit.
     body: Vec<u8>,
     body_total: u64,
+    /// The answer's body was seen to its end (not cut off by Desk, the client leaving or
+    /// a timeout).
+    body_complete: bool,
 }
 
 impl Recording {
@@ -252,8 +256,9 @@ impl Tap for Recording {
             .extend_from_slice(&data[..data.len().min(room)]);
     }
 
-    fn end(mut self: Box<Self>, _complete: bool) {
+    fn end(mut self: Box<Self>, complete: bool) {
         self.exchange.ended = Some(Instant::now());
+        self.exchange.body_complete = complete;
         self.exchange.body.shrink_to_fit();
         let Recording {
             queue,
@@ -386,7 +391,9 @@ impl Exchange {
                 mime_type: flattened_value(&self.response_headers, "content-type"),
                 text,
                 encoding,
-                truncated: self.body_total > body.len() as u64,
+                // Longer than kept, or cut off before its end: replay must not take a
+                // broken answer for a whole one.
+                truncated: self.body_total > body.len() as u64 || !self.body_complete,
             },
             redirect_url: flattened_value(&self.response_headers, "location"),
             headers_size: -1,
