@@ -633,10 +633,12 @@ impl Proxy {
                 (UpstreamBody::buffered(replay.bytes.clone()), None),
                 Want::Usable,
             );
+            // Within the request's response time, counted from its arrival.
+            let due = Instant::now() + self.config.timeouts.response.saturating_sub(log.age());
             // The rare paths are boxed: the request's future does not carry their size.
             (answer, _) = Box::pin(async {
                 tokio::time::sleep(wait).await;
-                self.attempt(upstream, retry, log).await
+                self.attempt(upstream, retry.due(due), log).await
             })
             .await?;
         }
@@ -778,6 +780,9 @@ impl Proxy {
         // its largest.
         let started = Instant::now();
         let timeout = self.config.timeouts.response;
+        let due = attempt
+            .due
+            .map_or(started + timeout, |due| due.min(started + timeout));
         // The clock is read again only after a wait (for a slot, for a token): about
         // 23 ns a read, and the request's path used to read it 17 times (README
         // "Performance"). Desk's call first (shared by the serving threads, in arrival
@@ -786,7 +791,7 @@ impl Proxy {
         let (slot, free) = match self.slot_now(upstream) {
             Some(slot) => (Ok(Ok(slot)), started),
             None => {
-                let slot = tokio::time::timeout_at(started + timeout, async {
+                let slot = tokio::time::timeout_at(due, async {
                     let desk = self.desk.acquire().await;
                     let worker = Arc::clone(&upstream.slots).acquire_owned().await;
                     worker.map(|worker| UpstreamSlot::new(desk, worker))
@@ -813,7 +818,7 @@ impl Proxy {
                 let (request, outcome) = attempt.into_request(&token);
                 // Desk's latency, in the log, starts once a slot and a token are in hand;
                 // the wait for a token does not count against the response's time.
-                let deadline = started + timeout + (sent - free);
+                let deadline = due + (sent - free);
                 let response = tokio::time::timeout_at(deadline, upstream.pool.send(request)).await;
                 log.set_upstream_latency(sent.elapsed());
                 response.map(|response| (slot, token, response, outcome))
@@ -873,6 +878,9 @@ struct Attempt {
     request: Box<Request<UpstreamBody>>,
     outcome: Option<Arc<BodyOutcome>>,
     token: Want,
+    /// When Desk's answer must have begun by, if sooner than `timeouts.response_secs`
+    /// from the attempt's start (a retry after a 429 has what is left of the request's).
+    due: Option<Instant>,
 }
 
 impl Attempt {
@@ -893,6 +901,15 @@ impl Attempt {
             request,
             outcome,
             token,
+            due: None,
+        }
+    }
+
+    /// The attempt, its answer due by `due` at the latest.
+    fn due(self, due: Instant) -> Self {
+        Self {
+            due: Some(due),
+            ..self
         }
     }
 

@@ -181,6 +181,23 @@ async fn a_429_whose_wait_does_not_fit_the_response_time_goes_to_the_client() {
 }
 
 #[tokio::test]
+async fn a_retry_after_a_429_has_what_is_left_of_the_response_time() {
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.timeouts.response = Duration::from_secs(2);
+    })
+    .await;
+    // Desk takes 1.2 s for each answer: the 429 comes at 1.2 s, and its retry (at once)
+    // would have its head at 2.4 s, past the request's 2 s.
+    s.zoho.set_desk_delay(Duration::from_millis(1200));
+    s.zoho.throttle_next_desk_requests(1, Some(0));
+    let answer = fetch(s.url("/api/v1/tickets")).await;
+    assert_eq!(answer.status(), 504);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(body["errorCode"], "PROXY_UPSTREAM_TIMEOUT", "{body}");
+    assert_eq!(s.zoho.desk_request_count(), 2, "retried, then timed out");
+}
+
+#[tokio::test]
 async fn desk_s_remaining_credits_show_in_the_metrics_and_ready() {
     let s = Scenario::start().await;
     let metrics = fetch(s.url("/_proxy/metrics")).await.text().await.unwrap();
