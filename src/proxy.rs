@@ -20,7 +20,7 @@ use crate::body::{
     UpstreamBody,
 };
 use crate::budget::{ByteBudget, Limit, MAX_HEADERS};
-use crate::concurrency::{DeskSlots, UpstreamSlot};
+use crate::concurrency::{DeskSlots, HeldCall, UpstreamSlot};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::headers;
@@ -819,9 +819,11 @@ impl Proxy {
                 // Desk's latency, in the log, starts once a slot and a token are in hand;
                 // the wait for a token does not count against the response's time.
                 let deadline = due + (sent - free);
-                let response = tokio::time::timeout_at(deadline, upstream.pool.send(request)).await;
+                let pool = Arc::clone(&upstream.pool);
+                let call = HeldCall::new(async move { pool.send(request).await }, deadline, slot);
+                let response = call.await;
                 log.set_upstream_latency(sent.elapsed());
-                response.map(|response| (slot, token, response, outcome))
+                response.map(|(response, slot)| (slot, token, response, outcome))
             }
             Ok(Err(_closed)) => {
                 return Err(ProxyError::UpstreamUnreachable(

@@ -93,6 +93,30 @@ async fn a_client_that_leaves_the_line_is_never_sent() {
 }
 
 #[tokio::test]
+async fn a_call_whose_client_left_keeps_its_slot_until_desk_is_done() {
+    for h2 in [false, true] {
+        // Desk takes 600 ms, and goes on with a call whose caller hung up.
+        let s = capped(1, 1, Duration::from_millis(600)).await;
+        let client = if h2 { h2c_client() } else { client() };
+        let url = s.url("/api/v1/tickets");
+        let gone = client
+            .get(&url)
+            .timeout(Duration::from_millis(150))
+            .send()
+            .await;
+        assert!(gone.is_err());
+        assert_eq!(s.zoho.desk_request_count(), 1);
+        // The next request waits for Desk to be done with the first instead of meeting
+        // Desk's limit (and its 429).
+        let next = client.get(&url).send().await.unwrap();
+        assert_eq!(next.status(), 200, "h2: {h2}");
+        assert_eq!(s.zoho.desk_429s(), 0, "h2: {h2}");
+        assert_eq!(s.zoho.desk_max_concurrent(), 1, "h2: {h2}");
+        wait_for_metric(&s.proxy, "zoho_proxy_desk_in_flight 0").await;
+    }
+}
+
+#[tokio::test]
 async fn a_request_that_waits_past_response_secs_gets_504_and_is_never_sent() {
     let s = Scenario::with(FakeOptions::default(), |c| {
         c.desk.max_concurrent = 1;

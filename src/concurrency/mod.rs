@@ -1,7 +1,8 @@
 //! Desk's concurrency limit (README "Desk's limits"): a portal may have only so many API
 //! calls in flight at once (`desk.max_concurrent`, or its edition's). Requests beyond it
 //! wait here, in arrival order, rather than get Desk's concurrency errors; a request whose
-//! client leaves while it waits is never sent.
+//! client leaves while it waits is never sent, and one whose client leaves while Desk works
+//! on it keeps its slot until Desk is done ([`call`]).
 //!
 //! One proxy keeps the count itself ([`DeskSlots::local`]); a fleet sharing a
 //! `token_store` keeps it in Redis ([`fleet`]), falling back to its share of the limit when
@@ -9,6 +10,7 @@
 //! `limits.max_upstream_requests`, the proxy's own bound) and there is no fleet, no queue
 //! is kept at all: the request path then pays two atomic counts per request.
 
+pub mod call;
 pub mod fleet;
 
 use std::sync::Arc;
@@ -17,6 +19,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::Metrics;
+pub use call::HeldCall;
 pub use fleet::{FleetSlots, FleetStatus};
 
 /// Where Desk's calls are counted.

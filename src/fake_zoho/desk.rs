@@ -49,9 +49,9 @@ pub(super) async fn handle(
 }
 
 /// A request counted in flight until dropped.
-struct InFlight<'a>(&'a Shared);
+struct InFlight(Arc<Shared>);
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         let mut st = self.0.lock();
         st.desk_in_flight = st.desk_in_flight.saturating_sub(1);
@@ -140,11 +140,17 @@ async fn handle_inner(
         tracing::debug!("fake desk: over the concurrency cap");
         return Ok(too_many(Some(1)));
     }
-    let _in_flight = InFlight(&shared);
+    let in_flight = Arc::new(InFlight(Arc::clone(&shared)));
 
-    // Desk takes its time before any answer, 401s included.
+    // Desk takes its time before any answer, 401s included, and finishes what it started:
+    // a call whose caller hung up counts against the portal until then.
     let delay = shared.lock().desk_delay;
     if !delay.is_zero() {
+        let working = Arc::clone(&in_flight);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            drop(working);
+        });
         tokio::time::sleep(delay).await;
     }
     if let Some(retry_after) = forced_429 {

@@ -1,0 +1,82 @@
+//! A call at Desk that keeps its slot until Desk is done with it.
+//!
+//! Desk counts a call against the portal's concurrency until it answers, whether or not
+//! anyone still waits for the answer. A request whose client leaves while Desk works on it
+//! is dropped by the server at once; were its slot given back then, the next request in
+//! line would go out while Desk still counts this one, and could meet Desk's own limit.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::time::error::Elapsed;
+use tokio::time::{Instant, Timeout};
+
+use super::UpstreamSlot;
+
+/// Desk's call and the slot it went out with. Dropped before it is done, the call goes on
+/// in a task of its own until Desk's answer begins or its deadline passes, and only then
+/// gives the slot back. The answer that comes is dropped (its connection closed).
+pub struct HeldCall<F>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    /// `None` once done.
+    call: Option<(Pin<Box<Timeout<F>>>, UpstreamSlot)>,
+}
+
+impl<F> HeldCall<F>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    /// `call`, due by `deadline`, holding `slot`. The call is boxed: should it outlive its
+    /// request, it moves into a task of its own.
+    pub fn new(call: F, deadline: Instant, slot: UpstreamSlot) -> Self {
+        Self {
+            call: Some((Box::pin(tokio::time::timeout_at(deadline, call)), slot)),
+        }
+    }
+}
+
+impl<F> Future for HeldCall<F>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    /// The call's outcome and the slot, still held (the answer's body holds it while it
+    /// streams); past the deadline, the slot is given back.
+    type Output = Result<(F::Output, UpstreamSlot), Elapsed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let Some((call, _)) = &mut this.call else {
+            // Polled again after it was done.
+            return Poll::Pending;
+        };
+        let outcome = ready!(call.as_mut().poll(cx));
+        match this.call.take() {
+            Some((_, slot)) => Poll::Ready(outcome.map(|outcome| (outcome, slot))),
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl<F> Drop for HeldCall<F>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn drop(&mut self) {
+        // Outside a runtime (it is shutting down) the call simply ends here.
+        if let Some((call, slot)) = self.call.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                let _ = call.await;
+                drop(slot);
+            });
+        }
+    }
+}
