@@ -139,6 +139,35 @@ fn secrets_can_come_from_files() {
 }
 
 #[test]
+fn an_empty_secret_file_is_an_error_not_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, " \n\n").unwrap();
+    let empty = empty.display();
+    // A key file mounted empty must not turn the key check off.
+    let keys = format!(
+        "{MINIMAL}\n[access]\napi_keys_file = \"{empty}\"\nallow_cidrs = [\"127.0.0.0/8\"]"
+    );
+    let err = Config::from_toml(&keys).unwrap_err().to_string();
+    assert!(
+        err.contains("access.api_keys_file") && err.contains("empty"),
+        "{err}"
+    );
+    for key in ["client_secret", "refresh_token"] {
+        let toml = "[oauth]\nclient_id = \"id\"\nclient_secret = \"s\"\nrefresh_token = \"r\"\n"
+            .replace(
+                &format!("{key} = "),
+                &format!("{key}_file = \"{empty}\"\n# "),
+            );
+        let err = Config::from_toml(&toml).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("oauth.{key}")) && err.contains("empty"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
 fn the_example_proxy_toml_is_complete_and_matches_the_defaults() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml");
     let mut raw = RawConfig::from_file(&path).unwrap();

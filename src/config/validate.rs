@@ -558,9 +558,15 @@ fn secret_value(
     }
 }
 
+/// A secret file's text. One that holds nothing but blanks is an error: a secret mounted
+/// empty must not pass for "no secret" (for `access.api_keys_file`, "no keys at all").
 fn read_secret_file(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read the file {}: {e}", path.display()))
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the file {}: {e}", path.display()))?;
+    if text.trim().is_empty() {
+        return Err(format!("the file {} is empty", path.display()));
+    }
+    Ok(text)
 }
 
 fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
