@@ -87,8 +87,8 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Some(Command::Exchange(args)) => {
-                init_logging(Some(LogFormat::Pretty));
                 let config = Config::load(args.config.as_deref())?;
+                init_logging(config.log_format);
                 let message = zoho_desk_proxy::ops::exchange(&config, &args.code).await?;
                 println!("{message}");
                 Ok(())

@@ -60,6 +60,18 @@ async fn exchange_stores_the_refresh_token_masked_and_serve_reuses_the_access_to
         .unwrap();
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already used"));
+    // Its log lines follow `log.format` (here from the environment), as serve's do.
+    let logged = command(dir.path())
+        .args(["exchange", "--code", "1000.fakegrant.0001", "--config"])
+        .arg(&config)
+        .env("ZOHO_PROXY_LOG_FORMAT", "json")
+        .env("RUST_LOG", "debug")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&logged.stderr);
+    assert!(!stderr.contains('\u{1b}'), "{stderr}");
+    assert!(stderr.lines().any(|l| l.starts_with('{')), "{stderr}");
 
     // A client id of another data centre: the hint names `dc`.
     let text = std::fs::read_to_string(&config)

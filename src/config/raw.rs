@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 use super::error::{ConfigError, Locator, Origin};
 
@@ -57,8 +57,10 @@ pub(super) struct RawTls {
 pub(super) struct RawOAuth {
     pub(super) client_id: Option<String>,
     pub(super) client_id_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "secret_text")]
     pub(super) client_secret: Option<String>,
     pub(super) client_secret_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "secret_text")]
     pub(super) refresh_token: Option<String>,
     pub(super) refresh_token_file: Option<PathBuf>,
     pub(super) refresh_margin_secs: Option<u64>,
@@ -68,6 +70,7 @@ pub(super) struct RawOAuth {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAccess {
+    #[serde(default, deserialize_with = "secret_texts")]
     pub(super) api_keys: Option<Vec<String>>,
     pub(super) api_keys_file: Option<PathBuf>,
     pub(super) allow_methods: Option<Vec<String>>,
@@ -268,4 +271,38 @@ impl RawConfig {
             self.origins.source = "the environment".into();
         }
     }
+}
+
+/// What a secret's key holds: text, or anything else, which is refused without being
+/// shown (serde's own error would print a number or a boolean given by mistake).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SecretText {
+    Text(String),
+    Other(serde::de::IgnoredAny),
+}
+
+impl SecretText {
+    fn into_text<E: serde::de::Error>(self) -> Result<String, E> {
+        match self {
+            SecretText::Text(text) => Ok(text),
+            SecretText::Other(_) => Err(E::custom(
+                "expected a string (the value is not shown: it may be a secret)",
+            )),
+        }
+    }
+}
+
+/// A secret key's value (`oauth.client_secret`, `oauth.refresh_token`).
+fn secret_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    SecretText::deserialize(d)?.into_text().map(Some)
+}
+
+/// A list of secrets (`access.api_keys`).
+fn secret_texts<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    Vec::<SecretText>::deserialize(d)?
+        .into_iter()
+        .map(SecretText::into_text)
+        .collect::<Result<_, _>>()
+        .map(Some)
 }

@@ -337,6 +337,39 @@ fn a_value_of_the_wrong_type_names_its_key_and_place() {
 }
 
 #[test]
+fn a_secret_of_the_wrong_type_is_refused_without_its_value() {
+    for (text, key) in [
+        (
+            "[oauth]\nclient_id = \"id\"\nclient_secret = 98765432109\n",
+            "oauth.client_secret",
+        ),
+        (
+            "[oauth]\nclient_id = \"id\"\nrefresh_token = 98765432109\n",
+            "oauth.refresh_token",
+        ),
+        (
+            "[access]\napi_keys = [\"k\", 98765432109]\n",
+            "access.api_keys",
+        ),
+    ] {
+        let err = RawConfig::from_toml(text, "proxy.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(key) && err.contains("expected a string"),
+            "{err}"
+        );
+        assert!(!err.contains("98765432109"), "{err}");
+    }
+    // Text still reads as before.
+    let raw = RawConfig::from_toml("[access]\napi_keys = [\"a\", \"b\"]\n", "proxy.toml").unwrap();
+    assert_eq!(
+        raw.access.api_keys,
+        Some(vec!["a".to_owned(), "b".to_owned()])
+    );
+}
+
+#[test]
 fn a_syntax_error_has_its_line_and_column() {
     let err = RawConfig::from_toml("listen = \"x\"\n[oauth\nclient_id = 1\n", "proxy.toml")
         .unwrap_err()
