@@ -392,7 +392,10 @@ pub struct ResponseBody {
     /// A recording of the exchange, told of the body as it goes.
     tap: Option<Box<dyn Tap>>,
     /// The request counts as open on its connection until its answer is done.
-    _stream: Option<StreamGuard>,
+    stream: Option<StreamGuard>,
+    /// A part of the body went to hyper, and the next was not asked for yet: its client
+    /// has not taken it (told to the connection, which bounds how long that may last).
+    waiting: bool,
 }
 
 #[derive(Debug)]
@@ -410,7 +413,8 @@ impl ResponseBody {
             log: None,
             _slot: None,
             tap: None,
-            _stream: None,
+            stream: None,
+            waiting: false,
         }
     }
 
@@ -421,7 +425,8 @@ impl ResponseBody {
             log: None,
             _slot: Some(slot),
             tap: None,
-            _stream: None,
+            stream: None,
+            waiting: false,
         }
     }
 
@@ -437,7 +442,7 @@ impl ResponseBody {
 
     /// Keeps the request open on its connection until the body ends or is dropped.
     pub fn hold_stream(&mut self, stream: StreamGuard) {
-        self._stream = Some(stream);
+        self.stream = Some(stream);
     }
 }
 
@@ -456,11 +461,26 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
+        if this.waiting
+            && let Some(stream) = &this.stream
+        {
+            this.waiting = false;
+            stream.answer_taken();
+        }
         let polled = match &mut this.inner {
             Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Inner::Stream(incoming) => Pin::new(incoming).poll_frame(cx),
         };
         let ended = matches!(polled, Poll::Ready(Some(Ok(_)))) && this.is_end_stream();
+        // A part handed over, more to come: it waits for its client to take it. (A whole
+        // small answer in one part never waits.)
+        if matches!(polled, Poll::Ready(Some(Ok(_))))
+            && !ended
+            && let Some(stream) = &this.stream
+        {
+            this.waiting = true;
+            stream.answer_waits();
+        }
         if let Some(tap) = &mut this.tap {
             match &polled {
                 Poll::Ready(Some(Ok(frame))) => {
@@ -522,6 +542,11 @@ impl Body for ResponseBody {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
+        if self.waiting
+            && let Some(stream) = &self.stream
+        {
+            stream.answer_taken();
+        }
         if let Some(tap) = self.tap.take() {
             tap.end(self.is_end_stream());
         }

@@ -35,6 +35,11 @@ pub struct ConnectionState {
     /// The last write to the client could not complete: answer bytes wait in hyper's
     /// buffer for a client that does not read.
     output_blocked: AtomicBool,
+    /// Answers that handed hyper a part of their body and wait to be asked for the next:
+    /// their client has not taken that part yet.
+    answers_waiting: AtomicUsize,
+    /// How many times such an answer was asked for its next part (or ended).
+    answers_taken: AtomicU64,
 }
 
 impl ConnectionState {
@@ -49,6 +54,8 @@ impl ConnectionState {
             born: Instant::now(),
             idle_since_ms: AtomicU64::new(0),
             output_blocked: AtomicBool::new(false),
+            answers_waiting: AtomicUsize::new(0),
+            answers_taken: AtomicU64::new(0),
         })
     }
 
@@ -99,6 +106,17 @@ impl ConnectionState {
         polled
     }
 
+    /// Answers waiting for their client to take the part of the body they gave.
+    pub fn answers_waiting(&self) -> usize {
+        self.answers_waiting.load(Ordering::Acquire)
+    }
+
+    /// How many parts of answers their clients have taken so far (a count that moves
+    /// while the connection's clients read).
+    pub fn answers_taken(&self) -> u64 {
+        self.answers_taken.load(Ordering::Acquire)
+    }
+
     /// Whether a close was asked for.
     pub fn close_requested(&self) -> bool {
         self.close.load(Ordering::Acquire)
@@ -128,6 +146,20 @@ impl ConnectionState {
 pub struct StreamGuard {
     state: Arc<ConnectionState>,
     local: bool,
+}
+
+impl StreamGuard {
+    /// The request's answer gave hyper a part of its body, and waits to be asked for the
+    /// next.
+    pub fn answer_waits(&self) {
+        self.state.answers_waiting.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The answer that waited was asked for its next part, or ended.
+    pub fn answer_taken(&self) {
+        self.state.answers_waiting.fetch_sub(1, Ordering::AcqRel);
+        self.state.answers_taken.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 impl Drop for StreamGuard {

@@ -222,6 +222,49 @@ async fn a_body_that_stalls_while_streaming_is_aborted_at_desk_and_frees_its_slo
 }
 
 #[tokio::test]
+async fn a_client_that_stops_taking_its_answer_is_cut_off_and_frees_its_slot() {
+    // One upstream slot, and an answer far bigger than the sockets' buffers.
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        stalling()(c);
+        c.timeouts.header_read = IDLE;
+    })
+    .await;
+    let download = "/api/v1/download?bytes=500000000";
+
+    // HTTP/1.1: the head is read, then nothing more.
+    let mut stream = TcpStream::connect(s.proxy.addr).await.unwrap();
+    stream
+        .write_all(format!("GET {download} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 1024];
+    let n = stream.read(&mut head).await.unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+    wait_for_metric(&s.proxy, "zoho_proxy_desk_in_flight 1").await;
+    // Cut off after BODY_READ of silence (looked at every IDLE): the slot comes back.
+    wait_for_metric(&s.proxy, "zoho_proxy_desk_in_flight 0").await;
+    assert_still_serving(&s).await;
+    drop(stream);
+
+    // HTTP/2: the answer's head is taken, its body never, so the stream's flow-control
+    // window stays shut; the connection itself stays alive (hyper answers PINGs).
+    let (mut sender, connection) = h2(s.proxy.addr).await;
+    let request = h2_request("GET", s.proxy.addr, download)
+        .body(empty())
+        .unwrap();
+    let response = timeout(LIMIT, sender.send_request(request))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    wait_for_metric(&s.proxy, "zoho_proxy_desk_in_flight 1").await;
+    wait_for_metric(&s.proxy, "zoho_proxy_desk_in_flight 0").await;
+    assert!(closed_within(connection, LIMIT).await);
+    drop(response);
+    assert_still_serving(&s).await;
+}
+
+#[tokio::test]
 async fn a_body_that_trickles_within_the_bound_is_forwarded() {
     let s = Scenario::with(FakeOptions::default(), stalling()).await;
     let (mut sender, _connection) = h2(s.proxy.addr).await;

@@ -39,6 +39,7 @@ pub(super) fn serve(worker: &Arc<Worker>, accepted: Accepted, load: Counted) {
     tokio::spawn(async move {
         let _counted = (slot, load, alive);
         let idle = worker.proxy.config.timeouts.header_read;
+        let stall = worker.proxy.config.timeouts.body_read;
         // A client that sends nothing, or stalls in the HTTP/2 preface, is cut off here;
         // `drive` bounds the rest of the first head, from the same start.
         let detected = tokio::select! {
@@ -64,12 +65,12 @@ pub(super) fn serve(worker: &Arc<Worker>, accepted: Accepted, load: Counted) {
             Version::Http1 => {
                 let connection = worker.http1.serve_connection(io, service).with_upgrades();
                 tokio::pin!(connection);
-                drive(connection, &state, idle, peer).await
+                drive(connection, &state, idle, stall, peer).await
             }
             Version::Http2 => {
                 let connection = worker.http2.serve_connection(io, service);
                 tokio::pin!(connection);
-                drive(connection, &state, idle, peer).await
+                drive(connection, &state, idle, stall, peer).await
             }
         };
         if let Err(err) = result {

@@ -84,6 +84,7 @@ pub(super) async fn drive<C: Closable>(
     mut connection: Pin<&mut C>,
     state: &ConnectionState,
     idle: Duration,
+    stall: Duration,
     peer: SocketAddr,
 ) -> Result<(), hyper::Error> {
     // From the accept: the time spent telling HTTP/1 from h2c counts against the first
@@ -98,6 +99,9 @@ pub(super) async fn drive<C: Closable>(
     // fires, and needs no poll before its deadline. A request wakes the task several
     // times; each then costs a clock read instead of a timer poll.
     let mut armed = false;
+    // An answer seen waiting for its client, how many parts had been taken then, and
+    // when.
+    let mut suspect: Option<(u64, Instant)> = None;
     std::future::poll_fn(|cx| {
         loop {
             if let Poll::Ready(result) = connection.as_mut().poll(cx) {
@@ -111,8 +115,22 @@ pub(super) async fn drive<C: Closable>(
             } else if due && idle_timer.as_mut().poll(cx).is_ready() {
                 let now = Instant::now();
                 match state.idle_deadline(idle).map(Instant::from_std) {
-                    // Requests are open: look again one idle period later.
+                    // Requests are open: look again one idle period later. An answer that
+                    // has waited `stall` for its client, with nothing of any answer taken
+                    // since, is a client that stopped reading (or, on HTTP/2, stopped
+                    // opening its flow-control window): it would hold Desk's call forever.
                     None => {
+                        let taken = state.answers_taken();
+                        let waiting = state.answers_waiting() > 0;
+                        match suspect {
+                            Some((seen, since)) if waiting && seen == taken => {
+                                if now.duration_since(since) >= stall {
+                                    tracing::debug!(%peer, budget = "timeouts.body_read_secs", "dropping a connection whose client takes none of its answer");
+                                    return Poll::Ready(Ok(()));
+                                }
+                            }
+                            _ => suspect = waiting.then_some((taken, now)),
+                        }
                         idle_timer.as_mut().reset(now + idle);
                         armed = false;
                         continue;

@@ -23,6 +23,7 @@ pub(super) async fn run(worker: &Arc<Worker>, request: Tunnel, peer: SocketAddr)
         tls,
     } = request;
     let idle = worker.proxy.config.timeouts.header_read;
+    let stall = worker.proxy.config.timeouts.body_read;
     let upgraded = match tokio::time::timeout(idle, upgrade).await {
         Ok(Ok(upgraded)) => upgraded,
         Ok(Err(err)) => {
@@ -60,11 +61,11 @@ pub(super) async fn run(worker: &Arc<Worker>, request: Tunnel, peer: SocketAddr)
     let result = if h2 {
         let connection = worker.http2.serve_connection(io, service);
         tokio::pin!(connection);
-        drive(connection, &state, idle, peer).await
+        drive(connection, &state, idle, stall, peer).await
     } else {
         let connection = worker.http1.serve_connection(io, service);
         tokio::pin!(connection);
-        drive(connection, &state, idle, peer).await
+        drive(connection, &state, idle, stall, peer).await
     };
     if let Err(err) = result {
         tracing::debug!(error = %err, %peer, "intercept: tunnel ended with an error");
