@@ -346,6 +346,38 @@ async fn sigterm_exits_as_soon_as_the_drain_is_done() {
     drop(silent);
 }
 
+#[tokio::test]
+async fn sigterm_does_not_wait_for_a_hanging_token_refresh() {
+    let fake = FakeZoho::start().await.unwrap();
+    let zoho = fake.control();
+    // Accounts takes a minute: the refresh at start is still out when SIGTERM comes.
+    zoho.set_accounts_delay(Duration::from_secs(60));
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &fake,
+        true,
+        "",
+        "[timeouts]\nshutdown_grace_secs = 1",
+    );
+    let Serving { child, .. } = serve(dir.path(), &config).await;
+    wait_for_token_requests(&zoho, 1).await;
+
+    let started = std::time::Instant::now();
+    sigterm(&child);
+    let status = tokio::time::timeout(Duration::from_secs(50), child.wait_with_output())
+        .await
+        .expect("the proxy exits")
+        .unwrap()
+        .status;
+    let took = started.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "exited {took:?} after SIGTERM, waiting for Accounts"
+    );
+}
+
 /// Starts `demo` with `args` in `dir` on a port the kernel picks; the child and the
 /// proxy's address, read from the banner.
 async fn demo(dir: &std::path::Path, args: &[&str]) -> (tokio::process::Child, String) {

@@ -566,7 +566,12 @@ impl TokenCache {
                     // A refresh of the token that was due: if another refresh replaced it
                     // meanwhile, that token is taken and no call is made.
                     // Errors are logged and recorded by the flight; the loop re-plans.
-                    let _ = self.refresh_after(due).await;
+                    // A stop does not wait for Accounts (the flight is a task of its own,
+                    // whose waiters are told if it ends unanswered).
+                    tokio::select! {
+                        () = &mut shutdown => return,
+                        _ = self.refresh_after(due) => {}
+                    }
                 }
             }
         }
