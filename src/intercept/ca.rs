@@ -63,7 +63,7 @@ fn cert_error(err: impl std::fmt::Display) -> CaError {
     CaError::Cert(err.to_string())
 }
 
-/// The CA's certificate parameters: a CA for `hosts` (and the names below them) only,
+/// The CA's certificate parameters: a CA for `hosts` only (not the names below them),
 /// and for no IP address.
 fn ca_params(hosts: &[String]) -> CertificateParams {
     let mut params = CertificateParams::default();
@@ -82,10 +82,19 @@ fn ca_params(hosts: &[String]) -> CertificateParams {
             .iter()
             .map(|h| GeneralSubtree::DnsName(h.clone()))
             .collect(),
-        excluded_subtrees: vec![
-            GeneralSubtree::IpAddress(CidrSubnet::V4([0; 4], [0; 4])),
-            GeneralSubtree::IpAddress(CidrSubnet::V6([0; 16], [0; 16])),
-        ],
+        // A DNS constraint also permits every name below it; a leading dot names those
+        // only (as OpenSSL, Go, NSS and webpki read it), and they are excluded — unless
+        // one of them is intercepted too.
+        excluded_subtrees: hosts
+            .iter()
+            .map(|h| format!(".{h}"))
+            .filter(|below| !hosts.iter().any(|other| other.ends_with(below.as_str())))
+            .map(GeneralSubtree::DnsName)
+            .chain([
+                GeneralSubtree::IpAddress(CidrSubnet::V4([0; 4], [0; 4])),
+                GeneralSubtree::IpAddress(CidrSubnet::V6([0; 16], [0; 16])),
+            ])
+            .collect(),
     });
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::days(1);
@@ -113,16 +122,20 @@ pub fn init(dir: &Path, hosts: &[String], force: bool) -> Result<PathBuf, CaErro
     Ok(cert_path)
 }
 
-/// The DNS names a CA certificate's name constraints permit (`None`: it has none, and
-/// permits all).
-fn permitted_names(ca_der: &CertificateDer<'_>) -> Result<Option<Vec<String>>, CaError> {
-    use x509_parser::extensions::GeneralName;
+/// The DNS names a CA certificate's name constraints permit and exclude.
+#[derive(Debug)]
+struct DnsConstraints {
+    permitted: Vec<String>,
+    excluded: Vec<String>,
+}
+
+/// A CA certificate's DNS name constraints (`None`: it has none, and permits all).
+fn dns_constraints(ca_der: &CertificateDer<'_>) -> Result<Option<DnsConstraints>, CaError> {
+    use x509_parser::extensions::{GeneralName, GeneralSubtree};
     let (_, cert) = x509_parser::parse_x509_certificate(ca_der).map_err(cert_error)?;
     let constraints = cert.name_constraints().map_err(cert_error)?;
-    Ok(constraints.map(|constraints| {
-        constraints
-            .value
-            .permitted_subtrees
+    let names = |subtrees: &Option<Vec<GeneralSubtree<'_>>>| -> Vec<String> {
+        subtrees
             .iter()
             .flatten()
             .filter_map(|subtree| match subtree.base {
@@ -130,21 +143,34 @@ fn permitted_names(ca_der: &CertificateDer<'_>) -> Result<Option<Vec<String>>, C
                 _ => None,
             })
             .collect()
+    };
+    Ok(constraints.map(|constraints| DnsConstraints {
+        permitted: names(&constraints.value.permitted_subtrees),
+        excluded: names(&constraints.value.excluded_subtrees),
     }))
 }
 
-/// Whether a DNS name constraint list permits `host`: the name itself or one below it.
-fn covers(permitted: &Option<Vec<String>>, host: &str) -> bool {
-    let Some(names) = permitted else {
+/// Whether `host` is within a DNS name constraint: the name and the names below it, or,
+/// for `.name`, the names below it only.
+fn within(constraint: &str, host: &str) -> bool {
+    match constraint.strip_prefix('.') {
+        Some(_) => host.ends_with(constraint),
+        None => {
+            host == constraint
+                || host
+                    .strip_suffix(constraint)
+                    .is_some_and(|rest| rest.ends_with('.'))
+        }
+    }
+}
+
+/// Whether a CA's DNS name constraints let it vouch for `host`.
+fn covers(constraints: &Option<DnsConstraints>, host: &str) -> bool {
+    let Some(constraints) = constraints else {
         return true;
     };
-    names.iter().any(|name| {
-        let name = name.trim_start_matches('.');
-        host == name
-            || host
-                .strip_suffix(name)
-                .is_some_and(|rest| rest.ends_with('.'))
-    })
+    (constraints.permitted.is_empty() || constraints.permitted.iter().any(|c| within(c, host)))
+        && !constraints.excluded.iter().any(|c| within(c, host))
 }
 
 /// The CA loaded from its directory, and the leaf certificates it has minted.
@@ -184,8 +210,8 @@ impl LocalCa {
         let key = KeyPair::from_pem(&read(&key_path)?).map_err(cert_error)?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(cert_error)?;
         let ca_der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(cert_error)?;
-        let permitted = permitted_names(&ca_der)?;
-        if let Some(host) = hosts.iter().find(|host| !covers(&permitted, host)) {
+        let constraints = dns_constraints(&ca_der)?;
+        if let Some(host) = hosts.iter().find(|host| !covers(&constraints, host)) {
             return Err(CaError::Uncovered {
                 dir: dir.to_owned(),
                 host: host.clone(),
@@ -330,13 +356,40 @@ mod tests {
     }
 
     #[test]
-    fn name_constraints_cover_a_name_and_the_names_below_it_only() {
-        let names = Some(hosts(&["desk.zoho.com"]));
-        assert!(covers(&names, "desk.zoho.com"));
-        assert!(covers(&names, "eu.desk.zoho.com"));
-        assert!(!covers(&names, "evildesk.zoho.com"));
-        assert!(!covers(&names, "zoho.com"));
+    fn name_constraints_cover_what_they_permit_and_do_not_exclude() {
+        // A CA of an earlier version: the name and the names below it.
+        let earlier = Some(DnsConstraints {
+            permitted: hosts(&["desk.zoho.com"]),
+            excluded: Vec::new(),
+        });
+        assert!(covers(&earlier, "desk.zoho.com"));
+        assert!(covers(&earlier, "eu.desk.zoho.com"));
+        assert!(!covers(&earlier, "evildesk.zoho.com"));
+        assert!(!covers(&earlier, "zoho.com"));
         assert!(covers(&None, "anything.example"));
+        // Today's: the name only.
+        let der = CertificateDer::from(
+            ca_params(&hosts(&["desk.zoho.com"]))
+                .self_signed(&KeyPair::generate().unwrap())
+                .unwrap()
+                .der()
+                .to_vec(),
+        );
+        let today = dns_constraints(&der).unwrap();
+        assert!(covers(&today, "desk.zoho.com"));
+        assert!(!covers(&today, "eu.desk.zoho.com"));
+        assert!(!covers(&today, "evildesk.zoho.com"));
+        // A host below another intercepted one stays permitted.
+        let both = hosts(&["zoho.example", "desk.zoho.example"]);
+        let der = CertificateDer::from(
+            ca_params(&both)
+                .self_signed(&KeyPair::generate().unwrap())
+                .unwrap()
+                .der()
+                .to_vec(),
+        );
+        let nested = dns_constraints(&der).unwrap();
+        assert!(both.iter().all(|h| covers(&nested, h)));
     }
 
     #[test]
