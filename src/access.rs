@@ -223,13 +223,17 @@ impl AccessPolicy {
         let basic;
         let presented = match headers.get(&PROXY_KEY) {
             Some(key) => Some(key.as_bytes()),
-            None => match headers
-                .get(header::PROXY_AUTHORIZATION)
-                .map(|v| v.as_bytes())
-            {
-                Some(value) if value.starts_with(b"Bearer ") => value.strip_prefix(b"Bearer "),
-                Some(value) if value.starts_with(b"Basic ") => {
-                    basic = basic_password(&value[6..]);
+            // The scheme's name in any case, as HTTP has it.
+            None => match headers.get(header::PROXY_AUTHORIZATION).and_then(|v| {
+                let v = v.as_bytes();
+                let space = v.iter().position(|b| *b == b' ')?;
+                Some((&v[..space], &v[space + 1..]))
+            }) {
+                Some((scheme, key)) if scheme.eq_ignore_ascii_case(b"bearer") => {
+                    Some(key.trim_ascii())
+                }
+                Some((scheme, encoded)) if scheme.eq_ignore_ascii_case(b"basic") => {
+                    basic = basic_password(encoded);
                     basic.as_deref()
                 }
                 _ => None,
@@ -486,6 +490,34 @@ mod tests {
                 &[("host", "localhost"), ("proxy-authorization", "Bearer k1")],
                 "127.0.0.1",
                 None,
+            ),
+            (
+                "api_keys = [\"k1\", \"k2\"]",
+                "GET",
+                "/api/v1/tickets",
+                &[("host", "localhost"), ("proxy-authorization", "bearer k2")],
+                "127.0.0.1",
+                None,
+            ),
+            (
+                "api_keys = [\"k1\", \"k2\"]",
+                "GET",
+                "/api/v1/tickets",
+                // base64("any-user:k1")
+                &[
+                    ("host", "localhost"),
+                    ("proxy-authorization", "BASIC YW55LXVzZXI6azE="),
+                ],
+                "127.0.0.1",
+                None,
+            ),
+            (
+                "api_keys = [\"k1\", \"k2\"]",
+                "GET",
+                "/api/v1/tickets",
+                &[("host", "localhost"), ("proxy-authorization", "Bearerk1")],
+                "127.0.0.1",
+                Some("PROXY_UNAUTHORIZED"),
             ),
             (
                 "api_keys = [\"k1\", \"k2\"]",
