@@ -525,6 +525,13 @@ impl Proxy {
         };
         match replay.lookup(&parts.method, target.path_and_query.as_str(), body) {
             Lookup::Hit(answer) => {
+                // Desk's credits and 429s as the recording has them, as when serving.
+                if let Some(remaining) = rate_limit_remaining(&answer.headers) {
+                    self.metrics.set_desk_rate_limit_remaining(remaining);
+                }
+                if answer.status == StatusCode::TOO_MANY_REQUESTS {
+                    self.metrics.record_desk_429();
+                }
                 if answer.truncated {
                     tracing::warn!(request_id = %log.id(), method = %parts.method, path = %target.path(), "replay: the recorded answer was cut at record.max_body_bytes; its start is sent");
                 }

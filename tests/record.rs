@@ -223,6 +223,18 @@ async fn recorded_traffic_replays_byte_for_byte_with_no_fake_and_no_credentials(
         .await
         .unwrap();
     assert_eq!(ready["mode"], "replay", "{ready}");
+    // Desk's credits, as the recorded answers tell them.
+    let metrics = fetch(serving.url("/_proxy/metrics"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("zoho_proxy_desk_rate_limit_remaining ")),
+        "{metrics}"
+    );
     assert_eq!(stop(serving).await.code(), Some(0));
 }
 
