@@ -3,6 +3,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -48,13 +49,41 @@ pub(super) async fn handle(
     Ok(resp)
 }
 
-/// A request counted in flight until dropped.
-struct InFlight(Arc<Shared>);
+/// A call counted in flight until it ends (or is dropped).
+struct InFlight {
+    shared: Arc<Shared>,
+    counted: AtomicBool,
+}
+
+impl InFlight {
+    fn start(shared: &Arc<Shared>) -> Arc<Self> {
+        Arc::new(Self {
+            shared: Arc::clone(shared),
+            counted: AtomicBool::new(true),
+        })
+    }
+
+    /// Ends the count, once.
+    fn end(&self) {
+        if self.counted.swap(false, Ordering::AcqRel) {
+            let mut st = self.shared.lock();
+            st.desk_in_flight = st.desk_in_flight.saturating_sub(1);
+        }
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let mut st = self.0.lock();
-        st.desk_in_flight = st.desk_in_flight.saturating_sub(1);
+        self.end();
+    }
+}
+
+/// Ends a call's count when its handler is done with it.
+struct Done(Arc<InFlight>);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.0.end();
     }
 }
 
@@ -140,19 +169,21 @@ async fn handle_inner(
         tracing::debug!("fake desk: over the concurrency cap");
         return Ok(too_many(Some(1)));
     }
-    let in_flight = Arc::new(InFlight(Arc::clone(&shared)));
+    let in_flight = InFlight::start(&shared);
 
     // Desk takes its time before any answer, 401s included, and finishes what it started:
-    // a call whose caller hung up counts against the portal until then.
+    // a call whose caller hung up counts against the portal until then. A call answered
+    // ends when its handler returns, as before.
     let delay = shared.lock().desk_delay;
     if !delay.is_zero() {
         let working = Arc::clone(&in_flight);
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            drop(working);
+            working.end();
         });
         tokio::time::sleep(delay).await;
     }
+    let _done = Done(in_flight);
     if let Some(retry_after) = forced_429 {
         req.consume(0).await?;
         return Ok(too_many(retry_after));
