@@ -268,60 +268,66 @@ impl<B: SendBody> Pool<B> {
         pool
     }
 
-    /// Sends `req` (its URI absolute, as `BaseUrl::join` makes it) and returns Desk's
-    /// head, its body to be read through [`PooledBody`]. The request comes boxed: an async
-    /// fn holds what it is given for its whole life, and the request's future is
-    /// allocated at its full size for every client connection.
-    pub async fn send(
-        &self,
-        mut req: Box<Request<B>>,
-    ) -> Result<Response<PooledBody<B>>, SendError> {
+    /// A connection for one request: the thread's HTTP/2 connection, a waiting HTTP/1.1
+    /// one (unless `fresh` is asked for), or a new one. Nothing is sent yet: a caller that
+    /// gives up meanwhile sends nothing.
+    pub async fn connection(&self, fresh: bool) -> Result<Ready<B>, SendError> {
+        if let Some(h2) = self.shared_h2() {
+            return Ok(Ready(Conn::H2(h2)));
+        }
+        if let Some(h1) = self.checkout(fresh).await {
+            return Ok(Ready(Conn::H1 { h1, reused: true }));
+        }
+        // Boxed: the connect's future is large and rare, and the request's future is
+        // allocated at its full size for every client connection.
+        Ok(Ready(match Box::pin(self.connect()).await? {
+            Connection::H1(h1) => Conn::H1 { h1, reused: false },
+            Connection::H2(h2) => Conn::H2(h2),
+        }))
+    }
+
+    /// Sends `req` (its URI absolute, as `BaseUrl::join` makes it) on `ready` and returns
+    /// Desk's head, its body to be read through [`PooledBody`]; or the request itself, not
+    /// a byte of it written, when the waiting connection it was given had closed as it was
+    /// taken (ask for a fresh one). The request comes boxed: an async fn holds what it is
+    /// given for its whole life, and the request's future is allocated at its full size for
+    /// every client connection.
+    pub async fn send(&self, ready: Ready<B>, mut req: Box<Request<B>>) -> Sent<B> {
         req.headers_mut()
             .entry(http::header::HOST)
             .or_insert_with(|| self.host.clone());
-        if let Some(h2) = self.shared_h2() {
-            return Box::pin(send_h2(h2, *req)).await;
+        let (mut h1, reused) = match ready.0 {
+            Conn::H2(h2) => return Sent::Answered(Box::pin(send_h2(h2, *req)).await),
+            Conn::H1 { h1, reused } => (h1, reused),
+        };
+        // HTTP/1.1 takes the path and query only (HTTP/2 keeps the whole URI).
+        *req.version_mut() = Version::HTTP_11;
+        if req.uri().scheme().is_some()
+            && let Some(pq) = req.uri().path_and_query().cloned()
+        {
+            *req.uri_mut() = Uri::from(pq);
         }
-        let mut fresh = false;
-        loop {
-            let (mut h1, reused) = match self.checkout(fresh).await {
-                Some(h1) => (h1, true),
-                // Boxed: the connect's future is large and rare, and the request's future
-                // is allocated at its full size for every client connection.
-                None => match Box::pin(self.connect()).await? {
-                    Connection::H1(h1) => (h1, false),
-                    Connection::H2(h2) => return Box::pin(send_h2(h2, *req)).await,
-                },
-            };
-            // HTTP/1.1 takes the path and query only (HTTP/2 keeps the whole URI).
-            *req.version_mut() = Version::HTTP_11;
-            if req.uri().scheme().is_some()
-                && let Some(pq) = req.uri().path_and_query().cloned()
-            {
-                *req.uri_mut() = Uri::from(pq);
+        // Handing the request over wakes the connection: noted, so the first poll drives
+        // it, without scheduling the task once more.
+        let request = *req;
+        let answer = h1.quietly(move |h1| h1.sender.try_send_request(request));
+        let mut answer = std::pin::pin!(answer);
+        let answered = poll_fn(|cx| h1.poll_with(cx, |_, cx| answer.as_mut().poll(cx))).await;
+        let mut err = match answered {
+            Ok(response) => {
+                return Sent::Answered(Ok(
+                    response.map(|body| PooledBody::driving(body, h1, self.this.clone()))
+                ));
             }
-            // Handing the request over wakes the connection: noted, so the first poll
-            // drives it, without scheduling the task once more.
-            let request = *req;
-            let answer = h1.quietly(move |h1| h1.sender.try_send_request(request));
-            let mut answer = std::pin::pin!(answer);
-            let answered = poll_fn(|cx| h1.poll_with(cx, |_, cx| answer.as_mut().poll(cx))).await;
-            let mut err = match answered {
-                Ok(response) => {
-                    return Ok(
-                        response.map(|body| PooledBody::driving(body, h1, self.this.clone()))
-                    );
-                }
-                Err(err) => err,
-            };
-            match err.take_message() {
-                // Not a byte of it was written: the connection had closed as it was taken.
-                Some(unsent) if reused => {
-                    *req = unsent;
-                    fresh = true;
-                }
-                _ => return Err(SendError::Http(err.into_error())),
+            Err(err) => err,
+        };
+        match err.take_message() {
+            // Not a byte of it was written: the connection had closed as it was taken.
+            Some(unsent) if reused => {
+                *req = unsent;
+                Sent::Unsent(req)
             }
+            _ => Sent::Answered(Err(SendError::Http(err.into_error()))),
         }
     }
 
@@ -410,6 +416,23 @@ impl<B: SendBody> Pool<B> {
         let timeout = self.idle_timeout;
         idle.retain(|c| c.since.elapsed() < timeout);
     }
+}
+
+/// A connection ready to take one request ([`Pool::connection`]).
+pub struct Ready<B: SendBody>(Conn<B>);
+
+enum Conn<B: SendBody> {
+    H1 { h1: Box<H1<B>>, reused: bool },
+    H2(http2::SendRequest<B>),
+}
+
+/// What came of [`Pool::send`].
+pub enum Sent<B: SendBody> {
+    /// Desk's answer, or why there is none.
+    Answered(Result<Response<PooledBody<B>>, SendError>),
+    /// The request, not a byte of it written: the waiting connection it was given had
+    /// closed as it was taken.
+    Unsent(Box<Request<B>>),
 }
 
 /// What a new connection speaks.

@@ -12,6 +12,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
+use tokio::time::error::Elapsed;
 
 use crate::access::AccessPolicy;
 use crate::admin;
@@ -27,7 +28,7 @@ use crate::headers;
 use crate::intercept::{self, Intercept};
 use crate::metrics::{Metrics, UpstreamErrorKind};
 use crate::observe::{Lifecycle, RequestId, RequestLog};
-use crate::pool::Pool;
+use crate::pool::{Pool, SendError, Sent};
 use crate::record::{BodyHasher, Lookup, Recorder, Recording, Replay, RequestBodySeen};
 use crate::target::{self, Target};
 use crate::token::shared::StoreStatus;
@@ -826,9 +827,7 @@ impl Proxy {
                 // Desk's latency, in the log, starts once a slot and a token are in hand;
                 // the wait for a token does not count against the response's time.
                 let deadline = due + (sent - free);
-                let pool = Arc::clone(&upstream.pool);
-                let call = HeldCall::new(async move { pool.send(request).await }, deadline, slot);
-                let response = call.await;
+                let response = call_desk(upstream, request, deadline, slot).await;
                 log.set_upstream_latency(sent.elapsed());
                 response.map(|(response, slot)| (slot, token, response, outcome))
             }
@@ -933,6 +932,40 @@ impl Attempt {
             .headers_mut()
             .insert(http::header::AUTHORIZATION, token.header.clone());
         (request, outcome)
+    }
+}
+
+/// Desk's call with `slot`: a connection first (given up, nothing sent, if the client
+/// leaves meanwhile), then the request on it, held until Desk is done with it even if
+/// the client leaves ([`HeldCall`]). A waiting connection that had closed as it was taken
+/// gets the request again on a new one. Past `deadline`, the slot is given back.
+async fn call_desk(
+    upstream: &Upstream,
+    mut request: Box<Request<UpstreamBody>>,
+    deadline: Instant,
+    mut slot: UpstreamSlot,
+) -> Result<(Result<Response<DeskBody>, SendError>, UpstreamSlot), Elapsed> {
+    let mut fresh = false;
+    loop {
+        let ready = match tokio::time::timeout_at(deadline, upstream.pool.connection(fresh)).await?
+        {
+            Ok(ready) => ready,
+            Err(err) => return Ok((Err(err), slot)),
+        };
+        let pool = Arc::clone(&upstream.pool);
+        let call = HeldCall::new(
+            async move { pool.send(ready, request).await },
+            deadline,
+            slot,
+        );
+        match call.await? {
+            (Sent::Answered(answered), held) => return Ok((answered, held)),
+            (Sent::Unsent(unsent), held) => {
+                request = unsent;
+                slot = held;
+                fresh = true;
+            }
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -28,11 +29,18 @@ struct TlsUpstream {
     ca_file: PathBuf,
     connections: Arc<AtomicUsize>,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// How many connections have ended.
+    ended: tokio::sync::watch::Receiver<usize>,
     _dir: tempfile::TempDir,
 }
 
 impl TlsUpstream {
     async fn start(alpn: &[&[u8]]) -> Self {
+        Self::start_with(alpn, Duration::ZERO).await
+    }
+
+    /// An upstream that waits `handshake_delay` before each TLS handshake.
+    async fn start_with(alpn: &[&[u8]], handshake_delay: Duration) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let rcgen::CertifiedKey { cert, signing_key } =
             rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
@@ -54,14 +62,19 @@ impl TlsUpstream {
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let (ended_tx, ended) = tokio::sync::watch::channel(0);
+        let ended_tx = Arc::new(ended_tx);
         let (c, s) = (connections.clone(), seen.clone());
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 c.fetch_add(1, Ordering::SeqCst);
                 let acceptor = acceptor.clone();
                 let seen = s.clone();
+                let ended_tx = Arc::clone(&ended_tx);
                 tokio::spawn(async move {
+                    tokio::time::sleep(handshake_delay).await;
                     let Ok(tls) = acceptor.accept(tcp).await else {
+                        ended_tx.send_modify(|n| *n += 1);
                         return;
                     };
                     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -80,6 +93,7 @@ impl TlsUpstream {
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(tls), service)
                         .await;
+                    ended_tx.send_modify(|n| *n += 1);
                 });
             }
         });
@@ -88,6 +102,7 @@ impl TlsUpstream {
             ca_file,
             connections,
             seen,
+            ended,
             _dir: dir,
         }
     }
@@ -203,4 +218,30 @@ async fn an_untrusted_certificate_is_refused_and_no_token_is_sent() {
     let response = fetch(proxy.url("/api/v1/tickets")).await;
     assert_proxy_error(response, 502, "PROXY_UPSTREAM_UNREACHABLE").await;
     assert!(upstream.seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_request_whose_client_left_while_desk_was_connected_to_is_never_sent() {
+    let fake = FakeZoho::start().await.unwrap();
+    // Desk's TLS handshake takes 600 ms; the client gives up after 150 ms.
+    let mut upstream = TlsUpstream::start_with(&[b"http/1.1"], Duration::from_millis(600)).await;
+    let proxy = proxy_to(&upstream, &fake, true, 1).await;
+    let gone = client()
+        .get(proxy.url("/api/v1/tickets"))
+        .timeout(Duration::from_millis(150))
+        .send()
+        .await;
+    assert!(gone.is_err());
+    // The connection the proxy was making ends without a request on it.
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        upstream.ended.wait_for(|n| *n >= 1),
+    )
+    .await
+    .expect("the upstream connection ended")
+    .unwrap();
+    assert!(
+        upstream.seen.lock().unwrap().is_empty(),
+        "sent after its client left"
+    );
 }
