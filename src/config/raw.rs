@@ -298,11 +298,23 @@ fn secret_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Err
     SecretText::deserialize(d)?.into_text().map(Some)
 }
 
-/// A list of secrets (`access.api_keys`).
+/// A list of secrets (`access.api_keys`); anything but a list is refused without being
+/// shown (one key written as a string is the likely mistake).
 fn secret_texts<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
-    Vec::<SecretText>::deserialize(d)?
-        .into_iter()
-        .map(SecretText::into_text)
-        .collect::<Result<_, _>>()
-        .map(Some)
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum SecretList {
+        List(Vec<SecretText>),
+        Other(serde::de::IgnoredAny),
+    }
+    match SecretList::deserialize(d)? {
+        SecretList::List(list) => list
+            .into_iter()
+            .map(SecretText::into_text)
+            .collect::<Result<_, _>>()
+            .map(Some),
+        SecretList::Other(_) => Err(serde::de::Error::custom(
+            "expected a list of strings, e.g. [\"key\"] (the value is not shown: it may be a secret)",
+        )),
+    }
 }
