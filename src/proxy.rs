@@ -534,7 +534,7 @@ impl Proxy {
                     self.metrics.record_desk_429();
                 }
                 if answer.truncated {
-                    tracing::warn!(request_id = %log.id(), method = %parts.method, path = %target.path(), "replay: the recorded answer was cut at record.max_body_bytes; its start is sent");
+                    tracing::warn!(request_id = %log.id(), method = %parts.method, path = %target.path(), "replay: the recorded answer is incomplete (over record.max_body_bytes, or cut off); what was recorded is sent");
                 }
                 let mut response = Response::new(ResponseBody::full(answer.body.clone()));
                 *response.status_mut() = answer.status;
@@ -622,7 +622,10 @@ impl Proxy {
             (upstream_body, outcome),
             Want::Usable,
         );
-        let (mut answer, token) = self.attempt(upstream, first, log).await?;
+        let (mut answer, mut token) = self.attempt(upstream, first, log).await?;
+        // Once retried after a 429, the request's answer is due within its response time
+        // counted from its arrival, a retry after a 401 included.
+        let mut due = None;
         if let Answer::Throttled(response, wait) = answer {
             // Desk's concurrency or rate limit: once, when the request can be sent again
             // unchanged and Desk's wait fits in the time the request has.
@@ -641,12 +644,12 @@ impl Proxy {
                 (UpstreamBody::buffered(replay.bytes.clone()), None),
                 Want::Usable,
             );
-            // Within the request's response time, counted from its arrival.
-            let due = Instant::now() + self.config.timeouts.response.saturating_sub(log.age());
+            let by = Instant::now() + self.config.timeouts.response.saturating_sub(log.age());
+            due = Some(by);
             // The rare paths are boxed: the request's future does not carry their size.
-            (answer, _) = Box::pin(async {
+            (answer, token) = Box::pin(async {
                 tokio::time::sleep(wait).await;
-                self.attempt(upstream, retry.due(due), log).await
+                self.attempt(upstream, retry.due(by), log).await
             })
             .await?;
         }
@@ -667,6 +670,10 @@ impl Proxy {
             (UpstreamBody::buffered(replay.bytes.clone()), None),
             Want::NewerThan(token.generation),
         );
+        let retry = match due {
+            Some(due) => retry.due(due),
+            None => retry,
+        };
         // A second 401 goes to the client as Desk sent it (its token marked rejected too).
         match Box::pin(self.attempt(upstream, retry, log)).await?.0 {
             Answer::Pass(response)

@@ -222,6 +222,28 @@ async fn a_retry_after_a_429_has_what_is_left_of_the_response_time() {
 }
 
 #[tokio::test]
+async fn a_retry_after_a_401_that_follows_a_429_retry_keeps_the_request_s_time() {
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.timeouts.response = Duration::from_secs(2);
+    })
+    .await;
+    // Each answer takes 0.8 s: a 429 at 0.8 s, its retry's 401 at 1.6 s, and the retry
+    // after the 401 would have its head at 2.4 s, past the request's 2 s.
+    s.zoho.set_desk_delay(Duration::from_millis(800));
+    s.zoho.throttle_next_desk_requests(1, Some(0));
+    s.zoho.fail_next_desk_requests(2, Some("INVALID_OAUTH"));
+    let answer = fetch(s.url("/api/v1/tickets")).await;
+    assert_eq!(answer.status(), 504);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(body["errorCode"], "PROXY_UPSTREAM_TIMEOUT", "{body}");
+    assert_eq!(
+        s.zoho.desk_request_count(),
+        3,
+        "the 429's retry, then the 401's"
+    );
+}
+
+#[tokio::test]
 async fn desk_s_remaining_credits_show_in_the_metrics_and_ready() {
     let s = Scenario::start().await;
     let metrics = fetch(s.url("/_proxy/metrics")).await.text().await.unwrap();

@@ -217,6 +217,9 @@ impl LocalCa {
                 host: host.clone(),
             });
         }
+        if constraints.as_ref().is_some_and(|c| c.excluded.is_empty()) {
+            tracing::warn!(dir = %dir.display(), "the CA was made by an earlier version: its name constraints also let it vouch for the names below the intercepted hosts; make a new one with `zoho-desk-proxy ca init --force`, and have clients trust it");
+        }
         Ok(Self {
             issuer,
             ca_der,
