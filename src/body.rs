@@ -471,7 +471,11 @@ impl Body for ResponseBody {
             Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Inner::Stream(incoming) => Pin::new(incoming).poll_frame(cx),
         };
-        let ended = matches!(polled, Poll::Ready(Some(Ok(_)))) && this.is_end_stream();
+        // Trailers end a body, whatever its size hint still says.
+        let ended = match &polled {
+            Poll::Ready(Some(Ok(frame))) => frame.is_trailers() || this.is_end_stream(),
+            _ => false,
+        };
         // A part handed over, more to come: it waits for its client to take it. (A whole
         // small answer in one part never waits.)
         if matches!(polled, Poll::Ready(Some(Ok(_))))

@@ -621,3 +621,59 @@ async fn an_answer_cut_off_before_its_end_is_recorded_as_truncated() {
     assert_eq!(cut["_truncated"], true, "{cut}");
     assert_eq!(cut["size"], 0, "{cut}");
 }
+
+#[tokio::test]
+async fn an_answer_that_ends_with_trailers_is_recorded_whole() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // A Desk stand-in whose chunked answer ends with trailers (written by hand: a hyper
+    // server sends trailers only to a request with `TE: trailers`, a hop-by-hop header
+    // the proxy does not forward).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let desk = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Ok(n) = tcp.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                    if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        head.clear();
+                        let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\nb\r\n{\"data\":[]}\r\n0\r\nx-checksum: abc\r\n\r\n";
+                        if tcp.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("desk.har");
+    let recorded = file.clone();
+    let s = Scenario::with(FakeOptions::default(), move |c| {
+        c.upstream = zoho_desk_proxy::BaseUrl::parse(&format!("http://{desk}")).unwrap();
+        c.record.file = Some(recorded);
+    })
+    .await;
+    let answer = client().get(s.url("/api/v1/tickets")).send().await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.bytes().await.unwrap(), "{\"data\":[]}");
+    wait_for_metric(&s.proxy, "zoho_proxy_desk_in_flight 0").await;
+    s.proxy.stop().await;
+
+    let har: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let entries = har["log"]["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{har}");
+    let content = &entries[0]["response"]["content"];
+    assert_eq!(content.get("_truncated"), None, "{content}");
+    assert_eq!(content["text"], "{\"data\":[]}", "{content}");
+}
