@@ -330,14 +330,7 @@ async fn sigterm_exits_as_soon_as_the_drain_is_done() {
         .unwrap();
     assert_eq!(h2.send_request(request).await.unwrap().status(), 200);
 
-    let started = std::time::Instant::now();
-    sigterm(&child);
-    let status = tokio::time::timeout(Duration::from_secs(25), child.wait_with_output())
-        .await
-        .expect("the proxy exits")
-        .unwrap()
-        .status;
-    let took = started.elapsed();
+    let (status, took) = stopped_by_sigterm(child).await;
     assert!(status.success(), "{status:?}");
     assert!(
         took < Duration::from_secs(3),
@@ -363,6 +356,17 @@ async fn sigterm_does_not_wait_for_a_hanging_token_refresh() {
     let Serving { child, .. } = serve(dir.path(), &config).await;
     wait_for_token_requests(&zoho, 1).await;
 
+    let (status, took) = stopped_by_sigterm(child).await;
+    assert!(status.success(), "{status:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "exited {took:?} after SIGTERM, waiting for Accounts"
+    );
+}
+
+/// Sends SIGTERM to `child` and waits for it to exit (50 s at most): its status, and how
+/// long it took.
+async fn stopped_by_sigterm(child: tokio::process::Child) -> (std::process::ExitStatus, Duration) {
     let started = std::time::Instant::now();
     sigterm(&child);
     let status = tokio::time::timeout(Duration::from_secs(50), child.wait_with_output())
@@ -370,12 +374,7 @@ async fn sigterm_does_not_wait_for_a_hanging_token_refresh() {
         .expect("the proxy exits")
         .unwrap()
         .status;
-    let took = started.elapsed();
-    assert!(status.success(), "{status:?}");
-    assert!(
-        took < Duration::from_secs(5),
-        "exited {took:?} after SIGTERM, waiting for Accounts"
-    );
+    (status, started.elapsed())
 }
 
 /// Starts `demo` with `args` in `dir` on a port the kernel picks; the child and the

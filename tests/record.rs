@@ -138,6 +138,15 @@ async fn replay(
     (listening(cmd, Some(tx)).await, rx)
 }
 
+/// `/_proxy/metrics` of a serving binary.
+async fn metrics_of(serving: &Serving) -> String {
+    fetch(serving.url("/_proxy/metrics"))
+        .await
+        .text()
+        .await
+        .unwrap()
+}
+
 async fn stop(serving: Serving) -> std::process::ExitStatus {
     sigterm(&serving.child);
     tokio::time::timeout(Duration::from_secs(20), serving.child.wait_with_output())
@@ -224,11 +233,7 @@ async fn recorded_traffic_replays_byte_for_byte_with_no_fake_and_no_credentials(
         .unwrap();
     assert_eq!(ready["mode"], "replay", "{ready}");
     // Desk's credits, as the recorded answers tell them.
-    let metrics = fetch(serving.url("/_proxy/metrics"))
-        .await
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_of(&serving).await;
     assert!(
         metrics
             .lines()
@@ -265,11 +270,7 @@ async fn a_miss_names_the_closest_request_and_strict_mode_fails_the_run() {
             .contains("GET /api/v1/tickets"),
         "{body}"
     );
-    let metrics = fetch(serving.url("/_proxy/metrics"))
-        .await
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_of(&serving).await;
     assert!(
         metrics
             .lines()
