@@ -945,35 +945,38 @@ impl Attempt {
 /// Desk's call with `slot`: a connection first (given up, nothing sent, if the client
 /// leaves meanwhile), then the request on it, held until Desk is done with it even if
 /// the client leaves ([`HeldCall`]). A waiting connection that had closed as it was taken
-/// gets the request again on a new one. Past `deadline`, the slot is given back.
+/// gets the request again on a new one. Past `deadline`, the slot is given back. One
+/// timer bounds it all.
 async fn call_desk(
     upstream: &Upstream,
-    mut request: Box<Request<UpstreamBody>>,
+    request: Box<Request<UpstreamBody>>,
     deadline: Instant,
-    mut slot: UpstreamSlot,
+    slot: UpstreamSlot,
 ) -> Result<(Result<Response<DeskBody>, SendError>, UpstreamSlot), Elapsed> {
-    let mut fresh = false;
-    loop {
-        let ready = match tokio::time::timeout_at(deadline, upstream.pool.connection(fresh)).await?
-        {
-            Ok(ready) => ready,
-            Err(err) => return Ok((Err(err), slot)),
-        };
-        let pool = Arc::clone(&upstream.pool);
-        let call = HeldCall::new(
-            async move { pool.send(ready, request).await },
-            deadline,
-            slot,
-        );
-        match call.await? {
-            (Sent::Answered(answered), held) => return Ok((answered, held)),
-            (Sent::Unsent(unsent), held) => {
-                request = unsent;
-                slot = held;
-                fresh = true;
+    tokio::time::timeout_at(deadline, async move {
+        let (mut request, mut slot, mut fresh) = (request, slot, false);
+        loop {
+            let ready = match upstream.pool.connection(fresh).await {
+                Ok(ready) => ready,
+                Err(err) => return (Err(err), slot),
+            };
+            let pool = Arc::clone(&upstream.pool);
+            let call = HeldCall::new(
+                async move { pool.send(ready, request).await },
+                deadline,
+                slot,
+            );
+            match call.await {
+                (Sent::Answered(answered), held) => return (answered, held),
+                (Sent::Unsent(unsent), held) => {
+                    request = unsent;
+                    slot = held;
+                    fresh = true;
+                }
             }
         }
-    }
+    })
+    .await
 }
 
 /// The token an attempt is sent with, chosen once its upstream slot is free.

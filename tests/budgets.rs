@@ -357,6 +357,13 @@ async fn a_body_over_the_replay_budget_streams_and_only_loses_its_retry() {
         c.timeouts.body_read = Duration::from_secs(10);
     })
     .await;
+    // The first token is in hand: a refresh still out when the tokens are revoked below
+    // would bring a valid one, and B's 401 with it.
+    wait_for_metric(
+        &s.proxy,
+        "zoho_proxy_token_refreshes_total{result=\"ok\"} 1",
+    )
+    .await;
     // A holds the budget: its 800 bytes are declared, 10 sent, the rest withheld.
     let mut a = TcpStream::connect(s.proxy.addr).await.unwrap();
     let body_a = format!("{{\"subject\":\"{}\"}}", "a".repeat(800 - 14));

@@ -9,21 +9,23 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use tokio::time::error::Elapsed;
-use tokio::time::{Instant, Timeout};
+use tokio::time::Instant;
 
 use super::UpstreamSlot;
 
 /// Desk's call and the slot it went out with. Dropped before it is done, the call goes on
 /// in a task of its own until Desk's answer begins or its deadline passes, and only then
-/// gives the slot back. The answer that comes is dropped (its connection closed).
+/// gives the slot back. The answer that comes is dropped (its connection closed). While
+/// it is awaited, the deadline is the caller's to keep: no timer is made unless the call
+/// is left behind.
 pub struct HeldCall<F>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
     /// `None` once done.
-    call: Option<(Pin<Box<Timeout<F>>>, UpstreamSlot)>,
+    call: Option<(Pin<Box<F>>, UpstreamSlot)>,
+    deadline: Instant,
 }
 
 impl<F> HeldCall<F>
@@ -35,7 +37,8 @@ where
     /// request, it moves into a task of its own.
     pub fn new(call: F, deadline: Instant, slot: UpstreamSlot) -> Self {
         Self {
-            call: Some((Box::pin(tokio::time::timeout_at(deadline, call)), slot)),
+            call: Some((Box::pin(call), slot)),
+            deadline,
         }
     }
 }
@@ -46,8 +49,8 @@ where
     F::Output: Send + 'static,
 {
     /// The call's outcome and the slot, still held (the answer's body holds it while it
-    /// streams); past the deadline, the slot is given back.
-    type Output = Result<(F::Output, UpstreamSlot), Elapsed>;
+    /// streams).
+    type Output = (F::Output, UpstreamSlot);
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
@@ -57,7 +60,7 @@ where
         };
         let outcome = ready!(call.as_mut().poll(cx));
         match this.call.take() {
-            Some((_, slot)) => Poll::Ready(outcome.map(|outcome| (outcome, slot))),
+            Some((_, slot)) => Poll::Ready((outcome, slot)),
             None => Poll::Pending,
         }
     }
@@ -73,8 +76,9 @@ where
         if let Some((call, slot)) = self.call.take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
+            let deadline = self.deadline;
             runtime.spawn(async move {
-                let _ = call.await;
+                let _ = tokio::time::timeout_at(deadline, call).await;
                 drop(slot);
             });
         }
