@@ -678,3 +678,27 @@ async fn an_answer_that_ends_with_trailers_is_recorded_whole() {
     assert_eq!(content.get("_truncated"), None, "{content}");
     assert_eq!(content["text"], "{\"data\":[]}", "{content}");
 }
+
+#[tokio::test]
+async fn a_replayed_429_counts_as_desk_s() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("desk.har");
+    let recorded = file.clone();
+    let s = Scenario::with(FakeOptions::default(), move |c| {
+        c.record.file = Some(recorded);
+    })
+    .await;
+    // Desk's 429, and again for the retry: the client gets it.
+    s.zoho.throttle_next_desk_requests(2, Some(0));
+    assert_eq!(status(s.url("/api/v1/tickets")).await, 429);
+    s.proxy.stop().await;
+
+    let (serving, _lines) = replay(dir.path(), &file, &[], &[]).await;
+    assert_eq!(status(serving.url("/api/v1/tickets")).await, 429);
+    let metrics = metrics_of(&serving).await;
+    assert!(
+        metrics.lines().any(|l| l == "zoho_proxy_desk_429_total 1"),
+        "{metrics}"
+    );
+    stop(serving).await;
+}
