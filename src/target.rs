@@ -148,6 +148,13 @@ pub fn host_name(value: &str) -> Result<&str, ProxyError> {
 }
 
 fn check_absolute_host(uri: &Uri, upstream: &BaseUrl) -> Result<(), ProxyError> {
+    let scheme = uri.scheme_str().unwrap_or("");
+    if !(scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https")) {
+        return Err(ProxyError::BadRequest(format!(
+            "the request target's scheme {:?} cannot be forwarded: http or https only",
+            truncate(scheme)
+        )));
+    }
     let authority = uri.authority().map_or("", |a| a.as_str());
     let host = host_name(authority)?;
     let same_host = host.eq_ignore_ascii_case(&upstream.host());
@@ -242,6 +249,8 @@ mod tests {
                 Some(false),
             ),
             ("http://user@desk.zoho.com/api/v1/tickets", None),
+            ("ftp://desk.zoho.com/api/v1/tickets", None),
+            ("ws://desk.zoho.com/api/v1/tickets", None),
         ];
         for (target, ok) in table {
             let result = resolve_str(target, Version::HTTP_11);
