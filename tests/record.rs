@@ -120,6 +120,22 @@ async fn record(dir: &Path) -> (PathBuf, Vec<Seen>, Vec<String>) {
     (file, seen, secrets)
 }
 
+/// An in-process proxy in front of the fake, recording to `dir/desk.har`, its config
+/// changed by `tweak`; and the file.
+async fn recording(
+    dir: &Path,
+    tweak: impl FnOnce(&mut zoho_desk_proxy::config::Config),
+) -> (Scenario, PathBuf) {
+    let file = dir.join("desk.har");
+    let recorded = file.clone();
+    let s = Scenario::with(FakeOptions::default(), move |c| {
+        c.record.file = Some(recorded);
+        tweak(c);
+    })
+    .await;
+    (s, file)
+}
+
 /// `zoho-desk-proxy replay FILE` in `dir` (no proxy.toml there, no Zoho variables), with
 /// `args` and `envs`; its stderr lines on the returned channel.
 async fn replay(
@@ -576,12 +592,7 @@ async fn an_answer_cut_off_before_its_end_is_recorded_as_truncated() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("desk.har");
-    let recorded = file.clone();
-    let s = Scenario::with(FakeOptions::default(), move |c| {
-        c.record.file = Some(recorded);
-    })
-    .await;
+    let (s, file) = recording(dir.path(), |_| {}).await;
     let whole = fetch(s.url("/api/v1/tickets")).await;
     assert_eq!(whole.status(), 200);
     whole.bytes().await.unwrap();
@@ -657,11 +668,8 @@ async fn an_answer_that_ends_with_trailers_is_recorded_whole() {
         }
     });
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("desk.har");
-    let recorded = file.clone();
-    let s = Scenario::with(FakeOptions::default(), move |c| {
+    let (s, file) = recording(dir.path(), move |c| {
         c.upstream = zoho_desk_proxy::BaseUrl::parse(&format!("http://{desk}")).unwrap();
-        c.record.file = Some(recorded);
     })
     .await;
     let answer = client().get(s.url("/api/v1/tickets")).send().await.unwrap();
@@ -682,12 +690,7 @@ async fn an_answer_that_ends_with_trailers_is_recorded_whole() {
 #[tokio::test]
 async fn a_replayed_429_counts_as_desk_s() {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("desk.har");
-    let recorded = file.clone();
-    let s = Scenario::with(FakeOptions::default(), move |c| {
-        c.record.file = Some(recorded);
-    })
-    .await;
+    let (s, file) = recording(dir.path(), |_| {}).await;
     // Desk's 429, and again for the retry: the client gets it.
     s.zoho.throttle_next_desk_requests(2, Some(0));
     assert_eq!(status(s.url("/api/v1/tickets")).await, 429);
