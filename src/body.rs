@@ -444,6 +444,17 @@ impl ResponseBody {
     pub fn hold_stream(&mut self, stream: StreamGuard) {
         self.stream = Some(stream);
     }
+
+    /// The part that waited for the client was taken (asked for the next, or the body
+    /// is done with): the connection is told.
+    fn stop_waiting(&mut self) {
+        if self.waiting
+            && let Some(stream) = &self.stream
+        {
+            self.waiting = false;
+            stream.answer_taken();
+        }
+    }
 }
 
 impl From<Bytes> for ResponseBody {
@@ -461,12 +472,7 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        if this.waiting
-            && let Some(stream) = &this.stream
-        {
-            this.waiting = false;
-            stream.answer_taken();
-        }
+        this.stop_waiting();
         let polled = match &mut this.inner {
             Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Inner::Stream(incoming) => Pin::new(incoming).poll_frame(cx),
@@ -546,11 +552,7 @@ impl Body for ResponseBody {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
-        if self.waiting
-            && let Some(stream) = &self.stream
-        {
-            stream.answer_taken();
-        }
+        self.stop_waiting();
         if let Some(tap) = self.tap.take() {
             tap.end(self.is_end_stream());
         }

@@ -195,9 +195,9 @@ impl RequestLog {
         self.status = status;
     }
 
-    /// How long ago the request arrived.
-    pub fn age(&self) -> Duration {
-        self.started.elapsed()
+    /// When the request arrived.
+    pub fn arrived(&self) -> Instant {
+        self.started
     }
 
     /// Records the time Desk took to send response headers.

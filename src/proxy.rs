@@ -629,9 +629,10 @@ impl Proxy {
         if let Answer::Throttled(response, wait) = answer {
             // Desk's concurrency or rate limit: once, when the request can be sent again
             // unchanged and Desk's wait fits in the time the request has.
-            let again = replay.as_ref().filter(|_| {
-                is_idempotent(&parts.method) && log.age() + wait < self.config.timeouts.response
-            });
+            let by = Instant::from_std(log.arrived()) + self.config.timeouts.response;
+            let again = replay
+                .as_ref()
+                .filter(|_| is_idempotent(&parts.method) && Instant::now() + wait < by);
             let Some(replay) = again else {
                 return Ok(response);
             };
@@ -644,12 +645,11 @@ impl Proxy {
                 (UpstreamBody::buffered(replay.bytes.clone()), None),
                 Want::Usable,
             );
-            let by = Instant::now() + self.config.timeouts.response.saturating_sub(log.age());
             due = Some(by);
             // The rare paths are boxed: the request's future does not carry their size.
             (answer, token) = Box::pin(async {
                 tokio::time::sleep(wait).await;
-                self.attempt(upstream, retry.due(by), log).await
+                self.attempt(upstream, retry.due(due), log).await
             })
             .await?;
         }
@@ -669,11 +669,8 @@ impl Proxy {
             self.upstream_uri(target)?,
             (UpstreamBody::buffered(replay.bytes.clone()), None),
             Want::NewerThan(token.generation),
-        );
-        let retry = match due {
-            Some(due) => retry.due(due),
-            None => retry,
-        };
+        )
+        .due(due);
         // A second 401 goes to the client as Desk sent it (its token marked rejected too).
         match Box::pin(self.attempt(upstream, retry, log)).await?.0 {
             Answer::Pass(response)
@@ -920,12 +917,9 @@ impl Attempt {
         }
     }
 
-    /// The attempt, its answer due by `due` at the latest.
-    fn due(self, due: Instant) -> Self {
-        Self {
-            due: Some(due),
-            ..self
-        }
+    /// The attempt, its answer due by `due` at the latest (when given).
+    fn due(self, due: Option<Instant>) -> Self {
+        Self { due, ..self }
     }
 
     /// The request for Desk, with `token`, and what its body will tell of its end.

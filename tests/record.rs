@@ -120,6 +120,11 @@ async fn record(dir: &Path) -> (PathBuf, Vec<Seen>, Vec<String>) {
     (file, seen, secrets)
 }
 
+/// A HAR file's JSON.
+fn har_of(file: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap()
+}
+
 /// An in-process proxy in front of the fake, recording to `dir/desk.har`, its config
 /// changed by `tweak`; and the file.
 async fn recording(
@@ -377,8 +382,7 @@ async fn a_recording_cut_short_is_repaired_and_recording_goes_on() {
 
     // Recording again repairs the file and appends.
     let (file, more, _) = record(dir.path()).await;
-    let har: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let har = har_of(&file);
     let entries = har["log"]["entries"].as_array().unwrap().len();
     assert_eq!(entries, recorded.len() - 1 + more.len());
 }
@@ -581,8 +585,7 @@ async fn bytes_after_the_trailer_are_repaired_before_recording_appends() {
     text.push_str("\n\n");
     std::fs::write(&file, &text).unwrap();
     let (file, more, _) = record(dir.path()).await;
-    let har: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let har = har_of(&file);
     let entries = har["log"]["entries"].as_array().unwrap().len();
     assert_eq!(entries, recorded.len() + more.len());
 }
@@ -617,8 +620,7 @@ async fn an_answer_cut_off_before_its_end_is_recorded_as_truncated() {
     wait_for_metric(&s.proxy, "zoho_proxy_desk_in_flight 0").await;
     s.proxy.stop().await;
 
-    let har: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let har = har_of(&file);
     let entries = har["log"]["entries"].as_array().unwrap();
     assert_eq!(entries.len(), 2, "{har}");
     let content = |path: &str| {
@@ -678,8 +680,7 @@ async fn an_answer_that_ends_with_trailers_is_recorded_whole() {
     wait_for_metric(&s.proxy, "zoho_proxy_desk_in_flight 0").await;
     s.proxy.stop().await;
 
-    let har: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let har = har_of(&file);
     let entries = har["log"]["entries"].as_array().unwrap();
     assert_eq!(entries.len(), 1, "{har}");
     let content = &entries[0]["response"]["content"];

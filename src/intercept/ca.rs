@@ -371,27 +371,18 @@ mod tests {
         assert!(!covers(&earlier, "zoho.com"));
         assert!(covers(&None, "anything.example"));
         // Today's: the name only.
-        let der = CertificateDer::from(
-            ca_params(&hosts(&["desk.zoho.com"]))
-                .self_signed(&KeyPair::generate().unwrap())
-                .unwrap()
-                .der()
-                .to_vec(),
-        );
-        let today = dns_constraints(&der).unwrap();
+        let constraints_of = |hosts: &[String]| {
+            let key = KeyPair::generate().unwrap();
+            let cert = ca_params(hosts).self_signed(&key).unwrap();
+            dns_constraints(cert.der()).unwrap()
+        };
+        let today = constraints_of(&hosts(&["desk.zoho.com"]));
         assert!(covers(&today, "desk.zoho.com"));
         assert!(!covers(&today, "eu.desk.zoho.com"));
         assert!(!covers(&today, "evildesk.zoho.com"));
         // A host below another intercepted one stays permitted.
         let both = hosts(&["zoho.example", "desk.zoho.example"]);
-        let der = CertificateDer::from(
-            ca_params(&both)
-                .self_signed(&KeyPair::generate().unwrap())
-                .unwrap()
-                .der()
-                .to_vec(),
-        );
-        let nested = dns_constraints(&der).unwrap();
+        let nested = constraints_of(&both);
         assert!(both.iter().all(|h| covers(&nested, h)));
     }
 
