@@ -4,8 +4,8 @@
 //! bytes and writes the request's log line when it ends).
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::budget::{ByteBudget, Reservation};
 use crate::concurrency::UpstreamSlot;
-use crate::connection::StreamGuard;
+use crate::connection::{Progress, StreamGuard, Watched};
 use crate::observe::RequestLog;
 
 /// Why the client's body ended before its end.
@@ -382,13 +382,25 @@ impl Body for UpstreamBody {
     }
 }
 
+/// Why an answer's body ended before its end.
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerError {
+    /// Desk's body broke off.
+    #[error("Desk's answer broke off: {0}")]
+    Desk(#[source] hyper::Error),
+    /// Its client took none of it for longer than `timeouts.body_read_secs`, and the
+    /// proxy let go of Desk's call.
+    #[error("the client took none of the answer for longer than timeouts.body_read_secs")]
+    Stalled,
+}
+
 /// A response body on its way to the client.
 #[derive(Debug)]
 pub struct ResponseBody {
     inner: Inner,
     log: Option<RequestLog>,
     /// The request's place at Desk, taken while Desk's body streams.
-    _slot: Option<UpstreamSlot>,
+    slot: Option<UpstreamSlot>,
     /// A recording of the exchange, told of the body as it goes.
     tap: Option<Box<dyn Tap>>,
     /// The request counts as open on its connection until its answer is done.
@@ -402,6 +414,36 @@ pub struct ResponseBody {
 enum Inner {
     Full(Option<Bytes>),
     Stream(DeskBody),
+    /// Desk's body once it waited for its client, watched by the connection.
+    Watched(Arc<WatchedDesk>),
+}
+
+/// Desk's body and the request's place at Desk, shared with the client's connection once
+/// the answer has waited for its client: the connection takes them away (closing Desk's
+/// connection and freeing the place) when the client takes none of the answer for
+/// `timeouts.body_read_secs`. `None` once taken. The lock is taken once per part of such
+/// an answer, by its own poll, and by the connection's look every `header_read_secs`.
+#[derive(Debug)]
+struct WatchedDesk {
+    progress: Progress,
+    desk: Mutex<Option<(DeskBody, Option<UpstreamSlot>)>>,
+}
+
+impl WatchedDesk {
+    fn desk(&self) -> MutexGuard<'_, Option<(DeskBody, Option<UpstreamSlot>)>> {
+        self.desk.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Watched for WatchedDesk {
+    fn progress(&self) -> &Progress {
+        &self.progress
+    }
+
+    fn cut(&self) {
+        let held = self.desk().take();
+        drop(held);
+    }
 }
 
 impl ResponseBody {
@@ -411,7 +453,7 @@ impl ResponseBody {
         Self {
             inner: Inner::Full(Some(bytes).filter(|b| !b.is_empty())),
             log: None,
-            _slot: None,
+            slot: None,
             tap: None,
             stream: None,
             waiting: false,
@@ -423,7 +465,7 @@ impl ResponseBody {
         Self {
             inner: Inner::Stream(incoming),
             log: None,
-            _slot: Some(slot),
+            slot: Some(slot),
             tap: None,
             stream: None,
             waiting: false,
@@ -445,6 +487,14 @@ impl ResponseBody {
         self.stream = Some(stream);
     }
 
+    /// The watched answer's progress, once it is watched.
+    fn progress(&self) -> Option<&Progress> {
+        match &self.inner {
+            Inner::Watched(watched) => Some(&watched.progress),
+            _ => None,
+        }
+    }
+
     /// The part that waited for the client was taken (asked for the next, or the body
     /// is done with): the connection is told.
     fn stop_waiting(&mut self) {
@@ -452,8 +502,30 @@ impl ResponseBody {
             && let Some(stream) = &self.stream
         {
             self.waiting = false;
-            stream.answer_taken();
+            stream.answer_taken(self.progress());
         }
+    }
+
+    /// A part was handed over and more is to come: it waits for its client to take it.
+    /// Desk's body is put under the connection's watch the first time.
+    fn start_waiting(&mut self) {
+        let Some(stream) = &self.stream else {
+            return;
+        };
+        self.inner = match std::mem::replace(&mut self.inner, Inner::Full(None)) {
+            Inner::Stream(desk) => {
+                let watched = Arc::new(WatchedDesk {
+                    progress: Progress::default(),
+                    desk: Mutex::new(Some((desk, self.slot.take()))),
+                });
+                let answer: Arc<dyn Watched> = Arc::clone(&watched) as Arc<dyn Watched>;
+                stream.watch(Arc::downgrade(&answer));
+                Inner::Watched(watched)
+            }
+            inner => inner,
+        };
+        self.waiting = true;
+        stream.answer_waits(self.progress());
     }
 }
 
@@ -465,17 +537,21 @@ impl From<Bytes> for ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = AnswerError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, AnswerError>>> {
         let this = self.get_mut();
         this.stop_waiting();
         let polled = match &mut this.inner {
             Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Inner::Stream(incoming) => Pin::new(incoming).poll_frame(cx),
+            Inner::Stream(incoming) => desk_frame(Pin::new(incoming).poll_frame(cx)),
+            Inner::Watched(watched) => match &mut *watched.desk() {
+                Some((incoming, _)) => desk_frame(Pin::new(incoming).poll_frame(cx)),
+                None => Poll::Ready(Some(Err(AnswerError::Stalled))),
+            },
         };
         // Trailers end a body, whatever its size hint still says.
         let ended = match &polled {
@@ -484,12 +560,8 @@ impl Body for ResponseBody {
         };
         // A part handed over, more to come: it waits for its client to take it. (A whole
         // small answer in one part never waits.)
-        if matches!(polled, Poll::Ready(Some(Ok(_))))
-            && !ended
-            && let Some(stream) = &this.stream
-        {
-            this.waiting = true;
-            stream.answer_waits();
+        if matches!(polled, Poll::Ready(Some(Ok(_)))) && !ended {
+            this.start_waiting();
         }
         if let Some(tap) = &mut this.tap {
             match &polled {
@@ -537,6 +609,11 @@ impl Body for ResponseBody {
         match &self.inner {
             Inner::Full(bytes) => bytes.is_none(),
             Inner::Stream(incoming) => incoming.is_end_stream(),
+            // Cut: it ends in an error, never as if whole.
+            Inner::Watched(watched) => watched
+                .desk()
+                .as_ref()
+                .is_some_and(|(incoming, _)| incoming.is_end_stream()),
         }
     }
 
@@ -546,8 +623,19 @@ impl Body for ResponseBody {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
             Inner::Stream(incoming) => incoming.size_hint(),
+            Inner::Watched(watched) => watched
+                .desk()
+                .as_ref()
+                .map_or_else(SizeHint::default, |(incoming, _)| incoming.size_hint()),
         }
     }
+}
+
+/// A frame of Desk's body, its error as the answer's.
+fn desk_frame(
+    polled: Poll<Option<Result<Frame<Bytes>, hyper::Error>>>,
+) -> Poll<Option<Result<Frame<Bytes>, AnswerError>>> {
+    polled.map(|frame| frame.map(|result| result.map_err(AnswerError::Desk)))
 }
 
 impl Drop for ResponseBody {

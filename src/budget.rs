@@ -10,6 +10,7 @@
 //! | time to send a head | `timeouts.header_read_secs` | closed |
 //! | idle connection (HTTP/1 keep-alive, HTTP/2 with no open stream) | `timeouts.header_read_secs` | closed (HTTP/2: GOAWAY) |
 //! | silence inside a request body | `timeouts.body_read_secs` | 408 `PROXY_REQUEST_TIMEOUT`, or the upstream request aborted; connection closed |
+//! | an answer its client takes none of | `timeouts.body_read_secs`, seen every `timeouts.header_read_secs` | Desk's call given back, the answer ends in an error; the connection dropped if nothing else on it moved |
 //! | request-body bytes held for a 401 retry, whole process | `limits.buffered_body_bytes` | the body streams (no 401 retry) |
 //! | one body held for a 401 retry | `limits.replay_body_bytes` | the body streams (no 401 retry) |
 //! | requests at Desk at once | `limits.max_upstream_requests` | wait their turn within `timeouts.response_secs`, then 504 |

@@ -4,12 +4,17 @@
 //! that keeps a client's half-close from cancelling the proxy's own answers.
 //!
 //! A request touches only atomics here: no lock, no timer, no wake-up of the connection's
-//! task (its idle timer re-reads the state when it fires).
+//! task (its idle timer re-reads the state when it fires). An answer that streams in
+//! parts and once waited for its client is also put on the connection's list of
+//! [`Watched`] answers (one lock, once per such answer), so that the connection can make
+//! one whose client takes none of it let go of Desk while the connection's other
+//! answers go on (an HTTP/2 client can shut one stream's window and keep the others
+//! moving).
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -38,8 +43,48 @@ pub struct ConnectionState {
     /// Answers that handed hyper a part of their body and wait to be asked for the next:
     /// their client has not taken that part yet.
     answers_waiting: AtomicUsize,
-    /// How many times such an answer was asked for its next part (or ended).
+    /// How many times such an answer was asked for its next part, and how many answers
+    /// ended: a count that moves while the connection's clients take their answers.
     answers_taken: AtomicU64,
+    /// The answers that stream in parts and once waited for their client, with what the
+    /// connection saw of them at its last look.
+    watched: Mutex<Vec<Look>>,
+}
+
+/// An answer that streams in parts, as its connection watches it.
+pub trait Watched: Send + Sync {
+    /// How far its client has taken it.
+    fn progress(&self) -> &Progress;
+
+    /// Lets go of what the answer holds at Desk (its call, its connection); the answer
+    /// then ends in an error when its client asks for more.
+    fn cut(&self);
+}
+
+/// How far a client has taken an answer that streams in parts.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// A part was handed to hyper and the next was not asked for yet.
+    waiting: AtomicBool,
+    /// How many parts were taken.
+    taken: AtomicU64,
+}
+
+/// A watched answer and the connection's last look at it: how many parts had been
+/// taken, and since when it has waited with that count.
+struct Look {
+    answer: Weak<dyn Watched>,
+    seen: u64,
+    since: Option<Instant>,
+}
+
+impl std::fmt::Debug for Look {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Look")
+            .field("seen", &self.seen)
+            .field("since", &self.since)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ConnectionState {
@@ -56,6 +101,7 @@ impl ConnectionState {
             output_blocked: AtomicBool::new(false),
             answers_waiting: AtomicUsize::new(0),
             answers_taken: AtomicU64::new(0),
+            watched: Mutex::new(Vec::new()),
         })
     }
 
@@ -111,10 +157,46 @@ impl ConnectionState {
         self.answers_waiting.load(Ordering::Acquire)
     }
 
-    /// How many parts of answers their clients have taken so far (a count that moves
-    /// while the connection's clients read).
+    /// How many parts of answers their clients have taken so far, and how many answers
+    /// ended (a count that moves while the connection's clients read).
     pub fn answers_taken(&self) -> u64 {
         self.answers_taken.load(Ordering::Acquire)
+    }
+
+    /// Makes every watched answer that has waited `stall` for its client, with none of it
+    /// taken since, let go of Desk ([`Watched::cut`]); `now` is this look's time. Meant to
+    /// be called at a regular interval: an answer is cut at the first look at least
+    /// `stall` after the look that first saw it waiting. Returns how many were cut.
+    pub fn cut_stalled_answers(&self, now: Instant, stall: Duration) -> usize {
+        let mut watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut cut = 0;
+        watched.retain_mut(|look| {
+            let Some(answer) = look.answer.upgrade() else {
+                return false;
+            };
+            let progress = answer.progress();
+            let taken = progress.taken.load(Ordering::Acquire);
+            if !progress.waiting.load(Ordering::Acquire) {
+                look.since = None;
+                return true;
+            }
+            match look.since {
+                Some(since) if look.seen == taken => {
+                    if now.duration_since(since) < stall {
+                        return true;
+                    }
+                    answer.cut();
+                    cut += 1;
+                    false
+                }
+                _ => {
+                    look.seen = taken;
+                    look.since = Some(now);
+                    true
+                }
+            }
+        });
+        cut
     }
 
     /// Whether a close was asked for.
@@ -150,15 +232,36 @@ pub struct StreamGuard {
 
 impl StreamGuard {
     /// The request's answer gave hyper a part of its body, and waits to be asked for the
-    /// next.
-    pub fn answer_waits(&self) {
+    /// next (`progress`: the answer is watched).
+    pub fn answer_waits(&self, progress: Option<&Progress>) {
         self.state.answers_waiting.fetch_add(1, Ordering::AcqRel);
+        if let Some(progress) = progress {
+            progress.waiting.store(true, Ordering::Release);
+        }
     }
 
     /// The answer that waited was asked for its next part, or ended.
-    pub fn answer_taken(&self) {
+    pub fn answer_taken(&self, progress: Option<&Progress>) {
+        if let Some(progress) = progress {
+            progress.taken.fetch_add(1, Ordering::AcqRel);
+            progress.waiting.store(false, Ordering::Release);
+        }
         self.state.answers_waiting.fetch_sub(1, Ordering::AcqRel);
         self.state.answers_taken.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Puts the request's answer on the connection's list of watched answers.
+    pub fn watch(&self, answer: Weak<dyn Watched>) {
+        let look = Look {
+            answer,
+            seen: 0,
+            since: None,
+        };
+        self.state
+            .watched
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(look);
     }
 }
 
@@ -168,6 +271,7 @@ impl Drop for StreamGuard {
         if self.local && state.local.fetch_sub(1, Ordering::AcqRel) == 1 {
             state.reader.wake();
         }
+        state.answers_taken.fetch_add(1, Ordering::Release);
         if state.open.fetch_sub(1, Ordering::AcqRel) == 1 {
             let since = u64::try_from(state.born.elapsed().as_millis()).unwrap_or(u64::MAX);
             state.idle_since_ms.store(since, Ordering::Release);
@@ -300,6 +404,59 @@ mod tests {
         client.read_exact(&mut buf).await.unwrap();
         let _gated = writing.await.unwrap();
         assert!(!state.output_blocked(), "taken by the client");
+    }
+
+    /// An answer that counts its cuts.
+    #[derive(Default)]
+    struct Answer {
+        progress: Progress,
+        cuts: AtomicUsize,
+    }
+
+    impl Watched for Answer {
+        fn progress(&self) -> &Progress {
+            &self.progress
+        }
+
+        fn cut(&self) {
+            self.cuts.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn only_an_answer_that_waits_with_nothing_taken_for_the_stall_is_cut() {
+        let state = ConnectionState::new();
+        let stall = Duration::from_secs(2);
+        let (stalled, moving) = (Arc::new(Answer::default()), Arc::new(Answer::default()));
+        let (stalled_guard, moving_guard) = (state.open(false), state.open(false));
+        for (answer, guard) in [(&stalled, &stalled_guard), (&moving, &moving_guard)] {
+            let watched: Arc<dyn Watched> = Arc::clone(answer) as Arc<dyn Watched>;
+            guard.watch(Arc::downgrade(&watched));
+            guard.answer_waits(Some(&answer.progress));
+        }
+        let start = Instant::now();
+        let look = |secs| state.cut_stalled_answers(start + Duration::from_secs(secs), stall);
+        assert_eq!(look(0), 0, "first seen waiting");
+        moving_guard.answer_taken(Some(&moving.progress));
+        moving_guard.answer_waits(Some(&moving.progress));
+        assert_eq!(look(1), 0, "not yet the stall");
+        moving_guard.answer_taken(Some(&moving.progress));
+        moving_guard.answer_waits(Some(&moving.progress));
+        assert_eq!(look(2), 1, "the stall, with nothing taken");
+        assert_eq!(stalled.cuts.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            moving.cuts.load(Ordering::Relaxed),
+            0,
+            "it moved at each look"
+        );
+        moving_guard.answer_taken(Some(&moving.progress));
+        moving_guard.answer_waits(Some(&moving.progress));
+        assert_eq!(look(10), 0, "a cut answer is no longer watched");
+        assert_eq!(stalled.cuts.load(Ordering::Relaxed), 1);
+        // An answer no longer there is forgotten.
+        drop(moving);
+        assert_eq!(look(20), 0);
+        assert!(state.watched.lock().unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -243,6 +243,11 @@ async fn a_client_that_stops_taking_its_answer_is_cut_off_and_frees_its_slot() {
     wait_for_metric(&s.proxy, "zoho_proxy_desk_in_flight 1").await;
     // Cut off after BODY_READ of silence (looked at every IDLE): the slot comes back.
     wait_for_metric(&s.proxy, "zoho_proxy_desk_in_flight 0").await;
+    wait_for_metric(
+        &s.proxy,
+        "zoho_proxy_limits_reached_total{limit=\"timeouts.body_read_secs\"} 1",
+    )
+    .await;
     assert_still_serving(&s).await;
     drop(stream);
 
@@ -260,7 +265,95 @@ async fn a_client_that_stops_taking_its_answer_is_cut_off_and_frees_its_slot() {
     wait_for_metric(&s.proxy, "zoho_proxy_desk_in_flight 1").await;
     wait_for_metric(&s.proxy, "zoho_proxy_desk_in_flight 0").await;
     assert!(closed_within(connection, LIMIT).await);
+    wait_for_metric(
+        &s.proxy,
+        "zoho_proxy_limits_reached_total{limit=\"timeouts.body_read_secs\"} 2",
+    )
+    .await;
     drop(response);
+    assert_still_serving(&s).await;
+}
+
+#[tokio::test]
+async fn an_h2_stream_whose_window_stays_shut_lets_go_of_desk_while_its_connection_goes_on() {
+    // Two upstream slots: the stalled stream's, and one for the requests that keep the
+    // connection busy.
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.timeouts.body_read = BODY_READ;
+        c.timeouts.header_read = IDLE;
+        c.max_upstream_requests = 2;
+        c.workers = 1;
+    })
+    .await;
+    // The client opens one stream's window by 64 KiB only, the connection's by 16 MiB:
+    // one stream can stall while the others move.
+    let tcp = TcpStream::connect(s.proxy.addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .adaptive_window(false)
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(16 << 20)
+        .handshake::<_, TestBody>(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let connection = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut stalled_sender = sender.clone();
+    let request = h2_request("GET", s.proxy.addr, "/api/v1/download?bytes=500000000")
+        .body(empty())
+        .unwrap();
+    let stalled = timeout(LIMIT, stalled_sender.send_request(request))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stalled.status(), 200);
+    wait_for_metric(&s.proxy, "zoho_proxy_desk_in_flight 1").await;
+
+    // Meanwhile the same connection keeps asking and taking small answers.
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let addr = s.proxy.addr;
+    let mut busy_sender = sender;
+    let busy = tokio::spawn(async move {
+        let mut answered = 0;
+        loop {
+            let request = h2_request("GET", addr, "/api/v1/tickets")
+                .body(empty())
+                .unwrap();
+            let (status, _) = h2_send(&mut busy_sender, request).await;
+            assert_eq!(status, 200, "a request beside the stalled stream");
+            answered += 1;
+            tokio::select! {
+                _ = &mut stopped => return answered,
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    });
+
+    // The stalled stream lets go of Desk (its call, and so its slot)...
+    wait_for_metric(&s.proxy, "zoho_proxy_desk_in_flight 0").await;
+    wait_for_metric(
+        &s.proxy,
+        "zoho_proxy_limits_reached_total{limit=\"timeouts.body_read_secs\"} 1",
+    )
+    .await;
+    // ...and the connection stays up, answering: at least one more request after it.
+    let before = tokio::time::Instant::now();
+    tokio::time::sleep(IDLE * 3).await;
+    stop.send(()).unwrap();
+    let answered = busy.await.unwrap();
+    assert!(
+        answered > 10,
+        "only {answered} requests answered beside the stall"
+    );
+    assert!(
+        !connection.is_finished(),
+        "the connection was dropped {:?} ago",
+        before.elapsed()
+    );
+
+    // When the client reads on at last, the stream ends in an error, never as if whole.
+    let read = timeout(LIMIT, stalled.into_body().collect()).await.unwrap();
+    assert!(read.is_err(), "a cut answer must not end as if whole");
     assert_still_serving(&s).await;
 }
 

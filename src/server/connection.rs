@@ -65,12 +65,12 @@ pub(super) fn serve(worker: &Arc<Worker>, accepted: Accepted, load: Counted) {
             Version::Http1 => {
                 let connection = worker.http1.serve_connection(io, service).with_upgrades();
                 tokio::pin!(connection);
-                drive(connection, &state, idle, stall, peer).await
+                drive(connection, &state, idle, stall, peer, &worker.proxy.metrics).await
             }
             Version::Http2 => {
                 let connection = worker.http2.serve_connection(io, service);
                 tokio::pin!(connection);
-                drive(connection, &state, idle, stall, peer).await
+                drive(connection, &state, idle, stall, peer, &worker.proxy.metrics).await
             }
         };
         if let Err(err) = result {

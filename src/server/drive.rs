@@ -14,7 +14,9 @@ use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
 use crate::body::ResponseBody;
+use crate::budget::Limit;
 use crate::connection::ConnectionState;
+use crate::metrics::Metrics;
 
 /// A served connection that can be asked to close gracefully: after the answers in
 /// progress, with GOAWAY on HTTP/2.
@@ -86,6 +88,7 @@ pub(super) async fn drive<C: Closable>(
     idle: Duration,
     stall: Duration,
     peer: SocketAddr,
+    metrics: &Metrics,
 ) -> Result<(), hyper::Error> {
     // From the accept: the time spent telling HTTP/1 from h2c counts against the first
     // request's head.
@@ -115,11 +118,21 @@ pub(super) async fn drive<C: Closable>(
             } else if due && idle_timer.as_mut().poll(cx).is_ready() {
                 let now = Instant::now();
                 match state.idle_deadline(idle).map(Instant::from_std) {
-                    // Requests are open: look again one idle period later. An answer that
-                    // has waited `stall` for its client, with nothing of any answer taken
-                    // since, is a client that stopped reading (or, on HTTP/2, stopped
-                    // opening its flow-control window): it would hold Desk's call forever.
+                    // Requests are open: look again one idle period later. An answer
+                    // whose client has taken none of it for `stall` (it stopped reading,
+                    // or, on HTTP/2, keeps the stream's flow-control window shut) would
+                    // hold Desk's call forever: it lets go of Desk, and the connection's
+                    // other answers go on. A connection where an answer waits and nothing
+                    // at all was taken or ended for `stall` is dropped: an HTTP/1 one
+                    // then holds only a client that does not read.
                     None => {
+                        let cut = state.cut_stalled_answers(now.into_std(), stall);
+                        if cut > 0 {
+                            tracing::debug!(%peer, cut, budget = "timeouts.body_read_secs", "letting go of Desk for answers whose client takes none of them");
+                            for _ in 0..cut {
+                                metrics.record_limit(Limit::BodyRead);
+                            }
+                        }
                         let taken = state.answers_taken();
                         let waiting = state.answers_waiting() > 0;
                         match suspect {

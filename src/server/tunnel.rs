@@ -61,11 +61,11 @@ pub(super) async fn run(worker: &Arc<Worker>, request: Tunnel, peer: SocketAddr)
     let result = if h2 {
         let connection = worker.http2.serve_connection(io, service);
         tokio::pin!(connection);
-        drive(connection, &state, idle, stall, peer).await
+        drive(connection, &state, idle, stall, peer, &worker.proxy.metrics).await
     } else {
         let connection = worker.http1.serve_connection(io, service);
         tokio::pin!(connection);
-        drive(connection, &state, idle, stall, peer).await
+        drive(connection, &state, idle, stall, peer, &worker.proxy.metrics).await
     };
     if let Err(err) = result {
         tracing::debug!(error = %err, %peer, "intercept: tunnel ended with an error");
