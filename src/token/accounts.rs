@@ -17,32 +17,55 @@ use crate::url::BaseUrl;
 /// Largest Accounts answer read; real ones are a few hundred bytes.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
+/// The lifetime Zoho documents for an access token, taken when an answer gives none
+/// that can be read.
+const DOCUMENTED_LIFETIME_SECS: u64 = 3600;
+
 #[derive(Deserialize)]
 struct TokenAnswer {
     access_token: Option<String>,
     refresh_token: Option<String>,
-    expires_in: Option<u64>,
-    expires_in_sec: Option<u64>,
+    /// Numbers as Zoho sends them, read leniently ([`positive`]).
+    expires_in: Option<serde_json::Value>,
+    expires_in_sec: Option<serde_json::Value>,
     api_domain: Option<String>,
     error: Option<String>,
 }
 
+/// A positive whole number of a JSON value: an integer, a float (rounded up) or a string
+/// of digits; `None` for anything else, zero and negative numbers included.
+fn positive(value: &serde_json::Value) -> Option<u64> {
+    let number = match value {
+        serde_json::Value::Number(n) => n
+            .as_u64()
+            .or_else(|| n.as_f64().filter(|f| *f > 0.0).map(|f| f.ceil() as u64)),
+        serde_json::Value::String(s) => s.trim().parse::<u64>().ok(),
+        _ => None,
+    };
+    number.filter(|n| *n > 0)
+}
+
 /// Parses an answer of `/oauth/v2/token`, Zoho's quirks included: success means an
 /// `access_token` is present whatever the status; errors and throttling may come with 200;
-/// `expires_in` is in milliseconds when `expires_in_sec` is present.
+/// `expires_in` is in milliseconds when `expires_in_sec` is present. A token whose
+/// lifetime cannot be read (missing, zero, negative, not a number) is taken with Zoho's
+/// documented hour: Desk's 401 still renews it if it dies sooner.
 pub fn parse_token_answer(status: u16, body: &[u8]) -> Result<Grant, AccountsError> {
     let failed = |code: Option<String>| AccountsError::Failed { status, code };
     let answer: TokenAnswer = serde_json::from_slice(body).map_err(|_| failed(None))?;
     if let Some(token) = answer.access_token.filter(|t| !t.is_empty()) {
-        let secs = match (answer.expires_in_sec, answer.expires_in) {
-            (Some(secs), _) => secs,
-            (None, Some(secs)) => secs,
-            // Zoho documents one hour; an answer without a lifetime gets the documented one.
-            (None, None) => 3600,
+        let secs = match (&answer.expires_in_sec, &answer.expires_in) {
+            (Some(secs), millis) => positive(secs).or_else(|| {
+                millis
+                    .as_ref()
+                    .and_then(positive)
+                    .map(|ms| ms.div_ceil(1000))
+            }),
+            (None, secs) => secs.as_ref().and_then(positive),
         };
         return Ok(Grant {
             access_token: Secret::new(token),
-            expires_in: Duration::from_secs(secs.max(1)),
+            expires_in: Duration::from_secs(secs.unwrap_or(DOCUMENTED_LIFETIME_SECS)),
             refresh_token: answer
                 .refresh_token
                 .filter(|t| !t.is_empty())
@@ -75,6 +98,38 @@ fn classify(status: u16, code: String) -> AccountsError {
             }),
         },
     }
+}
+
+/// `err` without an error code that holds one of `secrets` or a part of one (Accounts
+/// echoing what it was sent, say from a wrong `accounts_url`): the code reaches logs and
+/// clients.
+fn without_secrets(err: AccountsError, secrets: &[&str]) -> AccountsError {
+    match err {
+        AccountsError::Failed {
+            status,
+            code: Some(code),
+        } if secrets.iter().any(|secret| shares(&code, secret)) => AccountsError::Failed {
+            status,
+            code: Some("(an unexpected value)".into()),
+        },
+        err => err,
+    }
+}
+
+/// Whether `code` holds `secret`, or 8 or more bytes of it.
+fn shares(code: &str, secret: &str) -> bool {
+    const PART: usize = 8;
+    if secret.is_empty() {
+        return false;
+    }
+    if code.contains(secret) {
+        return true;
+    }
+    let secret = secret.as_bytes();
+    secret.len() >= PART
+        && secret
+            .windows(PART)
+            .any(|part| code.as_bytes().windows(PART).any(|c| c == part))
 }
 
 /// Zoho's error codes are short words: `invalid_code`, `Access Denied`.
@@ -179,7 +234,15 @@ impl AccountsClient {
         let (status, body) = tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| AccountsError::Timeout(self.timeout))??;
-        parse_token_answer(status, &body)
+        parse_token_answer(status, &body).map_err(|err| {
+            let mut secrets: Vec<&str> = params
+                .iter()
+                .filter(|(name, _)| *name != "grant_type")
+                .map(|(_, value)| *value)
+                .collect();
+            secrets.push(self.client_secret.expose());
+            without_secrets(err, &secrets)
+        })
     }
 }
 
@@ -295,6 +358,83 @@ mod tests {
                 status: 200,
                 code: None
             }
+        );
+    }
+
+    #[test]
+    fn a_token_with_an_odd_lifetime_is_still_a_token() {
+        let lifetime = |fields: &str| {
+            let body = format!(r#"{{"access_token":"1000.aa.bb"{fields}}}"#);
+            parse_token_answer(200, body.as_bytes())
+                .map(|grant| grant.expires_in.as_secs())
+                .unwrap_or_else(|err| panic!("{fields}: {err}"))
+        };
+        assert_eq!(lifetime(r#","expires_in":3600.0"#), 3600);
+        assert_eq!(lifetime(r#","expires_in":"1800""#), 1800);
+        assert_eq!(lifetime(r#","expires_in":2.5"#), 3);
+        // Unreadable: Zoho's documented hour.
+        for odd in [
+            r#","expires_in":-5"#,
+            r#","expires_in":0"#,
+            r#","expires_in":"soon""#,
+            r#","expires_in":null"#,
+            "",
+        ] {
+            assert_eq!(lifetime(odd), 3600, "{odd}");
+        }
+        // Milliseconds beside an unreadable expires_in_sec.
+        assert_eq!(
+            lifetime(r#","expires_in_sec":"x","expires_in":1800000"#),
+            1800
+        );
+        // Huge figures are kept here, and cut down when the token is made.
+        assert_eq!(lifetime(r#","expires_in":18446744073709551615"#), u64::MAX);
+        let token = crate::token::source::Token::new(
+            Secret::new("1000.aa.bb".into()),
+            Duration::from_secs(u64::MAX),
+            1,
+        )
+        .expect("a token");
+        assert_eq!(token.lifetime, crate::token::source::MAX_LIFETIME);
+    }
+
+    #[test]
+    fn a_successful_status_without_a_readable_answer_may_have_issued_a_token() {
+        for body in [&br#"{"access_token":"1000.aa"#[..], b"", b"{}"] {
+            assert!(parse_token_answer(200, body).unwrap_err().may_have_issued());
+        }
+        for (status, body) in [
+            (503, &b"<html>Service Unavailable</html>"[..]),
+            (200, br#"{"error":"internal_error"}"#),
+        ] {
+            assert!(
+                !parse_token_answer(status, body)
+                    .unwrap_err()
+                    .may_have_issued()
+            );
+        }
+    }
+
+    #[test]
+    fn an_error_code_that_echoes_a_secret_is_not_shown() {
+        let secret = "0a1b2c3d4e5f60718293a4b5c6d7e8f901234567";
+        for code in [secret, &secret[..12], &format!("bad {secret}")] {
+            let err = AccountsError::Failed {
+                status: 400,
+                code: Some(code.to_string()),
+            };
+            let shown = without_secrets(err, &["1000.refresh", secret]).to_string();
+            assert!(!shown.contains(&secret[..8]), "{shown}");
+            assert!(shown.contains("an unexpected value"), "{shown}");
+        }
+        let err = AccountsError::Failed {
+            status: 400,
+            code: Some("invalid_request".into()),
+        };
+        assert!(
+            without_secrets(err, &[secret])
+                .to_string()
+                .contains("invalid_request")
         );
     }
 

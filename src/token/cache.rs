@@ -96,6 +96,8 @@ struct RefreshState {
     flights: u64,
     consecutive_failures: u32,
     backoff_until: Option<Instant>,
+    /// The backoff follows Accounts' throttling, which a reload does not end.
+    throttled: bool,
     last_error: Option<TokenError>,
     /// Accounts refused the current credentials (cleared by a reload).
     rejected: Option<String>,
@@ -307,13 +309,19 @@ impl TokenCache {
                 retry_after_secs = retry_after.as_secs(),
                 "refresh guard: refresh refused, the limit of refreshes per 10 minutes is reached"
             );
-            return Err(TokenError::Unavailable {
+            let error = TokenError::Unavailable {
                 reason: format!(
-                    "refresh guard: {} token refreshes in the last 10 minutes (oauth.max_refreshes_per_10min)",
-                    state.issued.len()
+                    "refresh guard: {} token refreshes in the last 10 minutes (oauth.max_refreshes_per_10min); the next is allowed in {} s",
+                    state.issued.len(),
+                    retry_after.as_secs().max(1)
                 ),
                 retry_after,
-            });
+            };
+            // Until the guard opens, every request is refused by the backoff above: one
+            // refusal counted and logged, and `/_proxy/ready` says why.
+            state.backoff_until = Some(now + retry_after);
+            state.last_error = Some(error.clone());
+            return Err(error);
         }
         Ok(())
     }
@@ -443,6 +451,7 @@ impl TokenCache {
         state.next_generation += 1;
         state.consecutive_failures = 0;
         state.backoff_until = None;
+        state.throttled = false;
         state.last_error = None;
         let token = Arc::new(token);
         self.current.store(Some(token.clone()));
@@ -484,6 +493,7 @@ impl TokenCache {
                     "error"
                 };
                 state.backoff_until = Some(Instant::now() + delay);
+                state.throttled = result == "throttled";
                 tracing::warn!(
                     result,
                     latency_ms,
@@ -498,6 +508,25 @@ impl TokenCache {
             }
         };
         state.last_error = Some(error.clone());
+        error
+    }
+
+    /// A refresh whose task ended without a result (a panic): a failure like any other,
+    /// with its backoff, so that a bug cannot make the proxy call Accounts in a loop.
+    fn failed_unexpectedly(&self) -> TokenError {
+        let mut state = self.lock();
+        state.consecutive_failures = state.consecutive_failures.saturating_add(1);
+        let delay = backoff(&self.policy, state.consecutive_failures);
+        state.backoff_until = Some(Instant::now() + delay);
+        state.throttled = false;
+        let error = TokenError::Unavailable {
+            reason: "the token refresh failed unexpectedly".into(),
+            retry_after: delay,
+        };
+        state.last_error = Some(error.clone());
+        drop(state);
+        self.metrics.record_refresh(RefreshResult::Error);
+        self.changed.send_modify(|_| {});
         error
     }
 
@@ -527,9 +556,9 @@ impl TokenCache {
     }
 
     /// Takes new credentials (after the operator fixed them) and forgets a rejection and
-    /// any backoff, so that the next request or the background task tries at once. A
-    /// refresh still running with the old credentials decides nothing about the new ones.
-    /// The current token stays in use while it is usable.
+    /// any backoff but Accounts' throttling, so that the next request or the background
+    /// task tries at once. A refresh still running with the old credentials decides
+    /// nothing about the new ones. The current token stays in use while it is usable.
     pub fn replace_source(&self, source: impl TokenSource) {
         let generation = self.credentials.load().generation + 1;
         self.credentials.store(Arc::new(Credentials {
@@ -540,13 +569,17 @@ impl TokenCache {
     }
 
     /// Forgets a rejection and any backoff, so that the next request or the background
-    /// task tries again.
+    /// task tries again; but a backoff after Accounts' throttling runs its course (Zoho
+    /// asked for it, whatever the credentials, and a routine reload must not hammer it).
     pub fn clear_rejection(&self) {
         let mut state = self.lock();
         state.rejected = None;
-        state.backoff_until = None;
-        state.consecutive_failures = 0;
-        state.last_error = None;
+        let throttled = state.throttled && state.backoff_until.is_some_and(|t| t > Instant::now());
+        if !throttled {
+            state.backoff_until = None;
+            state.consecutive_failures = 0;
+            state.last_error = None;
+        }
         drop(state);
         self.changed.send_modify(|_| {});
     }
@@ -643,12 +676,10 @@ impl Drop for Landing {
         if self.result.borrow().is_none() {
             self.clear();
             tracing::error!(
-                "the token refresh task ended without a result (a panic); the next refresh starts afresh"
+                "the token refresh task ended without a result (a panic); the next refresh follows the backoff"
             );
-            self.result.send_replace(Some(Err(TokenError::Unavailable {
-                reason: "the token refresh failed unexpectedly".into(),
-                retry_after: self.cache.policy.backoff_min,
-            })));
+            let error = self.cache.failed_unexpectedly();
+            self.result.send_replace(Some(Err(error)));
         }
     }
 }
@@ -916,6 +947,88 @@ mod tests {
         cache.replace_source(source);
         cache.usable().await.expect("a later refresh runs");
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    /// A source that counts its calls and panics.
+    struct CountedPanic(Arc<AtomicU32>);
+
+    impl TokenSource for CountedPanic {
+        fn fetch<'a>(&'a self, _refresh: &'a Refresh<'a>) -> FetchFuture<'a> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move { panic!("a bug in a source (expected by this test)") })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_a_refresh_backs_off_like_a_failure() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let metrics = Arc::new(Metrics::new());
+        let cache = TokenCache::new(
+            CountedPanic(calls.clone()),
+            RefreshPolicy::new(Duration::from_secs(300), 10),
+            metrics.clone(),
+        );
+        for _ in 0..5 {
+            let err = cache.usable().await.unwrap_err();
+            assert!(err.to_string().contains("unexpectedly"), "{err}");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "backing off, not calling");
+        assert!(matches!(cache.readiness(), Readiness::NotReady(r) if r.contains("unexpectedly")));
+        let (text, _) = metrics.encode(None, 0, false);
+        assert!(
+            text.contains("zoho_proxy_token_refreshes_total{result=\"error\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_closed_guard_is_counted_once_and_told_by_ready() {
+        let (source, calls) = counting(grant, Duration::ZERO);
+        let metrics = Arc::new(Metrics::new());
+        let cache = TokenCache::new(
+            source,
+            RefreshPolicy::new(Duration::from_secs(300), 2),
+            metrics.clone(),
+        );
+        for _ in 0..2 {
+            let token = cache.usable().await.unwrap();
+            cache.mark_rejected(&token);
+        }
+        for _ in 0..100 {
+            let err = cache.usable().await.unwrap_err();
+            assert!(err.to_string().contains("refresh guard"), "{err}");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert!(
+            matches!(cache.readiness(), Readiness::NotReady(r) if r.contains("refresh guard")),
+            "{:?}",
+            cache.readiness()
+        );
+        let (text, _) = metrics.encode(None, 0, false);
+        assert!(
+            text.contains("zoho_proxy_token_refreshes_total{result=\"guard_refused\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reload_does_not_end_a_throttling_backoff() {
+        let throttled = |_| Err(AccountsError::Throttled("Access Denied".into()));
+        let (cache, calls) = cache(throttled, 10);
+        assert!(cache.usable().await.is_err());
+        let (source, reloaded_calls) = counting(grant, Duration::ZERO);
+        cache.replace_source(source);
+        let err = cache.usable().await.unwrap_err();
+        assert!(
+            matches!(err, TokenError::Unavailable { retry_after, .. } if retry_after > Duration::from_secs(55)),
+            "{err:?}"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            reloaded_calls.load(Ordering::SeqCst),
+            0,
+            "Zoho asked for a wait"
+        );
     }
 
     /// A source that reports what arrived in the cache instead of calling when it can.

@@ -110,9 +110,10 @@ impl TokenFile {
             reason: e.to_string(),
         })?;
         let access_token = match (file.access_token, file.access_token_expires_at) {
-            (Some(token), Some(at)) => {
-                Some((Secret::new(token), UNIX_EPOCH + Duration::from_secs(at)))
-            }
+            // An expiry beyond the clock's range is no expiry the proxy can use.
+            (Some(token), Some(at)) => UNIX_EPOCH
+                .checked_add(Duration::from_secs(at))
+                .map(|at| (Secret::new(token), at)),
             _ => None,
         };
         Ok(Some(StoredTokens {
@@ -271,6 +272,20 @@ mod tests {
             std::fs::read_dir(dir.path().join("sub")).unwrap().count(),
             1
         );
+    }
+
+    #[test]
+    fn an_expiry_beyond_the_clock_is_no_access_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token.json");
+        let text = format!(
+            r#"{{"version":1,"client_id":"id","refresh_token":"1000.refresh","access_token":"1000.access","access_token_expires_at":{}}}"#,
+            u64::MAX
+        );
+        std::fs::write(&path, text).unwrap();
+        let loaded = TokenFile::new(&path).load().unwrap().unwrap();
+        assert!(loaded.access_token.is_none());
+        assert_eq!(loaded.refresh_token.unwrap().expose(), "1000.refresh");
     }
 
     #[test]

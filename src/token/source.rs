@@ -15,6 +15,11 @@ use http::HeaderValue;
 
 use crate::secret::Secret;
 
+/// The longest lifetime a token is taken to have, whatever its source says (Zoho's live
+/// an hour): a larger figure from Accounts, the token file or the fleet's store is cut
+/// down to it, so that no expiry overflows the clocks.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
 /// An access token ready for the request path.
 #[derive(Debug)]
 pub struct Token {
@@ -44,10 +49,11 @@ impl Token {
         self.expires_at - margin.min(self.lifetime / 2)
     }
 
-    /// Builds a token living `lifetime` from now; `None` when Zoho sent bytes that cannot
-    /// be a header value.
+    /// Builds a token living `lifetime` (at most [`MAX_LIFETIME`]) from now; `None` when
+    /// Zoho sent bytes that cannot be a header value.
     pub fn new(access_token: Secret<String>, lifetime: Duration, generation: u64) -> Option<Self> {
         let header = authorization(&access_token)?;
+        let lifetime = lifetime.min(MAX_LIFETIME);
         Some(Self {
             header,
             access_token,
@@ -137,9 +143,14 @@ pub enum AccountsError {
 
 impl AccountsError {
     /// Whether Accounts may have issued a token for the call that ended so: the refresh
-    /// guard counts such a call as it counts a success.
+    /// guard counts such a call as it counts a success. A successful status with neither
+    /// a token nor an error code in the answer (not JSON, cut short) counts too.
     pub fn may_have_issued(&self) -> bool {
-        matches!(self, Self::Timeout(_) | Self::Interrupted(_))
+        match self {
+            Self::Timeout(_) | Self::Interrupted(_) => true,
+            Self::Failed { status, code: None } => (200..300).contains(status),
+            _ => false,
+        }
     }
 
     /// The fix an operator should apply, in plain words.
