@@ -831,7 +831,11 @@ impl Proxy {
                 // Desk's latency, in the log, starts once a slot and a token are in hand;
                 // the wait for a token does not count against the response's time.
                 let deadline = due + (sent - free);
-                let response = call_desk(upstream, request, deadline, slot).await;
+                // A call Desk still works on when its client leaves or its deadline
+                // passes keeps its slot (Desk still counts it) until Desk answers, for
+                // at most twice the response time from when it was sent.
+                let held_until = sent + 2 * timeout;
+                let response = call_desk(upstream, request, deadline, held_until, slot).await;
                 log.set_upstream_latency(sent.elapsed());
                 response.map(|(response, slot)| (slot, token, response, outcome))
             }
@@ -938,13 +942,14 @@ impl Attempt {
 
 /// Desk's call with `slot`: a connection first (given up, nothing sent, if the client
 /// leaves meanwhile), then the request on it, held until Desk is done with it even if
-/// the client leaves ([`HeldCall`]). A waiting connection that had closed as it was taken
-/// gets the request again on a new one. Past `deadline`, the slot is given back. One
-/// timer bounds it all.
+/// the client leaves or `deadline` passes ([`HeldCall`], until `held_until` at the
+/// latest). A waiting connection that had closed as it was taken gets the request again
+/// on a new one. One timer bounds the wait for the answer.
 async fn call_desk(
     upstream: &Upstream,
     request: Box<Request<UpstreamBody>>,
     deadline: Instant,
+    held_until: Instant,
     slot: UpstreamSlot,
 ) -> Result<(Result<Response<DeskBody>, SendError>, UpstreamSlot), Elapsed> {
     tokio::time::timeout_at(deadline, async move {
@@ -957,7 +962,7 @@ async fn call_desk(
             let pool = Arc::clone(&upstream.pool);
             let call = HeldCall::new(
                 async move { pool.send(ready, request).await },
-                deadline,
+                held_until,
                 slot,
             );
             match call.await {

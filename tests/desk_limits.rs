@@ -117,6 +117,46 @@ async fn a_call_whose_client_left_keeps_its_slot_until_desk_is_done() {
 }
 
 #[tokio::test]
+async fn a_call_desk_has_not_answered_by_response_secs_keeps_its_slot_after_the_504() {
+    for h2 in [false, true] {
+        // Desk takes 500 ms; the proxy gives up waiting at 300 ms, and Desk goes on.
+        let s = Scenario::with(FakeOptions::default(), |c| {
+            c.desk.max_concurrent = 2;
+            c.timeouts.response = Duration::from_millis(300);
+        })
+        .await;
+        s.zoho.set_desk_concurrency_cap(Some(2));
+        s.zoho.set_desk_delay(Duration::from_millis(500));
+        let client = if h2 { h2c_client() } else { client() };
+        let url = s.url("/api/v1/tickets");
+        // A steady stream of requests, more than Desk can take.
+        let mut requests = Vec::new();
+        for _ in 0..16 {
+            requests.push(tokio::spawn(client.get(&url).send()));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut timed_out = 0;
+        for request in requests {
+            let status = request.await.unwrap().unwrap().status();
+            assert!(status == 200 || status == 504, "h2: {h2}: {status}");
+            timed_out += usize::from(status == 504);
+        }
+        assert!(
+            timed_out > 0,
+            "h2: {h2}: Desk was slower than response_secs"
+        );
+        wait_for_metric(&s.proxy, "zoho_proxy_desk_in_flight 0").await;
+        // A 504's call still counted at Desk until Desk was done with it.
+        assert_eq!(s.zoho.desk_429s(), 0, "h2: {h2}");
+        assert!(
+            s.zoho.desk_max_concurrent() <= 2,
+            "h2: {h2}: {}",
+            s.zoho.desk_max_concurrent()
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_request_that_waits_past_response_secs_gets_504_and_is_never_sent() {
     let s = Scenario::with(FakeOptions::default(), |c| {
         c.desk.max_concurrent = 1;

@@ -2,8 +2,10 @@
 //!
 //! Desk counts a call against the portal's concurrency until it answers, whether or not
 //! anyone still waits for the answer. A request whose client leaves while Desk works on it
-//! is dropped by the server at once; were its slot given back then, the next request in
-//! line would go out while Desk still counts this one, and could meet Desk's own limit.
+//! is dropped by the server at once, and one that Desk does not answer within its response
+//! time gets the proxy's 504; were its slot given back then, the next request in line
+//! would go out while Desk still counts this one, and could meet Desk's own limit (under
+//! overload, the calls at Desk would grow with the arrival rate).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,11 +15,11 @@ use tokio::time::Instant;
 
 use super::UpstreamSlot;
 
-/// Desk's call and the slot it went out with. Dropped before it is done, the call goes on
-/// in a task of its own until Desk's answer begins or its deadline passes, and only then
-/// gives the slot back. The answer that comes is dropped (its connection closed). While
-/// it is awaited, the deadline is the caller's to keep: no timer is made unless the call
-/// is left behind.
+/// Desk's call and the slot it went out with. Dropped before it is done (its client left,
+/// or the caller's deadline passed), the call goes on in a task of its own until Desk's
+/// answer begins or `held_until`, and only then gives the slot back. The answer that
+/// comes is dropped (its connection closed). While it is awaited, the deadline is the
+/// caller's to keep: no timer is made unless the call is left behind.
 pub struct HeldCall<F>
 where
     F: Future + Send + 'static,
@@ -25,7 +27,8 @@ where
 {
     /// `None` once done.
     call: Option<(Pin<Box<F>>, UpstreamSlot)>,
-    deadline: Instant,
+    /// The latest a call left behind is held.
+    held_until: Instant,
 }
 
 impl<F> HeldCall<F>
@@ -33,12 +36,12 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    /// `call`, due by `deadline`, holding `slot`. The call is boxed: should it outlive its
-    /// request, it moves into a task of its own.
-    pub fn new(call: F, deadline: Instant, slot: UpstreamSlot) -> Self {
+    /// `call`, holding `slot`, and held until `held_until` at the latest if left behind.
+    /// The call is boxed: should it outlive its request, it moves into a task of its own.
+    pub fn new(call: F, held_until: Instant, slot: UpstreamSlot) -> Self {
         Self {
             call: Some((Box::pin(call), slot)),
-            deadline,
+            held_until,
         }
     }
 }
@@ -76,9 +79,9 @@ where
         if let Some((call, slot)) = self.call.take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
-            let deadline = self.deadline;
+            let held_until = self.held_until;
             runtime.spawn(async move {
-                let _ = tokio::time::timeout_at(deadline, call).await;
+                let _ = tokio::time::timeout_at(held_until, call).await;
                 drop(slot);
             });
         }
