@@ -805,6 +805,7 @@ impl Proxy {
             None => {
                 let slot = tokio::time::timeout_at(due, async {
                     let desk = self.desk.acquire().await;
+                    let _waiting = self.desk.waiting();
                     let worker = Arc::clone(&upstream.slots).acquire_owned().await;
                     worker.map(|worker| UpstreamSlot::new(desk, worker))
                 })

@@ -73,6 +73,39 @@ async fn the_waiters_are_shown_in_the_metrics_while_they_wait() {
 }
 
 #[tokio::test]
+async fn the_metrics_count_the_proxy_s_own_line_when_it_is_the_tighter() {
+    // Desk's limit cannot bind: the proxy's own bound (2) is the line.
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.desk.max_concurrent = 10;
+        c.max_upstream_requests = 2;
+        c.workers = 1;
+    })
+    .await;
+    s.zoho.set_desk_delay(Duration::from_millis(400));
+    let url = s.url("/api/v1/tickets");
+    let client = client();
+    let requests: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(client.get(&url).send()))
+        .collect();
+    wait_for_metric(&s.proxy, "zoho_proxy_desk_queue_depth 4").await;
+    let text = fetch(s.proxy.url("/_proxy/metrics"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.lines().any(|l| l == "zoho_proxy_desk_in_flight 2"),
+        "two at Desk while four wait: {text}"
+    );
+    for request in requests {
+        assert_eq!(request.await.unwrap().unwrap().status(), 200);
+    }
+    assert_eq!(s.zoho.desk_max_concurrent(), 2);
+    wait_for_metric(&s.proxy, "zoho_proxy_desk_in_flight 0").await;
+    wait_for_metric(&s.proxy, "zoho_proxy_desk_queue_depth 0").await;
+}
+
+#[tokio::test]
 async fn a_client_that_leaves_the_line_is_never_sent() {
     let s = capped(1, 1, Duration::from_millis(400)).await;
     let url = s.url("/api/v1/tickets");

@@ -117,12 +117,25 @@ impl DeskSlots {
         Some(self.permit(held))
     }
 
+    /// With no queue, a call counts as at Desk once it also has its serving thread's
+    /// slot ([`UpstreamSlot::new`]): until then it waits for that slot.
     fn permit(&self, held: Held) -> DeskPermit {
-        self.in_flight.inc();
+        let counted = !matches!(held, Held::Nothing);
+        if counted {
+            self.in_flight.inc();
+        }
         DeskPermit {
             _held: held,
             in_flight: self.in_flight.clone(),
+            counted,
         }
+    }
+
+    /// Counts a request as waiting in line while the guard lives: for its serving
+    /// thread's slot (`limits.max_upstream_requests`), which is the line when Desk's
+    /// limit cannot bind.
+    pub fn waiting(&self) -> impl Drop + '_ {
+        Waiting::enter(&self.queued)
     }
 }
 
@@ -159,11 +172,15 @@ pub(crate) enum Held {
 pub struct DeskPermit {
     _held: Held,
     in_flight: Gauge,
+    /// Counted in `zoho_proxy_desk_in_flight`.
+    counted: bool,
 }
 
 impl Drop for DeskPermit {
     fn drop(&mut self) {
-        self.in_flight.dec();
+        if self.counted {
+            self.in_flight.dec();
+        }
     }
 }
 
@@ -178,7 +195,11 @@ pub struct UpstreamSlot {
 
 impl UpstreamSlot {
     /// Desk's call and the serving thread's slot.
-    pub fn new(desk: DeskPermit, worker: OwnedSemaphorePermit) -> Self {
+    pub fn new(mut desk: DeskPermit, worker: OwnedSemaphorePermit) -> Self {
+        if !desk.counted {
+            desk.in_flight.inc();
+            desk.counted = true;
+        }
         Self {
             _desk: desk,
             _worker: worker,
@@ -269,8 +290,19 @@ mod tests {
         let slots = DeskSlots::local(64, 64, &metrics);
         let permits: Vec<_> =
             futures_util::future::join_all((0..100).map(|_| slots.acquire())).await;
-        assert_eq!(metrics.desk_in_flight().get(), 100);
-        drop(permits);
+        // At Desk only once the serving thread's slot is held as well.
+        assert_eq!(metrics.desk_in_flight().get(), 0);
+        let worker = Arc::new(Semaphore::new(64));
+        let at_desk: Vec<_> = permits
+            .into_iter()
+            .filter_map(|desk| {
+                let slot = Arc::clone(&worker).try_acquire_owned().ok()?;
+                Some(UpstreamSlot::new(desk, slot))
+            })
+            .collect();
+        assert_eq!(at_desk.len(), 64);
+        assert_eq!(metrics.desk_in_flight().get(), 64);
+        drop(at_desk);
         assert_eq!(metrics.desk_in_flight().get(), 0);
     }
 }
