@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | connections | `limits.max_connections` | closed at accept |
 //! | streams per HTTP/2 connection | [`MAX_STREAMS_PER_CONNECTION`] | refused by HTTP/2 flow control |
+//! | request heads of HTTP/2 requests in progress, whole process | [`MAX_H2_HEAD_BYTES`] (each serving thread its part) | 503 `PROXY_OVERLOADED` |
 //! | request head bytes | [`MAX_HEAD_BYTES`] (HTTP/1 head, HTTP/2 header list) | 431 or closed |
 //! | header fields | [`MAX_HEADERS`] | 431 |
 //! | time to send a head | `timeouts.header_read_secs` | closed |
@@ -26,6 +27,13 @@ pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 pub const MAX_HEADERS: usize = 100;
 /// Most streams open at once on one HTTP/2 connection.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// Most bytes of request heads held at once by HTTP/2 requests in progress, in the whole
+/// process (each serving thread holds its part), counted as HTTP/2 counts a header
+/// list: each field's name and value and 32 bytes. Without it, thousands of connections
+/// × 256 streams × 64 KiB heads waiting in Desk's line could hold gigabytes. (An HTTP/1
+/// connection carries one request at a time: `limits.max_connections` × 64 KiB bounds
+/// its heads.)
+pub const MAX_H2_HEAD_BYTES: u64 = 32 * 1024 * 1024;
 
 /// The names of the bounds, as a log line or a metric label gives them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,15 +46,18 @@ pub enum Limit {
     BodyRead,
     /// Header fields of an HTTP/2 request ([`MAX_HEADERS`]).
     Headers,
+    /// Request heads of HTTP/2 requests in progress ([`MAX_H2_HEAD_BYTES`]).
+    H2Heads,
 }
 
 impl Limit {
     /// Every limit, in the order of [`Limit::key`]'s metric labels.
-    pub const ALL: [Limit; 4] = [
+    pub const ALL: [Limit; 5] = [
         Limit::Connections,
         Limit::BufferedBodyBytes,
         Limit::BodyRead,
         Limit::Headers,
+        Limit::H2Heads,
     ];
 
     /// The configuration key (or constant) that sets it.
@@ -56,6 +67,7 @@ impl Limit {
             Self::BufferedBodyBytes => "limits.buffered_body_bytes",
             Self::BodyRead => "timeouts.body_read_secs",
             Self::Headers => "max_headers",
+            Self::H2Heads => "max_h2_head_bytes",
         }
     }
 }

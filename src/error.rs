@@ -60,6 +60,10 @@ pub enum ProxyError {
     /// More header fields than the proxy accepts (431, as for an oversized HTTP/1 head).
     #[error("{0}")]
     HeadersTooLarge(String),
+    /// The requests in progress hold as much as the proxy allows of something (HTTP/2
+    /// request heads): 503 with `Retry-After`, try again shortly.
+    #[error("{0}")]
+    Overloaded(String),
 }
 
 impl ProxyError {
@@ -79,13 +83,14 @@ impl ProxyError {
             Self::NotFound(_) => "PROXY_NOT_FOUND",
             Self::ReplayMiss(_) => "PROXY_REPLAY_MISS",
             Self::RequestTimeout(_) => "PROXY_REQUEST_TIMEOUT",
+            Self::Overloaded(_) => "PROXY_OVERLOADED",
         }
     }
 
     /// The HTTP status of the answer.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::TokenUnavailable { .. } | Self::AuthRejected(_) => {
+            Self::TokenUnavailable { .. } | Self::AuthRejected(_) | Self::Overloaded(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
@@ -124,11 +129,17 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json;charset=UTF-8"),
         );
-        if let Self::TokenUnavailable { retry_after, .. } = self {
-            headers.insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(retry_after_secs(*retry_after)),
-            );
+        match self {
+            Self::TokenUnavailable { retry_after, .. } => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs(*retry_after)),
+                );
+            }
+            Self::Overloaded(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
         }
         match self {
             Self::Unauthorized(_) => {

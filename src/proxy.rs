@@ -20,7 +20,7 @@ use crate::body::{
     BodyError, BodyOutcome, Captured, DeskBody, RequestBody, ResponseBody, StreamReason,
     UpstreamBody,
 };
-use crate::budget::{ByteBudget, Limit, MAX_HEADERS};
+use crate::budget::{ByteBudget, Limit, MAX_H2_HEAD_BYTES, MAX_HEADERS, Reservation};
 use crate::concurrency::{DeskSlots, HeldCall, UpstreamSlot};
 use crate::config::Config;
 use crate::error::ProxyError;
@@ -94,6 +94,8 @@ const MAX_401_BODY: usize = 64 * 1024;
 pub struct Upstream {
     pool: Arc<Pool<UpstreamBody>>,
     slots: Arc<Semaphore>,
+    /// The thread's part of [`MAX_H2_HEAD_BYTES`].
+    h2_heads: Arc<ByteBudget>,
 }
 
 /// Everything a request needs, shared by all connections and serving threads.
@@ -206,6 +208,7 @@ impl Proxy {
                 self.config.timeouts.idle,
             ),
             slots: Arc::new(Semaphore::new(share)),
+            h2_heads: ByteBudget::new(MAX_H2_HEAD_BYTES / workers.max(1) as u64),
         }
     }
 
@@ -253,6 +256,38 @@ impl Proxy {
         response
     }
 
+    /// Counts an HTTP/2 request's head against its serving thread's part of
+    /// [`MAX_H2_HEAD_BYTES`] until the reservation drops; past it, 503.
+    fn hold_h2_head<B>(
+        &self,
+        upstream: &Upstream,
+        req: &Request<B>,
+    ) -> Result<Reservation, ProxyError> {
+        let uri = req.uri();
+        let target = uri.path_and_query().map_or(0, |p| p.as_str().len())
+            + uri.authority().map_or(0, |a| a.as_str().len());
+        let fields: usize = req
+            .headers()
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 32)
+            .sum();
+        upstream
+            .h2_heads
+            .reserve((target + fields) as u64)
+            .ok_or_else(|| {
+                self.metrics.record_limit(Limit::H2Heads);
+                tracing::debug!(
+                    budget = Limit::H2Heads.key(),
+                    held = upstream.h2_heads.held(),
+                    "request refused: the HTTP/2 requests in progress hold the most request-head bytes allowed"
+                );
+                ProxyError::Overloaded(format!(
+                    "the proxy holds as many HTTP/2 request heads as it allows ({} MiB); retry shortly",
+                    MAX_H2_HEAD_BYTES >> 20
+                ))
+            })
+    }
+
     /// The answer for a request the proxy refused or could not forward.
     fn refusal(&self, err: ProxyError, log: &mut RequestLog) -> ClientResponse {
         log.set_error_code(err.code());
@@ -285,6 +320,11 @@ impl Proxy {
         {
             return self.connect(intercept, *req, peer).map(Box::new);
         }
+        // Held until the request is answered (its head is gone by then).
+        let _head = match req.version() {
+            http::Version::HTTP_2 => Some(self.hold_h2_head(upstream, &req)?),
+            _ => None,
+        };
         self.access.check_method_is_forwardable(req.method())?;
         if req.headers().len() > MAX_HEADERS {
             self.metrics.record_limit(Limit::Headers);

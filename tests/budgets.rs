@@ -501,6 +501,86 @@ async fn a_body_over_the_replay_budget_streams_and_only_loses_its_retry() {
 // Idle HTTP/2 connections, header fields
 
 #[tokio::test]
+async fn http2_request_heads_in_progress_are_bounded_for_the_whole_process() {
+    // Desk takes one call at a time and answers slowly: the streams wait in line, each
+    // holding a head of about 60 KiB (under the 64 KiB and 100-field limits).
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.desk.max_concurrent = 1;
+        c.timeouts.response = Duration::from_secs(60);
+        c.workers = 1;
+    })
+    .await;
+    s.zoho.set_desk_delay(Duration::from_secs(3));
+    let big = "x".repeat(4000);
+    let (answers, mut answered) = mpsc::unbounded_channel();
+    let mut streams = Vec::new();
+    // 600 × ~60 KiB: more than the 32 MiB allowed.
+    for _ in 0..3 {
+        let (sender, _connection) = h2(s.proxy.addr).await;
+        for _ in 0..200 {
+            let mut request = h2_request("GET", s.proxy.addr, "/api/v1/tickets");
+            for field in 0..15 {
+                request = request.header(format!("x-big-{field}"), &big);
+            }
+            let request = request.body(empty()).unwrap();
+            let mut sender = sender.clone();
+            let answers = answers.clone();
+            streams.push(tokio::spawn(async move {
+                let Ok(response) = sender.send_request(request).await else {
+                    return;
+                };
+                let retry_after = response.headers().get("retry-after").is_some();
+                let status = response.status().as_u16();
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                let json: serde_json::Value =
+                    serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                let code = json["errorCode"].as_str().map(str::to_owned);
+                let _ = answers.send((status, code, retry_after));
+            }));
+        }
+    }
+    // Refused at once, while the others wait in line (and Desk answers one at a time).
+    let (status, code, retry_after) = timeout(Duration::from_secs(30), async {
+        loop {
+            match answered.recv().await {
+                Some((200, ..)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("no stream was refused")
+    .unwrap();
+    assert_eq!((status, code.as_deref()), (503, Some("PROXY_OVERLOADED")));
+    assert!(retry_after, "503 without Retry-After");
+    let metrics = fetch(s.proxy.url("/_proxy/metrics"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let refused = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("zoho_proxy_limits_reached_total{limit=\"max_h2_head_bytes\"} ")
+        })
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(refused.is_some_and(|n| n >= 1), "{metrics}");
+    // The proxy still answers a small request meanwhile.
+    let (mut sender, _connection) = h2(s.proxy.addr).await;
+    let request = h2_request("GET", s.proxy.addr, "/_proxy/health")
+        .body(empty())
+        .unwrap();
+    assert_eq!(h2_send(&mut sender, request).await.0, 200);
+    // The clients give up: their heads are let go, and Desk's line moves again.
+    for stream in &streams {
+        stream.abort();
+    }
+    s.zoho.set_desk_delay(Duration::ZERO);
+    wait_for_metric(&s.proxy, "zoho_proxy_desk_queue_depth 0").await;
+    assert_still_serving(&s).await;
+}
+
+#[tokio::test]
 async fn an_idle_h2_connection_is_closed_like_an_idle_http1_one() {
     let s = Scenario::with(FakeOptions::default(), |c| {
         c.timeouts.header_read = IDLE;
