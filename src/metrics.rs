@@ -55,7 +55,7 @@ pub enum UpstreamErrorKind {
 }
 
 /// Results of a token refresh.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefreshResult {
     /// A new token.
     Ok,
@@ -67,6 +67,28 @@ pub enum RefreshResult {
     Rejected,
     /// The refresh guard refused to call Accounts.
     GuardRefused,
+}
+
+impl RefreshResult {
+    /// Every result, in the order of their metric series.
+    const ALL: [RefreshResult; 5] = [
+        Self::Ok,
+        Self::Error,
+        Self::Throttled,
+        Self::Rejected,
+        Self::GuardRefused,
+    ];
+
+    /// Its name, in the metric's `result` label and the log's `result` field.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Error => "error",
+            Self::Throttled => "throttled",
+            Self::Rejected => "rejected",
+            Self::GuardRefused => "guard_refused",
+        }
+    }
 }
 
 /// Every series of the proxy.
@@ -141,8 +163,11 @@ impl Metrics {
         );
 
         let refresh_family = Family::<ResultLabels, Counter>::default();
-        let refreshes = ["ok", "error", "throttled", "rejected", "guard_refused"]
-            .map(|result| refresh_family.get_or_create_owned(&ResultLabels { result }));
+        let refreshes = RefreshResult::ALL.map(|result| {
+            refresh_family.get_or_create_owned(&ResultLabels {
+                result: result.label(),
+            })
+        });
         registry.register(
             "token_refreshes",
             "Token refreshes by result",

@@ -8,7 +8,9 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use serde::Deserialize;
 
-use super::source::{AccountsError, FetchFuture, Fetched, Grant, Refresh, TokenSource};
+use super::source::{
+    AccountsError, FetchFuture, Fetched, Grant, MAX_LIFETIME, Refresh, TokenSource,
+};
 use crate::client::Connector;
 use crate::config::Config;
 use crate::secret::Secret;
@@ -65,7 +67,8 @@ pub fn parse_token_answer(status: u16, body: &[u8]) -> Result<Grant, AccountsErr
         };
         return Ok(Grant {
             access_token: Secret::new(token),
-            expires_in: Duration::from_secs(secs.unwrap_or(DOCUMENTED_LIFETIME_SECS)),
+            expires_in: Duration::from_secs(secs.unwrap_or(DOCUMENTED_LIFETIME_SECS))
+                .min(MAX_LIFETIME),
             refresh_token: answer
                 .refresh_token
                 .filter(|t| !t.is_empty())
@@ -387,8 +390,11 @@ mod tests {
             lifetime(r#","expires_in_sec":"x","expires_in":1800000"#),
             1800
         );
-        // Huge figures are kept here, and cut down when the token is made.
-        assert_eq!(lifetime(r#","expires_in":18446744073709551615"#), u64::MAX);
+        // Huge figures are cut down to a day, so that no clock overflows on them.
+        assert_eq!(
+            lifetime(r#","expires_in":18446744073709551615"#),
+            MAX_LIFETIME.as_secs()
+        );
         let token = crate::token::source::Token::new(
             Secret::new("1000.aa.bb".into()),
             Duration::from_secs(u64::MAX),

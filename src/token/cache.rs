@@ -372,8 +372,11 @@ impl TokenCache {
             let refresh = Refresh::new(stale.clone(), &arrived);
             let result = credentials.source.fetch(&refresh).await;
             let reloaded = self.credentials.load().generation != credentials.generation;
+            // Throttling is Zoho's answer to the client, whatever its credentials: it is
+            // recorded, and its wait kept.
             if let Err(err) = &result
                 && reloaded
+                && !matches!(err, AccountsError::Throttled(_))
             {
                 // Counted, but it decides nothing about the new credentials.
                 self.count_call(&result);
@@ -479,21 +482,26 @@ impl TokenCache {
                 TokenError::Rejected(reason)
             }
             _ => {
-                state.consecutive_failures = state.consecutive_failures.saturating_add(1);
-                let mut delay = backoff(&self.policy, state.consecutive_failures);
-                if let AccountsError::GuardRefused { retry_after } = err {
-                    delay = retry_after;
-                }
-                let result = if matches!(err, AccountsError::Throttled(_)) {
-                    delay = delay.max(THROTTLE_BACKOFF);
-                    self.metrics.record_refresh(RefreshResult::Throttled);
-                    "throttled"
-                } else {
-                    self.metrics.record_refresh(RefreshResult::Error);
-                    "error"
+                let (result, delay) = match err {
+                    // The fleet's guard: its wait, and no failure of Accounts.
+                    AccountsError::GuardRefused { retry_after } => {
+                        (RefreshResult::GuardRefused, retry_after)
+                    }
+                    _ => {
+                        state.consecutive_failures = state.consecutive_failures.saturating_add(1);
+                        let delay = backoff(&self.policy, state.consecutive_failures);
+                        match err {
+                            AccountsError::Throttled(_) => {
+                                (RefreshResult::Throttled, delay.max(THROTTLE_BACKOFF))
+                            }
+                            _ => (RefreshResult::Error, delay),
+                        }
+                    }
                 };
+                self.metrics.record_refresh(result);
                 state.backoff_until = Some(Instant::now() + delay);
-                state.throttled = result == "throttled";
+                state.throttled = result == RefreshResult::Throttled;
+                let result = result.label();
                 tracing::warn!(
                     result,
                     latency_ms,
@@ -515,6 +523,8 @@ impl TokenCache {
     /// with its backoff, so that a bug cannot make the proxy call Accounts in a loop.
     fn failed_unexpectedly(&self) -> TokenError {
         let mut state = self.lock();
+        // The panic may have come after Accounts issued a token: the guard counts it.
+        state.issued.push_back(Instant::now());
         state.consecutive_failures = state.consecutive_failures.saturating_add(1);
         let delay = backoff(&self.policy, state.consecutive_failures);
         state.backoff_until = Some(Instant::now() + delay);
@@ -675,10 +685,18 @@ impl Drop for Landing {
     fn drop(&mut self) {
         if self.result.borrow().is_none() {
             self.clear();
-            tracing::error!(
-                "the token refresh task ended without a result (a panic); the next refresh follows the backoff"
-            );
-            let error = self.cache.failed_unexpectedly();
+            let error = if std::thread::panicking() {
+                tracing::error!(
+                    "the token refresh task ended without a result (a panic); the next refresh follows the backoff"
+                );
+                self.cache.failed_unexpectedly()
+            } else {
+                // Dropped unfinished: the runtime is shutting down.
+                TokenError::Unavailable {
+                    reason: "the proxy is shutting down".into(),
+                    retry_after: self.cache.policy.backoff_min,
+                }
+            };
             self.result.send_replace(Some(Err(error)));
         }
     }
@@ -1008,6 +1026,88 @@ mod tests {
         assert!(
             text.contains("zoho_proxy_token_refreshes_total{result=\"guard_refused\"} 1"),
             "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_fleet_s_guard_refusal_is_counted_as_such_and_does_not_grow_the_backoff() {
+        let metrics = Arc::new(Metrics::new());
+        let (source, _) = counting(
+            |_| {
+                Err(AccountsError::GuardRefused {
+                    retry_after: Duration::from_secs(7),
+                })
+            },
+            Duration::ZERO,
+        );
+        let cache = TokenCache::new(
+            source,
+            RefreshPolicy::new(Duration::from_secs(300), 10),
+            metrics.clone(),
+        );
+        let err = cache.usable().await.unwrap_err();
+        assert!(
+            matches!(err, TokenError::Unavailable { retry_after, .. } if retry_after <= Duration::from_secs(7)),
+            "{err:?}"
+        );
+        assert_eq!(cache.lock().consecutive_failures, 0);
+        let (text, _) = metrics.encode(None, 0, false);
+        assert!(
+            text.contains("zoho_proxy_token_refreshes_total{result=\"guard_refused\"} 1")
+                && text.contains("zoho_proxy_token_refreshes_total{result=\"error\"} 0"),
+            "{text}"
+        );
+    }
+
+    /// Throttles once, after a reload arrives while it waits.
+    struct ThrottledDuringReload {
+        calls: Arc<AtomicU32>,
+        reloaded: Arc<tokio::sync::Notify>,
+    }
+
+    impl TokenSource for ThrottledDuringReload {
+        fn fetch<'a>(&'a self, _refresh: &'a Refresh<'a>) -> FetchFuture<'a> {
+            Box::pin(async move {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                self.reloaded.notified().await;
+                Err(AccountsError::Throttled("Access Denied".into()))
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_throttled_answer_for_replaced_credentials_still_backs_off() {
+        let (calls, reloaded) = (
+            Arc::new(AtomicU32::new(0)),
+            Arc::new(tokio::sync::Notify::new()),
+        );
+        let cache = TokenCache::new(
+            ThrottledDuringReload {
+                calls: calls.clone(),
+                reloaded: reloaded.clone(),
+            },
+            RefreshPolicy::new(Duration::from_secs(300), 10),
+            Arc::default(),
+        );
+        let waiting = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.usable().await }
+        });
+        while calls.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let (source, reloaded_calls) = counting(grant, Duration::ZERO);
+        cache.replace_source(source);
+        reloaded.notify_one();
+        let err = waiting.await.unwrap().unwrap_err();
+        assert!(
+            matches!(err, TokenError::Unavailable { retry_after, .. } if retry_after > Duration::from_secs(55)),
+            "{err:?}"
+        );
+        assert_eq!(
+            reloaded_calls.load(Ordering::SeqCst),
+            0,
+            "Zoho asked for a wait"
         );
     }
 

@@ -32,7 +32,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
 use super::cache::TokenCache;
-use super::source::{AccountsError, FetchFuture, Fetched, Grant, Refresh, Token, TokenSource};
+use super::source::{
+    AccountsError, FetchFuture, Fetched, Grant, MAX_LIFETIME, Refresh, Token, TokenSource,
+};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 
@@ -133,7 +135,7 @@ impl StoredToken {
     }
 
     fn grant(self) -> Option<Grant> {
-        let expires_in = self.remaining()?;
+        let expires_in = self.remaining()?.min(MAX_LIFETIME);
         Some(Grant {
             access_token: Secret::new(self.access_token),
             expires_in,
