@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | connections | `limits.max_connections` | closed at accept |
 //! | streams per HTTP/2 connection | [`MAX_STREAMS_PER_CONNECTION`] | refused by HTTP/2 flow control |
-//! | request heads of HTTP/2 requests in progress, whole process | [`MAX_H2_HEAD_BYTES`] (each serving thread its part) | 503 `PROXY_OVERLOADED` |
+//! | request heads of HTTP/2 requests in progress, whole process | [`MAX_H2_HEAD_BYTES`] | 503 `PROXY_OVERLOADED` |
 //! | request head bytes | [`MAX_HEAD_BYTES`] (HTTP/1 head, HTTP/2 header list) | 431 or closed |
 //! | header fields | [`MAX_HEADERS`] | 431 |
 //! | time to send a head | `timeouts.header_read_secs` | closed |
@@ -28,8 +28,8 @@ pub const MAX_HEADERS: usize = 100;
 /// Most streams open at once on one HTTP/2 connection.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// Most bytes of request heads held at once by HTTP/2 requests in progress, in the whole
-/// process (each serving thread holds its part), counted as HTTP/2 counts a header
-/// list: each field's name and value and 32 bytes. Without it, thousands of connections
+/// process (one count: one connection's 256 streams cannot fill it), counted as HTTP/2
+/// counts a header list: each field's name and value and 32 bytes. Without it, thousands of connections
 /// × 256 streams × 64 KiB heads waiting in Desk's line could hold gigabytes. (An HTTP/1
 /// connection carries one request at a time: `limits.max_connections` × 64 KiB bounds
 /// its heads.)

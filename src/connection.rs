@@ -169,7 +169,7 @@ impl ConnectionState {
     /// `stall` after the look that first saw it waiting. Returns how many were cut.
     pub fn cut_stalled_answers(&self, now: Instant, stall: Duration) -> usize {
         let mut watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut cut = 0;
+        let mut stalled = Vec::new();
         watched.retain_mut(|look| {
             let Some(answer) = look.answer.upgrade() else {
                 return false;
@@ -185,8 +185,7 @@ impl ConnectionState {
                     if now.duration_since(since) < stall {
                         return true;
                     }
-                    answer.cut();
-                    cut += 1;
+                    stalled.push(answer);
                     false
                 }
                 _ => {
@@ -196,7 +195,13 @@ impl ConnectionState {
                 }
             }
         });
-        cut
+        drop(watched);
+        // Outside the list's lock: letting go of Desk closes a connection, and may give
+        // a fleet's call back.
+        for answer in &stalled {
+            answer.cut();
+        }
+        stalled.len()
     }
 
     /// Whether a close was asked for.
@@ -257,11 +262,17 @@ impl StreamGuard {
             seen: 0,
             since: None,
         };
-        self.state
+        let mut watched = self
+            .state
             .watched
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(look);
+            .unwrap_or_else(PoisonError::into_inner);
+        // Pruned whenever the list fills (the connection's looks prune it only while a
+        // request is open): amortized, and bounded by twice the answers alive.
+        if watched.len() == watched.capacity() {
+            watched.retain(|look| look.answer.strong_count() > 0);
+        }
+        watched.push(look);
     }
 }
 
@@ -457,6 +468,19 @@ mod tests {
         drop(moving);
         assert_eq!(look(20), 0);
         assert!(state.watched.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn answers_gone_are_forgotten_while_the_connection_is_idle_between_requests() {
+        // No look happens while no request is open: the list prunes itself as it grows.
+        let state = ConnectionState::new();
+        for _ in 0..1000 {
+            let guard = state.open(false);
+            let answer: Arc<dyn Watched> = Arc::new(Answer::default());
+            guard.watch(Arc::downgrade(&answer));
+        }
+        let held = state.watched.lock().unwrap().len();
+        assert!(held <= 64, "{held} entries kept for answers long gone");
     }
 
     #[tokio::test]

@@ -94,8 +94,6 @@ const MAX_401_BODY: usize = 64 * 1024;
 pub struct Upstream {
     pool: Arc<Pool<UpstreamBody>>,
     slots: Arc<Semaphore>,
-    /// The thread's part of [`MAX_H2_HEAD_BYTES`].
-    h2_heads: Arc<ByteBudget>,
 }
 
 /// Everything a request needs, shared by all connections and serving threads.
@@ -107,6 +105,9 @@ pub struct Proxy {
     pub(crate) metrics: Arc<Metrics>,
     /// Open client connections, bounded by `limits.max_connections`.
     pub(crate) connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// Request-head bytes of HTTP/2 requests in progress, bounded by [`MAX_H2_HEAD_BYTES`]
+    /// (one count for the process: one connection's 256 streams cannot fill it).
+    h2_heads: Arc<ByteBudget>,
     /// Request-body bytes held for 401 retries, bounded by `limits.buffered_body_bytes`.
     pub(crate) buffered: Arc<ByteBudget>,
     /// The shared token store's health, when there is one.
@@ -126,6 +127,7 @@ impl Proxy {
     pub fn new(config: Config, tokens: Arc<TokenCache>, metrics: Arc<Metrics>) -> Self {
         let access = AccessPolicy::new(&config.access, config.listen);
         let buffered = ByteBudget::new(config.buffered_body_bytes);
+        let h2_heads = ByteBudget::new(MAX_H2_HEAD_BYTES);
         let desk = Arc::new(DeskSlots::local(
             config.desk.max_concurrent,
             config.max_upstream_requests,
@@ -142,6 +144,7 @@ impl Proxy {
             metrics,
             connections: Arc::default(),
             buffered,
+            h2_heads,
             store: None,
             intercept: None,
         }
@@ -208,7 +211,6 @@ impl Proxy {
                 self.config.timeouts.idle,
             ),
             slots: Arc::new(Semaphore::new(share)),
-            h2_heads: ByteBudget::new(MAX_H2_HEAD_BYTES / workers.max(1) as u64),
         }
     }
 
@@ -256,13 +258,9 @@ impl Proxy {
         response
     }
 
-    /// Counts an HTTP/2 request's head against its serving thread's part of
-    /// [`MAX_H2_HEAD_BYTES`] until the reservation drops; past it, 503.
-    fn hold_h2_head<B>(
-        &self,
-        upstream: &Upstream,
-        req: &Request<B>,
-    ) -> Result<Reservation, ProxyError> {
+    /// Counts an HTTP/2 request's head against [`MAX_H2_HEAD_BYTES`] until the
+    /// reservation drops; past it, 503.
+    fn hold_h2_head<B>(&self, req: &Request<B>) -> Result<Reservation, ProxyError> {
         let uri = req.uri();
         let target = uri.path_and_query().map_or(0, |p| p.as_str().len())
             + uri.authority().map_or(0, |a| a.as_str().len());
@@ -271,14 +269,13 @@ impl Proxy {
             .iter()
             .map(|(name, value)| name.as_str().len() + value.len() + 32)
             .sum();
-        upstream
-            .h2_heads
+        self.h2_heads
             .reserve((target + fields) as u64)
             .ok_or_else(|| {
                 self.metrics.record_limit(Limit::H2Heads);
                 tracing::debug!(
                     budget = Limit::H2Heads.key(),
-                    held = upstream.h2_heads.held(),
+                    held = self.h2_heads.held(),
                     "request refused: the HTTP/2 requests in progress hold the most request-head bytes allowed"
                 );
                 ProxyError::Overloaded(format!(
@@ -320,9 +317,12 @@ impl Proxy {
         {
             return self.connect(intercept, *req, peer).map(Box::new);
         }
-        // Held until the request is answered (its head is gone by then).
+        // Held until the request is answered (its head is gone by then). The proxy's own
+        // endpoints answer at once, and stay reachable when the budget is full.
         let _head = match req.version() {
-            http::Version::HTTP_2 => Some(self.hold_h2_head(upstream, &req)?),
+            http::Version::HTTP_2 if !admin::is_local(req.uri().path()) => {
+                Some(self.hold_h2_head(&req)?)
+            }
             _ => None,
         };
         self.access.check_method_is_forwardable(req.method())?;
@@ -845,7 +845,7 @@ impl Proxy {
             None => {
                 let slot = tokio::time::timeout_at(due, async {
                     let desk = self.desk.acquire().await;
-                    let _waiting = self.desk.waiting();
+                    let _waiting = self.desk.waiting_for_thread();
                     let worker = Arc::clone(&upstream.slots).acquire_owned().await;
                     worker.map(|worker| UpstreamSlot::new(desk, worker))
                 })
@@ -877,6 +877,12 @@ impl Proxy {
                 // at most twice the response time from when it was sent.
                 let held_until = sent + 2 * timeout;
                 let response = call_desk(upstream, request, deadline, held_until, slot).await;
+                if response.is_err()
+                    && let Some(outcome) = &outcome
+                {
+                    // The client gets a 504: the rest of a streamed body stays here.
+                    outcome.abandon();
+                }
                 log.set_upstream_latency(sent.elapsed());
                 response.map(|(response, slot)| (slot, token, response, outcome))
             }

@@ -222,6 +222,63 @@ async fn a_body_that_stalls_while_streaming_is_aborted_at_desk_and_frees_its_slo
 }
 
 #[tokio::test]
+async fn a_streamed_body_is_not_sent_on_after_the_client_got_a_504() {
+    // Desk answers an upload once its body is whole; the proxy waits 400 ms for that.
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.timeouts.response = Duration::from_millis(400);
+    })
+    .await;
+
+    // HTTP/1.1 chunked: a part, the 504, then the rest and the end of the body.
+    let mut stream = TcpStream::connect(s.proxy.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /api/v1/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        )
+        .await
+        .unwrap();
+    let mut answer = [0u8; 1024];
+    let n = timeout(LIMIT, stream.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert_eq!(raw_status(&answer), 504, "{answer}");
+    let _ = stream.write_all(b"5\r\nworld\r\n0\r\n\r\n").await;
+    wait_for_metric(&s.proxy, "zoho_proxy_desk_in_flight 0").await;
+    drop(stream);
+
+    // HTTP/2, a body with no length.
+    let (mut sender, _connection) = h2(s.proxy.addr).await;
+    let (body, feed) = fed_body();
+    feed.send(Bytes::from_static(b"hello")).await.unwrap();
+    let request = h2_request("POST", s.proxy.addr, "/api/v1/upload")
+        .body(body)
+        .unwrap();
+    let (status, json) = h2_send(&mut sender, request).await;
+    assert_eq!(status, 504, "{json}");
+    let _ = feed.send(Bytes::from_static(b"world")).await;
+    drop(feed);
+    wait_for_metric(&s.proxy, "zoho_proxy_desk_in_flight 0").await;
+
+    let uploads: Vec<_> = s
+        .zoho
+        .desk_requests()
+        .into_iter()
+        .filter(|r| r.path_and_query == "/api/v1/upload")
+        .collect();
+    assert_eq!(uploads.len(), 2, "both streamed to Desk");
+    for upload in uploads {
+        assert!(
+            !upload.body_complete && upload.body_len < 10,
+            "Desk got the rest of a body whose client was told 504: {} bytes",
+            upload.body_len
+        );
+    }
+    assert_still_serving(&s).await;
+}
+
+#[tokio::test]
 async fn a_client_that_stops_taking_its_answer_is_cut_off_and_frees_its_slot() {
     // One upstream slot, and an answer far bigger than the sockets' buffers.
     let s = Scenario::with(FakeOptions::default(), |c| {

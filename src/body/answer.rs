@@ -157,18 +157,17 @@ impl ResponseBody {
         let Some(stream) = &self.stream else {
             return;
         };
-        self.inner = match std::mem::replace(&mut self.inner, Inner::Full(None)) {
-            Inner::Stream(desk) => {
-                let watched = Arc::new(WatchedDesk {
-                    progress: Progress::default(),
-                    desk: Mutex::new(Some((desk, self.slot.take()))),
-                });
-                let answer: Arc<dyn Watched> = Arc::clone(&watched) as Arc<dyn Watched>;
-                stream.watch(Arc::downgrade(&answer));
-                Inner::Watched(watched)
-            }
-            inner => inner,
-        };
+        if matches!(self.inner, Inner::Stream(_))
+            && let Inner::Stream(desk) = std::mem::replace(&mut self.inner, Inner::Full(None))
+        {
+            let watched = Arc::new(WatchedDesk {
+                progress: Progress::default(),
+                desk: Mutex::new(Some((desk, self.slot.take()))),
+            });
+            let answer: Arc<dyn Watched> = Arc::clone(&watched) as Arc<dyn Watched>;
+            stream.watch(Arc::downgrade(&answer));
+            self.inner = Inner::Watched(watched);
+        }
         self.waiting = true;
         stream.answer_waits(self.progress());
     }
@@ -242,7 +241,9 @@ impl Body for ResponseBody {
                         log.mark_complete();
                     }
                 }
-                Poll::Ready(Some(Err(_))) => log.mark_body_error(),
+                // Desk's body broke; a stalled client's answer is only incomplete.
+                Poll::Ready(Some(Err(AnswerError::Desk(_)))) => log.mark_body_error(),
+                Poll::Ready(Some(Err(AnswerError::Stalled))) => {}
                 Poll::Ready(None) => log.mark_complete(),
                 Poll::Pending => {}
             }

@@ -27,6 +27,11 @@ pub enum BodyError {
     /// More bytes than the body's declared length.
     #[error("the request body is longer than its Content-Length")]
     Overlong,
+    /// The request was answered (Desk did not answer in time) before its body was all
+    /// sent: the rest is not forwarded, so that Desk never acts on a request whose
+    /// client was told it failed.
+    #[error("the request was answered before its body was sent whole")]
+    Abandoned,
 }
 
 /// The start of a streamed body (up to a limit) and its whole length, captured as it
@@ -98,13 +103,25 @@ pub struct BodyOutcome(AtomicU8);
 impl BodyOutcome {
     const STALLED: u8 = 1;
     const BROKEN: u8 = 2;
+    const ABANDONED: u8 = 3;
 
     fn record(&self, err: &BodyError) {
         let value = match err {
             BodyError::Stalled(_) => Self::STALLED,
             BodyError::Broken(_) | BodyError::Overlong => Self::BROKEN,
+            BodyError::Abandoned => Self::ABANDONED,
         };
         self.0.store(value, Ordering::Release);
+    }
+
+    /// The request was answered without Desk's answer: the body ends in an error at its
+    /// next read (at the latest when its client's silence passes `body_read_secs`).
+    pub fn abandon(&self) {
+        self.0.store(Self::ABANDONED, Ordering::Release);
+    }
+
+    fn abandoned(&self) -> bool {
+        self.0.load(Ordering::Acquire) == Self::ABANDONED
     }
 
     /// `Some(true)` when the body stalled, `Some(false)` when it broke, `None` when it
@@ -177,6 +194,9 @@ impl Body for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
+        if this.outcome.as_deref().is_some_and(BodyOutcome::abandoned) {
+            return Poll::Ready(Some(Err(BodyError::Abandoned)));
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Err(err))) => this.fail(BodyError::Broken(err)),
             Poll::Ready(frame) => {

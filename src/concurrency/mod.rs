@@ -131,16 +131,17 @@ impl DeskSlots {
         }
     }
 
-    /// Counts a request as waiting in line while the guard lives: for its serving
-    /// thread's slot (`limits.max_upstream_requests`), which is the line when Desk's
-    /// limit cannot bind.
-    pub fn waiting(&self) -> impl Drop + '_ {
-        Waiting::enter(&self.queued)
+    /// Counts a request as waiting in line while the guard lives, when it waits for its
+    /// serving thread's slot (`limits.max_upstream_requests`) with no Desk queue: that
+    /// slot is then the line. (With a queue, a request that holds Desk's call while it
+    /// waits for its thread's slot is counted at Desk.)
+    pub fn waiting_for_thread(&self) -> Option<Waiting<'_>> {
+        matches!(self.queue, Queue::None).then(|| Waiting::enter(&self.queued))
     }
 }
 
 /// Counts a request as waiting while it lives.
-struct Waiting<'a>(&'a Gauge);
+pub struct Waiting<'a>(&'a Gauge);
 
 impl<'a> Waiting<'a> {
     fn enter(gauge: &'a Gauge) -> Self {
@@ -282,6 +283,19 @@ mod tests {
         drop(served);
         assert!(slots.try_acquire().is_some());
         assert_eq!(metrics.desk_in_flight().get(), 0);
+    }
+
+    #[test]
+    fn a_wait_for_the_thread_s_slot_is_the_line_only_without_a_desk_queue() {
+        let metrics = Metrics::new();
+        let queued = DeskSlots::local(2, 64, &metrics);
+        // Held Desk's call already: counted at Desk, not twice.
+        assert!(queued.waiting_for_thread().is_none());
+        let unqueued = DeskSlots::local(64, 64, &metrics);
+        let waiting = unqueued.waiting_for_thread();
+        assert_eq!(metrics.desk_queue_depth().get(), 1);
+        drop(waiting);
+        assert_eq!(metrics.desk_queue_depth().get(), 0);
     }
 
     #[tokio::test]

@@ -276,6 +276,18 @@ fn counts_of_zero_are_refused_by_name() {
 }
 
 #[test]
+fn a_time_beyond_a_year_is_refused_by_name() {
+    // A deadline computed from it would overflow the clock on the first request.
+    let err = Config::from_toml(&format!("{MINIMAL}\n[timeouts]\nresponse_secs = 1e18\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("timeouts.response_secs") && err.contains("more than a year"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_bad_ca_file_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ca.pem");

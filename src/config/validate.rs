@@ -590,9 +590,19 @@ fn parse_cidr(text: &str) -> Result<IpNet, String> {
 }
 
 fn secs(p: &mut Problems<'_>, key: &'static str, value: Option<f64>, default: f64) -> Duration {
+    // Longer than any time the proxy waits, and short enough that no deadline computed
+    // from it overflows the clock.
+    const MAX: Duration = Duration::from_secs(365 * 24 * 3600);
     let v = value.unwrap_or(default);
     match Duration::try_from_secs_f64(v).ok().filter(|d| !d.is_zero()) {
-        Some(d) => d,
+        Some(d) if d <= MAX => d,
+        Some(_) => {
+            p.invalid(
+                key,
+                format!("{v} is more than a year ({} seconds)", MAX.as_secs()),
+            );
+            Duration::from_secs_f64(default)
+        }
         None => {
             p.invalid(key, format!("{v} is not a positive number of seconds"));
             Duration::from_secs_f64(default)
