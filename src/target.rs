@@ -39,6 +39,8 @@ pub fn resolve(uri: &Uri, version: Version, upstream: &BaseUrl) -> Result<Target
     let absolute_form = version != Version::HTTP_2 && uri.authority().is_some();
     if absolute_form {
         check_absolute_host(uri, upstream)?;
+    } else if version == Version::HTTP_2 {
+        check_scheme(uri.scheme_str().unwrap_or("https"))?;
     }
     let path_and_query = match uri.path_and_query() {
         Some(pq) => canonical(pq)?,
@@ -147,14 +149,20 @@ pub fn host_name(value: &str) -> Result<&str, ProxyError> {
     Ok(name.strip_suffix('.').unwrap_or(name))
 }
 
-fn check_absolute_host(uri: &Uri, upstream: &BaseUrl) -> Result<(), ProxyError> {
-    let scheme = uri.scheme_str().unwrap_or("");
-    if !(scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https")) {
-        return Err(ProxyError::BadRequest(format!(
+/// A request's scheme (the absolute-form target's, or HTTP/2's `:scheme`): http or https.
+fn check_scheme(scheme: &str) -> Result<(), ProxyError> {
+    if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") {
+        Ok(())
+    } else {
+        Err(ProxyError::BadRequest(format!(
             "the request target's scheme {:?} cannot be forwarded: http or https only",
             truncate(scheme)
-        )));
+        )))
     }
+}
+
+fn check_absolute_host(uri: &Uri, upstream: &BaseUrl) -> Result<(), ProxyError> {
+    check_scheme(uri.scheme_str().unwrap_or(""))?;
     let authority = uri.authority().map_or("", |a| a.as_str());
     let host = host_name(authority)?;
     let same_host = host.eq_ignore_ascii_case(&upstream.host());
@@ -268,6 +276,9 @@ mod tests {
         let t = resolve_str("http://127.0.0.1:8080/api/v1/tickets", Version::HTTP_2).unwrap();
         assert!(!t.absolute_form);
         assert_eq!(t.path_and_query, "/api/v1/tickets");
+        // `:scheme` as any other target's scheme: http or https.
+        let err = resolve_str("ftp://127.0.0.1:8080/api/v1/tickets", Version::HTTP_2).unwrap_err();
+        assert_eq!(err.status(), 400);
     }
 
     #[test]
