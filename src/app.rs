@@ -354,14 +354,14 @@ fn shared_store(
     else {
         return Ok(None);
     };
-    // The lock outlives the slowest Accounts call, with room for the Redis commands
-    // around it.
-    let lock_ttl = AccountsClient::call_timeout(config) * 2 + Duration::from_secs(1);
+    // A replica waits for another's refresh longer than the slowest Accounts call, with
+    // room for the Redis commands around it.
+    let wait_limit = AccountsClient::call_timeout(config) * 2 + Duration::from_secs(1);
     SharedStore::new(
         url,
         &config.oauth.client_id,
         refresh_token,
-        lock_ttl,
+        wait_limit,
         config.oauth.max_refreshes_per_10min,
         Arc::clone(metrics),
     )

@@ -326,6 +326,68 @@ async fn a_foreign_lock_is_waited_for_until_it_expires() {
 }
 
 #[tokio::test]
+async fn the_refresh_lock_is_a_short_lease_renewed_while_the_refresh_runs() {
+    // A replica that dies mid-refresh holds the others up for one lease (6 s) at most,
+    // not for the slowest Accounts call twice over; a live one keeps its lock.
+    const LEASE: Duration = Duration::from_secs(6);
+    let redis = RedisServer::start().await;
+    let options = FakeOptions::default();
+    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
+    let zoho = fake.control();
+    let proxies = fleet(&fake, &options, Some(&redis), 1, |_| {}).await;
+    assert_eq!(get(&proxies[0], "/api/v1/tickets").await.status(), 200);
+    let lock = key(&redis, "token")
+        .await
+        .unwrap()
+        .replace(":token", ":lock");
+
+    // A refresh that takes longer than the lease.
+    zoho.set_accounts_delay(LEASE + Duration::from_secs(2));
+    zoho.revoke_all_tokens();
+    let url = proxies[0].url("/api/v1/tickets");
+    let request = tokio::spawn(async move { status(url).await });
+    let mut conn = redis.connection().await;
+    let owner = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let owner: Option<String> = redis::cmd("GET")
+                .arg(&lock)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if let Some(owner) = owner {
+                return owner;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the refresh took the fleet's lock");
+    let ttl_ms: i64 = redis::cmd("PTTL")
+        .arg(&lock)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        (1..=LEASE.as_millis() as i64).contains(&ttl_ms),
+        "lock lives {ttl_ms} ms"
+    );
+    // Past the first lease, the refresh still runs: the lock was renewed, same owner.
+    tokio::time::sleep(LEASE + Duration::from_secs(1)).await;
+    let still: Option<String> = redis::cmd("GET")
+        .arg(&lock)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        still.as_deref(),
+        Some(owner.as_str()),
+        "the lock was let go"
+    );
+    assert_eq!(request.await.unwrap(), 200);
+    assert_eq!(zoho.token_requests(), 2);
+}
+
+#[tokio::test]
 async fn nothing_secret_is_stored_in_redis() {
     let redis = RedisServer::start().await;
     let options = FakeOptions::default();

@@ -48,6 +48,11 @@ const MIN_ADOPT_REMAINING: Duration = Duration::from_millis(500);
 const RESYNC_EVERY: Duration = Duration::from_secs(15);
 /// Timeout of a single Redis command.
 const COMMAND_TIMEOUT: Duration = crate::client::REDIS_COMMAND_TIMEOUT;
+/// How long the fleet's refresh lock lives unless its holder renews it (every third of
+/// it, while its refresh runs): a replica that dies while it refreshes holds the others
+/// up this long at most. Three Redis command timeouts, so that one slow renewal does not
+/// let the lock go.
+pub const LOCK_LEASE: Duration = Duration::from_secs(3 * COMMAND_TIMEOUT.as_secs());
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -177,6 +182,13 @@ impl Keys {
     }
 }
 
+/// Extends the lock's life only if this replica still owns it.
+const RENEW_LOCK: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0";
+
 /// Deletes the lock only if this replica still owns it.
 const RELEASE_LOCK: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -206,7 +218,8 @@ pub struct SharedStore {
     keys: Keys,
     /// Identifies this replica as a lock owner.
     owner: String,
-    lock_ttl: Duration,
+    /// How long a replica waits for another's refresh before it gives up.
+    wait_limit: Duration,
     max_per_10min: u32,
     status: Arc<StoreStatus>,
     metrics: Arc<Metrics>,
@@ -216,12 +229,13 @@ pub struct SharedStore {
 
 impl SharedStore {
     /// Connects lazily (a Redis that is down at start only degrades the store).
-    /// `lock_ttl` must exceed the slowest Accounts call.
+    /// `wait_limit` (how long a replica waits for another's refresh) must exceed the
+    /// slowest Accounts call.
     pub fn new(
         url: &str,
         client_id: &str,
         refresh_token: &Secret<String>,
-        lock_ttl: Duration,
+        wait_limit: Duration,
         max_per_10min: u32,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, StoreError> {
@@ -232,7 +246,7 @@ impl SharedStore {
             conn,
             keys: Keys::new(client_id, refresh_token),
             owner: format!("{:016x}", fastrand::u64(..)),
-            lock_ttl,
+            wait_limit,
             max_per_10min,
             status: Arc::default(),
             metrics,
@@ -297,10 +311,41 @@ impl SharedStore {
             .arg(&self.owner)
             .arg("NX")
             .arg("PX")
-            .arg(self.lock_ttl.as_millis() as u64)
+            .arg(LOCK_LEASE.as_millis() as u64)
             .query_async(&mut conn)
             .await?;
         Ok(set.is_some())
+    }
+
+    /// Runs `work` while holding the lock, renewing it every third of its lease.
+    async fn holding_lock<T>(&self, work: impl Future<Output = T>) -> T {
+        tokio::pin!(work);
+        let mut renew = tokio::time::interval(LOCK_LEASE / 3);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        renew.tick().await;
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                _ = renew.tick() => self.renew_lock().await,
+            }
+        }
+    }
+
+    async fn renew_lock(&self) {
+        let mut conn = self.conn.clone();
+        let renewed: Result<i64, _> = redis::Script::new(RENEW_LOCK)
+            .key(&self.keys.lock)
+            .arg(&self.owner)
+            .arg(LOCK_LEASE.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await;
+        match renewed {
+            Ok(1) => {}
+            Ok(_) => tracing::warn!(
+                "token store: the refresh lock expired while this replica held it; another replica may refresh too"
+            ),
+            Err(err) => tracing::debug!(error = %err, "token store: lock renewal failed"),
+        }
     }
 
     async fn unlock(&self) {
@@ -343,13 +388,15 @@ impl SharedStore {
         accounts: &dyn TokenSource,
     ) -> Result<Result<Fetched, AccountsError>, StoreError> {
         let stale = refresh.stale.as_deref();
-        let deadline = tokio::time::Instant::now() + self.lock_ttl + COMMAND_TIMEOUT;
+        let deadline = tokio::time::Instant::now() + self.wait_limit + COMMAND_TIMEOUT;
         loop {
             if let Some(grant) = self.newer_than(stale).await? {
                 return Ok(Ok(Fetched::Shared(grant)));
             }
             if self.try_lock().await? {
-                let result = self.refresh_locked(refresh, accounts).await;
+                let result = self
+                    .holding_lock(self.refresh_locked(refresh, accounts))
+                    .await;
                 self.unlock().await;
                 return result;
             }
