@@ -96,6 +96,38 @@ fn h2_request(method: &str, addr: SocketAddr, path: &str) -> http::request::Buil
         .uri(format!("http://{addr}{path}"))
 }
 
+/// An HTTP/1.1 chunked upload to Desk whose first chunk (`hello`) is sent.
+async fn h1_upload(addr: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(
+            b"POST /api/v1/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        )
+        .await
+        .expect("write");
+    stream
+}
+
+/// An HTTP/2 upload to Desk with no length whose first part (`hello`) is fed: the
+/// request, and the feed for the rest.
+async fn h2_upload(addr: SocketAddr) -> (http::Request<TestBody>, mpsc::Sender<Bytes>) {
+    let (body, feed) = fed_body();
+    feed.send(Bytes::from_static(b"hello")).await.expect("feed");
+    let request = h2_request("POST", addr, "/api/v1/upload")
+        .body(body)
+        .expect("request");
+    (request, feed)
+}
+
+/// The uploads Desk saw.
+fn uploads_at_desk(s: &Scenario) -> Vec<zoho_desk_proxy::fake_zoho::RecordedRequest> {
+    s.zoho
+        .desk_requests()
+        .into_iter()
+        .filter(|r| r.path_and_query == "/api/v1/upload")
+        .collect()
+}
+
 /// Reads from `stream` until the proxy closes it; panics if it stays open past [`LIMIT`].
 async fn read_until_closed(stream: &mut TcpStream) -> String {
     let mut answer = Vec::new();
@@ -183,13 +215,7 @@ async fn a_body_that_stalls_while_streaming_is_aborted_at_desk_and_frees_its_slo
     let s = Scenario::with(FakeOptions::default(), stalling()).await;
 
     // HTTP/1.1 chunked (no length: it streams).
-    let mut stream = TcpStream::connect(s.proxy.addr).await.unwrap();
-    stream
-        .write_all(
-            b"POST /api/v1/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
-        )
-        .await
-        .unwrap();
+    let mut stream = h1_upload(s.proxy.addr).await;
     let answer = read_until_closed(&mut stream).await;
     assert_eq!(raw_status(&answer), 408, "{answer}");
     assert_eq!(raw_json(&answer)["errorCode"], "PROXY_REQUEST_TIMEOUT");
@@ -197,23 +223,14 @@ async fn a_body_that_stalls_while_streaming_is_aborted_at_desk_and_frees_its_slo
 
     // HTTP/2, a body with no length.
     let (mut sender, connection) = h2(s.proxy.addr).await;
-    let (body, feed) = fed_body();
-    feed.send(Bytes::from_static(b"hello")).await.unwrap();
-    let request = h2_request("POST", s.proxy.addr, "/api/v1/upload")
-        .body(body)
-        .unwrap();
+    let (request, feed) = h2_upload(s.proxy.addr).await;
     let (status, json) = h2_send(&mut sender, request).await;
     assert_eq!(status, 408, "{json}");
     assert_eq!(json["errorCode"], "PROXY_REQUEST_TIMEOUT");
     assert!(closed_within(connection, LIMIT).await);
     drop(feed);
 
-    let uploads: Vec<_> = s
-        .zoho
-        .desk_requests()
-        .into_iter()
-        .filter(|r| r.path_and_query == "/api/v1/upload")
-        .collect();
+    let uploads = uploads_at_desk(&s);
     assert_eq!(uploads.len(), 2, "both streamed to Desk");
     for upload in uploads {
         assert!(!upload.body_complete, "Desk never got a whole body");
@@ -230,13 +247,7 @@ async fn a_streamed_body_is_not_sent_on_after_the_client_got_a_504() {
     .await;
 
     // HTTP/1.1 chunked: a part, the 504, then the rest and the end of the body.
-    let mut stream = TcpStream::connect(s.proxy.addr).await.unwrap();
-    stream
-        .write_all(
-            b"POST /api/v1/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
-        )
-        .await
-        .unwrap();
+    let mut stream = h1_upload(s.proxy.addr).await;
     let mut answer = [0u8; 1024];
     let n = timeout(LIMIT, stream.read(&mut answer))
         .await
@@ -250,23 +261,14 @@ async fn a_streamed_body_is_not_sent_on_after_the_client_got_a_504() {
 
     // HTTP/2, a body with no length.
     let (mut sender, _connection) = h2(s.proxy.addr).await;
-    let (body, feed) = fed_body();
-    feed.send(Bytes::from_static(b"hello")).await.unwrap();
-    let request = h2_request("POST", s.proxy.addr, "/api/v1/upload")
-        .body(body)
-        .unwrap();
+    let (request, feed) = h2_upload(s.proxy.addr).await;
     let (status, json) = h2_send(&mut sender, request).await;
     assert_eq!(status, 504, "{json}");
     let _ = feed.send(Bytes::from_static(b"world")).await;
     drop(feed);
     wait_for_metric(&s.proxy, "zoho_proxy_desk_in_flight 0").await;
 
-    let uploads: Vec<_> = s
-        .zoho
-        .desk_requests()
-        .into_iter()
-        .filter(|r| r.path_and_query == "/api/v1/upload")
-        .collect();
+    let uploads = uploads_at_desk(&s);
     assert_eq!(uploads.len(), 2, "both streamed to Desk");
     for upload in uploads {
         assert!(

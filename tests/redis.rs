@@ -301,12 +301,7 @@ async fn a_foreign_lock_is_waited_for_until_it_expires() {
 
     // Another replica holds the lock and dies without storing a token.
     let mut conn = redis.connection().await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("zoho-desk-proxy:*:token")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let lock = keys[0].replace(":token", ":lock");
+    let lock = lock_key(&redis).await;
     let () = redis::cmd("SET")
         .arg(&lock)
         .arg("another-replica")
@@ -336,10 +331,7 @@ async fn the_refresh_lock_is_a_short_lease_renewed_while_the_refresh_runs() {
     let zoho = fake.control();
     let proxies = fleet(&fake, &options, Some(&redis), 1, |_| {}).await;
     assert_eq!(get(&proxies[0], "/api/v1/tickets").await.status(), 200);
-    let lock = key(&redis, "token")
-        .await
-        .unwrap()
-        .replace(":token", ":lock");
+    let lock = lock_key(&redis).await;
 
     // A refresh that takes longer than the lease.
     zoho.set_accounts_delay(LEASE + Duration::from_secs(2));
@@ -461,6 +453,14 @@ async fn key(redis: &RedisServer, suffix: &str) -> Option<String> {
     keys.into_iter().next()
 }
 
+/// The fleet's refresh lock's key (named after the token's, which must be stored).
+async fn lock_key(redis: &RedisServer) -> String {
+    key(redis, "token")
+        .await
+        .expect("a stored token")
+        .replace(":token", ":lock")
+}
+
 #[tokio::test]
 async fn a_token_obtained_when_redis_fails_after_the_call_is_used_not_fetched_again() {
     let mut redis = RedisServer::start().await;
@@ -538,10 +538,7 @@ async fn a_replica_that_cannot_get_the_fleet_lock_never_calls_accounts_without_i
     .await;
     assert_eq!(get(&proxies[0], "/api/v1/tickets").await.status(), 200);
     // A replica stuck in its refresh keeps the lock (it renews it, say, forever).
-    let lock = key(&redis, "token")
-        .await
-        .unwrap()
-        .replace(":token", ":lock");
+    let lock = lock_key(&redis).await;
     let mut conn = redis.connection().await;
     let () = redis::cmd("SET")
         .arg(&lock)
