@@ -80,8 +80,13 @@ impl AccessPolicy {
     /// Refuses the methods that are never forwarded, whatever the rules: `CONNECT`,
     /// `TRACE`, `TRACK` (405 with `Allow`).
     pub fn check_method_is_forwardable(&self, method: &Method) -> Result<(), ProxyError> {
-        if NEVER_FORWARDED.contains(&method.as_str()) {
-            let why = if method == Method::CONNECT {
+        // In any case: method names are case-sensitive in HTTP, but a server further on
+        // may not hold to that, and `trace` must not reach it with the token.
+        if NEVER_FORWARDED
+            .iter()
+            .any(|never| never.eq_ignore_ascii_case(method.as_str()))
+        {
+            let why = if method.as_str().eq_ignore_ascii_case("CONNECT") {
                 "CONNECT is not supported: this is a reverse proxy for the Zoho Desk API, send plain HTTP requests to it"
             } else {
                 "TRACE and TRACK are never forwarded: Desk's echo would carry the proxy's token"
@@ -189,25 +194,32 @@ impl AccessPolicy {
     /// A browser's request is refused unless its `Origin` is allowed: one with another
     /// `Origin`, and one that says it comes from another site (`Sec-Fetch-Site`) without
     /// an allowed `Origin` (a blind cross-site GET must not spend the user's token).
+    /// Every `Origin` and `Sec-Fetch-Site` the request carries is checked: all of them
+    /// are forwarded.
     fn check_origin(&self, headers: &HeaderMap) -> Result<(), ProxyError> {
-        if let Some(origin) = headers.get(header::ORIGIN) {
-            let origin = origin
-                .to_str()
-                .unwrap_or("")
-                .trim_end_matches('/')
-                .to_ascii_lowercase();
-            return if self.allow_origins.contains(&origin) {
-                Ok(())
-            } else {
-                Err(ProxyError::Forbidden(format!(
-                    "access.allow_origins: browser Origin {origin:?} is not allowed (web pages must not drive the proxy)"
-                )))
-            };
+        let mut origins = headers.get_all(header::ORIGIN).iter().peekable();
+        if origins.peek().is_some() {
+            for origin in origins {
+                let origin = origin
+                    .to_str()
+                    .unwrap_or("")
+                    .trim_end_matches('/')
+                    .to_ascii_lowercase();
+                if !self.allow_origins.contains(&origin) {
+                    return Err(ProxyError::Forbidden(format!(
+                        "access.allow_origins: browser Origin {origin:?} is not allowed (web pages must not drive the proxy)"
+                    )));
+                }
+            }
+            return Ok(());
         }
-        let site = headers.get(&SEC_FETCH_SITE).map(HeaderValue::as_bytes);
-        if let Some(site) = site.filter(|s| {
-            s.eq_ignore_ascii_case(b"cross-site") || s.eq_ignore_ascii_case(b"same-site")
-        }) {
+        let mut sites = headers
+            .get_all(&SEC_FETCH_SITE)
+            .iter()
+            .map(HeaderValue::as_bytes);
+        if let Some(site) = sites
+            .find(|s| s.eq_ignore_ascii_case(b"cross-site") || s.eq_ignore_ascii_case(b"same-site"))
+        {
             return Err(ProxyError::Forbidden(format!(
                 "access.allow_origins: a browser request from another site (Sec-Fetch-Site: {}) without an allowed Origin is refused (web pages must not drive the proxy)",
                 String::from_utf8_lossy(site)
@@ -292,7 +304,8 @@ impl AccessPolicy {
         Ok(())
     }
 
-    fn method_not_allowed(&self, message: String) -> ProxyError {
+    /// A 405 with `message`, and this policy's methods in its `Allow` header.
+    pub fn method_not_allowed(&self, message: String) -> ProxyError {
         ProxyError::MethodNotAllowed {
             message,
             allow: self.allow.clone(),
@@ -690,6 +703,31 @@ mod tests {
                 "fe80::1",
                 Some("PROXY_FORBIDDEN"),
             ),
+            // Every Origin and Sec-Fetch-Site is checked: each is forwarded.
+            (
+                "allow_origins = [\"http://good.example\"]",
+                "GET",
+                "/api/v1/tickets",
+                &[
+                    ("host", "127.0.0.1:8080"),
+                    ("origin", "http://good.example"),
+                    ("origin", "http://evil.example"),
+                ],
+                "127.0.0.1",
+                Some("PROXY_FORBIDDEN"),
+            ),
+            (
+                "",
+                "GET",
+                "/api/v1/tickets",
+                &[
+                    ("host", "127.0.0.1:8080"),
+                    ("sec-fetch-site", "none"),
+                    ("sec-fetch-site", "cross-site"),
+                ],
+                "127.0.0.1",
+                Some("PROXY_FORBIDDEN"),
+            ),
         ];
         for (rules, method, path, headers, ip, expected) in cases {
             let p = policy(rules);
@@ -700,6 +738,17 @@ mod tests {
                 "{rules} | {method} {path} {headers:?} from {ip}: {result:?}"
             );
         }
+    }
+
+    #[test]
+    fn trace_and_track_are_refused_in_any_case() {
+        let p = policy("");
+        for method in ["TRACE", "trace", "Trace", "TRACK", "track", "connect"] {
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            let err = p.check_method_is_forwardable(&method).unwrap_err();
+            assert_eq!(err.code(), "PROXY_METHOD_NOT_ALLOWED", "{method}");
+        }
+        assert!(p.check_method_is_forwardable(&Method::GET).is_ok());
     }
 
     #[test]

@@ -102,8 +102,13 @@ pub fn prepare_request(headers: &mut HeaderMap, org_id: Option<&HeaderValue>) {
     }
 }
 
-/// Turns Desk's response headers into the client's: only hop-by-hop headers go.
+/// Turns Desk's response headers into the client's: only hop-by-hop headers go, and a
+/// `Content-Length` beside `Transfer-Encoding` (the chunked framing wins, and the body
+/// is sent on with a framing of the proxy's own, as HTTP/1.1 asks of a forwarder).
 pub fn prepare_response(headers: &mut HeaderMap) {
+    if headers.contains_key(http::header::TRANSFER_ENCODING) {
+        headers.remove(http::header::CONTENT_LENGTH);
+    }
     remove_hop_by_hop(headers);
 }
 
@@ -221,6 +226,11 @@ mod tests {
         prepare_response(&mut h);
         assert!(h.get("connection").is_none());
         assert!(h.get("transfer-encoding").is_none());
+
+        // A length beside chunked framing is not the body's: it goes too.
+        let mut framed = map(&[("transfer-encoding", "chunked"), ("content-length", "1")]);
+        prepare_response(&mut framed);
+        assert!(framed.is_empty(), "{framed:?}");
         assert_eq!(h["content-encoding"], "gzip");
         assert_eq!(h["x-rate-limit-remaining-v3"], "4999");
         assert_eq!(h["set-cookie"], "a=b");

@@ -332,7 +332,7 @@ impl Proxy {
                 "the request has more than {MAX_HEADERS} header fields"
             )));
         }
-        target::check_host_syntax(req.uri(), req.headers())?;
+        target::check_host_syntax(req.uri(), req.version(), req.headers())?;
         if let Via::Tunnel { host, service } = via {
             return Box::pin(self.tunneled(upstream, req, peer, log, host, *service)).await;
         }
@@ -361,12 +361,9 @@ impl Proxy {
     ) -> Result<Response<ResponseBody>, ProxyError> {
         // Python's http.client still says HTTP/1.0 on its CONNECT.
         if !matches!(req.version(), Version::HTTP_11 | Version::HTTP_10) {
-            return Err(ProxyError::MethodNotAllowed {
-                message: "intercept: CONNECT is taken over HTTP/1.x only".into(),
-                allow: http::HeaderValue::from_static(
-                    "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
-                ),
-            });
+            return Err(self
+                .access
+                .method_not_allowed("intercept: CONNECT is taken over HTTP/1.x only".into()));
         }
         let authority = req
             .uri()

@@ -74,9 +74,19 @@ fn bad_path(err: PathError) -> ProxyError {
 
 /// Checks the syntax of every host name the request gives: each `Host` header and the
 /// URI's authority. A host name or IP literal with an optional numeric port; userinfo,
-/// anything after `]`, a non-numeric port, or two `Host` headers are 400.
-pub fn check_host_syntax(uri: &Uri, headers: &HeaderMap) -> Result<(), ProxyError> {
+/// anything after `]`, a non-numeric port, two `Host` headers, or none on HTTP/1.1 are
+/// 400.
+pub fn check_host_syntax(
+    uri: &Uri,
+    version: Version,
+    headers: &HeaderMap,
+) -> Result<(), ProxyError> {
     let mut hosts = headers.get_all(header::HOST).iter();
+    if version == Version::HTTP_11 && !headers.contains_key(header::HOST) {
+        return Err(ProxyError::BadRequest(
+            "an HTTP/1.1 request must carry a Host header".into(),
+        ));
+    }
     if let Some(host) = hosts.next() {
         if hosts.next().is_some() {
             return Err(ProxyError::BadRequest(
@@ -317,12 +327,16 @@ mod tests {
     }
 
     #[test]
-    fn two_host_headers_are_a_bad_request() {
+    fn two_host_headers_or_none_on_http_1_1_are_a_bad_request() {
         let mut headers = HeaderMap::new();
-        headers.append(header::HOST, "localhost".parse().unwrap());
         let uri: Uri = "/".parse().unwrap();
-        assert!(check_host_syntax(&uri, &headers).is_ok());
+        let check = |headers: &HeaderMap, version| check_host_syntax(&uri, version, headers);
+        assert_eq!(check(&headers, Version::HTTP_11).unwrap_err().status(), 400);
+        // HTTP/1.0 may leave it out (the access rules then refuse it, naming them).
+        assert!(check(&headers, Version::HTTP_10).is_ok());
+        headers.append(header::HOST, "localhost".parse().unwrap());
+        assert!(check(&headers, Version::HTTP_11).is_ok());
         headers.append(header::HOST, "evil.example".parse().unwrap());
-        assert_eq!(check_host_syntax(&uri, &headers).unwrap_err().status(), 400);
+        assert_eq!(check(&headers, Version::HTTP_11).unwrap_err().status(), 400);
     }
 }

@@ -333,7 +333,8 @@ async fn an_allow_rule_is_not_escaped_by_servlet_path_parameters() {
 #[tokio::test]
 async fn trace_track_and_connect_are_405_with_allow_and_never_forwarded() {
     let s = Scenario::start().await;
-    for method in ["TRACE", "TRACK"] {
+    // In any case: a server behind Desk's front may not hold to HTTP's case rule.
+    for method in ["TRACE", "TRACK", "trace", "Track"] {
         let answer = raw_request(
             s.proxy.addr,
             &format!(

@@ -410,6 +410,24 @@ async fn access_rules_apply_inside_the_tunnel() {
         .insert("host", http::HeaderValue::from_static("accounts.zoho.com"));
     assert_eq!(send(tls, other).await.0, 403);
     assert_eq!(t.s.zoho.desk_request_count(), 0);
+
+    // A CONNECT over HTTP/2 is 405 like any other refused method: its Allow names only
+    // what the rules allow.
+    let tcp = TcpStream::connect(t.s.proxy.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let connect = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("desk.zoho.com:443")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let answer = sender.send_request(connect).await.unwrap();
+    assert_eq!(answer.status(), 405);
+    let allow = answer.headers()["allow"].to_str().unwrap().to_ascii_lowercase();
+    assert_eq!(allow, "get", "{allow}");
 }
 
 #[tokio::test]

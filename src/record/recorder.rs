@@ -241,7 +241,7 @@ impl Recording {
     pub fn answered(mut self: Box<Self>, status: StatusCode, headers: &HeaderMap) -> Box<Self> {
         self.exchange.answered = Some(Instant::now());
         self.exchange.status = status;
-        self.exchange.response_headers = flatten(headers, |name| name == header::SET_COOKIE);
+        self.exchange.response_headers = flatten(headers, is_cookie_answer_header);
         self
     }
 }
@@ -461,6 +461,12 @@ fn flattened_value(lines: &str, name: &str) -> String {
 
 /// Request headers never recorded: the token (recorded as `Zoho-oauthtoken ***`), and
 /// the client's credentials, which are not forwarded anyway.
+/// Cookies Desk sets: never recorded (`Set-Cookie2` is obsolete, but a cookie all the
+/// same).
+fn is_cookie_answer_header(name: &HeaderName) -> bool {
+    name == header::SET_COOKIE || name.as_str() == "set-cookie2"
+}
+
 fn is_secret_request_header(name: &HeaderName) -> bool {
     [
         header::AUTHORIZATION,
@@ -468,7 +474,7 @@ fn is_secret_request_header(name: &HeaderName) -> bool {
         header::PROXY_AUTHORIZATION,
     ]
     .contains(name)
-        || name.as_str() == "x-proxy-key"
+        || matches!(name.as_str(), "x-proxy-key" | "cookie2")
 }
 
 enum Prepared {
@@ -639,4 +645,37 @@ fn rfc3339(at: SystemTime) -> String {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_cookie_or_key_header_is_recorded() {
+        let mut answer = HeaderMap::new();
+        for (name, value) in [
+            ("set-cookie", "a=1"),
+            ("set-cookie2", "b=2; Version=1"),
+            ("x-rate-limit-remaining", "9"),
+        ] {
+            answer.append(HeaderName::from_static(name), value.parse().unwrap());
+        }
+        assert_eq!(
+            flatten(&answer, is_cookie_answer_header),
+            "x-rate-limit-remaining:9\n"
+        );
+        let mut request = HeaderMap::new();
+        for name in [
+            "authorization",
+            "cookie",
+            "cookie2",
+            "proxy-authorization",
+            "x-proxy-key",
+            "accept",
+        ] {
+            request.append(HeaderName::from_static(name), "v".parse().unwrap());
+        }
+        assert_eq!(flatten(&request, is_secret_request_header), "accept:v\n");
+    }
 }
