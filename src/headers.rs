@@ -106,10 +106,9 @@ pub fn prepare_request(headers: &mut HeaderMap, org_id: Option<&HeaderValue>) {
 /// `Content-Length` beside `Transfer-Encoding` (the chunked framing wins, and the body
 /// is sent on with a framing of the proxy's own, as HTTP/1.1 asks of a forwarder).
 pub fn prepare_response(headers: &mut HeaderMap) {
-    if headers.contains_key(http::header::TRANSFER_ENCODING) {
-        headers.remove(http::header::CONTENT_LENGTH);
-    }
-    remove_hop_by_hop(headers);
+    // A scan of the few names an answer has costs less than a lookup by name.
+    let chunked = headers.keys().any(|n| n == header::TRANSFER_ENCODING);
+    remove_hop_by_hop_and(headers, |name| chunked && name == header::CONTENT_LENGTH);
 }
 
 #[cfg(test)]

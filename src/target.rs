@@ -82,12 +82,13 @@ pub fn check_host_syntax(
     headers: &HeaderMap,
 ) -> Result<(), ProxyError> {
     let mut hosts = headers.get_all(header::HOST).iter();
-    if version == Version::HTTP_11 && !headers.contains_key(header::HOST) {
+    let first = hosts.next();
+    if first.is_none() && version == Version::HTTP_11 {
         return Err(ProxyError::BadRequest(
             "an HTTP/1.1 request must carry a Host header".into(),
         ));
     }
-    if let Some(host) = hosts.next() {
+    if let Some(host) = first {
         if hosts.next().is_some() {
             return Err(ProxyError::BadRequest(
                 "the request has more than one Host header".into(),
