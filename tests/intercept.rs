@@ -426,7 +426,10 @@ async fn access_rules_apply_inside_the_tunnel() {
         .unwrap();
     let answer = sender.send_request(connect).await.unwrap();
     assert_eq!(answer.status(), 405);
-    let allow = answer.headers()["allow"].to_str().unwrap().to_ascii_lowercase();
+    let allow = answer.headers()["allow"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
     assert_eq!(allow, "get", "{allow}");
 }
 
