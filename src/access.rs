@@ -197,27 +197,25 @@ impl AccessPolicy {
     /// Every `Origin` and `Sec-Fetch-Site` the request carries is checked: all of them
     /// are forwarded.
     fn check_origin(&self, headers: &HeaderMap) -> Result<(), ProxyError> {
-        let mut origins = headers.get_all(header::ORIGIN).iter().peekable();
-        if origins.peek().is_some() {
-            for origin in origins {
-                let origin = origin
-                    .to_str()
-                    .unwrap_or("")
-                    .trim_end_matches('/')
-                    .to_ascii_lowercase();
-                if !self.allow_origins.contains(&origin) {
-                    return Err(ProxyError::Forbidden(format!(
-                        "access.allow_origins: browser Origin {origin:?} is not allowed (web pages must not drive the proxy)"
-                    )));
-                }
-            }
-            return Ok(());
+        let origins = headers.get_all(header::ORIGIN);
+        if origins.iter().next().is_some() {
+            // Allowed origins are stored lower-cased; compare without allocating.
+            let refused = origins
+                .iter()
+                .map(|o| o.to_str().unwrap_or("").trim_end_matches('/'))
+                .find(|o| !self.allow_origins.iter().any(|a| a.eq_ignore_ascii_case(o)));
+            return match refused {
+                Some(origin) => Err(ProxyError::Forbidden(format!(
+                    "access.allow_origins: browser Origin {:?} is not allowed (web pages must not drive the proxy)",
+                    origin.to_ascii_lowercase()
+                ))),
+                None => Ok(()),
+            };
         }
-        let mut sites = headers
+        if let Some(site) = headers
             .get_all(&SEC_FETCH_SITE)
             .iter()
-            .map(HeaderValue::as_bytes);
-        if let Some(site) = sites
+            .map(HeaderValue::as_bytes)
             .find(|s| s.eq_ignore_ascii_case(b"cross-site") || s.eq_ignore_ascii_case(b"same-site"))
         {
             return Err(ProxyError::Forbidden(format!(

@@ -70,6 +70,13 @@ pub struct Progress {
     taken: AtomicU64,
 }
 
+impl Progress {
+    /// Whether a part waits for the client.
+    pub fn waiting(&self) -> bool {
+        self.waiting.load(Ordering::Acquire)
+    }
+}
+
 /// A watched answer and the connection's last look at it: how many parts had been
 /// taken, and since when it has waited with that count.
 struct Look {
@@ -236,21 +243,17 @@ pub struct StreamGuard {
 }
 
 impl StreamGuard {
-    /// The request's answer gave hyper a part of its body, and waits to be asked for the
-    /// next (`progress`: the answer is watched).
-    pub fn answer_waits(&self, progress: Option<&Progress>) {
+    /// The request's watched answer gave hyper a part of its body, and waits to be asked
+    /// for the next.
+    pub fn answer_waits(&self, progress: &Progress) {
         self.state.answers_waiting.fetch_add(1, Ordering::AcqRel);
-        if let Some(progress) = progress {
-            progress.waiting.store(true, Ordering::Release);
-        }
+        progress.waiting.store(true, Ordering::Release);
     }
 
     /// The answer that waited was asked for its next part, or ended.
-    pub fn answer_taken(&self, progress: Option<&Progress>) {
-        if let Some(progress) = progress {
-            progress.taken.fetch_add(1, Ordering::AcqRel);
-            progress.waiting.store(false, Ordering::Release);
-        }
+    pub fn answer_taken(&self, progress: &Progress) {
+        progress.taken.fetch_add(1, Ordering::AcqRel);
+        progress.waiting.store(false, Ordering::Release);
         self.state.answers_waiting.fetch_sub(1, Ordering::AcqRel);
         self.state.answers_taken.fetch_add(1, Ordering::AcqRel);
     }
@@ -443,16 +446,16 @@ mod tests {
         for (answer, guard) in [(&stalled, &stalled_guard), (&moving, &moving_guard)] {
             let watched: Arc<dyn Watched> = Arc::clone(answer) as Arc<dyn Watched>;
             guard.watch(Arc::downgrade(&watched));
-            guard.answer_waits(Some(&answer.progress));
+            guard.answer_waits(&answer.progress);
         }
         let start = Instant::now();
         let look = |secs| state.cut_stalled_answers(start + Duration::from_secs(secs), stall);
         assert_eq!(look(0), 0, "first seen waiting");
-        moving_guard.answer_taken(Some(&moving.progress));
-        moving_guard.answer_waits(Some(&moving.progress));
+        moving_guard.answer_taken(&moving.progress);
+        moving_guard.answer_waits(&moving.progress);
         assert_eq!(look(1), 0, "not yet the stall");
-        moving_guard.answer_taken(Some(&moving.progress));
-        moving_guard.answer_waits(Some(&moving.progress));
+        moving_guard.answer_taken(&moving.progress);
+        moving_guard.answer_waits(&moving.progress);
         assert_eq!(look(2), 1, "the stall, with nothing taken");
         assert_eq!(stalled.cuts.load(Ordering::Relaxed), 1);
         assert_eq!(
@@ -460,8 +463,8 @@ mod tests {
             0,
             "it moved at each look"
         );
-        moving_guard.answer_taken(Some(&moving.progress));
-        moving_guard.answer_waits(Some(&moving.progress));
+        moving_guard.answer_taken(&moving.progress);
+        moving_guard.answer_waits(&moving.progress);
         assert_eq!(look(10), 0, "a cut answer is no longer watched");
         assert_eq!(stalled.cuts.load(Ordering::Relaxed), 1);
         // An answer no longer there is forgotten.

@@ -98,7 +98,7 @@ pub struct Metrics {
     requests: Vec<Counter>,
     duration: Histogram,
     upstream_errors: [Counter; 2],
-    refreshes: [Counter; 5],
+    refreshes: [Counter; RefreshResult::ALL.len()],
     token_expiry: Gauge<f64, std::sync::atomic::AtomicU64>,
     retries: Counter,
     in_flight: Gauge,

@@ -50,9 +50,6 @@ pub struct ResponseBody {
     tap: Option<Box<dyn Tap>>,
     /// The request counts as open on its connection until its answer is done.
     stream: Option<StreamGuard>,
-    /// A part of the body went to hyper, and the next was not asked for yet: its client
-    /// has not taken it (told to the connection, which bounds how long that may last).
-    waiting: bool,
 }
 
 #[derive(Debug)]
@@ -101,7 +98,6 @@ impl ResponseBody {
             slot: None,
             tap: None,
             stream: None,
-            waiting: false,
         }
     }
 
@@ -113,7 +109,6 @@ impl ResponseBody {
             slot: Some(slot),
             tap: None,
             stream: None,
-            waiting: false,
         }
     }
 
@@ -132,22 +127,14 @@ impl ResponseBody {
         self.stream = Some(stream);
     }
 
-    /// The watched answer's progress, once it is watched.
-    fn progress(&self) -> Option<&Progress> {
-        match &self.inner {
-            Inner::Watched(watched) => Some(&watched.progress),
-            _ => None,
-        }
-    }
-
-    /// The part that waited for the client was taken (asked for the next, or the body
-    /// is done with): the connection is told.
+    /// The part that waited for the client (a part of a watched answer handed to hyper,
+    /// the next not asked for yet) was taken (asked for the next, or the body is done
+    /// with): the connection is told.
     fn stop_waiting(&mut self) {
-        if self.waiting
-            && let Some(stream) = &self.stream
+        if let (Some(stream), Inner::Watched(watched)) = (&self.stream, &self.inner)
+            && watched.progress.waiting()
         {
-            self.waiting = false;
-            stream.answer_taken(self.progress());
+            stream.answer_taken(&watched.progress);
         }
     }
 
@@ -168,8 +155,9 @@ impl ResponseBody {
             stream.watch(Arc::downgrade(&answer));
             self.inner = Inner::Watched(watched);
         }
-        self.waiting = true;
-        stream.answer_waits(self.progress());
+        if let Inner::Watched(watched) = &self.inner {
+            stream.answer_waits(&watched.progress);
+        }
     }
 }
 

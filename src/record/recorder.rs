@@ -459,14 +459,14 @@ fn flattened_value(lines: &str, name: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Request headers never recorded: the token (recorded as `Zoho-oauthtoken ***`), and
-/// the client's credentials, which are not forwarded anyway.
 /// Cookies Desk sets: never recorded (`Set-Cookie2` is obsolete, but a cookie all the
 /// same).
 fn is_cookie_answer_header(name: &HeaderName) -> bool {
     name == header::SET_COOKIE || name.as_str() == "set-cookie2"
 }
 
+/// Request headers never recorded: the token (recorded as `Zoho-oauthtoken ***`), and
+/// the client's credentials, which are not forwarded anyway.
 fn is_secret_request_header(name: &HeaderName) -> bool {
     [
         header::AUTHORIZATION,
@@ -474,7 +474,8 @@ fn is_secret_request_header(name: &HeaderName) -> bool {
         header::PROXY_AUTHORIZATION,
     ]
     .contains(name)
-        || matches!(name.as_str(), "x-proxy-key" | "cookie2")
+        || *name == crate::headers::PROXY_KEY
+        || name.as_str() == "cookie2"
 }
 
 enum Prepared {

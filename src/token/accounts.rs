@@ -97,7 +97,7 @@ fn classify(status: u16, code: String) -> AccountsError {
             code: Some(if looks_like_a_code(&code) {
                 code
             } else {
-                "(an unexpected value)".into()
+                UNEXPECTED_VALUE.into()
             }),
         },
     }
@@ -113,7 +113,7 @@ fn without_secrets(err: AccountsError, secrets: &[&str]) -> AccountsError {
             code: Some(code),
         } if secrets.iter().any(|secret| shares(&code, secret)) => AccountsError::Failed {
             status,
-            code: Some("(an unexpected value)".into()),
+            code: Some(UNEXPECTED_VALUE.into()),
         },
         err => err,
     }
@@ -134,6 +134,9 @@ fn shares(code: &str, secret: &str) -> bool {
             .windows(PART)
             .any(|part| code.as_bytes().windows(PART).any(|c| c == part))
 }
+
+/// What an error code is shown as when it cannot be shown as it came.
+const UNEXPECTED_VALUE: &str = "(an unexpected value)";
 
 /// Zoho's error codes are short words: `invalid_code`, `Access Denied`.
 fn looks_like_a_code(code: &str) -> bool {

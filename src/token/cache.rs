@@ -95,9 +95,7 @@ struct RefreshState {
     flight: Option<Flight>,
     flights: u64,
     consecutive_failures: u32,
-    backoff_until: Option<Instant>,
-    /// The backoff follows Accounts' throttling, which a reload does not end.
-    throttled: bool,
+    backoff: Option<Backoff>,
     last_error: Option<TokenError>,
     /// Accounts refused the current credentials (cleared by a reload).
     rejected: Option<String>,
@@ -106,6 +104,28 @@ struct RefreshState {
     next_generation: u64,
     /// The last access tokens Desk rejected.
     rejected_tokens: VecDeque<Secret<String>>,
+}
+
+/// No call to Accounts until `until`, and why.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    until: Instant,
+    /// `Throttled`: Accounts asked for the wait, which a reload does not end.
+    cause: RefreshResult,
+}
+
+impl RefreshState {
+    /// Backs off until `until` for `cause`, refusing with `error` meanwhile.
+    fn back_off(&mut self, until: Instant, cause: RefreshResult, error: &TokenError) {
+        self.backoff = Some(Backoff { until, cause });
+        self.last_error = Some(error.clone());
+    }
+
+    /// One more failure in a row: the backoff it earns.
+    fn next_delay(&mut self, policy: &RefreshPolicy) -> Duration {
+        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        backoff(policy, self.consecutive_failures)
+    }
 }
 
 /// Holds the current token and renews it.
@@ -282,7 +302,7 @@ impl TokenCache {
         if let Some(reason) = &state.rejected {
             return Err(TokenError::Rejected(reason.clone()));
         }
-        if let Some(until) = state.backoff_until.filter(|until| *until > now) {
+        if let Some(until) = state.backoff.map(|b| b.until).filter(|until| *until > now) {
             let reason = match &state.last_error {
                 Some(err) => err.to_string(),
                 None => "backing off after a failed refresh".into(),
@@ -319,8 +339,7 @@ impl TokenCache {
             };
             // Until the guard opens, every request is refused by the backoff above: one
             // refusal counted and logged, and `/_proxy/ready` says why.
-            state.backoff_until = Some(now + retry_after);
-            state.last_error = Some(error.clone());
+            state.back_off(now + retry_after, RefreshResult::GuardRefused, &error);
             return Err(error);
         }
         Ok(())
@@ -453,15 +472,14 @@ impl TokenCache {
         };
         state.next_generation += 1;
         state.consecutive_failures = 0;
-        state.backoff_until = None;
-        state.throttled = false;
+        state.backoff = None;
         state.last_error = None;
         let token = Arc::new(token);
         self.current.store(Some(token.clone()));
         drop(state);
         self.metrics.record_refresh(RefreshResult::Ok);
         tracing::info!(
-            result = "ok",
+            result = RefreshResult::Ok.label(),
             latency_ms,
             expires_in_secs = grant.expires_in.as_secs(),
             generation = token.generation,
@@ -473,49 +491,39 @@ impl TokenCache {
 
     fn fail(&self, err: AccountsError, latency_ms: u64) -> TokenError {
         let mut state = self.lock();
-        let error = match &err {
-            AccountsError::Rejected(_) => {
-                let reason = format!("{err}; fix: {}", err.advice());
-                state.rejected = Some(reason.clone());
-                self.metrics.record_refresh(RefreshResult::Rejected);
-                tracing::error!(result = "rejected", latency_ms, error = %err, fix = err.advice(), "token refresh rejected");
-                TokenError::Rejected(reason)
+        if let AccountsError::Rejected(_) = &err {
+            let reason = format!("{err}; fix: {}", err.advice());
+            state.rejected = Some(reason.clone());
+            self.metrics.record_refresh(RefreshResult::Rejected);
+            tracing::error!(result = RefreshResult::Rejected.label(), latency_ms, error = %err, fix = err.advice(), "token refresh rejected");
+            let error = TokenError::Rejected(reason);
+            state.last_error = Some(error.clone());
+            return error;
+        }
+        let (result, delay) = match err {
+            // The fleet's guard: its wait, and no failure of Accounts.
+            AccountsError::GuardRefused { retry_after } => {
+                (RefreshResult::GuardRefused, retry_after)
             }
-            _ => {
-                let (result, delay) = match err {
-                    // The fleet's guard: its wait, and no failure of Accounts.
-                    AccountsError::GuardRefused { retry_after } => {
-                        (RefreshResult::GuardRefused, retry_after)
-                    }
-                    _ => {
-                        state.consecutive_failures = state.consecutive_failures.saturating_add(1);
-                        let delay = backoff(&self.policy, state.consecutive_failures);
-                        match err {
-                            AccountsError::Throttled(_) => {
-                                (RefreshResult::Throttled, delay.max(THROTTLE_BACKOFF))
-                            }
-                            _ => (RefreshResult::Error, delay),
-                        }
-                    }
-                };
-                self.metrics.record_refresh(result);
-                state.backoff_until = Some(Instant::now() + delay);
-                state.throttled = result == RefreshResult::Throttled;
-                let result = result.label();
-                tracing::warn!(
-                    result,
-                    latency_ms,
-                    error = %err,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "token refresh failed"
-                );
-                TokenError::Unavailable {
-                    reason: err.to_string(),
-                    retry_after: delay,
-                }
-            }
+            AccountsError::Throttled(_) => (
+                RefreshResult::Throttled,
+                state.next_delay(&self.policy).max(THROTTLE_BACKOFF),
+            ),
+            _ => (RefreshResult::Error, state.next_delay(&self.policy)),
         };
-        state.last_error = Some(error.clone());
+        self.metrics.record_refresh(result);
+        tracing::warn!(
+            result = result.label(),
+            latency_ms,
+            error = %err,
+            retry_in_ms = delay.as_millis() as u64,
+            "token refresh failed"
+        );
+        let error = TokenError::Unavailable {
+            reason: err.to_string(),
+            retry_after: delay,
+        };
+        state.back_off(Instant::now() + delay, result, &error);
         error
     }
 
@@ -525,15 +533,12 @@ impl TokenCache {
         let mut state = self.lock();
         // The panic may have come after Accounts issued a token: the guard counts it.
         state.issued.push_back(Instant::now());
-        state.consecutive_failures = state.consecutive_failures.saturating_add(1);
-        let delay = backoff(&self.policy, state.consecutive_failures);
-        state.backoff_until = Some(Instant::now() + delay);
-        state.throttled = false;
+        let delay = state.next_delay(&self.policy);
         let error = TokenError::Unavailable {
             reason: "the token refresh failed unexpectedly".into(),
             retry_after: delay,
         };
-        state.last_error = Some(error.clone());
+        state.back_off(Instant::now() + delay, RefreshResult::Error, &error);
         drop(state);
         self.metrics.record_refresh(RefreshResult::Error);
         self.changed.send_modify(|_| {});
@@ -584,9 +589,12 @@ impl TokenCache {
     pub fn clear_rejection(&self) {
         let mut state = self.lock();
         state.rejected = None;
-        let throttled = state.throttled && state.backoff_until.is_some_and(|t| t > Instant::now());
+        let now = Instant::now();
+        let throttled = state
+            .backoff
+            .is_some_and(|b| b.cause == RefreshResult::Throttled && b.until > now);
         if !throttled {
-            state.backoff_until = None;
+            state.backoff = None;
             state.consecutive_failures = 0;
             state.last_error = None;
         }
@@ -634,8 +642,8 @@ impl TokenCache {
             Some(token) if self.is_usable(&token, now) => token.refresh_at(self.policy.margin),
             _ => now,
         };
-        let due = match state.backoff_until {
-            Some(until) => due.max(until),
+        let due = match state.backoff {
+            Some(backoff) => due.max(backoff.until),
             None => due,
         };
         // The guard can refuse too; never spin on it.

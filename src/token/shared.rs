@@ -32,9 +32,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
 use super::cache::TokenCache;
-use super::source::{
-    AccountsError, FetchFuture, Fetched, Grant, MAX_LIFETIME, Refresh, Token, TokenSource,
-};
+use super::source::{AccountsError, FetchFuture, Fetched, Grant, Refresh, Token, TokenSource};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 
@@ -52,7 +50,7 @@ const COMMAND_TIMEOUT: Duration = crate::client::REDIS_COMMAND_TIMEOUT;
 /// it, while its refresh runs): a replica that dies while it refreshes holds the others
 /// up this long at most. Three Redis command timeouts, so that one slow renewal does not
 /// let the lock go.
-pub const LOCK_LEASE: Duration = Duration::from_secs(3 * COMMAND_TIMEOUT.as_secs());
+const LOCK_LEASE: Duration = COMMAND_TIMEOUT.saturating_mul(3);
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -140,7 +138,7 @@ impl StoredToken {
     }
 
     fn grant(self) -> Option<Grant> {
-        let expires_in = self.remaining()?.min(MAX_LIFETIME);
+        let expires_in = self.remaining()?;
         Some(Grant {
             access_token: Secret::new(self.access_token),
             expires_in,
@@ -320,9 +318,9 @@ impl SharedStore {
     /// Runs `work` while holding the lock, renewing it every third of its lease.
     async fn holding_lock<T>(&self, work: impl Future<Output = T>) -> T {
         tokio::pin!(work);
-        let mut renew = tokio::time::interval(LOCK_LEASE / 3);
+        let every = LOCK_LEASE / 3;
+        let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        renew.tick().await;
         loop {
             tokio::select! {
                 out = &mut work => return out,
