@@ -612,11 +612,7 @@ async fn http2_request_heads_in_progress_are_bounded_for_the_whole_process() {
     .unwrap();
     assert_eq!((status, code.as_deref()), (503, Some("PROXY_OVERLOADED")));
     assert!(retry_after, "503 without Retry-After");
-    let metrics = fetch(s.proxy.url("/_proxy/metrics"))
-        .await
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(s.proxy.url("/_proxy/metrics")).await;
     let refused = metrics
         .lines()
         .find_map(|l| {

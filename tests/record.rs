@@ -99,13 +99,7 @@ async fn scenario(base: &str) -> Vec<Seen> {
 /// Records the scenario to `dir/desk.har` through an in-process proxy in front of the
 /// fake; returns what the client saw, and the secrets that must not be in the file.
 async fn record(dir: &Path) -> (PathBuf, Vec<Seen>, Vec<String>) {
-    let file = dir.join("desk.har");
-    let recorded = file.clone();
-    let s = Scenario::with(FakeOptions::default(), move |c| {
-        c.record.file = Some(recorded);
-        c.access.api_keys = vec![Secret::new(KEY.into())];
-    })
-    .await;
+    let (s, file) = recording(dir, |c| c.access.api_keys = vec![Secret::new(KEY.into())]).await;
     let seen = scenario(&s.url("")).await;
     let options = FakeOptions::default();
     let mut secrets = vec![
@@ -161,11 +155,7 @@ async fn replay(
 
 /// `/_proxy/metrics` of a serving binary.
 async fn metrics_of(serving: &Serving) -> String {
-    fetch(serving.url("/_proxy/metrics"))
-        .await
-        .text()
-        .await
-        .unwrap()
+    metrics_text(serving.url("/_proxy/metrics")).await
 }
 
 async fn stop(serving: Serving) -> std::process::ExitStatus {

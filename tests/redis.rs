@@ -338,22 +338,12 @@ async fn the_refresh_lock_is_a_short_lease_renewed_while_the_refresh_runs() {
     zoho.revoke_all_tokens();
     let url = proxies[0].url("/api/v1/tickets");
     let request = tokio::spawn(async move { status(url).await });
+    // The fake counts the call as it arrives; the lock was taken before it.
+    wait_for_token_requests(&zoho, 2).await;
+    let owner = lock_owner(&redis, &lock)
+        .await
+        .expect("the refresh took the fleet's lock");
     let mut conn = redis.connection().await;
-    let owner = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let owner: Option<String> = redis::cmd("GET")
-                .arg(&lock)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            if let Some(owner) = owner {
-                return owner;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the refresh took the fleet's lock");
     let ttl_ms: i64 = redis::cmd("PTTL")
         .arg(&lock)
         .query_async(&mut conn)
@@ -365,11 +355,7 @@ async fn the_refresh_lock_is_a_short_lease_renewed_while_the_refresh_runs() {
     );
     // Past the first lease, the refresh still runs: the lock was renewed, same owner.
     tokio::time::sleep(LEASE + Duration::from_secs(1)).await;
-    let still: Option<String> = redis::cmd("GET")
-        .arg(&lock)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let still = lock_owner(&redis, &lock).await;
     assert_eq!(
         still.as_deref(),
         Some(owner.as_str()),
@@ -451,6 +437,16 @@ async fn key(redis: &RedisServer, suffix: &str) -> Option<String> {
         .await
         .unwrap();
     keys.into_iter().next()
+}
+
+/// Who holds the fleet's refresh lock `lock`, if anyone.
+async fn lock_owner(redis: &RedisServer, lock: &str) -> Option<String> {
+    let mut conn = redis.connection().await;
+    redis::cmd("GET")
+        .arg(lock)
+        .query_async(&mut conn)
+        .await
+        .expect("GET the lock")
 }
 
 /// The fleet's refresh lock's key (named after the token's, which must be stored).

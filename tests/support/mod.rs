@@ -253,16 +253,17 @@ pub async fn wait_for_desk_requests(zoho: &FakeControl, n: u64) {
         .expect("fake stopped");
 }
 
+/// The text of a `/_proxy/metrics` at `url` (empty when it cannot be read).
+pub async fn metrics_text(url: impl reqwest::IntoUrl) -> String {
+    fetch(url).await.text().await.unwrap_or_default()
+}
+
 /// Waits until `/_proxy/metrics` has `line` (a series and its value); the proxy tells of
 /// its state only there, so the test reads it until it says so.
 pub async fn wait_for_metric(proxy: &TestProxy, line: &str) {
     let found = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
-            let text = fetch(proxy.url("/_proxy/metrics"))
-                .await
-                .text()
-                .await
-                .unwrap_or_default();
+            let text = metrics_text(proxy.url("/_proxy/metrics")).await;
             if text.lines().any(|l| l == line) {
                 return;
             }
