@@ -894,6 +894,13 @@ impl Proxy {
             }
         };
         let err = match answered {
+            // No request asks for one (`Upgrade` is never forwarded), and the client
+            // would be left on a connection switched to nothing.
+            Ok((_, _, Ok(response), _)) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                ProxyError::UpstreamUnreachable(
+                    "Zoho Desk answered 101 Switching Protocols, and the proxy forwards no protocol upgrade".into(),
+                )
+            }
             Ok((slot, token, Ok(response), _)) => return Ok((response, slot, token)),
             Ok((_, _, Err(_), outcome))
                 if let Some(stalled) = outcome.as_deref().and_then(BodyOutcome::stalled) =>

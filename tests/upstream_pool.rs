@@ -34,6 +34,9 @@ enum Behaviour {
     StallInBody,
     /// The request is read, then the connection is closed without an answer.
     CloseWithoutAnswer,
+    /// A `101 Switching Protocols` no request asked for, then silence until the proxy
+    /// closes the connection.
+    SwitchProtocols,
 }
 
 /// What Desk saw.
@@ -170,6 +173,13 @@ async fn serve(
                     .await
                     .unwrap();
             }
+            Behaviour::SwitchProtocols => {
+                let head = "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
+                tcp.write_all(head.as_bytes()).await.unwrap();
+                let _ = tcp.read(&mut [0u8; 1024]).await;
+                let _ = tx.send(Event::ClosedByProxy(n));
+                return;
+            }
             Behaviour::StallInBody => {
                 let head = "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: 16777216\r\n\r\n";
                 tcp.write_all(head.as_bytes()).await.unwrap();
@@ -304,6 +314,32 @@ async fn a_request_desk_received_is_not_sent_again_when_the_connection_drops() {
     assert_eq!(get(proxy.url("/api/v1/agents")).await, 502);
     desk.expect_connection(2, "GET /api/v1/agents HTTP/1.1", Event::ClosedByDesk(2))
         .await;
+}
+
+#[tokio::test]
+async fn a_protocol_switch_no_request_asked_for_is_a_502_and_its_connection_is_closed() {
+    let fake = FakeZoho::start().await.unwrap();
+    let mut desk = RawDesk::start(Behaviour::SwitchProtocols).await;
+    let proxy = proxy_to(&desk, &fake, "").await;
+    for n in 1..=2 {
+        // The client's own upgrade request is not one: `Upgrade` is never forwarded.
+        let answer = client()
+            .get(proxy.url("/api/v1/tickets"))
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 502);
+        let error: serde_json::Value = answer.json().await.unwrap();
+        assert_eq!(error["errorCode"], "PROXY_UPSTREAM_UNREACHABLE");
+        assert!(
+            error["message"].as_str().unwrap().contains("101"),
+            "{error}"
+        );
+        desk.expect_connection(n, "GET /api/v1/tickets HTTP/1.1", Event::ClosedByProxy(n))
+            .await;
+    }
 }
 
 #[tokio::test]
