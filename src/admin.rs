@@ -77,10 +77,19 @@ impl Endpoint {
     }
 }
 
+/// The name a path gives under the reserved prefix (`""` for `/_proxy` itself, which is
+/// reserved too), or `None` for a path of Desk's.
+pub fn reserved_name(path: &str) -> Option<&str> {
+    match path.strip_prefix(PREFIX) {
+        Some(name) => Some(name),
+        None => (path == &PREFIX[..PREFIX.len() - 1]).then_some(""),
+    }
+}
+
 /// Whether a request's path (as sent, before it is made canonical) names one of the
 /// proxy's own endpoints, which it answers at once without going to Desk.
 pub fn is_local(raw_path: &str) -> bool {
-    raw_path.starts_with(PREFIX)
+    reserved_name(raw_path).is_some()
 }
 
 /// Answers `GET` or `HEAD` of an endpoint.

@@ -337,7 +337,7 @@ impl Proxy {
             return Box::pin(self.tunneled(upstream, req, peer, log, host, *service)).await;
         }
         let target = target::resolve(req.uri(), req.version(), &self.config.upstream)?;
-        if let Some(name) = target.path().strip_prefix(admin::PREFIX) {
+        if let Some(name) = admin::reserved_name(target.path()) {
             let endpoint = admin::Endpoint::parse(name)?;
             if endpoint.is_public() {
                 self.access.check_peer(peer)?;
@@ -427,7 +427,7 @@ impl Proxy {
             )));
         }
         let target = target::resolve(req.uri(), Version::HTTP_2, &self.config.upstream)?;
-        if target.path().starts_with(admin::PREFIX) {
+        if admin::reserved_name(target.path()).is_some() {
             return Err(ProxyError::Forbidden(format!(
                 "intercept: {} is the proxy's own, not {host}'s",
                 admin::PREFIX

@@ -344,8 +344,18 @@ async fn health_and_ready() {
         ready = fetch(s.url("/_proxy/ready")).await;
     }
     assert_eq!(ready.status(), 200);
-    let unknown = fetch(s.url("/_proxy/nothing")).await;
-    assert_eq!(unknown.status(), 404);
+    // The prefix itself, and any name under it, is the proxy's: a 404 that lists the
+    // endpoints, never forwarded.
+    for path in ["/_proxy/nothing", "/_proxy", "/_proxy/", "/_proxy?x=1"] {
+        let unknown = assert_proxy_error(fetch(s.url(path)).await, 404, "PROXY_NOT_FOUND").await;
+        assert!(
+            unknown["message"]
+                .as_str()
+                .unwrap()
+                .contains("/_proxy/health"),
+            "{path}: {unknown}"
+        );
+    }
     assert_eq!(
         s.zoho.desk_request_count(),
         0,
