@@ -336,6 +336,13 @@ impl Proxy {
         if let Via::Tunnel { host, service } = via {
             return Box::pin(self.tunneled(upstream, req, peer, log, host, *service)).await;
         }
+        if let Some((host, service)) = self.intercepted(&req) {
+            // A plain `http://` request for a host transparent mode serves, sent to the
+            // proxy as to an HTTP proxy: served as inside a tunnel to that host, with the
+            // checks of the `CONNECT` it did not make.
+            self.access.check_connect(&req, peer)?;
+            return Box::pin(self.tunneled(upstream, req, peer, log, &host, service)).await;
+        }
         let target = target::resolve(req.uri(), req.version(), &self.config.upstream)?;
         if let Some(name) = admin::reserved_name(target.path()) {
             let endpoint = admin::Endpoint::parse(name)?;
@@ -400,6 +407,30 @@ impl Proxy {
                 },
             )))));
         Ok(response)
+    }
+
+    /// The host and service of an absolute-form HTTP/1 request, on its scheme's default
+    /// port, for a host transparent mode serves.
+    fn intercepted<B>(&self, req: &Request<B>) -> Option<(String, intercept::Service)> {
+        let intercept = self.intercept.as_ref()?;
+        let uri = req.uri();
+        let authority = uri
+            .authority()
+            .filter(|_| req.version() != Version::HTTP_2)?;
+        let default_port = match uri.scheme_str()? {
+            "http" => 80,
+            "https" => 443,
+            _ => return None,
+        };
+        if authority
+            .port_u16()
+            .is_some_and(|port| port != default_port)
+        {
+            return None;
+        }
+        let host = target::host_name(authority.as_str()).ok()?;
+        let service = intercept.service(host)?;
+        Some((host.to_ascii_lowercase(), service))
     }
 
     /// A request inside a tunnel: it must name the tunnel's host; Accounts' requests are

@@ -360,6 +360,121 @@ async fn a_keyed_proxy_takes_the_key_on_the_connect_as_bearer_or_basic() {
 }
 
 #[tokio::test]
+async fn plain_http_for_zoho_hosts_is_served_as_in_a_tunnel() {
+    let t = Transparent::start(|c| {
+        c.access.api_keys = vec![Secret::new("k-123456".into())];
+        c.access.deny_paths = vec![
+            zoho_desk_proxy::rules::PathRule::parse(
+                "/api/v1/secret",
+                zoho_desk_proxy::rules::Case::Insensitive,
+            )
+            .unwrap(),
+        ];
+    })
+    .await;
+    let addr = t.s.proxy.addr;
+    let plain = |line: &str, host: &str, auth: &str| {
+        format!(
+            "{line} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 45\r\nConnection: close\r\n\r\ngrant_type=client_credentials&client_secret=y"
+        )
+    };
+    // base64("user:k-123456"), as HTTP_PROXY=http://user:k-123456@host sends it.
+    let key = "Proxy-Authorization: Basic dXNlcjprLTEyMzQ1Ng==\r\n";
+    // Desk's requests go to the upstream with the real token, under every rule.
+    let answer = raw_request(
+        addr,
+        &plain(
+            "GET http://desk.zoho.com/api/v1/tickets",
+            "desk.zoho.com",
+            key,
+        ),
+    )
+    .await;
+    assert_eq!(raw_status(&answer), 200, "{answer}");
+    assert!(answer.contains("ticketNumber"), "{answer}");
+    assert_eq!(t.s.zoho.desk_request_count(), 1);
+    for (request, status) in [
+        (
+            plain(
+                "GET http://desk.zoho.com/api/v1/tickets",
+                "desk.zoho.com",
+                "",
+            ),
+            401,
+        ),
+        (
+            plain(
+                "GET http://desk.zoho.com/api/v1/secret",
+                "desk.zoho.com",
+                key,
+            ),
+            403,
+        ),
+        (
+            plain(
+                "GET http://desk.zoho.com/api/v1/tickets",
+                "evil.example",
+                key,
+            ),
+            403,
+        ),
+        (
+            plain(
+                "GET http://desk.zoho.com:8080/api/v1/tickets",
+                "desk.zoho.com",
+                key,
+            ),
+            403,
+        ),
+        (
+            plain(
+                "GET http://desk.zoho.com/_proxy/metrics",
+                "desk.zoho.com",
+                key,
+            ),
+            403,
+        ),
+    ] {
+        let answer = raw_request(addr, &request).await;
+        assert_eq!(raw_status(&answer), status, "{request}: {answer}");
+    }
+    assert_eq!(t.s.zoho.desk_request_count(), 1);
+    // Accounts' are answered here with the placeholder, never reached.
+    let answer = raw_request(
+        addr,
+        &plain(
+            "POST http://accounts.zoho.com/oauth/v2/token",
+            "accounts.zoho.com",
+            key,
+        ),
+    )
+    .await;
+    assert_eq!(raw_status(&answer), 200, "{answer}");
+    let token = raw_json(&answer);
+    assert!(
+        token["access_token"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("1000.zohodeskproxy")),
+        "{answer}"
+    );
+    if let Some(form) = t.s.zoho.last_token_form() {
+        assert!(form.iter().all(|(_, value)| value != "y"), "{form:?}");
+    }
+    // Without transparent mode, only the upstream's own host is taken in absolute-form.
+    let plain_proxy = Scenario::start().await;
+    let answer = raw_request(
+        plain_proxy.proxy.addr,
+        &plain(
+            "GET http://desk.zoho.com/api/v1/tickets",
+            "desk.zoho.com",
+            "",
+        ),
+    )
+    .await;
+    assert_eq!(raw_status(&answer), 403, "{answer}");
+}
+
+#[tokio::test]
 async fn access_rules_apply_inside_the_tunnel() {
     let t = Transparent::start(|c| {
         c.access.allow_methods = Some(vec![http::Method::GET]);
