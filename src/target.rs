@@ -42,14 +42,41 @@ pub fn resolve(uri: &Uri, version: Version, upstream: &BaseUrl) -> Result<Target
     } else if version == Version::HTTP_2 {
         check_scheme(uri.scheme_str().unwrap_or("https"))?;
     }
-    let path_and_query = match uri.path_and_query() {
+    let mut path_and_query = match uri.path_and_query() {
         Some(pq) => canonical(pq)?,
         None => PathAndQuery::from_static("/"),
     };
+    if absolute_form && !upstream.prefix.is_empty() {
+        // The URL names the upstream's resource in full, prefix included: the rules and
+        // the joining to `upstream` take the path below it, as for origin-form.
+        path_and_query = below_prefix(&path_and_query, upstream)?;
+    }
     Ok(Target {
         path_and_query,
         absolute_form,
     })
+}
+
+/// An absolute-form target's path and query with the upstream's path prefix taken off;
+/// a path outside the prefix is refused (403).
+fn below_prefix(pq: &PathAndQuery, upstream: &BaseUrl) -> Result<PathAndQuery, ProxyError> {
+    let below = pq
+        .path()
+        .strip_prefix(upstream.prefix.as_str())
+        .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+        .ok_or_else(|| {
+            ProxyError::Forbidden(format!(
+                "absolute-form request for {} refused: this proxy forwards only below {upstream}",
+                truncate(pq.path())
+            ))
+        })?;
+    let path = if below.is_empty() { "/" } else { below };
+    let text = match pq.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    };
+    PathAndQuery::try_from(text)
+        .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded".into()))
 }
 
 /// The path and query with the path in canonical form.
@@ -280,6 +307,39 @@ mod tests {
                 (_, other) => panic!("{target}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn absolute_form_names_the_upstream_s_prefix_which_is_taken_off() {
+        let upstream = BaseUrl::parse("http://gw.example:9000/zoho/desk").unwrap();
+        let table = [
+            (
+                "http://gw.example:9000/zoho/desk/api/v1/tickets?limit=2",
+                Some("/api/v1/tickets?limit=2"),
+            ),
+            ("http://gw.example:9000/zoho/desk", Some("/")),
+            ("http://gw.example:9000/zoho/desk/", Some("/")),
+            ("http://gw.example:9000/zoho/desk?x=1", Some("/?x=1")),
+            ("http://gw.example:9000/zoho/desktop/api", None),
+            ("http://gw.example:9000/api/v1/tickets", None),
+            ("http://gw.example:9000/ZOHO/desk/api/v1/tickets", None),
+        ];
+        for (target, below) in table {
+            let result = resolve(&target.parse().unwrap(), Version::HTTP_11, &upstream);
+            match (below, result) {
+                (Some(below), Ok(t)) => assert_eq!(t.path_and_query, below, "{target}"),
+                (None, Err(e)) => assert_eq!(e.status(), 403, "{target}"),
+                (_, other) => panic!("{target}: {other:?}"),
+            }
+        }
+        // Origin-form paths are below the prefix already.
+        let t = resolve(
+            &"/api/v1/tickets".parse().unwrap(),
+            Version::HTTP_11,
+            &upstream,
+        )
+        .unwrap();
+        assert_eq!(t.path_and_query, "/api/v1/tickets");
     }
 
     #[test]

@@ -207,12 +207,16 @@ async fn serve(
 
 /// A proxy (one serving thread) in front of `desk`, with `extra` TOML appended.
 async fn proxy_to(desk: &RawDesk, fake: &FakeZoho, extra: &str) -> TestProxy {
+    proxy_at(&format!("http://{}", desk.addr), fake, extra).await
+}
+
+/// A proxy (one serving thread) whose `upstream` is `url`, with `extra` TOML appended.
+async fn proxy_at(url: &str, fake: &FakeZoho, extra: &str) -> TestProxy {
     let o = FakeOptions::default();
     let toml = format!(
-        "upstream = \"http://{}\"\naccounts_url = \"{}\"\ntoken_file = \"\"\n\
+        "upstream = \"{url}\"\naccounts_url = \"{}\"\ntoken_file = \"\"\n\
          [oauth]\nclient_id = \"{}\"\nclient_secret = \"{}\"\nrefresh_token = \"{}\"\n\
          [limits]\nworkers = 1\n{extra}",
-        desk.addr,
         fake.accounts_url(),
         o.client_id,
         o.client_secret,
@@ -314,6 +318,33 @@ async fn a_request_desk_received_is_not_sent_again_when_the_connection_drops() {
     assert_eq!(get(proxy.url("/api/v1/agents")).await, 502);
     desk.expect_connection(2, "GET /api/v1/agents HTTP/1.1", Event::ClosedByDesk(2))
         .await;
+}
+
+#[tokio::test]
+async fn an_upstream_path_prefix_is_added_once_in_origin_and_absolute_form() {
+    let fake = FakeZoho::start().await.unwrap();
+    let mut desk = RawDesk::start(Behaviour::KeepAlive).await;
+    let proxy = proxy_at(&format!("http://{}/gw", desk.addr), &fake, "").await;
+    assert_eq!(get(proxy.url("/api/v1/tickets?limit=1")).await, 200);
+    let first = request(1, "GET /gw/api/v1/tickets?limit=1 HTTP/1.1");
+    assert_eq!(desk.until(&first).await, vec![Event::Connected(1), first]);
+    // Absolute-form names the upstream's URL in full, prefix included.
+    let at = desk.addr;
+    let absolute = |path: &str| {
+        format!("GET http://{at}{path} HTTP/1.1\r\nHost: {at}\r\nConnection: close\r\n\r\n")
+    };
+    let answer = raw_request(proxy.addr, &absolute("/gw/api/v1/tickets")).await;
+    assert_eq!(raw_status(&answer), 200, "{answer}");
+    let second = request(1, "GET /gw/api/v1/tickets HTTP/1.1");
+    assert_eq!(desk.until(&second).await, vec![second]);
+    // A path outside the prefix is not the upstream's: refused, nothing sent.
+    for path in ["/api/v1/tickets", "/gwx/api/v1/tickets"] {
+        let answer = raw_request(proxy.addr, &absolute(path)).await;
+        assert_eq!(raw_status(&answer), 403, "{path}: {answer}");
+    }
+    assert_eq!(get(proxy.url("/api/v1/contacts")).await, 200);
+    let last = request(1, "GET /gw/api/v1/contacts HTTP/1.1");
+    assert_eq!(desk.until(&last).await, vec![last]);
 }
 
 #[tokio::test]
