@@ -16,6 +16,8 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static CLOSE: HeaderName = HeaderName::from_static("close");
 /// The legacy `Proxy-Connection`.
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// The obsolete `Cookie2` (RFC 2965), a cookie all the same.
+static COOKIE2: HeaderName = HeaderName::from_static("cookie2");
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy `Proxy-Connection`, as ready
 /// names (removing by `&str` would parse the name on every call).
@@ -79,21 +81,29 @@ fn remove_hop_by_hop_and(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> 
     }
 }
 
-/// Turns the client's headers into Desk's: hop-by-hop, `Host`, `Cookie`, `Expect`, the
-/// proxy key and the client's `Authorization` go (the token goes in when the request is
-/// sent); `orgId` is added when configured and absent. Everything else passes unchanged.
+/// The client's credentials, for the proxy or for another site, never Desk's:
+/// `Authorization` (the token takes its place), `Proxy-Authorization`, the proxy key and
+/// cookies (a browser's or a tool's cookies for localhost are not Zoho's). Never
+/// forwarded, never recorded.
+pub fn is_client_credential(name: &HeaderName) -> bool {
+    [
+        &header::AUTHORIZATION,
+        &header::COOKIE,
+        &header::PROXY_AUTHORIZATION,
+        &PROXY_KEY,
+        &COOKIE2,
+    ]
+    .contains(&name)
+}
+
+/// Turns the client's headers into Desk's: hop-by-hop, `Host`, `Expect` and the client's
+/// credentials go (the token goes in when the request is sent); `orgId` is added when
+/// configured and absent. Everything else passes unchanged.
 pub fn prepare_request(headers: &mut HeaderMap, org_id: Option<&HeaderValue>) {
     remove_hop_by_hop_and(headers, |name| {
         // `Expect`: the proxy answered `100 Continue` itself when it started reading the
         // body.
-        [
-            &header::HOST,
-            &header::COOKIE,
-            &header::EXPECT,
-            &PROXY_KEY,
-            &header::AUTHORIZATION,
-        ]
-        .contains(&name)
+        name == header::HOST || name == header::EXPECT || is_client_credential(name)
     });
     if let Some(org_id) = org_id
         && !headers.keys().any(|n| n == ORG_ID)
@@ -135,6 +145,7 @@ mod tests {
             (&[("authorization", "Bearer client")], "authorization", None),
             (&[("host", "127.0.0.1:8080")], "host", None),
             (&[("cookie", "session=1")], "cookie", None),
+            (&[("cookie2", "$Version=1")], "cookie2", None),
             (&[("x-proxy-key", "k")], "x-proxy-key", None),
             (
                 &[("proxy-authorization", "Bearer k")],

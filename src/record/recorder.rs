@@ -153,7 +153,7 @@ impl Recorder {
                 ended: None,
                 method: method.clone(),
                 url: url.clone(),
-                request_headers: flatten(headers, is_secret_request_header),
+                request_headers: flatten(headers, crate::headers::is_client_credential),
                 request_id: request_id.to_owned(),
                 request_body: body,
                 status: StatusCode::OK,
@@ -465,19 +465,6 @@ fn is_cookie_answer_header(name: &HeaderName) -> bool {
     name == header::SET_COOKIE || name.as_str() == "set-cookie2"
 }
 
-/// Request headers never recorded: the token (recorded as `Zoho-oauthtoken ***`), and
-/// the client's credentials, which are not forwarded anyway.
-fn is_secret_request_header(name: &HeaderName) -> bool {
-    [
-        header::AUTHORIZATION,
-        header::COOKIE,
-        header::PROXY_AUTHORIZATION,
-    ]
-    .contains(name)
-        || *name == crate::headers::PROXY_KEY
-        || name.as_str() == "cookie2"
-}
-
 enum Prepared {
     Io(std::io::Error),
     Foreign,
@@ -677,6 +664,9 @@ mod tests {
         ] {
             request.append(HeaderName::from_static(name), "v".parse().unwrap());
         }
-        assert_eq!(flatten(&request, is_secret_request_header), "accept:v\n");
+        assert_eq!(
+            flatten(&request, crate::headers::is_client_credential),
+            "accept:v\n"
+        );
     }
 }
