@@ -901,10 +901,16 @@ impl Proxy {
                 // the wait for a token does not count against the response's time.
                 let deadline = due + (sent - free);
                 // A call Desk still works on when its client leaves or its deadline
-                // passes keeps its slot (Desk still counts it) until Desk answers, for
-                // at most twice the response time from when it was sent.
-                let held_until = sent + 2 * timeout;
-                let response = call_desk(upstream, request, deadline, held_until, slot).await;
+                // passes keeps its slot (Desk still counts it) until Desk answers: for
+                // twice the response time from when it was sent, and at least the
+                // response time more (after a long upload).
+                let wait = Wait {
+                    deadline,
+                    response: timeout,
+                    body: outcome.as_deref(),
+                    held_until: sent + 2 * timeout,
+                };
+                let response = call_desk(upstream, request, wait, slot).await;
                 if response.is_err()
                     && let Some(outcome) = &outcome
                 {
@@ -1022,19 +1028,34 @@ impl Attempt {
     }
 }
 
+/// How long an attempt waits for Desk's answer.
+struct Wait<'a> {
+    /// When the answer must have begun by.
+    deadline: Instant,
+    /// `timeouts.response_secs`.
+    response: Duration,
+    /// A streamed body's progress: while it moves, Desk is not late. Its answer is then
+    /// due `response` after the last part went out.
+    body: Option<&'a BodyOutcome>,
+    /// How long a call left behind is held (see [`HeldCall`]): until then, and at least
+    /// `response` more.
+    held_until: Instant,
+}
+
 /// Desk's call with `slot`: a connection first (given up, nothing sent, if the client
 /// leaves meanwhile), then the request on it, held until Desk is done with it even if
-/// the client leaves or `deadline` passes ([`HeldCall`], until `held_until` at the
-/// latest). A waiting connection that had closed as it was taken gets the request again
-/// on a new one. One timer bounds the wait for the answer.
+/// the client leaves or the wait ends ([`HeldCall`], for a time: see [`Wait`]). A
+/// waiting connection that had closed as it was taken gets the request again on a new
+/// one. One timer bounds the wait for the answer; a streamed body that still moved when
+/// it fired moves it on.
 async fn call_desk(
     upstream: &Upstream,
     request: Box<Request<UpstreamBody>>,
-    deadline: Instant,
-    held_until: Instant,
+    wait: Wait<'_>,
     slot: UpstreamSlot,
 ) -> Result<(Result<Response<DeskBody>, SendError>, UpstreamSlot), Elapsed> {
-    tokio::time::timeout_at(deadline, async move {
+    let held = (wait.held_until, wait.response);
+    let call = async move {
         let (mut request, mut slot, mut fresh) = (request, slot, false);
         loop {
             let ready = match upstream.pool.connection(fresh).await {
@@ -1042,11 +1063,7 @@ async fn call_desk(
                 Err(err) => return (Err(err), slot),
             };
             let pool = Arc::clone(&upstream.pool);
-            let call = HeldCall::new(
-                async move { pool.send(ready, request).await },
-                held_until,
-                slot,
-            );
+            let call = HeldCall::new(async move { pool.send(ready, request).await }, held, slot);
             match call.await {
                 (Sent::Answered(answered), held) => return (answered, held),
                 (Sent::Unsent(unsent), held) => {
@@ -1056,8 +1073,21 @@ async fn call_desk(
                 }
             }
         }
-    })
-    .await
+    };
+    let mut call = std::pin::pin!(call);
+    let mut deadline = wait.deadline;
+    loop {
+        match tokio::time::timeout_at(deadline, call.as_mut()).await {
+            Ok(answered) => return Ok(answered),
+            Err(elapsed) => {
+                let moved_on = wait.body.map(|body| body.last_moved() + wait.response);
+                match moved_on.filter(|later| *later > Instant::now()) {
+                    Some(later) => deadline = later,
+                    None => return Err(elapsed),
+                }
+            }
+        }
+    }
 }
 
 /// The token an attempt is sent with, chosen once its upstream slot is free.

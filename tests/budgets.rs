@@ -281,6 +281,63 @@ async fn a_streamed_body_is_not_sent_on_after_the_client_got_a_504() {
 }
 
 #[tokio::test]
+async fn a_streamed_upload_longer_than_the_response_time_is_not_cut_while_it_moves() {
+    // Desk answers an upload once its body is whole; the upload takes several times the
+    // 400 ms the proxy waits for Desk, a part every 100 ms.
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.timeouts.response = Duration::from_millis(400);
+    })
+    .await;
+    const PARTS: usize = 15;
+    let pace = Duration::from_millis(100);
+
+    // HTTP/1.1 chunked.
+    let mut stream = h1_upload(s.proxy.addr).await;
+    for _ in 0..PARTS {
+        tokio::time::sleep(pace).await;
+        stream.write_all(b"5\r\nworld\r\n").await.unwrap();
+    }
+    stream.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    timeout(LIMIT, async {
+        let mut buf = [0u8; 1024];
+        while !answer.ends_with(b"}") && !answer.ends_with(b"}\n") {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert_eq!(raw_status(&answer), 200, "{answer}");
+    assert!(
+        answer.contains(&format!("\"bytes\":{}", 5 * (PARTS + 1))),
+        "{answer}"
+    );
+
+    // HTTP/2, a body with no length.
+    let (mut sender, _connection) = h2(s.proxy.addr).await;
+    let (request, feed) = h2_upload(s.proxy.addr).await;
+    let answer = tokio::spawn(async move { h2_send(&mut sender, request).await });
+    for _ in 0..PARTS {
+        tokio::time::sleep(pace).await;
+        feed.send(Bytes::from_static(b"world")).await.unwrap();
+    }
+    drop(feed);
+    let (status, json) = answer.await.unwrap();
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["bytes"], 5 * (PARTS + 1));
+
+    let uploads = uploads_at_desk(&s);
+    assert_eq!(uploads.len(), 2);
+    assert!(
+        uploads.iter().all(|u| u.body_complete),
+        "Desk got both whole"
+    );
+}
+
+#[tokio::test]
 async fn a_client_that_stops_taking_its_answer_is_cut_off_and_frees_its_slot() {
     // One upstream slot, and an answer far bigger than the sockets' buffers.
     let s = Scenario::with(FakeOptions::default(), |c| {

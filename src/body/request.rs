@@ -4,7 +4,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -96,14 +96,30 @@ impl Capture {
 }
 
 /// What became of a client body that was handed to the upstream client, which reports
-/// only that the request failed: shared between the body and the request path.
-#[derive(Debug, Default)]
-pub struct BodyOutcome(AtomicU8);
+/// only that the request failed, and when a part of it last went to Desk: shared between
+/// the body and the request path.
+#[derive(Debug)]
+pub struct BodyOutcome {
+    state: AtomicU8,
+    /// When the body started towards Desk.
+    started: Instant,
+    /// When a part of it last went to Desk (its end included), in milliseconds after
+    /// `started`.
+    moved_ms: AtomicU64,
+}
 
 impl BodyOutcome {
     const STALLED: u8 = 1;
     const BROKEN: u8 = 2;
     const ABANDONED: u8 = 3;
+
+    fn new() -> Self {
+        Self {
+            state: AtomicU8::new(0),
+            started: Instant::now(),
+            moved_ms: AtomicU64::new(0),
+        }
+    }
 
     fn record(&self, err: &BodyError) {
         let value = match err {
@@ -111,23 +127,36 @@ impl BodyOutcome {
             BodyError::Broken(_) | BodyError::Overlong => Self::BROKEN,
             BodyError::Abandoned => Self::ABANDONED,
         };
-        self.0.store(value, Ordering::Release);
+        self.state.store(value, Ordering::Release);
+    }
+
+    /// A part of the body went to Desk (hyper asks for the next only once it can write
+    /// it), or its end did.
+    fn moved(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.moved_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// When a part of the body last went to Desk (when it started, if none has): Desk's
+    /// time to answer runs from there, however long the upload takes.
+    pub fn last_moved(&self) -> Instant {
+        self.started + Duration::from_millis(self.moved_ms.load(Ordering::Relaxed))
     }
 
     /// The request was answered without Desk's answer: the body ends in an error at its
     /// next read (at the latest when its client's silence passes `body_read_secs`).
     pub fn abandon(&self) {
-        self.0.store(Self::ABANDONED, Ordering::Release);
+        self.state.store(Self::ABANDONED, Ordering::Release);
     }
 
     fn abandoned(&self) -> bool {
-        self.0.load(Ordering::Acquire) == Self::ABANDONED
+        self.state.load(Ordering::Acquire) == Self::ABANDONED
     }
 
     /// `Some(true)` when the body stalled, `Some(false)` when it broke, `None` when it
     /// did neither.
     pub fn stalled(&self) -> Option<bool> {
-        match self.0.load(Ordering::Acquire) {
+        match self.state.load(Ordering::Acquire) {
             Self::STALLED => Some(true),
             Self::BROKEN => Some(false),
             _ => None,
@@ -201,6 +230,9 @@ impl Body for ClientBody {
             Poll::Ready(Some(Err(err))) => this.fail(BodyError::Broken(err)),
             Poll::Ready(frame) => {
                 this.waiting = false;
+                if let Some(outcome) = &this.outcome {
+                    outcome.moved();
+                }
                 if let Some(capture) = &mut this.capture {
                     if let Some(Ok(frame)) = &frame
                         && let Some(data) = frame.data_ref()
@@ -304,7 +336,7 @@ impl RequestBody {
                 }),
             ),
             Self::Streaming(body) => {
-                let outcome = Arc::new(BodyOutcome::default());
+                let outcome = Arc::new(BodyOutcome::new());
                 (
                     UpstreamBody::Stream(body.report_to(Arc::clone(&outcome))),
                     Some(outcome),

@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -17,7 +18,8 @@ use super::UpstreamSlot;
 
 /// Desk's call and the slot it went out with. Dropped before it is done (its client left,
 /// or the caller's deadline passed), the call goes on in a task of its own until Desk's
-/// answer begins or `held_until`, and only then gives the slot back. The answer that
+/// answer begins or it is let go (see [`HeldCall::new`]), and only then gives the slot
+/// back. The answer that
 /// comes is dropped (its connection closed). While it is awaited, the deadline is the
 /// caller's to keep: no timer is made unless the call is left behind.
 pub struct HeldCall<F>
@@ -27,8 +29,10 @@ where
 {
     /// `None` once done.
     call: Option<(Pin<Box<F>>, UpstreamSlot)>,
-    /// The latest a call left behind is held.
+    /// A call left behind is held until then...
     held_until: Instant,
+    /// ...and for this long at least.
+    held_for: Duration,
 }
 
 impl<F> HeldCall<F>
@@ -36,12 +40,14 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    /// `call`, holding `slot`, and held until `held_until` at the latest if left behind.
-    /// The call is boxed: should it outlive its request, it moves into a task of its own.
-    pub fn new(call: F, held_until: Instant, slot: UpstreamSlot) -> Self {
+    /// `call`, holding `slot`; if left behind, held until `held_until` or for `held_for`,
+    /// whichever ends later, at the most. The call is boxed: should it outlive its
+    /// request, it moves into a task of its own.
+    pub fn new(call: F, (held_until, held_for): (Instant, Duration), slot: UpstreamSlot) -> Self {
         Self {
             call: Some((Box::pin(call), slot)),
             held_until,
+            held_for,
         }
     }
 }
@@ -79,7 +85,7 @@ where
         if let Some((call, slot)) = self.call.take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
-            let held_until = self.held_until;
+            let held_until = self.held_until.max(Instant::now() + self.held_for);
             runtime.spawn(async move {
                 let _ = tokio::time::timeout_at(held_until, call).await;
                 drop(slot);
