@@ -463,3 +463,35 @@ async fn credentials_reloaded_during_a_refresh_are_not_undone_by_its_answer() {
     assert_eq!(ready.status(), 200, "ready without a second reload");
     assert_eq!(zoho.token_requests(), 2, "one call with each secret");
 }
+
+#[tokio::test]
+async fn the_token_file_is_written_at_shutdown_even_after_a_failed_save_or_its_removal() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let token_file = state.join("token.json");
+    let saved_token = || {
+        std::fs::read_to_string(&token_file)
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|json| json["access_token"].as_str().map(str::to_owned))
+    };
+
+    // Saving fails (a file where the directory goes) until the directory is made.
+    std::fs::write(&state, "not a directory").unwrap();
+    let file = token_file.clone();
+    let s = Scenario::with(FakeOptions::default(), |c| c.token_file = Some(file)).await;
+    assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+    std::fs::remove_file(&state).unwrap();
+    std::fs::create_dir(&state).unwrap();
+    s.proxy.stop().await;
+    let issued = s.zoho.issued_tokens();
+    assert_eq!(saved_token().as_ref(), issued.last(), "saved at shutdown");
+
+    // Removed while the proxy ran: written again at shutdown.
+    let file = token_file.clone();
+    let s = Scenario::with(FakeOptions::default(), |c| c.token_file = Some(file)).await;
+    assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+    std::fs::remove_file(&token_file).unwrap();
+    s.proxy.stop().await;
+    assert!(saved_token().is_some(), "saved at shutdown");
+}

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::cache::TokenCache;
+use super::source::Token;
 use crate::secret::Secret;
 
 /// Why the token file could not be used.
@@ -189,7 +190,9 @@ impl TokenSaver {
         }
     }
 
-    /// Saves on every token change until `stop` resolves, then saves the last one.
+    /// Saves on every token change until `stop` resolves, then saves the current token
+    /// whatever the file holds by then: a save may have failed (a full disk, a missing
+    /// directory since made), or the file been removed.
     pub async fn run(self, tokens: Arc<TokenCache>, stop: impl Future<Output = ()>) {
         let mut changed = tokens.subscribe();
         let mut saved_generation = tokens.current().map_or(0, |t| t.generation);
@@ -199,18 +202,21 @@ impl TokenSaver {
                 () = &mut stop => break,
                 res = changed.changed() => if res.is_err() { break },
             }
-            saved_generation = self.save_if_new(&tokens, saved_generation).await;
+            if let Some(token) = tokens
+                .current()
+                .filter(|t| t.generation != saved_generation)
+                && self.save(&token).await
+            {
+                saved_generation = token.generation;
+            }
         }
-        self.save_if_new(&tokens, saved_generation).await;
+        if let Some(token) = tokens.current() {
+            self.save(&token).await;
+        }
     }
 
-    async fn save_if_new(&self, tokens: &TokenCache, saved_generation: u64) -> u64 {
-        let Some(token) = tokens.current() else {
-            return saved_generation;
-        };
-        if token.generation == saved_generation {
-            return saved_generation;
-        }
+    /// Writes `token` to the file; whether it was written.
+    async fn save(&self, token: &Token) -> bool {
         let stored = StoredTokens {
             client_id: Some(self.client_id.clone()),
             refresh_token: self.refresh_token.clone(),
@@ -220,11 +226,17 @@ impl TokenSaver {
         match tokio::task::spawn_blocking(move || file.save(&stored)).await {
             Ok(Ok(())) => {
                 tracing::debug!(path = %self.file.path().display(), "token file saved");
+                true
             }
-            Ok(Err(err)) => tracing::warn!(error = %err, "the token file could not be saved"),
-            Err(err) => tracing::warn!(error = %err, "the token file could not be saved"),
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "the token file could not be saved");
+                false
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "the token file could not be saved");
+                false
+            }
         }
-        token.generation
     }
 }
 
