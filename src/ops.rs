@@ -160,16 +160,12 @@ pub async fn check(config: &Config) -> (String, bool) {
     };
     match desk_call(config, &token).await {
         Ok((200, _)) => report.line(true, "Zoho Desk", "GET /api/v1/organizations answered 200"),
-        Ok((status, body)) => report.line(
+        Ok((status, body)) => report.line(false, "Zoho Desk", desk_failure(status, &body, &token)),
+        Err(err) => report.line(
             false,
             "Zoho Desk",
-            format!(
-                "GET /api/v1/organizations answered {status} {}; fix: {}",
-                String::from_utf8_lossy(&body[..body.len().min(300)]),
-                if status == 401 { "the token lacks Desk scopes: generate the grant token with Desk.tickets.ALL,Desk.basic.READ,… (see README)" } else { "check `upstream` and `dc`" }
-            ),
+            format!("{err}; fix: check `upstream` and the network path to it"),
         ),
-        Err(err) => report.line(false, "Zoho Desk", format!("{err}; fix: check `upstream` and the network path to it")),
     }
     let ok = report.ok;
     let _ = writeln!(
@@ -182,6 +178,39 @@ pub async fn check(config: &Config) -> (String, bool) {
         }
     );
     (report.text, ok)
+}
+
+/// What `check` says of Desk's answer other than 200: Desk's `errorCode` and message
+/// (its body, cut short, when it has none), never the token it may echo, and the fix for
+/// that code.
+fn desk_failure(status: u16, body: &[u8], token: &Secret<String>) -> String {
+    let json: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let field = |name: &str| {
+        json.as_ref()
+            .and_then(|j| j.get(name))
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+    };
+    let code = field("errorCode");
+    let said = match (&code, field("message")) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code.clone(),
+        _ => String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
+    };
+    let said = said.replace(token.expose().as_str(), "***");
+    let fix = match (status, code.as_deref()) {
+        (401, Some("OAUTH_ORG_MISMATCH")) => {
+            "set `org_id` to your portal's organisation id (README Troubleshooting)"
+        }
+        (401, Some("INVALID_OAUTH")) => {
+            "Desk refused the token Accounts just gave: check that `dc` (or `upstream` and `accounts_url`) name the same data centre"
+        }
+        (401, _) => {
+            "the token lacks Desk scopes: generate the grant token with Desk.tickets.ALL,Desk.basic.READ,… (see README)"
+        }
+        _ => "check `upstream` and `dc`",
+    };
+    format!("GET /api/v1/organizations answered {status} {said}; fix: {fix}")
 }
 
 async fn desk_call(config: &Config, token: &Secret<String>) -> Result<(u16, Bytes), String> {
@@ -298,4 +327,52 @@ pub fn env_lines(config: &Config) -> Result<String, OpsError> {
 /// `s` quoted for a POSIX shell.
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_names_desk_s_error_and_its_fix_never_the_token() {
+        let token = Secret::new("1000.abcdef123456.secret".to_owned());
+        let table: &[(u16, &str, &str, &str)] = &[
+            (
+                401,
+                r#"{"errorCode":"OAUTH_ORG_MISMATCH","message":"Org mismatch"}"#,
+                "OAUTH_ORG_MISMATCH: Org mismatch",
+                "set `org_id`",
+            ),
+            (
+                401,
+                r#"{"errorCode":"SCOPE_MISMATCH","message":"no scope"}"#,
+                "SCOPE_MISMATCH: no scope",
+                "lacks Desk scopes",
+            ),
+            (
+                401,
+                r#"{"errorCode":"INVALID_OAUTH","message":"bad"}"#,
+                "INVALID_OAUTH: bad",
+                "same data centre",
+            ),
+            (
+                401,
+                r#"{"headers":{"authorization":"Zoho-oauthtoken 1000.abcdef123456.secret"}}"#,
+                "Zoho-oauthtoken ***",
+                "lacks Desk scopes",
+            ),
+            (
+                404,
+                "Not Found",
+                "404 Not Found",
+                "check `upstream` and `dc`",
+            ),
+        ];
+        for (status, body, said, fix) in table {
+            let line = desk_failure(*status, body.as_bytes(), &token);
+            assert!(line.contains(said), "{line}");
+            assert!(line.contains(fix), "{line}");
+            assert!(!line.contains("abcdef123456"), "{line}");
+        }
+    }
 }

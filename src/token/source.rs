@@ -166,12 +166,14 @@ impl AccountsError {
                 "the client id is unknown to this data centre: check oauth.client_id, and that `dc` (or accounts_url) is the data centre your Zoho account lives in"
             }
             Self::Throttled(_) => {
-                "Zoho limits refreshes to 10 per refresh token in 10 minutes: stop other programs that refresh with the same refresh token, or wait"
+                "Zoho Accounts throttles these credentials (it allows 10 refreshes per refresh token in 10 minutes): wait at least a minute, and stop other programs that refresh with the same refresh token"
             }
             Self::Unreachable(_) | Self::Interrupted(_) | Self::Timeout(_) => {
                 "check the network path to accounts_url (DNS, firewall)"
             }
-            Self::Failed { .. } => "Zoho Accounts is failing; the proxy retries with backoff",
+            Self::Failed { .. } => {
+                "Zoho Accounts is failing: try again later (a running proxy retries with backoff)"
+            }
             Self::GuardRefused { .. } => {
                 "Desk keeps rejecting tokens, or replicas refresh too often: check Desk 401s in the logs"
             }
