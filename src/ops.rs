@@ -66,11 +66,22 @@ pub async fn exchange(config: &Config, code: &str) -> Result<String, OpsError> {
     };
     file.save(&stored)
         .map_err(|e| OpsError::Failed(e.to_string()))?;
-    Ok(format!(
-        "refresh token {} stored in {} (mode 0600).\nStart the proxy with `zoho-desk-proxy serve`; it reads the refresh token from there.",
+    let mut said = format!(
+        "refresh token {} stored in {} (mode 0600).\n",
         refresh_token.masked(),
         path.display()
-    ))
+    );
+    if config.oauth.refresh_token.is_some() {
+        // The configuration's refresh token goes before the file's.
+        said.push_str(
+            "Note: a refresh token is also set in the configuration (oauth.refresh_token, oauth.refresh_token_file, ZOHO_REFRESH_TOKEN or ZOHO_REFRESH_TOKEN_FILE), and the proxy uses that one: remove it there for the proxy to use the new one.",
+        );
+    } else {
+        said.push_str(
+            "Start the proxy with `zoho-desk-proxy serve`; it reads the refresh token from there.",
+        );
+    }
+    Ok(said)
 }
 
 /// One line of `check`'s report.

@@ -107,6 +107,27 @@ async fn exchange_stores_the_refresh_token_masked_and_serve_reuses_the_access_to
 }
 
 #[tokio::test]
+async fn exchange_says_when_the_configuration_s_refresh_token_will_be_used_instead() {
+    let fake = FakeZoho::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &fake, false, "", "");
+    let out = command(dir.path())
+        .args(["exchange", "--code", "1000.fakegrant.0001", "--config"])
+        .arg(&config)
+        .env("ZOHO_REFRESH_TOKEN", "1000.anotherrefreshtoken.0042")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("also set in the configuration") && stdout.contains("ZOHO_REFRESH_TOKEN"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("anotherrefreshtoken"), "{stdout}");
+}
+
+#[tokio::test]
 async fn a_corrupt_token_file_is_reported_and_the_proxy_refreshes() {
     let fake = FakeZoho::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
