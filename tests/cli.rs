@@ -398,14 +398,19 @@ async fn stopped_by_sigterm(child: tokio::process::Child) -> (std::process::Exit
     (status, started.elapsed())
 }
 
-/// Starts `demo` with `args` in `dir` on a port the kernel picks; the child and the
-/// proxy's address, read from the banner.
+/// Starts `demo` with `args` in `dir` on a port the kernel picks (of 127.0.0.1 unless
+/// `args` say `--listen`); the child and the proxy's address, read from the banner.
 async fn demo(dir: &std::path::Path, args: &[&str]) -> (tokio::process::Child, String) {
     use tokio::io::AsyncBufReadExt;
+    let listen: &[&str] = if args.contains(&"--listen") {
+        &[]
+    } else {
+        &["--listen", "127.0.0.1:0"]
+    };
     let mut child = command(dir)
         .arg("demo")
         .args(args)
-        .args(["--listen", "127.0.0.1:0"])
+        .args(listen)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -429,20 +434,25 @@ async fn demo(dir: &std::path::Path, args: &[&str]) -> (tokio::process::Child, S
 
 #[tokio::test]
 async fn the_demo_serves_the_fake_desk_with_no_credentials() {
-    let dir = tempfile::tempdir().unwrap();
-    let (child, addr) = demo(dir.path(), &[]).await;
-    let tickets: serde_json::Value = fetch(format!("http://{addr}/api/v1/tickets"))
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(tickets["data"].as_array().unwrap().len(), 3, "{tickets}");
-    sigterm(&child);
-    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(out.status.success(), "{:?}", out.status);
+    // On loopback, and on every address (in a container, say: the fake holds nothing
+    // real, so no key is asked for).
+    for args in [&[][..], &["--listen", "0.0.0.0:0"]] {
+        let dir = tempfile::tempdir().unwrap();
+        let (child, addr) = demo(dir.path(), args).await;
+        let port = addr.rsplit(':').next().unwrap();
+        let tickets: serde_json::Value = fetch(format!("http://127.0.0.1:{port}/api/v1/tickets"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(tickets["data"].as_array().unwrap().len(), 3, "{tickets}");
+        sigterm(&child);
+        let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {:?}", out.status);
+    }
 }
 
 /// The README's three commands of transparent mode: `demo --intercept`, then in another
