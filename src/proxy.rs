@@ -705,14 +705,14 @@ impl Proxy {
                 return Ok(response);
             };
             drop(response);
-            log.set_retried_after_429();
             let retry = Attempt::new(
                 &parts.method,
                 parts.headers.clone(),
                 self.upstream_uri(target)?,
                 (UpstreamBody::buffered(replay.bytes.clone()), None),
                 Want::Usable,
-            );
+            )
+            .retry(Retry::After429);
             due = Some(by);
             // The rare paths are boxed: the request's future does not carry their size.
             (answer, token) = Box::pin(async {
@@ -730,7 +730,6 @@ impl Proxy {
         let Some(replay) = replay else {
             return Ok(desk_401);
         };
-        log.set_retried();
         let retry = Attempt::new(
             &parts.method,
             std::mem::take(&mut parts.headers),
@@ -738,6 +737,7 @@ impl Proxy {
             (UpstreamBody::buffered(replay.bytes.clone()), None),
             Want::NewerThan(token.generation),
         )
+        .retry(Retry::After401)
         .due(due);
         // A second 401 goes to the client as Desk sent it (its token marked rejected too).
         match Box::pin(self.attempt(upstream, retry, log)).await?.0 {
@@ -896,6 +896,13 @@ impl Proxy {
                     }
                 };
                 let token = token.map_err(token_error)?;
+                // A retry is one once it goes out (not when a token or the client failed
+                // it before).
+                match attempt.retry {
+                    Some(Retry::After401) => log.set_retried(),
+                    Some(Retry::After429) => log.set_retried_after_429(),
+                    None => {}
+                }
                 let (request, outcome) = attempt.into_request(&token);
                 // Desk's latency, in the log, starts once a slot and a token are in hand;
                 // the wait for a token does not count against the response's time.
@@ -925,10 +932,8 @@ impl Proxy {
                     "the proxy is shutting down".into(),
                 ));
             }
-            Err(elapsed) => {
-                log.set_upstream_latency(started.elapsed());
-                Err(elapsed)
-            }
+            // Never sent: Desk took no time (the log has no `upstream_ms`).
+            Err(elapsed) => Err(elapsed),
         };
         let err = match answered {
             // No request asks for one (`Upgrade` is never forwarded), and the client
@@ -985,6 +990,17 @@ struct Attempt {
     /// When Desk's answer must have begun by, if sooner than `timeouts.response_secs`
     /// from the attempt's start (a retry after a 429 has what is left of the request's).
     due: Option<Instant>,
+    /// Which retry this is, if one.
+    retry: Option<Retry>,
+}
+
+/// A retry of a request, logged (a 401's also counted) once it is sent.
+#[derive(Debug, Clone, Copy)]
+enum Retry {
+    /// With a newer token, after Desk's 401.
+    After401,
+    /// After Desk's 429 and the wait it asked for.
+    After429,
 }
 
 impl Attempt {
@@ -1006,12 +1022,21 @@ impl Attempt {
             outcome,
             token,
             due: None,
+            retry: None,
         }
     }
 
     /// The attempt, its answer due by `due` at the latest (when given).
     fn due(self, due: Option<Instant>) -> Self {
         Self { due, ..self }
+    }
+
+    /// The attempt as this retry.
+    fn retry(self, retry: Retry) -> Self {
+        Self {
+            retry: Some(retry),
+            ..self
+        }
     }
 
     /// The request for Desk, with `token`, and what its body will tell of its end.

@@ -319,3 +319,46 @@ async fn a_queued_request_logs_desk_time_apart_from_its_wait() {
     let waited = timings.iter().map(|t| t.1).fold(0.0, f64::max);
     assert!(waited >= 590.0, "the second request waited: {timings:?}");
 }
+
+/// A request that timed out in line was never sent: its log line has no `upstream_ms`.
+#[tokio::test]
+async fn a_request_never_sent_logs_no_desk_time() {
+    let fake = FakeZoho::start().await.unwrap();
+    fake.control().set_desk_delay(Duration::from_millis(600));
+    let Logged {
+        dir: _dir,
+        child,
+        lines: mut lines_rx,
+        addr,
+    } = serve_fake_logged(
+        &fake,
+        "[limits]\nmax_upstream_requests = 1\nworkers = 1\n[timeouts]\nresponse_secs = 0.2",
+        "127.0.0.1",
+        &[("RUST_LOG", "info")],
+    )
+    .await;
+    let url = format!("http://127.0.0.1:{}/api/v1/tickets", addr.port());
+    let (a, b) = tokio::join!(status(&url), status(&url));
+    assert_eq!((a, b), (504, 504));
+    sigterm(&child);
+    let out = child.wait_with_output().await.unwrap();
+    assert!(out.status.success());
+    let mut lines = Vec::new();
+    while let Some(line) = lines_rx.recv().await {
+        lines.push(line);
+    }
+    let mut upstream: Vec<Option<f64>> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "request" && v["path"] == "/api/v1/tickets")
+        .map(|v| v["upstream_ms"].as_f64())
+        .collect();
+    upstream.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    assert_eq!(upstream.len(), 2, "{lines:?}");
+    assert!(upstream[0].is_none(), "never sent: {upstream:?}");
+    assert!(
+        upstream[1].is_some(),
+        "sent, 504 after 200 ms: {upstream:?}"
+    );
+    assert_eq!(fake.control().desk_request_count(), 1);
+}

@@ -260,6 +260,40 @@ async fn accounts_down_while_the_token_is_valid_is_invisible() {
 }
 
 #[tokio::test]
+async fn a_401_retry_that_never_went_out_is_not_logged_or_counted_as_one() {
+    let s = Scenario::start().await;
+    assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+    // Desk rejects the token, and Accounts cannot give another: the retry never goes out.
+    s.zoho.set_accounts_behavior(AccountsBehavior::Unavailable);
+    s.zoho.revoke_all_tokens();
+    assert_proxy_error(
+        get(&s, "/api/v1/tickets").await,
+        503,
+        "PROXY_TOKEN_UNAVAILABLE",
+    )
+    .await;
+    let metrics = metrics_text(s.url("/_proxy/metrics")).await;
+    assert!(
+        metrics.contains("zoho_proxy_retries_after_401_total 0"),
+        "{metrics}"
+    );
+    // One that does go out is.
+    s.zoho.set_accounts_behavior(AccountsBehavior::Normal);
+    let mut status = 0;
+    for _ in 0..100 {
+        status = get(&s, "/api/v1/tickets").await.status().as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200);
+    s.zoho.revoke_all_tokens();
+    assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+    wait_for_metric(&s.proxy, "zoho_proxy_retries_after_401_total 1").await;
+}
+
+#[tokio::test]
 async fn accounts_down_without_a_token_is_503_with_retry_after() {
     let s = Scenario::start().await;
     s.zoho
