@@ -52,6 +52,8 @@ pub enum UpstreamErrorKind {
     Unreachable,
     /// Desk did not answer in time.
     Timeout,
+    /// Desk's answer broke off in its body (the client got it cut short).
+    Body,
 }
 
 /// Results of a token refresh.
@@ -97,7 +99,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Vec<Counter>,
     duration: Histogram,
-    upstream_errors: [Counter; 2],
+    upstream_errors: [Counter; 3],
     refreshes: [Counter; RefreshResult::ALL.len()],
     token_expiry: Gauge<f64, std::sync::atomic::AtomicU64>,
     retries: Counter,
@@ -154,7 +156,7 @@ impl Metrics {
         );
 
         let errors_family = Family::<KindLabels, Counter>::default();
-        let upstream_errors = ["unreachable", "timeout"]
+        let upstream_errors = ["unreachable", "timeout", "body"]
             .map(|kind| errors_family.get_or_create_owned(&KindLabels { kind }));
         registry.register(
             "upstream_errors",

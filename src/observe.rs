@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use http::Method;
 use tokio::sync::Notify;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, UpstreamErrorKind};
 
 /// The process' lifecycle as requests see it: draining after SIGTERM, and in flight.
 #[derive(Debug, Default)]
@@ -233,6 +233,9 @@ impl RequestLog {
 
     /// Desk's body broke off.
     pub fn mark_body_error(&mut self) {
+        if !self.body_error {
+            self.metrics.record_upstream_error(UpstreamErrorKind::Body);
+        }
         self.body_error = true;
     }
 }

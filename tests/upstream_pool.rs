@@ -37,6 +37,8 @@ enum Behaviour {
     /// A `101 Switching Protocols` no request asked for, then silence until the proxy
     /// closes the connection.
     SwitchProtocols,
+    /// A 200 that announces 100 bytes, sends 10, and closes the connection.
+    CutShort,
 }
 
 /// What Desk saw.
@@ -172,6 +174,13 @@ async fn serve(
                 tcp.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
                     .await
                     .unwrap();
+            }
+            Behaviour::CutShort => {
+                let answer = "HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789";
+                tcp.write_all(answer.as_bytes()).await.unwrap();
+                drop(tcp);
+                let _ = tx.send(Event::ClosedByDesk(n));
+                return;
             }
             Behaviour::SwitchProtocols => {
                 let head = "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
@@ -345,6 +354,22 @@ async fn an_upstream_path_prefix_is_added_once_in_origin_and_absolute_form() {
     assert_eq!(get(proxy.url("/api/v1/contacts")).await, 200);
     let last = request(1, "GET /gw/api/v1/contacts HTTP/1.1");
     assert_eq!(desk.until(&last).await, vec![last]);
+}
+
+#[tokio::test]
+async fn an_answer_desk_cuts_short_reaches_the_client_cut_short_and_is_counted() {
+    let fake = FakeZoho::start().await.unwrap();
+    let mut desk = RawDesk::start(Behaviour::CutShort).await;
+    let proxy = proxy_to(&desk, &fake, "").await;
+    // The client sees the answer break off: in its body, or before its head when the
+    // head had not gone out yet (it leaves with the body's first part).
+    if let Ok(answer) = client().get(proxy.url("/api/v1/tickets")).send().await {
+        assert_eq!(answer.status(), 200);
+        assert!(answer.bytes().await.is_err(), "the body broke off");
+    }
+    desk.expect_connection(1, "GET /api/v1/tickets HTTP/1.1", Event::ClosedByDesk(1))
+        .await;
+    wait_for_metric(&proxy, "zoho_proxy_upstream_errors_total{kind=\"body\"} 1").await;
 }
 
 #[tokio::test]
