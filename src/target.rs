@@ -137,6 +137,12 @@ pub fn check_host_syntax(
 /// optional `:port` of digits. Brackets and a trailing dot are removed.
 pub fn host_name(value: &str) -> Result<&str, ProxyError> {
     let bad = |what: &str| {
+        // Whatever part the parse stumbled on, userinfo is the reason.
+        let what = if value.contains('@') {
+            "userinfo (user@) is not allowed"
+        } else {
+            what
+        };
         ProxyError::BadRequest(format!(
             "the host {:?} is not a host name or IP address with an optional numeric port: {what}",
             truncate(value)
@@ -168,7 +174,9 @@ pub fn host_name(value: &str) -> Result<&str, ProxyError> {
         let numeric =
             !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit());
         if !numeric || port.parse::<u16>().is_err() {
-            return Err(bad("the port is not a number from 0 to 65535"));
+            return Err(bad(
+                "the port is not a number from 0 to 65535 of at most 5 digits",
+            ));
         }
     }
     if !value.starts_with('[') {
@@ -383,6 +391,9 @@ mod tests {
             assert_eq!(got.as_ref().ok().copied(), *expected, "{value:?}: {got:?}");
             if let Err(e) = got {
                 assert_eq!(e.code(), "PROXY_BAD_REQUEST");
+                if value.contains('@') {
+                    assert!(e.to_string().contains("userinfo"), "{value:?}: {e}");
+                }
             }
         }
     }

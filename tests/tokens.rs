@@ -351,7 +351,7 @@ async fn the_refresh_guard_holds_whatever_desk_does() {
         body["message"]
             .as_str()
             .unwrap()
-            .contains("max_refreshes_per_10min"),
+            .contains("3 token refreshes in the last 10 minutes (oauth.max_refreshes_per_10min)"),
         "{body}"
     );
 }

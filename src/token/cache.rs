@@ -324,16 +324,18 @@ impl TokenCache {
                 GUARD_WINDOW.saturating_sub(now - *oldest)
             });
             self.metrics.record_refresh(RefreshResult::GuardRefused);
+            // In the seconds of the answer's `Retry-After`.
+            let wait = crate::error::retry_after_secs(retry_after);
             tracing::warn!(
                 limit = self.policy.max_per_10min,
-                retry_after_secs = retry_after.as_secs(),
+                retry_after_secs = wait,
                 "refresh guard: refresh refused, the limit of refreshes per 10 minutes is reached"
             );
+            let refreshes = state.issued.len();
             let error = TokenError::Unavailable {
                 reason: format!(
-                    "refresh guard: {} token refreshes in the last 10 minutes (oauth.max_refreshes_per_10min); the next is allowed in {} s",
-                    state.issued.len(),
-                    retry_after.as_secs().max(1)
+                    "refresh guard: {refreshes} token refresh{} in the last 10 minutes (oauth.max_refreshes_per_10min); the next is allowed in {wait} s",
+                    if refreshes == 1 { "" } else { "es" },
                 ),
                 retry_after,
             };
