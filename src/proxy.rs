@@ -1060,7 +1060,7 @@ struct Wait<'a> {
     /// `timeouts.response_secs`.
     response: Duration,
     /// A streamed body's progress: while it moves, Desk is not late. Its answer is then
-    /// due `response` after the last part went out.
+    /// due `response` after the last 64 KiB of it went out (see [`BodyOutcome`]).
     body: Option<&'a BodyOutcome>,
     /// How long a call left behind is held (see [`HeldCall`]): until then, and at least
     /// `response` more.

@@ -283,21 +283,98 @@ async fn a_streamed_body_is_not_sent_on_after_the_client_got_a_504() {
 #[tokio::test]
 async fn a_streamed_upload_longer_than_the_response_time_is_not_cut_while_it_moves() {
     // Desk answers an upload once its body is whole; the upload takes several times the
-    // 400 ms the proxy waits for Desk, a part every 100 ms.
+    // 400 ms the proxy waits for Desk, 64 KiB (what counts as moving) every 100 ms.
     let s = Scenario::with(FakeOptions::default(), |c| {
         c.timeouts.response = Duration::from_millis(400);
     })
     .await;
     const PARTS: usize = 15;
+    const PART: usize = 64 * 1024;
     let pace = Duration::from_millis(100);
+    let part = vec![b'x'; PART];
+    let total = 5 + PARTS * PART;
 
     // HTTP/1.1 chunked.
     let mut stream = h1_upload(s.proxy.addr).await;
     for _ in 0..PARTS {
         tokio::time::sleep(pace).await;
-        stream.write_all(b"5\r\nworld\r\n").await.unwrap();
+        stream
+            .write_all(format!("{PART:x}\r\n").as_bytes())
+            .await
+            .unwrap();
+        stream.write_all(&part).await.unwrap();
+        stream.write_all(b"\r\n").await.unwrap();
     }
     stream.write_all(b"0\r\n\r\n").await.unwrap();
+    let answer = read_answer(&mut stream).await;
+    assert_eq!(raw_status(&answer), 200, "{answer}");
+    assert!(answer.contains(&format!("\"bytes\":{total}")), "{answer}");
+
+    // HTTP/2, a body with no length.
+    let (mut sender, _connection) = h2(s.proxy.addr).await;
+    let (request, feed) = h2_upload(s.proxy.addr).await;
+    let answer = tokio::spawn(async move { h2_send(&mut sender, request).await });
+    for _ in 0..PARTS {
+        tokio::time::sleep(pace).await;
+        feed.send(Bytes::from(part.clone())).await.unwrap();
+    }
+    drop(feed);
+    let (status, json) = answer.await.unwrap();
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["bytes"], total);
+
+    let uploads = uploads_at_desk(&s);
+    assert_eq!(uploads.len(), 2);
+    assert!(
+        uploads.iter().all(|u| u.body_complete),
+        "Desk got both whole"
+    );
+}
+
+#[tokio::test]
+async fn a_trickling_upload_does_not_hold_desk_s_call_past_the_response_time() {
+    // A few bytes every 100 ms never make 64 KiB: Desk's time runs as if the body stood
+    // still, and the client gets the 504 after 400 ms.
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.timeouts.response = Duration::from_millis(400);
+    })
+    .await;
+    let pace = Duration::from_millis(100);
+
+    // HTTP/1.1 chunked.
+    let stream = h1_upload(s.proxy.addr).await;
+    let (mut reader, mut writer) = stream.into_split();
+    let trickle = tokio::spawn(async move {
+        while writer.write_all(b"5\r\nworld\r\n").await.is_ok() {
+            tokio::time::sleep(pace).await;
+        }
+    });
+    let mut answer = [0u8; 1024];
+    let n = timeout(LIMIT, reader.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert_eq!(raw_status(&answer), 504, "{answer}");
+    trickle.abort();
+
+    // HTTP/2, a body with no length.
+    let (mut sender, _connection) = h2(s.proxy.addr).await;
+    let (request, feed) = h2_upload(s.proxy.addr).await;
+    let trickle = tokio::spawn(async move {
+        while feed.send(Bytes::from_static(b"world")).await.is_ok() {
+            tokio::time::sleep(pace).await;
+        }
+    });
+    let (status, json) = h2_send(&mut sender, request).await;
+    assert_eq!(status, 504, "{json}");
+    trickle.abort();
+    wait_for_metric(&s.proxy, "zoho_proxy_desk_in_flight 0").await;
+    assert_still_serving(&s).await;
+}
+
+/// Reads an HTTP/1.1 answer whose JSON body ends it.
+async fn read_answer(stream: &mut TcpStream) -> String {
     let mut answer = Vec::new();
     timeout(LIMIT, async {
         let mut buf = [0u8; 1024];
@@ -309,32 +386,7 @@ async fn a_streamed_upload_longer_than_the_response_time_is_not_cut_while_it_mov
     })
     .await
     .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
-    assert_eq!(raw_status(&answer), 200, "{answer}");
-    assert!(
-        answer.contains(&format!("\"bytes\":{}", 5 * (PARTS + 1))),
-        "{answer}"
-    );
-
-    // HTTP/2, a body with no length.
-    let (mut sender, _connection) = h2(s.proxy.addr).await;
-    let (request, feed) = h2_upload(s.proxy.addr).await;
-    let answer = tokio::spawn(async move { h2_send(&mut sender, request).await });
-    for _ in 0..PARTS {
-        tokio::time::sleep(pace).await;
-        feed.send(Bytes::from_static(b"world")).await.unwrap();
-    }
-    drop(feed);
-    let (status, json) = answer.await.unwrap();
-    assert_eq!(status, 200, "{json}");
-    assert_eq!(json["bytes"], 5 * (PARTS + 1));
-
-    let uploads = uploads_at_desk(&s);
-    assert_eq!(uploads.len(), 2);
-    assert!(
-        uploads.iter().all(|u| u.body_complete),
-        "Desk got both whole"
-    );
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 #[tokio::test]

@@ -95,6 +95,12 @@ impl Capture {
     }
 }
 
+/// How much of a streamed body must go to Desk for it to count as moving: an upload keeps
+/// its call at Desk while it moves this much per `timeouts.response_secs` (about 550
+/// bytes/s with the default 120 s, near Apache httpd's 500 bytes/s minimum for a body),
+/// so that a trickle of a byte now and then cannot hold one of Desk's calls for ever.
+pub const MOVED_BYTES: u64 = 64 * 1024;
+
 /// What became of a client body that was handed to the upstream client, which reports
 /// only that the request failed, and when a part of it last went to Desk: shared between
 /// the body and the request path.
@@ -130,15 +136,16 @@ impl BodyOutcome {
         self.state.store(value, Ordering::Release);
     }
 
-    /// A part of the body went to Desk (hyper asks for the next only once it can write
-    /// it), or its end did.
+    /// [`MOVED_BYTES`] of the body went to Desk (hyper asks for more only once it can
+    /// write it), or its end did.
     fn moved(&self) {
         let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.moved_ms.store(ms, Ordering::Relaxed);
     }
 
-    /// When a part of the body last went to Desk (when it started, if none has): Desk's
-    /// time to answer runs from there, however long the upload takes.
+    /// When the last [`MOVED_BYTES`] of the body, or its end, went to Desk (when it
+    /// started, if none has): Desk's time to answer runs from there, however long the
+    /// upload takes while it moves.
     pub fn last_moved(&self) -> Instant {
         self.started + Duration::from_millis(self.moved_ms.load(Ordering::Relaxed))
     }
@@ -175,6 +182,8 @@ pub struct ClientBody {
     timer: Option<Pin<Box<Sleep>>>,
     waiting: bool,
     outcome: Option<Arc<BodyOutcome>>,
+    /// Bytes that went to Desk since `outcome` last heard that the body moved.
+    unstamped: u64,
     /// The body's start, for a recording.
     capture: Option<Capture>,
 }
@@ -188,6 +197,7 @@ impl ClientBody {
             timer: None,
             waiting: false,
             outcome: None,
+            unstamped: 0,
             capture: None,
         }
     }
@@ -231,7 +241,16 @@ impl Body for ClientBody {
             Poll::Ready(frame) => {
                 this.waiting = false;
                 if let Some(outcome) = &this.outcome {
-                    outcome.moved();
+                    let len = match &frame {
+                        Some(Ok(frame)) => frame.data_ref().map_or(0, Bytes::len),
+                        _ => 0,
+                    };
+                    this.unstamped += len as u64;
+                    let ended = frame.is_none() || this.inner.is_end_stream();
+                    if this.unstamped >= MOVED_BYTES || ended {
+                        this.unstamped = 0;
+                        outcome.moved();
+                    }
                 }
                 if let Some(capture) = &mut this.capture {
                     if let Some(Ok(frame)) = &frame
