@@ -118,10 +118,30 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", message(&err));
             ExitCode::from(exit_code(&err))
         }
     }
+}
+
+/// The error and its causes on one line, each said once. The library's errors say their
+/// cause in their own text (their log lines need it), and also return it as their source;
+/// a context added here says only what was being done. So a cause whose text is already
+/// in the line is not repeated, and every other one is appended (`{:#}` would print
+/// "cannot read x: No such file…: No such file…").
+fn message(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// 2 for configuration and usage errors, 1 for everything else (README "Command line").

@@ -277,6 +277,47 @@ async fn configuration_errors_exit_2_and_name_the_key() {
 }
 
 #[tokio::test]
+async fn an_error_and_its_cause_are_printed_once_each() {
+    let dir = tempfile::tempdir().unwrap();
+    // The error's own text names the cause: it is not repeated after it.
+    let out = command(dir.path())
+        .args(["serve", "--config", "/nonexistent.toml"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("cannot read /nonexistent.toml: "),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("(os error 2)").count(), 1, "{stderr}");
+
+    // A context that does not name its cause still has it printed after it.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        "token_file = \"\"\n[oauth]\nclient_id = \"id\"\nclient_secret = \"s\"\nrefresh_token = \"r\"\n",
+    )
+    .unwrap();
+    let out = command(dir.path())
+        .args(["serve", "--listen", &addr, "--config"])
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("error: cannot listen on {addr}: ")),
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("(os error").count(), 1, "{stderr}");
+}
+
+#[tokio::test]
 async fn rejected_credentials_recover_on_sighup_without_a_restart() {
     let fake = FakeZoho::start().await.unwrap();
     let zoho = fake.control();
