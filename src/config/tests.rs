@@ -168,6 +168,58 @@ fn an_empty_secret_file_is_an_error_not_no_secret() {
 }
 
 #[test]
+fn a_secret_file_that_cannot_be_read_is_named_with_its_place() {
+    for (before, file_key) in [
+        ("client_id = \"id\"", "client_secret_file"),
+        (
+            "client_id = \"id\"\nclient_secret = \"s\"",
+            "refresh_token_file",
+        ),
+        ("client_secret = \"s\"", "client_id_file"),
+    ] {
+        for (value, says) in [
+            ("/nonexistent/x", "cannot read the file /nonexistent/x"),
+            ("", "names no file"),
+        ] {
+            let text = format!("[oauth]\n{before}\n{file_key} = \"{value}\"\n");
+            let line = text.lines().count();
+            let err = Config::try_from(RawConfig::from_toml(&text, "proxy.toml").unwrap())
+                .unwrap_err()
+                .to_string();
+            let place = format!(
+                "proxy.toml:{line}:{}: `oauth.{file_key}`: ",
+                file_key.len() + 4
+            );
+            assert!(
+                err.starts_with(&place) && err.contains(says),
+                "{place} … {says} in {err}"
+            );
+        }
+    }
+    let err = Config::from_toml(&format!("{MINIMAL}\n[access]\napi_keys_file = \"\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`access.api_keys_file`: names no file"),
+        "{err}"
+    );
+    // A path from the environment: the message names the variable.
+    let mut raw = RawConfig::from_toml(
+        "[oauth]\nclient_id = \"id\"\nclient_secret = \"s\"\n",
+        "proxy.toml",
+    )
+    .unwrap();
+    raw.apply_env(|name| (name == "ZOHO_REFRESH_TOKEN_FILE").then(|| "/nonexistent/x".into()));
+    let err = Config::try_from(raw).unwrap_err().to_string();
+    assert!(
+        err.starts_with(
+            "environment variable ZOHO_REFRESH_TOKEN_FILE: `oauth.refresh_token_file`: cannot read"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
 fn the_example_proxy_toml_is_complete_and_matches_the_defaults() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml");
     let mut raw = RawConfig::from_file(&path).unwrap();

@@ -119,19 +119,19 @@ impl TryFrom<RawConfig> for Config {
 
         let client_id = secret_value(
             &mut p,
-            "oauth.client_id",
+            ("oauth.client_id", "oauth.client_id_file"),
             oauth.client_id,
             oauth.client_id_file,
         );
         let client_secret = secret_value(
             &mut p,
-            "oauth.client_secret",
+            ("oauth.client_secret", "oauth.client_secret_file"),
             oauth.client_secret,
             oauth.client_secret_file,
         );
         let refresh_token = secret_value(
             &mut p,
-            "oauth.refresh_token",
+            ("oauth.refresh_token", "oauth.refresh_token_file"),
             oauth.refresh_token,
             oauth.refresh_token_file,
         );
@@ -140,42 +140,14 @@ impl TryFrom<RawConfig> for Config {
             (Ok(None), Ok(None), Ok(None))
         );
         let hint = if nothing_set { TRY_THE_DEMO } else { "" };
-        let client_id = client_id.ok().flatten();
-        let client_secret = client_secret.ok().flatten();
-        if client_id.is_none()
-            && !p.found.iter().any(|e| {
-                matches!(
-                    e,
-                    ConfigError::Invalid {
-                        key: "oauth.client_id",
-                        ..
-                    }
-                )
-            })
-        {
-            p.found.push(ConfigError::Missing {
-                key: "oauth.client_id",
-                env: "ZOHO_CLIENT_ID",
-                hint,
-            });
-        }
-        if client_secret.is_none()
-            && !p.found.iter().any(|e| {
-                matches!(
-                    e,
-                    ConfigError::Invalid {
-                        key: "oauth.client_secret",
-                        ..
-                    }
-                )
-            })
-        {
-            p.found.push(ConfigError::Missing {
-                key: "oauth.client_secret",
-                env: "ZOHO_CLIENT_SECRET",
-                hint,
-            });
-        }
+        let client_id = required(&mut p, client_id, "oauth.client_id", "ZOHO_CLIENT_ID", hint);
+        let client_secret = required(
+            &mut p,
+            client_secret,
+            "oauth.client_secret",
+            "ZOHO_CLIENT_SECRET",
+            hint,
+        );
         let max_refreshes_per_10min = at_least_one(
             &mut p,
             "oauth.max_refreshes_per_10min",
@@ -531,10 +503,10 @@ fn access_config(p: &mut Problems<'_>, raw: RawAccess, env_keys: Option<String>)
 }
 
 /// A value given inline or as `<key>_file` (container secrets); not both. `Err` when the
-/// problem was noted.
+/// problem was noted (under the key whose value is wrong, so that it has its place).
 fn secret_value(
     p: &mut Problems<'_>,
-    key: &'static str,
+    (key, file_key): (&'static str, &'static str),
     inline: Option<String>,
     file: Option<PathBuf>,
 ) -> Result<Option<String>, ()> {
@@ -542,7 +514,7 @@ fn secret_value(
         (Some(_), Some(_)) => {
             p.invalid(
                 key,
-                format!("give either `{key}` or `{key}_file`, not both"),
+                format!("give either `{key}` or `{file_key}`, not both"),
             );
             Err(())
         }
@@ -550,7 +522,7 @@ fn secret_value(
         (None, Some(path)) => match read_secret_file(&path) {
             Ok(text) => Ok(Some(text.trim().to_owned())),
             Err(reason) => {
-                p.invalid(key, reason);
+                p.invalid(file_key, reason);
                 Err(())
             }
         },
@@ -558,9 +530,28 @@ fn secret_value(
     }
 }
 
+/// A credential serving cannot do without: `None`, with the problem noted, when it is
+/// missing or its problem was noted already.
+fn required(
+    p: &mut Problems<'_>,
+    value: Result<Option<String>, ()>,
+    key: &'static str,
+    env: &'static str,
+    hint: &'static str,
+) -> Option<String> {
+    if let Ok(None) = value {
+        p.found.push(ConfigError::Missing { key, env, hint });
+    }
+    value.ok().flatten()
+}
+
 /// A secret file's text. One that holds nothing but blanks is an error: a secret mounted
 /// empty must not pass for "no secret" (for `access.api_keys_file`, "no keys at all").
+/// So is an empty path (what a template substitutes for an unset variable).
 fn read_secret_file(path: &Path) -> Result<String, String> {
+    if path.as_os_str().is_empty() {
+        return Err("names no file: give the path of the file that holds the secret".into());
+    }
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read the file {}: {e}", path.display()))?;
     if text.trim().is_empty() {
