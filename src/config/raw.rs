@@ -170,6 +170,15 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("ZOHO_PROXY_LOG_FORMAT", "log.format"),
 ];
 
+/// The secrets given inline or as a file: (the key, its `_file` form). A variable for one
+/// form replaces both forms of the file, as a variable replaces any other key.
+const SECRET_FORMS: &[(&str, &str)] = &[
+    ("oauth.client_id", "oauth.client_id_file"),
+    ("oauth.client_secret", "oauth.client_secret_file"),
+    ("oauth.refresh_token", "oauth.refresh_token_file"),
+    ("access.api_keys", "access.api_keys_file"),
+];
+
 impl RawConfig {
     /// Parses TOML text read from `origin` (a path, or a word for text from elsewhere).
     /// An error names the key and its line and column: a syntax error, an unknown key,
@@ -238,6 +247,21 @@ impl RawConfig {
         self.token_store = None;
     }
 
+    /// Drops what the file gave for a secret key, for a variable that gives its other form.
+    fn forget_file_value(&mut self, key: &str) {
+        match key {
+            "oauth.client_id" => self.oauth.client_id = None,
+            "oauth.client_id_file" => self.oauth.client_id_file = None,
+            "oauth.client_secret" => self.oauth.client_secret = None,
+            "oauth.client_secret_file" => self.oauth.client_secret_file = None,
+            "oauth.refresh_token" => self.oauth.refresh_token = None,
+            "oauth.refresh_token_file" => self.oauth.refresh_token_file = None,
+            "access.api_keys" => self.access.api_keys = None,
+            "access.api_keys_file" => self.access.api_keys_file = None,
+            _ => {}
+        }
+    }
+
     /// Applies the environment variables, which override the file.
     pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) {
         for (var, key) in ENV_KEYS {
@@ -263,6 +287,17 @@ impl RawConfig {
                 "access.api_keys" => self.api_keys_env = Some(value),
                 "log.format" => self.log.format = Some(value),
                 _ => {}
+            }
+            // The other form, unless a variable gave it too (then both stay, an error).
+            let other = SECRET_FORMS.iter().find_map(|&(inline, file)| match *key {
+                k if k == inline => Some(file),
+                k if k == file => Some(inline),
+                _ => None,
+            });
+            if let Some(other) = other
+                && !self.origins.env.contains_key(other)
+            {
+                self.forget_file_value(other);
             }
         }
         if !self.origins.env.is_empty() && !self.origins.source.is_empty() {

@@ -89,6 +89,86 @@ fn environment_overrides_the_file() {
 }
 
 #[test]
+fn the_environment_overrides_both_forms_of_a_secret_in_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let from_env_file = dir.path().join("from-env");
+    std::fs::write(&from_env_file, "env-file-value\n").unwrap();
+    let env_file = from_env_file.display().to_string();
+    // (the file's [oauth] lines, a variable and its value, the value taken)
+    let base = "client_id = \"id\"\nclient_secret = \"s\"\nrefresh_token = \"r\"\n";
+    for (file, var, value, taken) in [
+        (
+            "client_secret_file = \"cs.txt\"",
+            "ZOHO_CLIENT_SECRET",
+            "X",
+            "X",
+        ),
+        ("client_id_file = \"id.txt\"", "ZOHO_CLIENT_ID", "I", "I"),
+        (
+            "refresh_token_file = \"rt.txt\"",
+            "ZOHO_REFRESH_TOKEN",
+            "R",
+            "R",
+        ),
+        (
+            "client_secret = \"s\"",
+            "ZOHO_CLIENT_SECRET_FILE",
+            &env_file,
+            "env-file-value",
+        ),
+        (
+            "refresh_token = \"r\"",
+            "ZOHO_REFRESH_TOKEN_FILE",
+            &env_file,
+            "env-file-value",
+        ),
+    ] {
+        // The file's key in place of the same key of `base`.
+        let key = file.split(' ').next().unwrap().trim_end_matches("_file");
+        let kept: Vec<&str> = base.lines().filter(|l| !l.starts_with(key)).collect();
+        let text = format!("[oauth]\n{}\n{file}\n", kept.join("\n"));
+        let mut raw = RawConfig::from_toml(&text, "proxy.toml").unwrap();
+        raw.apply_env(|name| (name == var).then(|| value.to_owned()));
+        let c = Config::try_from(raw).unwrap_or_else(|e| panic!("{var} over {file}: {e}"));
+        let got = match key {
+            "client_id" => c.oauth.client_id.clone(),
+            "client_secret" => c.oauth.client_secret.expose().clone(),
+            _ => c.oauth.refresh_token.unwrap().expose().clone(),
+        };
+        assert_eq!(got, taken, "{var} over {file}");
+    }
+    // The keys of the environment replace the file's key file as they replace its list.
+    let mut raw = RawConfig::from_toml(
+        &format!("{MINIMAL}\n[access]\napi_keys_file = \"keys.txt\"\n"),
+        "proxy.toml",
+    )
+    .unwrap();
+    raw.apply_env(|name| (name == "ZOHO_PROXY_API_KEYS").then(|| "a,b".to_owned()));
+    assert_eq!(Config::try_from(raw).unwrap().access.api_keys.len(), 2);
+
+    // Both forms in one source stay an error, named where they were given.
+    let text = format!("{MINIMAL}\nclient_secret_file = \"{env_file}\"\n");
+    let err = Config::try_from(RawConfig::from_toml(&text, "proxy.toml").unwrap())
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "proxy.toml:4:21: `oauth.client_secret`: give either `oauth.client_secret` or `oauth.client_secret_file`, not both"
+    );
+    let mut raw = RawConfig::from_toml(MINIMAL, "proxy.toml").unwrap();
+    raw.apply_env(|name| match name {
+        "ZOHO_CLIENT_SECRET" => Some("X".into()),
+        "ZOHO_CLIENT_SECRET_FILE" => Some(env_file.clone()),
+        _ => None,
+    });
+    let err = Config::try_from(raw).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "environment variable ZOHO_CLIENT_SECRET: `oauth.client_secret`: give either ZOHO_CLIENT_SECRET or ZOHO_CLIENT_SECRET_FILE, not both"
+    );
+}
+
+#[test]
 fn a_blank_api_keys_variable_is_an_error_never_no_keys() {
     for blank in ["", " ", ",", " , ,, "] {
         let mut raw = RawConfig::from_toml(

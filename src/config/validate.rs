@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
-use super::error::ConfigError;
+use super::error::{ConfigError, Origin};
 use super::model::{
     API_DOMAINS, AccessConfig, Config, DATA_CENTRES, DEFAULT_CA_DIR, DEFAULT_LISTEN,
     DEFAULT_TOKEN_FILE, DESK_METHODS, DeskConfig, EDITIONS, InterceptConfig, LogFormat,
@@ -512,10 +512,14 @@ fn secret_value(
 ) -> Result<Option<String>, ()> {
     match (inline.filter(|v| !v.trim().is_empty()), file) {
         (Some(_), Some(_)) => {
-            p.invalid(
-                key,
-                format!("give either `{key}` or `{file_key}`, not both"),
-            );
+            // Both from one source (the environment overrides the file's forms): named
+            // as they were given.
+            let name = |k: &str| match p.origins.of(k) {
+                Some(Origin::Env(var)) => var.to_owned(),
+                _ => format!("`{k}`"),
+            };
+            let reason = format!("give either {} or {}, not both", name(key), name(file_key));
+            p.invalid(key, reason);
             Err(())
         }
         (Some(v), None) => Ok(Some(v.trim().to_owned())),
