@@ -268,6 +268,23 @@ async fn configuration_errors_exit_2_and_name_the_key() {
         assert_eq!(out.status.code(), Some(2), "{blank:?}: {stderr}");
         assert!(stderr.contains("ZOHO_PROXY_API_KEYS"), "{stderr}");
     }
+    // A blank credential variable never falls back to the file's value.
+    for var in ["ZOHO_CLIENT_ID", "ZOHO_CLIENT_SECRET", "ZOHO_REFRESH_TOKEN"] {
+        let config = write_config(dir.path(), &fake, true, "", "");
+        let out = command(dir.path())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env(var, "")
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{var} is set but empty")),
+            "{stderr}"
+        );
+    }
     let out = command(dir.path())
         .args(["serve", "--bogus"])
         .output()

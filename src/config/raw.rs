@@ -210,13 +210,18 @@ impl RawConfig {
         Self::from_toml(&text, &path.display().to_string())
     }
 
-    /// Stands in for missing Zoho credentials, for commands that never call Zoho.
+    /// Stands in for missing Zoho credentials, for commands that never call Zoho (for
+    /// them a blank variable is no problem: nothing falls back to anything).
     pub(super) fn stand_in_credentials(&mut self) {
-        if self.oauth.client_id.is_none() && self.oauth.client_id_file.is_none() {
+        let blank = |v: &Option<String>| v.as_deref().is_none_or(|v| v.trim().is_empty());
+        if blank(&self.oauth.client_id) && self.oauth.client_id_file.is_none() {
             self.oauth.client_id = Some("(not needed)".into());
         }
-        if self.oauth.client_secret.is_none() && self.oauth.client_secret_file.is_none() {
+        if blank(&self.oauth.client_secret) && self.oauth.client_secret_file.is_none() {
             self.oauth.client_secret = Some("(not needed)".into());
+        }
+        if blank(&self.oauth.refresh_token) {
+            self.oauth.refresh_token = None;
         }
     }
 

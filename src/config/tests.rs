@@ -169,6 +169,38 @@ fn the_environment_overrides_both_forms_of_a_secret_in_the_file() {
 }
 
 #[test]
+fn a_blank_credential_variable_is_an_error_that_names_it() {
+    for (var, key) in [
+        ("ZOHO_CLIENT_ID", "oauth.client_id"),
+        ("ZOHO_CLIENT_SECRET", "oauth.client_secret"),
+        ("ZOHO_REFRESH_TOKEN", "oauth.refresh_token"),
+    ] {
+        for blank in ["", "  "] {
+            // The file has a value: the blank variable must not fall back to it.
+            let mut raw = RawConfig::from_toml(MINIMAL, "proxy.toml").unwrap();
+            raw.apply_env(|name| (name == var).then(|| blank.to_owned()));
+            let err = Config::try_from(raw).unwrap_err();
+            let text = err.to_string();
+            assert_eq!(err.problems().len(), 1, "{text}");
+            assert!(
+                text.starts_with(&format!("environment variable {var}: `{key}`: "))
+                    && text.contains(&format!("{var} is set but empty")),
+                "{var}={blank:?}: {text}"
+            );
+        }
+    }
+    // Commands that never call Zoho need no credentials: a blank one is no problem.
+    let mut raw = RawConfig::from_toml("", "proxy.toml").unwrap();
+    raw.apply_env(|name| {
+        ["ZOHO_CLIENT_ID", "ZOHO_CLIENT_SECRET", "ZOHO_REFRESH_TOKEN"]
+            .contains(&name)
+            .then(String::new)
+    });
+    raw.stand_in_credentials();
+    assert!(Config::try_from(raw).is_ok());
+}
+
+#[test]
 fn a_blank_api_keys_variable_is_an_error_never_no_keys() {
     for blank in ["", " ", ",", " , ,, "] {
         let mut raw = RawConfig::from_toml(

@@ -510,6 +510,22 @@ fn secret_value(
     inline: Option<String>,
     file: Option<PathBuf>,
 ) -> Result<Option<String>, ()> {
+    // A variable set but blank (what a template substitutes for an unset one) must not
+    // fall back to the file, nor pass for "not set".
+    if let Some(Origin::Env(var)) = p.origins.of(key)
+        && inline.as_deref().is_some_and(|v| v.trim().is_empty())
+    {
+        let elsewhere = if key == "oauth.refresh_token" {
+            "proxy.toml or the token file"
+        } else {
+            "proxy.toml"
+        };
+        p.invalid(
+            key,
+            format!("{var} is set but empty: give it a value, or unset it to use {elsewhere}"),
+        );
+        return Err(());
+    }
     match (inline.filter(|v| !v.trim().is_empty()), file) {
         (Some(_), Some(_)) => {
             // Both from one source (the environment overrides the file's forms): named
