@@ -63,7 +63,7 @@ pub(super) struct RawOAuth {
     #[serde(default, deserialize_with = "secret_text")]
     pub(super) refresh_token: Option<String>,
     pub(super) refresh_token_file: Option<PathBuf>,
-    pub(super) refresh_margin_secs: Option<u64>,
+    pub(super) refresh_margin_secs: Option<f64>,
     pub(super) max_refreshes_per_10min: Option<u32>,
 }
 

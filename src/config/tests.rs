@@ -452,6 +452,34 @@ fn a_time_beyond_a_year_is_refused_by_name() {
 }
 
 #[test]
+fn the_refresh_margin_takes_fractions_and_zero_within_a_year() {
+    // MINIMAL ends inside [oauth].
+    for (value, margin) in [
+        ("1.5", Duration::from_millis(1500)),
+        ("0", Duration::ZERO),
+        ("0.0", Duration::ZERO),
+        ("300", Duration::from_secs(300)),
+    ] {
+        let c = Config::from_toml(&format!("{MINIMAL}\nrefresh_margin_secs = {value}\n"))
+            .unwrap_or_else(|e| panic!("{value}: {e}"));
+        assert_eq!(c.oauth.refresh_margin, margin, "{value}");
+    }
+    for (value, says) in [
+        ("-1", "is not a number of seconds"),
+        ("nan", "is not a number of seconds"),
+        ("1e10", "more than a year"),
+    ] {
+        let err = Config::from_toml(&format!("{MINIMAL}\nrefresh_margin_secs = {value}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`oauth.refresh_margin_secs`: ") && err.contains(says),
+            "{value}: {err}"
+        );
+    }
+}
+
+#[test]
 fn a_bad_ca_file_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ca.pem");

@@ -148,6 +148,14 @@ impl TryFrom<RawConfig> for Config {
             "ZOHO_CLIENT_SECRET",
             hint,
         );
+        // 0 refreshes at expiry (or at Desk's 401), which the margin has always allowed.
+        let refresh_margin = seconds(
+            &mut p,
+            "oauth.refresh_margin_secs",
+            oauth.refresh_margin_secs,
+            300.0,
+            Zero::Allowed,
+        );
         let max_refreshes_per_10min = at_least_one(
             &mut p,
             "oauth.max_refreshes_per_10min",
@@ -264,7 +272,7 @@ impl TryFrom<RawConfig> for Config {
                 client_id,
                 client_secret: Secret::new(client_secret),
                 refresh_token: refresh_token.ok().flatten().map(Secret::new),
-                refresh_margin: Duration::from_secs(oauth.refresh_margin_secs.unwrap_or(300)),
+                refresh_margin,
                 max_refreshes_per_10min,
             },
             token_file,
@@ -600,18 +608,42 @@ fn parse_cidr(text: &str) -> Result<IpNet, String> {
         })
 }
 
+/// Whether 0 seconds means something for a key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Zero {
+    Allowed,
+    Refused,
+}
+
+/// A `*_secs` value of which 0 makes no sense.
 fn secs(p: &mut Problems<'_>, key: &'static str, value: Option<f64>, default: f64) -> Duration {
+    seconds(p, key, value, default, Zero::Refused)
+}
+
+/// A `*_secs` value: seconds, fractions allowed, at most a year.
+fn seconds(
+    p: &mut Problems<'_>,
+    key: &'static str,
+    value: Option<f64>,
+    default: f64,
+    zero: Zero,
+) -> Duration {
     // Longer than any time the proxy waits, and short enough that no deadline computed
     // from it overflows the clock.
     const MAX: Duration = Duration::from_secs(365 * 24 * 3600);
     let v = value.unwrap_or(default);
-    match Duration::try_from_secs_f64(v).ok().filter(|d| !d.is_zero()) {
+    let usable = |d: &Duration| zero == Zero::Allowed || !d.is_zero();
+    match Duration::try_from_secs_f64(v).ok().filter(usable) {
         Some(d) if d <= MAX => d,
         Some(_) => {
             p.invalid(
                 key,
                 format!("{v} is more than a year ({} seconds)", MAX.as_secs()),
             );
+            Duration::from_secs_f64(default)
+        }
+        None if zero == Zero::Allowed => {
+            p.invalid(key, format!("{v} is not a number of seconds (0 or more)"));
             Duration::from_secs_f64(default)
         }
         None => {
