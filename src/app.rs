@@ -79,7 +79,7 @@ pub fn ready_config(mut config: Config) -> Result<Config, ConfigError> {
         problems.push(ConfigError::invalid(
             "listen",
             format!(
-                "{} is reachable from other machines, and anyone who reaches the proxy acts as your Zoho user. Set access.api_keys or access.allow_cidrs (0.0.0.0/0 protects nothing), or, in a private CI network, access.allow_unauthenticated_remote = true",
+                "{} is reachable from other machines, and anyone who reaches the proxy acts as your Zoho user. Set access.api_keys or access.allow_cidrs (ranges that admit every address, such as 0.0.0.0/0, protect nothing), or, in a private CI network, access.allow_unauthenticated_remote = true",
                 config.listen
             ),
         ));

@@ -239,6 +239,10 @@ async fn configuration_errors_exit_2_and_name_the_key() {
             "listen = \"0.0.0.0:0\"\n[access]\nallow_cidrs = [\"0.0.0.0/0\", \"::/0\"]",
             "access.allow_unauthenticated_remote",
         ),
+        (
+            "listen = \"0.0.0.0:0\"\n[access]\nallow_cidrs = [\"0.0.0.0/1\", \"128.0.0.0/1\"]",
+            "access.allow_unauthenticated_remote",
+        ),
         ("dc = \"mars\"", "dc"),
     ];
     for (extra, named) in cases {

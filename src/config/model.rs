@@ -265,12 +265,47 @@ impl Config {
     }
 
     /// Whether other machines can reach the listener with neither a key nor a CIDR rule
-    /// in the way (refused unless `access.allow_unauthenticated_remote`). A rule that
-    /// admits every address (`0.0.0.0/0`, `::/0`) protects nothing.
+    /// in the way (refused unless `access.allow_unauthenticated_remote`). Rules that
+    /// together admit every IPv4 or every IPv6 address (`0.0.0.0/0`, or `0.0.0.0/1` and
+    /// `128.0.0.0/1`) protect nothing.
     pub fn is_open_remote(&self) -> bool {
         !self.listen.ip().is_loopback()
             && self.access.api_keys.is_empty()
             && (self.access.allow_cidrs.is_empty()
-                || self.access.allow_cidrs.iter().any(|c| c.prefix_len() == 0))
+                || covers_a_whole_family(&self.access.allow_cidrs))
     }
+}
+
+/// Whether the ranges together hold every IPv4 address, or every IPv6 address.
+fn covers_a_whole_family(cidrs: &[IpNet]) -> bool {
+    let v4 = cidrs.iter().filter_map(|c| match c {
+        IpNet::V4(net) => Some((
+            u128::from(u32::from(net.network())),
+            u128::from(u32::from(net.broadcast())),
+        )),
+        IpNet::V6(_) => None,
+    });
+    let v6 = cidrs.iter().filter_map(|c| match c {
+        IpNet::V6(net) => Some((u128::from(net.network()), u128::from(net.broadcast()))),
+        IpNet::V4(_) => None,
+    });
+    covers(v4.collect(), u128::from(u32::MAX)) || covers(v6.collect(), u128::MAX)
+}
+
+/// Whether the ranges (first, last address) merged cover `0..=last`.
+fn covers(mut ranges: Vec<(u128, u128)>, last: u128) -> bool {
+    ranges.sort_unstable();
+    // The first address not covered so far.
+    let mut next = 0;
+    for (first, end) in ranges {
+        if first > next {
+            return false;
+        }
+        if end >= last {
+            return true;
+        }
+        // `end < last`: no overflow.
+        next = next.max(end + 1);
+    }
+    false
 }

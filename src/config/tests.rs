@@ -218,14 +218,40 @@ fn a_blank_api_keys_variable_is_an_error_never_no_keys() {
 }
 
 #[test]
-fn an_everyone_cidr_protects_nothing() {
+fn cidrs_that_cover_every_address_protect_nothing() {
     for (cidrs, open) in [
+        ("[]", true),
         ("[\"0.0.0.0/0\"]", true),
         ("[\"::/0\"]", true),
         ("[\"0.0.0.0/0\", \"::/0\"]", true),
-        ("[\"10.0.0.0/8\"]", false),
         ("[\"10.0.0.0/8\", \"0.0.0.0/0\"]", true),
-        ("[]", true),
+        // Every IPv4 address through several entries, in any order, overlapping.
+        ("[\"0.0.0.0/1\", \"128.0.0.0/1\"]", true),
+        ("[\"128.0.0.0/1\", \"0.0.0.0/1\"]", true),
+        (
+            "[\"192.0.0.0/2\", \"0.0.0.0/2\", \"128.0.0.0/2\", \"64.0.0.0/2\"]",
+            true,
+        ),
+        ("[\"0.0.0.0/1\", \"64.0.0.0/2\", \"128.0.0.0/1\"]", true),
+        ("[\"0.0.0.0/1\", \"128.0.0.1/1\"]", true),
+        ("[\"10.0.0.0/8\", \"0.0.0.0/1\", \"128.0.0.0/1\"]", true),
+        // Every IPv6 address.
+        ("[\"::/1\", \"8000::/1\"]", true),
+        ("[\"10.0.0.0/8\", \"8000::/1\", \"::/1\"]", true),
+        // Some address left out.
+        ("[\"10.0.0.0/8\"]", false),
+        ("[\"0.0.0.0/1\"]", false),
+        ("[\"0.0.0.0/2\", \"64.0.0.0/2\", \"128.0.0.0/2\"]", false),
+        ("[\"64.0.0.0/2\", \"128.0.0.0/1\"]", false),
+        ("[\"0.0.0.0/1\", \"128.0.0.0/2\", \"192.0.0.0/3\"]", false),
+        ("[\"::/1\", \"8000::/2\"]", false),
+        // Halves of different families make no whole.
+        ("[\"0.0.0.0/1\", \"8000::/1\"]", false),
+        ("[\"::ffff:0:0/96\"]", false),
+        (
+            "[\"255.255.255.255/32\", \"0.0.0.0/1\", \"128.0.0.0/2\"]",
+            false,
+        ),
     ] {
         let c = Config::from_toml(&format!(
             "listen = \"0.0.0.0:8080\"\n{MINIMAL}\n[access]\nallow_cidrs = {cidrs}\n"
