@@ -75,14 +75,10 @@ pub fn ready_config(mut config: Config) -> Result<Config, ConfigError> {
             "no refresh token: set ZOHO_REFRESH_TOKEN (or oauth.refresh_token), or run `zoho-desk-proxy exchange --code <grant token>` to create one; to try the proxy without credentials, run `zoho-desk-proxy demo`",
         ));
     }
+    // Loading to serve reports it with the file's other problems; a config made in code
+    // (the demo, tests) is checked here.
     if config.is_open_remote() && !config.access.allow_unauthenticated_remote {
-        problems.push(ConfigError::invalid(
-            "listen",
-            format!(
-                "{} is reachable from other machines, and anyone who reaches the proxy acts as your Zoho user. Set access.api_keys or access.allow_cidrs (ranges that admit every address, such as 0.0.0.0/0, protect nothing), or, in a private CI network, access.allow_unauthenticated_remote = true",
-                config.listen
-            ),
-        ));
+        problems.push(ConfigError::open_listener(config.listen, None));
     }
     if config.intercept.enabled
         && let Err(err) = crate::intercept::LocalCa::load(&config.intercept.ca_dir, Vec::new())

@@ -96,7 +96,7 @@ fn main() -> ExitCode {
             Some(Command::Check(args)) => {
                 // The same validation as `serve`, so that `check` never passes a
                 // configuration `serve` refuses.
-                let config = match Config::load(args.config.as_deref())
+                let config = match Config::load_to_serve(args.config.as_deref(), None)
                     .and_then(zoho_desk_proxy::ready_config)
                 {
                     Ok(config) => config,
@@ -161,13 +161,10 @@ fn exit_code(err: &anyhow::Error) -> u8 {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // A replay answers from its file: no Zoho credentials needed.
     let mut config = if args.replay.is_some() {
-        Config::load_for_replay(args.config.as_deref())?
+        Config::load_for_replay(args.config.as_deref(), args.listen)?
     } else {
-        Config::load(args.config.as_deref())?
+        Config::load_to_serve(args.config.as_deref(), args.listen)?
     };
-    if let Some(listen) = args.listen {
-        config.listen = listen;
-    }
     config.record.file = args.record;
     config.record.replay = args.replay;
     config.record.replay_strict = args.replay_strict;
@@ -177,15 +174,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let reload = reload_on_sighup(args.config.clone());
+    let reload = reload_on_sighup(args.config.clone(), args.listen);
     zoho_desk_proxy::run_with_reload(config, listener, shutdown_signal(), reload).await?;
     Ok(())
 }
 
 /// On SIGHUP, re-reads the configuration (and the token file's refresh token) and hands
-/// it to the proxy, which takes the new OAuth credentials.
+/// it to the proxy, which takes the new OAuth credentials. It is checked for the address
+/// served on (`--listen` included), as at start.
 fn reload_on_sighup(
     path: Option<std::path::PathBuf>,
+    listen: Option<std::net::SocketAddr>,
 ) -> Option<tokio::sync::mpsc::Receiver<Config>> {
     #[cfg(unix)]
     {
@@ -194,7 +193,9 @@ fn reload_on_sighup(
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
             while hangup.recv().await.is_some() {
-                match Config::load(path.as_deref()).and_then(zoho_desk_proxy::ready_config) {
+                match Config::load_to_serve(path.as_deref(), listen)
+                    .and_then(zoho_desk_proxy::ready_config)
+                {
                     Ok(config) => {
                         tracing::info!("SIGHUP: configuration re-read");
                         if tx.send(config).await.is_err() {
@@ -211,7 +212,7 @@ fn reload_on_sighup(
     }
     #[cfg(not(unix))]
     {
-        let _ = path;
+        let _ = (path, listen);
         None
     }
 }

@@ -257,6 +257,36 @@ async fn configuration_errors_exit_2_and_name_the_key() {
         assert_eq!(out.status.code(), Some(2), "{extra}: {stderr}");
         assert!(stderr.contains(named), "{extra}: {stderr}");
     }
+    // An open listener is one more problem of the list, from the file or from --listen,
+    // for serve and check alike.
+    let config = write_config(
+        dir.path(),
+        &fake,
+        true,
+        "listen = \"0.0.0.0:0\"\ndc = \"mars\"",
+        "",
+    );
+    let other = tempfile::tempdir().unwrap();
+    let mars = write_config(other.path(), &fake, true, "dc = \"mars\"", "");
+    for args in [
+        vec!["serve", "--config", config.to_str().unwrap()],
+        vec!["check", "--config", config.to_str().unwrap()],
+        vec![
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--config",
+            mars.to_str().unwrap(),
+        ],
+    ] {
+        let out = command(dir.path()).args(&args).output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("`dc`") && stderr.contains("access.allow_unauthenticated_remote"),
+            "{args:?}: {stderr}"
+        );
+    }
     // A blank key list in the environment (a compose file's unset variable) never opens
     // the proxy: exit 2, naming the variable, even with keys in the file.
     for blank in ["", " , "] {

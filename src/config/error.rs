@@ -18,6 +18,8 @@ pub enum Origin {
     },
     /// An environment variable.
     Env(&'static str),
+    /// A command-line option (`--listen`).
+    CommandLine(&'static str),
 }
 
 impl fmt::Display for Origin {
@@ -25,6 +27,7 @@ impl fmt::Display for Origin {
         match self {
             Self::File { path, line, column } => write!(f, "{path}:{line}:{column}"),
             Self::Env(name) => write!(f, "environment variable {name}"),
+            Self::CommandLine(name) => write!(f, "option {name}"),
         }
     }
 }
@@ -85,6 +88,18 @@ impl ConfigError {
             key,
             at: None,
             reason: reason.into(),
+        }
+    }
+
+    /// A listener other machines can reach with neither a key nor a CIDR rule in the way
+    /// (README "Security model").
+    pub fn open_listener(listen: std::net::SocketAddr, at: Option<Origin>) -> Self {
+        Self::Invalid {
+            key: "listen",
+            at,
+            reason: format!(
+                "{listen} is reachable from other machines, and anyone who reaches the proxy acts as your Zoho user. Set access.api_keys or access.allow_cidrs (ranges that admit every address, such as 0.0.0.0/0, protect nothing), or, in a private CI network, access.allow_unauthenticated_remote = true"
+            ),
         }
     }
 

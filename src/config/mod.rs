@@ -9,6 +9,7 @@ mod raw;
 mod tests;
 mod validate;
 
+use std::net::SocketAddr;
 use std::path::Path;
 
 pub use error::{ConfigError, Origin};
@@ -20,10 +21,21 @@ pub use model::{
 pub use raw::RawConfig;
 
 impl Config {
-    /// Loads the configuration as `serve` does: the file (when given, or `./proxy.toml`
-    /// when it exists), then the process environment.
+    /// Loads the configuration: the file (when given, or `./proxy.toml` when it exists),
+    /// then the process environment.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         Self::try_from(RawConfig::load(path)?)
+    }
+
+    /// [`Config::load`] as `serve`, `check` and a reload do: with `--listen` over the
+    /// rest, and a listener open to other machines reported with every other problem.
+    pub fn load_to_serve(
+        path: Option<&Path>,
+        listen: Option<SocketAddr>,
+    ) -> Result<Self, ConfigError> {
+        let mut raw = RawConfig::load(path)?;
+        raw.to_serve(listen);
+        Self::try_from(raw)
     }
 
     /// Loads what the commands around transparent mode need (`ca init`, `env`) from the
@@ -37,10 +49,15 @@ impl Config {
 
     /// [`Config::load_without_credentials`] for a replay, which answers from its file:
     /// every credential source is ignored (secrets, their files, the token file, the
-    /// token store), so a CI checkout without them replays as well.
-    pub fn load_for_replay(path: Option<&Path>) -> Result<Self, ConfigError> {
+    /// token store), so a CI checkout without them replays as well. It serves: see
+    /// [`Config::load_to_serve`].
+    pub fn load_for_replay(
+        path: Option<&Path>,
+        listen: Option<SocketAddr>,
+    ) -> Result<Self, ConfigError> {
         let mut raw = RawConfig::load(path)?;
         raw.forget_credentials();
+        raw.to_serve(listen);
         Self::try_from(raw)
     }
 

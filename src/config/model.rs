@@ -269,10 +269,17 @@ impl Config {
     /// together admit every IPv4 or every IPv6 address (`0.0.0.0/0`, or `0.0.0.0/1` and
     /// `128.0.0.0/1`) protect nothing.
     pub fn is_open_remote(&self) -> bool {
-        !self.listen.ip().is_loopback()
-            && self.access.api_keys.is_empty()
-            && (self.access.allow_cidrs.is_empty()
-                || covers_a_whole_family(&self.access.allow_cidrs))
+        self.access.leaves_open(self.listen)
+    }
+}
+
+impl AccessConfig {
+    /// Whether these rules leave a listener on `listen` open to other machines: see
+    /// [`Config::is_open_remote`].
+    pub fn leaves_open(&self, listen: SocketAddr) -> bool {
+        !listen.ip().is_loopback()
+            && self.api_keys.is_empty()
+            && (self.allow_cidrs.is_empty() || covers_a_whole_family(&self.allow_cidrs))
     }
 }
 

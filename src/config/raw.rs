@@ -3,6 +3,7 @@
 //! variables that override the file, remembered so that an error names the variable.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer};
@@ -44,6 +45,9 @@ pub struct RawConfig {
     /// Where each key was set: the file's positions, and the variables that overrode them.
     #[serde(skip)]
     pub(super) origins: Origins,
+    /// Loaded to serve: a listener open to other machines is one more problem.
+    #[serde(skip)]
+    pub(super) serving: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -138,6 +142,8 @@ pub(super) struct Origins {
     file: Option<Locator>,
     /// Keys the environment overrode, with their variable.
     env: HashMap<&'static str, &'static str>,
+    /// Keys the command line overrode (over the environment), with their option.
+    options: HashMap<&'static str, &'static str>,
     /// What the configuration was loaded from, in words.
     pub(super) source: String,
 }
@@ -145,6 +151,9 @@ pub(super) struct Origins {
 impl Origins {
     /// Where `key` was set: its variable, when one overrode it, else its place in the file.
     pub(super) fn of(&self, key: &str) -> Option<Origin> {
+        if let Some(option) = self.options.get(key) {
+            return Some(Origin::CommandLine(option));
+        }
         if let Some(var) = self.env.get(key) {
             return Some(Origin::Env(var));
         }
@@ -208,6 +217,16 @@ impl RawConfig {
             source,
         })?;
         Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Prepares to serve: `--listen`, when given, over the file and the environment, and
+    /// the checks that only serving needs (README "Security model").
+    pub fn to_serve(&mut self, listen: Option<SocketAddr>) {
+        if let Some(listen) = listen {
+            self.listen = Some(listen.to_string());
+            self.origins.options.insert("listen", "--listen");
+        }
+        self.serving = true;
     }
 
     /// Stands in for missing Zoho credentials, for commands that never call Zoho (for

@@ -553,6 +553,62 @@ fn every_problem_is_reported_at_once_with_its_line_and_column() {
 }
 
 #[test]
+fn an_open_listener_is_one_more_problem_of_the_list_when_serving() {
+    let text = format!("listen = \"0.0.0.0:9\"\ndc = \"mars\"\n{MINIMAL}");
+    let mut raw = RawConfig::from_toml(&text, "proxy.toml").unwrap();
+    raw.to_serve(None);
+    let err = Config::try_from(raw).unwrap_err();
+    let problems: Vec<String> = err.problems().iter().map(|e| e.to_string()).collect();
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+    assert!(
+        problems[0].starts_with("proxy.toml:2:6: `dc`"),
+        "{problems:#?}"
+    );
+    assert!(
+        problems[1].starts_with("proxy.toml:1:10: `listen`: 0.0.0.0:9 is reachable")
+            && problems[1].contains("access.allow_unauthenticated_remote = true"),
+        "{problems:#?}"
+    );
+
+    // `--listen` is where the address came from.
+    let text = format!("dc = \"mars\"\n{MINIMAL}");
+    let mut raw = RawConfig::from_toml(&text, "proxy.toml").unwrap();
+    raw.to_serve(Some("0.0.0.0:9".parse().unwrap()));
+    let err = Config::try_from(raw).unwrap_err();
+    let problems: Vec<String> = err.problems().iter().map(|e| e.to_string()).collect();
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+    assert!(
+        problems[1].starts_with("option --listen: `listen`: 0.0.0.0:9 is reachable"),
+        "{problems:#?}"
+    );
+    let mut raw = RawConfig::from_toml(MINIMAL, "proxy.toml").unwrap();
+    raw.to_serve(Some("127.0.0.1:9".parse().unwrap()));
+    assert_eq!(
+        Config::try_from(raw).unwrap().listen.to_string(),
+        "127.0.0.1:9"
+    );
+
+    // An access rule that is wrong is reported alone, not also as no rule at all.
+    let text =
+        format!("listen = \"0.0.0.0:9\"\n{MINIMAL}\n[access]\nallow_cidrs = [\"10.0.0.0/33\"]\n");
+    let mut raw = RawConfig::from_toml(&text, "proxy.toml").unwrap();
+    raw.to_serve(None);
+    let err = Config::try_from(raw).unwrap_err();
+    assert_eq!(err.problems().len(), 1, "{err}");
+    assert!(err.to_string().contains("access.allow_cidrs"), "{err}");
+
+    // Allowed explicitly; and commands that do not listen (exchange, ca init, env) are
+    // not refused for it.
+    let text = format!(
+        "listen = \"0.0.0.0:9\"\n{MINIMAL}\n[access]\nallow_unauthenticated_remote = true\n"
+    );
+    let mut raw = RawConfig::from_toml(&text, "proxy.toml").unwrap();
+    raw.to_serve(None);
+    assert!(Config::try_from(raw).is_ok());
+    assert!(Config::from_toml(&format!("listen = \"0.0.0.0:9\"\n{MINIMAL}")).is_ok());
+}
+
+#[test]
 fn a_value_of_the_wrong_type_names_its_key_and_place() {
     let text =
         "[oauth]\nclient_id = \"id\"\nclient_secret = \"s\"\n[timeouts]\nconnect_secs = \"10\"\n";

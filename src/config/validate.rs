@@ -69,6 +69,7 @@ impl TryFrom<RawConfig> for Config {
             record,
             api_keys_env,
             origins,
+            serving,
         } = raw;
         let mut p = Problems {
             origins: &origins,
@@ -181,6 +182,25 @@ impl TryFrom<RawConfig> for Config {
         }
 
         let access = access_config(&mut p, access, api_keys_env);
+        // Not when an access rule was wrong: its problem says what to fix.
+        let rules_wrong = p.found.iter().any(|e| {
+            matches!(e, ConfigError::Invalid { key, .. } if [
+                "access.api_keys",
+                "access.api_keys_file",
+                "access.allow_cidrs",
+                "ZOHO_PROXY_API_KEYS",
+            ]
+            .contains(key))
+        });
+        if serving
+            && let Some(listen) = listen
+            && access.leaves_open(listen)
+            && !access.allow_unauthenticated_remote
+            && !rules_wrong
+        {
+            p.found
+                .push(ConfigError::open_listener(listen, origins.of("listen")));
+        }
 
         let timeouts = Timeouts {
             connect: secs(&mut p, "timeouts.connect_secs", timeouts.connect_secs, 10.0),
