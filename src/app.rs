@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::concurrency::{DeskSlots, FleetSlots};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, ZOHO_REFRESHES_PER_10MIN};
 use crate::intercept::Intercept;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
@@ -163,6 +163,13 @@ pub async fn run_with_reload(
     reuse_stored_token(&config, &stored, &tokens);
     if config.is_open_remote() {
         tracing::warn!(listen = %config.listen, "listening on a non-loopback address without api_keys or allow_cidrs (access.allow_unauthenticated_remote = true): anyone who reaches this address acts as your Zoho user");
+    }
+    // Allowed (a test suite against a fake Zoho may need more), but said.
+    if config.oauth.max_refreshes_per_10min > ZOHO_REFRESHES_PER_10MIN {
+        tracing::warn!(
+            max_refreshes_per_10min = config.oauth.max_refreshes_per_10min,
+            "oauth.max_refreshes_per_10min is above {ZOHO_REFRESHES_PER_10MIN}: Zoho allows {ZOHO_REFRESHES_PER_10MIN} refreshes per 10 minutes per refresh token, and the refresh guard no longer keeps the proxy under it (past it, Zoho blocks the refresh token for the rest of the window)"
+        );
     }
 
     let (stop_tasks, tasks_stopped) = tokio::sync::watch::channel(false);

@@ -369,6 +369,36 @@ async fn an_error_and_its_cause_are_printed_once_each() {
 }
 
 #[tokio::test]
+async fn a_refresh_guard_above_zohos_limit_is_served_with_a_warning() {
+    let fake = FakeZoho::start().await.unwrap();
+    for (limit, warned) in [(11, true), (10, false)] {
+        let Logged {
+            dir: _dir,
+            child,
+            mut lines,
+            addr,
+        } = serve_fake_logged(
+            &fake,
+            &format!("max_refreshes_per_10min = {limit}"),
+            "127.0.0.1",
+            &[],
+        )
+        .await;
+        // serve_with returns once the "listening" line was read, after the warnings.
+        let mut seen = false;
+        while let Ok(line) = lines.try_recv() {
+            seen |= line.contains("WARN")
+                && line.contains("max_refreshes_per_10min")
+                && line.contains("Zoho allows 10 refreshes per 10 minutes per refresh token");
+        }
+        assert_eq!(seen, warned, "max_refreshes_per_10min = {limit}");
+        assert_eq!(status(format!("http://{addr}/api/v1/tickets")).await, 200);
+        sigterm(&child);
+        assert!(child.wait_with_output().await.unwrap().status.success());
+    }
+}
+
+#[tokio::test]
 async fn rejected_credentials_recover_on_sighup_without_a_restart() {
     let fake = FakeZoho::start().await.unwrap();
     let zoho = fake.control();

@@ -16,7 +16,7 @@ pub use error::{ConfigError, Origin};
 pub use model::{
     AccessConfig, Config, DATA_CENTRES, DEFAULT_CA_DIR, DEFAULT_LISTEN, DEFAULT_TOKEN_FILE,
     DESK_METHODS, DeskConfig, EDITIONS, InterceptConfig, LogFormat, OAuthConfig, RecordConfig,
-    Timeouts,
+    Timeouts, ZOHO_REFRESHES_PER_10MIN,
 };
 pub use raw::RawConfig;
 

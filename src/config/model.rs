@@ -12,6 +12,10 @@ use crate::paths::PathRule;
 use crate::secret::Secret;
 use crate::url::BaseUrl;
 
+/// Zoho's limit: access tokens per refresh token in any 10 minutes (then it blocks the
+/// refresh token for the rest of the window).
+pub const ZOHO_REFRESHES_PER_10MIN: u32 = 10;
+
 /// The default listen address: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// The default token file, relative to the working directory.
