@@ -42,7 +42,8 @@ pub struct RawConfig {
     /// `ZOHO_PROXY_API_KEYS` as set in the environment, split when validated.
     #[serde(skip)]
     pub(super) api_keys_env: Option<String>,
-    /// Where each key was set: the file's positions, and the variables that overrode them.
+    /// Where each key was set: the file's positions, and the variables and options that
+    /// overrode them.
     #[serde(skip)]
     pub(super) origins: Origins,
     /// Loaded to serve: a listener open to other machines is one more problem.
@@ -149,7 +150,8 @@ pub(super) struct Origins {
 }
 
 impl Origins {
-    /// Where `key` was set: its variable, when one overrode it, else its place in the file.
+    /// Where `key` was set: its option (`--listen`) or variable, when one overrode it,
+    /// else its place in the file.
     pub(super) fn of(&self, key: &str) -> Option<Origin> {
         if let Some(option) = self.options.get(key) {
             return Some(Origin::CommandLine(option));
