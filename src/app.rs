@@ -129,6 +129,21 @@ fn desk_slots(config: &Config, metrics: &Arc<Metrics>) -> Result<Arc<DeskSlots>,
     Ok(Arc::new(DeskSlots::fleet(limit, fleet, metrics)))
 }
 
+/// Logs what a configuration allows that its operator should know of: `serve` says it at
+/// start (`demo`, whose Zoho is a fake, has nothing to warn of).
+pub fn warn_about(config: &Config) {
+    if config.is_open_remote() {
+        tracing::warn!(listen = %config.listen, "listening on a non-loopback address without api_keys or allow_cidrs (access.allow_unauthenticated_remote = true): anyone who reaches this address acts as your Zoho user");
+    }
+    // Allowed (a test suite against a fake Zoho may need more), but said.
+    if config.oauth.max_refreshes_per_10min > ZOHO_REFRESHES_PER_10MIN {
+        tracing::warn!(
+            max_refreshes_per_10min = config.oauth.max_refreshes_per_10min,
+            "oauth.max_refreshes_per_10min is above {ZOHO_REFRESHES_PER_10MIN}: Zoho allows {ZOHO_REFRESHES_PER_10MIN} refreshes per 10 minutes per refresh token, and the refresh guard no longer keeps the proxy under it (past it, Zoho blocks the refresh token for the rest of the window)"
+        );
+    }
+}
+
 /// Runs the proxy on `listener` until `shutdown` resolves, then drains, saves the token
 /// file and returns.
 pub async fn run(
@@ -161,16 +176,6 @@ pub async fn run_with_reload(
     let store = shared_store(&config, &metrics)?;
     let tokens = token_cache(&config, store.as_ref(), Arc::clone(&metrics))?;
     reuse_stored_token(&config, &stored, &tokens);
-    if config.is_open_remote() {
-        tracing::warn!(listen = %config.listen, "listening on a non-loopback address without api_keys or allow_cidrs (access.allow_unauthenticated_remote = true): anyone who reaches this address acts as your Zoho user");
-    }
-    // Allowed (a test suite against a fake Zoho may need more), but said.
-    if config.oauth.max_refreshes_per_10min > ZOHO_REFRESHES_PER_10MIN {
-        tracing::warn!(
-            max_refreshes_per_10min = config.oauth.max_refreshes_per_10min,
-            "oauth.max_refreshes_per_10min is above {ZOHO_REFRESHES_PER_10MIN}: Zoho allows {ZOHO_REFRESHES_PER_10MIN} refreshes per 10 minutes per refresh token, and the refresh guard no longer keeps the proxy under it (past it, Zoho blocks the refresh token for the rest of the window)"
-        );
-    }
 
     let (stop_tasks, tasks_stopped) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

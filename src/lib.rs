@@ -47,7 +47,7 @@ pub mod demo;
 pub mod fake_zoho;
 pub mod ops;
 
-pub use app::{RunError, ready_config, run, run_with_reload};
+pub use app::{RunError, ready_config, run, run_with_reload, warn_about};
 pub use error::ProxyError;
 pub use secret::Secret;
 pub use url::BaseUrl;

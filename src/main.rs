@@ -171,11 +171,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Every problem is reported before anything binds.
     let config = zoho_desk_proxy::ready_config(config)?;
     init_logging(config.log_format);
+    zoho_desk_proxy::warn_about(&config);
+    let shutdown = shutdown_signal();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let reload = reload_on_sighup(args.config.clone(), args.listen);
-    zoho_desk_proxy::run_with_reload(config, listener, shutdown_signal(), reload).await?;
+    zoho_desk_proxy::run_with_reload(config, listener, shutdown, reload).await?;
     Ok(())
 }
 
@@ -238,15 +240,21 @@ fn init_logging(format: Option<LogFormat>) {
     };
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The signals are taken over when this is called, not
+/// when the future is first polled: a SIGTERM right after the proxy said it listens must
+/// stop it gracefully, not kill it.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
+    let signals = {
         use tokio::signal::unix::{SignalKind, signal};
-        match (
+        (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
-        ) {
+        )
+    };
+    async move {
+        #[cfg(unix)]
+        match signals {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => {}
@@ -257,9 +265,9 @@ async fn shutdown_signal() {
                 let _ = tokio::signal::ctrl_c().await;
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

@@ -437,6 +437,19 @@ async fn rejected_credentials_recover_on_sighup_without_a_restart() {
 }
 
 #[tokio::test]
+async fn sigterm_the_moment_the_proxy_says_it_listens_stops_it_gracefully() {
+    let fake = FakeZoho::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &fake, true, "", "");
+    // The signals are taken over before the proxy says it listens: never killed by one.
+    for _ in 0..5 {
+        let Serving { child, .. } = serve(dir.path(), &config).await;
+        let (status, _) = stopped_by_sigterm(child).await;
+        assert!(status.success(), "{status:?}");
+    }
+}
+
+#[tokio::test]
 async fn sigterm_exits_as_soon_as_the_drain_is_done() {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let fake = FakeZoho::start().await.unwrap();
