@@ -57,7 +57,7 @@ pub use url::BaseUrl;
 pub mod rules {
     pub use crate::access::AccessPolicy;
     pub use crate::headers::prepare_request;
-    pub use crate::paths::{Case, PathRule, canonicalize};
+    pub use crate::paths::{Case, PathRule, canonicalize, rule_form};
     pub use crate::target::{Target, check_path, host_name, resolve};
 }
 

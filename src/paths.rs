@@ -4,8 +4,10 @@
 //! is what the access rules see and what is forwarded to Desk: a rule can only be walked
 //! around by a spelling that Desk would read differently from the proxy, so there must be
 //! no such spelling. The canonical form:
-//! - decodes percent-encoded unreserved characters (`%61` → `a`, `%2E` → `.`) and writes
-//!   the other escapes with upper-case hex digits (`%c3%a9` → `%C3%A9`);
+//! - decodes percent-encoded unreserved characters (`%61` → `a`, `%2E` → `.`) and keeps
+//!   the other escapes as the client wrote them, so that the rest of the path goes to Desk
+//!   byte for byte (the rules compare an escape's hex digits in any case: `%c3%a9` and
+//!   `%C3%A9` are one character, and [`rule_form`] is the form they match);
 //! - refuses what some server along the way would read as structure rather than data:
 //!   `;` (path parameters; `..;` is a dot-segment to servlet containers), `\`, `%00`,
 //!   `%2F`, `%5C`, `%3B`, malformed escapes, dot-segments in any encoding, empty segments
@@ -79,15 +81,10 @@ pub fn canonicalize(path: &str) -> Result<Cow<'_, str>, PathError> {
                     b';' => return Err(PathError::Separator("an encoded \";\" (%3B)")),
                     _ => {}
                 }
-                let canonical_escape =
-                    [b'%', HEX_UPPER[usize::from(hi)], HEX_UPPER[usize::from(lo)]];
                 if is_unreserved(decoded) {
                     out.get_or_insert_with(|| bytes[..i].to_vec()).push(decoded);
-                } else if bytes[i..i + 3] != canonical_escape {
-                    out.get_or_insert_with(|| bytes[..i].to_vec())
-                        .extend_from_slice(&canonical_escape);
                 } else if let Some(out) = &mut out {
-                    out.extend_from_slice(&canonical_escape);
+                    out.extend_from_slice(&bytes[i..i + 3]);
                 }
                 i += 3;
                 continue;
@@ -124,7 +121,35 @@ fn check_segments(path: &str) -> Result<(), PathError> {
     Ok(())
 }
 
-const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
+/// A canonical path as the path rules see it: the hex digits of its escapes in upper case.
+/// Borrowed unless one is in lower case.
+pub fn rule_form(path: &str) -> Cow<'_, str> {
+    let bytes = path.as_bytes();
+    let lower_escape = |at: usize| {
+        bytes[at] == b'%'
+            && bytes[at + 1..]
+                .iter()
+                .take(2)
+                .any(|b| b.is_ascii_lowercase())
+    };
+    if !(0..bytes.len()).any(lower_escape) {
+        return Cow::Borrowed(path);
+    }
+    let mut out = bytes.to_vec();
+    let mut i = 0;
+    while i < out.len() {
+        if out[i] == b'%' {
+            for digit in out.iter_mut().skip(i + 1).take(2) {
+                digit.make_ascii_uppercase();
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    // Only ASCII letters changed case.
+    Cow::Owned(String::from_utf8(out).unwrap_or_else(|_| path.to_owned()))
+}
 
 fn hex(byte: u8) -> Option<u8> {
     match byte {
@@ -208,7 +233,7 @@ impl PathRule {
             rule: text.to_owned(),
             reason,
         })?;
-        let segments = canonical
+        let segments = rule_form(&canonical)
             .trim_end_matches('/')
             .split('/')
             .skip(1)
@@ -233,7 +258,7 @@ impl PathRule {
         &self.text
     }
 
-    /// Whether the rule covers `path`, a canonical path (from [`canonicalize`]): the path
+    /// Whether the rule covers `path`, a canonical path in its [`rule_form`]: the path
     /// itself or anything below it.
     pub fn covers(&self, path: &str) -> bool {
         let path = path.strip_prefix('/').unwrap_or(path);
@@ -309,13 +334,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rules_see_an_escape_s_hex_digits_in_any_case_as_one() {
+        assert_eq!(rule_form("/api/v1/caf%c3%a9"), "/api/v1/caf%C3%A9");
+        assert!(matches!(rule_form("/api/v1/caf%C3%A9"), Cow::Borrowed(_)));
+        assert!(matches!(rule_form("/api/v1/tickets"), Cow::Borrowed(_)));
+        for (rule, case) in [
+            ("/api/v1/caf%c3%a9", Case::Sensitive),
+            ("/api/v1/caf%C3%A9", Case::Sensitive),
+            ("/api/v1/caf%C3%a9", Case::Insensitive),
+        ] {
+            let rule = PathRule::parse(rule, case).unwrap();
+            for path in [
+                "/api/v1/caf%c3%a9/1",
+                "/api/v1/caf%C3%A9",
+                "/api/v1/caf%c3%A9",
+            ] {
+                let canonical = canonicalize(path).unwrap();
+                assert!(rule.covers(&rule_form(&canonical)), "{rule:?} {path}");
+            }
+            assert!(!rule.covers(&rule_form("/api/v1/caf%C3%A8")), "{rule:?}");
+        }
+    }
+
+    #[test]
     fn canonical_forms() {
         let table: &[(&str, Result<&str, PathError>)] = &[
             ("/api/v1/tickets", Ok("/api/v1/tickets")),
             ("/api/v1/tickets/", Ok("/api/v1/tickets/")),
             ("/api/v1/%61gents", Ok("/api/v1/agents")),
             ("/api/v1/%7Euser%2d%5F", Ok("/api/v1/~user-_")),
-            ("/api/v1/caf%c3%a9", Ok("/api/v1/caf%C3%A9")),
+            ("/api/v1/caf%c3%a9", Ok("/api/v1/caf%c3%a9")),
+            ("/api/v1/caf%C3%a9%61", Ok("/api/v1/caf%C3%a9a")),
             ("/api/v1/a%20b", Ok("/api/v1/a%20b")),
             ("/api/v1/100%25", Ok("/api/v1/100%25")),
             ("/api/v1/%252e%252e/x", Ok("/api/v1/%252e%252e/x")),

@@ -287,7 +287,7 @@ mod tests {
         assert_eq!(t.path_and_query, "/api/v1/tickets?q=a%2Fb+c%20d&x=%7E");
         assert_eq!(t.path(), "/api/v1/tickets");
         let t = resolve_str("/api/v1/%61gents/caf%c3%a9?q=%61", Version::HTTP_11).unwrap();
-        assert_eq!(t.path_and_query, "/api/v1/agents/caf%C3%A9?q=%61");
+        assert_eq!(t.path_and_query, "/api/v1/agents/caf%c3%a9?q=%61");
     }
 
     #[test]

@@ -307,7 +307,35 @@ async fn path_rules_hold_for_every_spelling_of_a_path_sent_raw() {
     let (status, _, _) = h2c(s.proxy.addr, "GET", "/api/v1/%74ickets/caf%c3%a9", &[]).await;
     assert_eq!(status, 404, "the fake has no such ticket");
     let seen = s.zoho.desk_requests().pop().unwrap();
-    assert_eq!(seen.path_and_query, "/api/v1/tickets/caf%C3%A9");
+    // Other escapes go as the client wrote them.
+    assert_eq!(seen.path_and_query, "/api/v1/tickets/caf%c3%a9");
+}
+
+#[tokio::test]
+async fn rules_read_an_escape_in_any_case_and_desk_gets_it_as_written() {
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.access.allow_paths = allow(&["/api/v1/tickets/caf%C3%A9"]);
+        c.access.deny_paths = deny(&["/api/v1/tickets/caf%c3%a9/secret"]);
+    })
+    .await;
+    let answer = raw_request(s.proxy.addr, &raw_get("/api/v1/tickets/caf%c3%a9")).await;
+    assert_eq!(
+        raw_status(&answer),
+        404,
+        "allowed; the fake has no such ticket: {answer}"
+    );
+    let seen = s.zoho.desk_requests().pop().unwrap();
+    assert_eq!(seen.path_and_query, "/api/v1/tickets/caf%c3%a9");
+    for path in [
+        "/api/v1/tickets/caf%C3%A9/secret",
+        "/api/v1/tickets/caf%c3%A9/Secret",
+    ] {
+        let answer = raw_request(s.proxy.addr, &raw_get(path)).await;
+        assert_eq!(raw_status(&answer), 403, "{path}: {answer}");
+    }
+    let answer = raw_request(s.proxy.addr, &raw_get("/api/v1/tickets/caf%C3%A8")).await;
+    assert_eq!(raw_status(&answer), 403, "not allowed: {answer}");
+    assert_eq!(s.zoho.desk_request_count(), 1);
 }
 
 #[tokio::test]

@@ -518,6 +518,8 @@ fn request_line(method: &str, path_and_query: &str) -> String {
         Some((path, query)) => (path, Some(query)),
         None => (path_and_query, None),
     };
+    // An escape's hex digits in any case are one character.
+    let path = crate::paths::rule_form(path);
     let mut line = format!("{method} {path}");
     if let Some(query) = query.filter(|q| !q.is_empty()) {
         let mut pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
@@ -536,6 +538,18 @@ fn request_line(method: &str, path_and_query: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_escape_matches_in_any_case_and_the_query_in_any_order() {
+        assert_eq!(
+            request_line("GET", "/api/v1/caf%c3%a9?b=2&a=1"),
+            request_line("GET", "/api/v1/caf%C3%A9?a=1&b=2")
+        );
+        assert_ne!(
+            request_line("GET", "/api/v1/caf%c3%a9"),
+            request_line("GET", "/api/v1/CAF%c3%a9")
+        );
+    }
 
     #[test]
     fn queries_match_in_any_order_and_spelling() {
