@@ -251,7 +251,7 @@ impl AccessPolicy {
         };
         let Some(presented) = presented else {
             return Err(ProxyError::Unauthorized(
-                "access.api_keys: this proxy needs a key: send it as X-Proxy-Key or Proxy-Authorization: Bearer".into(),
+                "access.api_keys: this proxy needs a key: send it as X-Proxy-Key, Proxy-Authorization: Bearer <key>, or Proxy-Authorization: Basic with the key as the password (user:key)".into(),
             ));
         };
         // Compare against every key, without stopping early.

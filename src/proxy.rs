@@ -58,6 +58,18 @@ pub enum Via {
     },
 }
 
+/// A host transparent mode serves, as a request came for it: inside a tunnel (port 443),
+/// or as a plain `http://` request (its scheme's port).
+#[derive(Clone, Copy)]
+struct Intercepted<'a> {
+    /// The host, lower case.
+    host: &'a str,
+    /// The port the request's names may give.
+    port: u16,
+    /// What that host is.
+    service: intercept::Service,
+}
+
 /// Carried by the 200 to an accepted `CONNECT` (an answer's extensions must be `Clone`, so
 /// the tunnel is in a shared cell the serving layer takes it from).
 #[derive(Clone)]
@@ -334,14 +346,24 @@ impl Proxy {
         }
         target::check_host_syntax(req.uri(), req.version(), req.headers())?;
         if let Via::Tunnel { host, service } = via {
-            return Box::pin(self.tunneled(upstream, req, peer, log, host, *service)).await;
+            let to = Intercepted {
+                host,
+                port: 443,
+                service: *service,
+            };
+            return Box::pin(self.tunneled(upstream, req, peer, log, to)).await;
         }
-        if let Some((host, service)) = self.intercepted(&req) {
+        if let Some((host, port, service)) = self.intercepted(&req) {
             // A plain `http://` request for a host transparent mode serves, sent to the
             // proxy as to an HTTP proxy: served as inside a tunnel to that host, with the
             // checks of the `CONNECT` it did not make.
             self.access.check_connect(&req, peer)?;
-            return Box::pin(self.tunneled(upstream, req, peer, log, &host, service)).await;
+            let to = Intercepted {
+                host: &host,
+                port,
+                service,
+            };
+            return Box::pin(self.tunneled(upstream, req, peer, log, to)).await;
         }
         let target = target::resolve(req.uri(), req.version(), &self.config.upstream)?;
         if let Some(name) = admin::reserved_name(target.path()) {
@@ -409,9 +431,9 @@ impl Proxy {
         Ok(response)
     }
 
-    /// The host and service of an absolute-form HTTP/1 request, on its scheme's default
-    /// port, for a host transparent mode serves.
-    fn intercepted<B>(&self, req: &Request<B>) -> Option<(String, intercept::Service)> {
+    /// The host, port and service of an absolute-form HTTP/1 request, on its scheme's
+    /// default port, for a host transparent mode serves.
+    fn intercepted<B>(&self, req: &Request<B>) -> Option<(String, u16, intercept::Service)> {
         let intercept = self.intercept.as_ref()?;
         let uri = req.uri();
         let authority = uri
@@ -430,7 +452,8 @@ impl Proxy {
         }
         let host = target::host_name(authority.as_str()).ok()?;
         let service = intercept.service(host)?;
-        Some((host.to_ascii_lowercase(), service))
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        Some((host, default_port, service))
     }
 
     /// A request inside a tunnel: it must name the tunnel's host; Accounts' requests are
@@ -442,20 +465,33 @@ impl Proxy {
         req: Box<Request<Incoming>>,
         peer: SocketAddr,
         log: &mut RequestLog,
-        host: &str,
-        service: intercept::Service,
+        to: Intercepted<'_>,
     ) -> Result<ClientResponse, ProxyError> {
-        let named = req
+        let Intercepted {
+            host,
+            port,
+            service,
+        } = to;
+        // Every name the request gives (`Host`, the target's or `:authority`'s) must be
+        // the host it came for, on that port or none.
+        let names = req
             .headers()
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().authority().map(|a| a.as_str()))
-            .map(target::host_name)
-            .transpose()?;
-        if named.is_some_and(|n| !n.eq_ignore_ascii_case(host)) {
-            return Err(ProxyError::Forbidden(format!(
-                "intercept: a request inside the tunnel to {host} names another host"
-            )));
+            .get_all(http::header::HOST)
+            .iter()
+            .map(|h| h.to_str().unwrap_or(""))
+            .chain(req.uri().authority().map(|a| a.as_str()));
+        for named in names {
+            let name = target::host_name(named)?;
+            let port_ok = named
+                .rsplit_once(':')
+                .filter(|(_, p)| !p.ends_with(']'))
+                .is_none_or(|(_, p)| p.parse::<u16>().is_ok_and(|p| p == port));
+            if !name.trim_end_matches('.').eq_ignore_ascii_case(host) || !port_ok {
+                return Err(ProxyError::Forbidden(format!(
+                    "intercept: a request for {host} names another host ({})",
+                    named.chars().take(64).collect::<String>()
+                )));
+            }
         }
         let target = target::resolve(req.uri(), Version::HTTP_2, &self.config.upstream)?;
         if admin::reserved_name(target.path()).is_some() {

@@ -36,12 +36,17 @@ async fn keyed() -> Scenario {
 async fn a_key_is_needed_and_never_reaches_zoho() {
     let s = keyed().await;
     let c = client();
-    assert_proxy_error(
+    let missing = assert_proxy_error(
         c.get(s.url("/api/v1/tickets")).send().await.unwrap(),
         401,
         "PROXY_UNAUTHORIZED",
     )
     .await;
+    // Every way to send it is named.
+    let message = missing["message"].as_str().unwrap();
+    for way in ["X-Proxy-Key", "Bearer", "Basic"] {
+        assert!(message.contains(way), "{message}");
+    }
     let wrong = c
         .get(s.url("/api/v1/tickets"))
         .header("X-Proxy-Key", "nope")

@@ -360,6 +360,54 @@ async fn a_keyed_proxy_takes_the_key_on_the_connect_as_bearer_or_basic() {
 }
 
 #[tokio::test]
+async fn every_name_a_request_in_a_tunnel_gives_must_be_the_tunnel_s_host() {
+    let t = Transparent::start(|_| {}).await;
+    for alpn in [&b"http/1.1"[..], b"h2"] {
+        // (the target or `:authority`, the `Host` header, the status)
+        for (uri, host, status) in [
+            (
+                "https://desk.zoho.com:443/api/v1/tickets",
+                "desk.zoho.com",
+                200,
+            ),
+            ("https://evil.example/api/v1/tickets", "desk.zoho.com", 403),
+            (
+                "https://desk.zoho.com:8080/api/v1/tickets",
+                "desk.zoho.com",
+                403,
+            ),
+            (
+                "https://accounts.zoho.com/oauth/v2/token",
+                "desk.zoho.com",
+                403,
+            ),
+            (
+                "https://desk.zoho.com/api/v1/tickets",
+                "desk.zoho.com:444",
+                403,
+            ),
+        ] {
+            let tls = tunnel(t.s.proxy.addr, "desk.zoho.com", &t.ca(), &[alpn], &[])
+                .await
+                .unwrap();
+            let request = http::Request::get(uri)
+                .header("host", host)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let (got, body) = send(tls, request).await;
+            assert_eq!(
+                got,
+                status,
+                "{uri} Host {host} over {}: {}",
+                String::from_utf8_lossy(alpn),
+                String::from_utf8_lossy(&body)
+            );
+        }
+    }
+    assert_eq!(t.s.zoho.desk_request_count(), 2, "the two 200s only");
+}
+
+#[tokio::test]
 async fn plain_http_for_zoho_hosts_is_served_as_in_a_tunnel() {
     let t = Transparent::start(|c| {
         c.access.api_keys = vec![Secret::new("k-123456".into())];
