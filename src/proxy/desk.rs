@@ -1,0 +1,609 @@
+//! The attempts at Desk: a slot in Desk's line and the serving thread's, a token, the
+//! call held until Desk is done with it, and what Desk's answer asks of the request (a
+//! retry after a 429, or after a 401 with a newer token).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderMap, HeaderName, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Limited};
+use tokio::time::Instant;
+use tokio::time::error::Elapsed;
+
+use super::{ClientResponse, MAX_401_BODY, Proxy, Upstream};
+use crate::body::{BodyOutcome, DeskBody, RequestBody, ResponseBody, UpstreamBody};
+use crate::concurrency::{HeldCall, UpstreamSlot};
+use crate::error::ProxyError;
+use crate::headers;
+use crate::metrics::UpstreamErrorKind;
+use crate::observe::RequestLog;
+use crate::pool::{SendError, Sent};
+use crate::target::Target;
+use crate::token::{Token, TokenError};
+
+impl Proxy {
+    /// One attempt at Desk: sent with a token, and its answer read.
+    async fn attempt(
+        &self,
+        upstream: &Upstream,
+        attempt: Attempt,
+        log: &mut RequestLog,
+    ) -> Result<(Answer, Arc<Token>), ProxyError> {
+        let (response, slot, token) = self.send(upstream, attempt, log).await?;
+        if response.status() != StatusCode::UNAUTHORIZED {
+            return Ok((self.answer(response, slot), token));
+        }
+        // Boxed: reading a 401 is rare, and every request waiting for a slot would
+        // otherwise hold room for it.
+        let answer = Box::pin(self.unauthorized(response, slot, &token)).await?;
+        Ok((answer, token))
+    }
+
+    /// The request's attempts at Desk: the first, a retry after a 429 and one after a
+    /// 401 that said the token was bad, each when allowed.
+    pub(super) async fn exchange(
+        &self,
+        upstream: &Upstream,
+        parts: &mut Parts,
+        body: RequestBody,
+        uri: Uri,
+        target: &Target,
+        log: &mut RequestLog,
+    ) -> Result<ClientResponse, ProxyError> {
+        let (upstream_body, outcome, replay) = body.into_parts();
+        // The first attempt takes the request's own headers and a retry the copy: a
+        // copy is allocated to its exact size and would grow again to take the token,
+        // where the map hyper built has room to spare (README "Performance").
+        let first_headers = if replay.is_some() {
+            let copy = parts.headers.clone();
+            std::mem::replace(&mut parts.headers, copy)
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
+        let first = Attempt::new(
+            &parts.method,
+            first_headers,
+            uri,
+            (upstream_body, outcome),
+            Want::Usable,
+        );
+        let (mut answer, mut token) = self.attempt(upstream, first, log).await?;
+        // Once retried after a 429, the request's answer is due within its response time
+        // counted from its arrival, a retry after a 401 included.
+        let mut due = None;
+        if let Answer::Throttled(response, wait) = answer {
+            // Desk's concurrency or rate limit: once, when the request can be sent again
+            // unchanged and Desk's wait fits in the time the request has.
+            let by = Instant::from_std(log.arrived()) + self.config.timeouts.response;
+            let again = replay
+                .as_ref()
+                .filter(|_| is_idempotent(&parts.method) && Instant::now() + wait < by);
+            let Some(replay) = again else {
+                return Ok(response);
+            };
+            drop(response);
+            let retry = Attempt::new(
+                &parts.method,
+                parts.headers.clone(),
+                self.upstream_uri(target)?,
+                (UpstreamBody::buffered(replay.bytes.clone()), None),
+                Want::Usable,
+            )
+            .retry(Retry::After429);
+            due = Some(by);
+            // The rare paths are boxed: the request's future does not carry their size.
+            (answer, token) = Box::pin(async {
+                tokio::time::sleep(wait).await;
+                self.attempt(upstream, retry.due(due), log).await
+            })
+            .await?;
+        }
+        let desk_401 = match answer {
+            Answer::Pass(response) | Answer::Throttled(response, _) => return Ok(response),
+            Answer::TokenRejected(desk_401) => desk_401,
+        };
+        // Without a replayable body Desk's 401 goes back; the refresh happens anyway, for
+        // the requests after it.
+        let Some(replay) = replay else {
+            return Ok(desk_401);
+        };
+        let retry = Attempt::new(
+            &parts.method,
+            std::mem::take(&mut parts.headers),
+            self.upstream_uri(target)?,
+            (UpstreamBody::buffered(replay.bytes.clone()), None),
+            Want::NewerThan(token.generation),
+        )
+        .retry(Retry::After401)
+        .due(due);
+        // A second 401 goes to the client as Desk sent it (its token marked rejected too).
+        match Box::pin(self.attempt(upstream, retry, log)).await?.0 {
+            Answer::Pass(response)
+            | Answer::TokenRejected(response)
+            | Answer::Throttled(response, _) => Ok(response),
+        }
+    }
+
+    /// Desk's answer, other than a 401, for the client. A 429 is counted, with the wait
+    /// Desk asks for.
+    fn answer(&self, response: Response<DeskBody>, slot: UpstreamSlot) -> Answer {
+        self.note_rate_limit(response.headers());
+        if response.status() == StatusCode::TOO_MANY_REQUESTS {
+            self.metrics.record_desk_429();
+            let wait = retry_after(response.headers()).unwrap_or(DEFAULT_RETRY_AFTER);
+            return Answer::Throttled(into_client_response(response, slot), wait);
+        }
+        Answer::Pass(into_client_response(response, slot))
+    }
+
+    /// Desk's remaining credits, when its answer's headers tell them (a recorded
+    /// answer's too).
+    pub(super) fn note_rate_limit(&self, headers: &HeaderMap) {
+        if let Some(remaining) = rate_limit_remaining(headers) {
+            self.metrics.set_desk_rate_limit_remaining(remaining);
+        }
+    }
+
+    /// Desk's 401 for the client. One that says the token itself is bad is read whole,
+    /// and the token marked rejected before the upstream slot is freed, so that the
+    /// request taking the slot never sends it.
+    async fn unauthorized(
+        &self,
+        response: Response<DeskBody>,
+        slot: UpstreamSlot,
+        token: &Token,
+    ) -> Result<Answer, ProxyError> {
+        self.note_rate_limit(response.headers());
+        let (parts, body) = response.into_parts();
+        let desk_401 = Limited::new(body, MAX_401_BODY)
+            .collect()
+            .await
+            .map_err(|_| {
+                ProxyError::UpstreamUnreachable("Zoho Desk's 401 answer could not be read".into())
+            })?
+            .to_bytes();
+        if !token_is_invalid(&desk_401) {
+            // SCOPE_MISMATCH and friends: the token is fine, the answer is the client's.
+            return Ok(Answer::Pass(rebuild(parts, desk_401)));
+        }
+        self.tokens.mark_rejected(token);
+        drop(slot);
+        Ok(Answer::TokenRejected(rebuild(parts, desk_401)))
+    }
+
+    /// Sends one request to Desk once a slot is free, with the token chosen at that
+    /// moment; the slot is held until the response body is done. The wait for a slot and
+    /// Desk's answer count against `timeouts.response_secs`; the wait for a token has its
+    /// own bound (an Accounts call) and does not. A failure caused by the client's
+    /// streamed body is the client's error, not Desk's.
+    async fn send(
+        &self,
+        upstream: &Upstream,
+        attempt: Attempt,
+        log: &mut RequestLog,
+    ) -> Result<(Response<DeskBody>, UpstreamSlot, Arc<Token>), ProxyError> {
+        // The attempt's request is boxed (see `Attempt`): an async fn keeps its arguments
+        // for its whole life, and every request waiting for a slot holds this future at
+        // its largest.
+        let started = Instant::now();
+        let timeout = self.config.timeouts.response;
+        let due = attempt
+            .due
+            .map_or(started + timeout, |due| due.min(started + timeout));
+        // The clock is read again only after a wait (for a slot, for a token): about
+        // 23 ns a read, and the request's path used to read it 17 times (README
+        // "Performance"). Desk's call first (shared by the serving threads, in arrival
+        // order), then the serving thread's own slot: at once when both are free (no
+        // timer is made), else in line within the response's time.
+        let (slot, free) = match self.slot_now(upstream) {
+            Some(slot) => (Ok(Ok(slot)), started),
+            None => {
+                let slot = tokio::time::timeout_at(due, async {
+                    let desk = self.desk.acquire().await;
+                    let _waiting = self.desk.waiting_for_thread();
+                    let worker = Arc::clone(&upstream.slots).acquire_owned().await;
+                    worker.map(|worker| UpstreamSlot::new(desk, worker))
+                })
+                .await;
+                (slot, Instant::now())
+            }
+        };
+        let answered = match slot {
+            // The semaphore is never closed.
+            Ok(Ok(slot)) => {
+                // Chosen now, not when the request was queued: a token Desk rejected while
+                // it waited is never sent.
+                let (token, sent) = match attempt.token {
+                    Want::Usable => match self.tokens.usable_at(free) {
+                        Some(token) => (Ok(token), free),
+                        None => (self.tokens.usable().await, Instant::now()),
+                    },
+                    Want::NewerThan(generation) => {
+                        (self.tokens.refresh_after(generation).await, Instant::now())
+                    }
+                };
+                let token = token.map_err(token_error)?;
+                // A retry is one once it goes out (not when a token or the client failed
+                // it before).
+                match attempt.retry {
+                    Some(Retry::After401) => log.set_retried(),
+                    Some(Retry::After429) => log.set_retried_after_429(),
+                    None => {}
+                }
+                let (request, outcome) = attempt.into_request(&token);
+                // Desk's latency, in the log, starts once a slot and a token are in hand;
+                // the wait for a token does not count against the response's time.
+                let deadline = due + (sent - free);
+                // A call Desk still works on when its client leaves or its deadline
+                // passes keeps its slot (Desk still counts it) until Desk answers: for
+                // twice the response time from when it was sent, and at least the
+                // response time more (after a long upload).
+                let wait = Wait {
+                    deadline,
+                    response: timeout,
+                    body: outcome.as_deref(),
+                    held_until: sent + 2 * timeout,
+                };
+                let response = call_desk(upstream, request, wait, slot).await;
+                if response.is_err()
+                    && let Some(outcome) = &outcome
+                {
+                    // The client gets a 504: the rest of a streamed body stays here.
+                    outcome.abandon();
+                }
+                log.set_upstream_latency(sent.elapsed());
+                response.map(|(response, slot)| (slot, token, response, outcome))
+            }
+            Ok(Err(_closed)) => {
+                return Err(ProxyError::UpstreamUnreachable(
+                    "the proxy is shutting down".into(),
+                ));
+            }
+            // Never sent: Desk took no time (the log has no `upstream_ms`).
+            Err(elapsed) => Err(elapsed),
+        };
+        let err = match answered {
+            // No request asks for one (`Upgrade` is never forwarded), and the client
+            // would be left on a connection switched to nothing.
+            Ok((_, _, Ok(response), _)) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                ProxyError::UpstreamUnreachable(
+                    "Zoho Desk answered 101 Switching Protocols, and the proxy forwards no protocol upgrade".into(),
+                )
+            }
+            Ok((slot, token, Ok(response), _)) => return Ok((response, slot, token)),
+            Ok((_, _, Err(_), outcome))
+                if let Some(stalled) = outcome.as_deref().and_then(BodyOutcome::stalled) =>
+            {
+                // Desk never had the whole request: the client's body was at fault.
+                return Err(self.body_failed(stalled));
+            }
+            Ok((_, _, Err(err), _)) if err.is_connect_timeout() => {
+                ProxyError::UpstreamTimeout(format!(
+                    "Zoho Desk could not be connected to within {} s (timeouts.connect_secs)",
+                    self.config.timeouts.connect.as_secs_f64()
+                ))
+            }
+            Ok((_, _, Err(err), _)) => {
+                ProxyError::UpstreamUnreachable(format!("Zoho Desk could not be reached: {err}"))
+            }
+            Err(_) => ProxyError::UpstreamTimeout(format!(
+                "Zoho Desk did not answer within {} s (timeouts.response_secs)",
+                timeout.as_secs_f64()
+            )),
+        };
+        self.metrics.record_upstream_error(match err {
+            ProxyError::UpstreamTimeout(_) => UpstreamErrorKind::Timeout,
+            _ => UpstreamErrorKind::Unreachable,
+        });
+        Err(err)
+    }
+
+    /// A place at Desk free at once: one of Desk's calls and one of the serving thread's
+    /// slots, neither taken from anyone in line.
+    fn slot_now(&self, upstream: &Upstream) -> Option<UpstreamSlot> {
+        let desk = self.desk.try_acquire()?;
+        let worker = Arc::clone(&upstream.slots).try_acquire_owned().ok()?;
+        Some(UpstreamSlot::new(desk, worker))
+    }
+}
+
+/// One attempt at Desk: its request, without the token yet (boxed once, as the pool
+/// takes it: the futures that carry it keep 8 bytes for it, not the request's size),
+/// what its body will tell of its end, and which token it needs.
+struct Attempt {
+    request: Box<Request<UpstreamBody>>,
+    outcome: Option<Arc<BodyOutcome>>,
+    token: Want,
+    /// When Desk's answer must have begun by, if sooner than `timeouts.response_secs`
+    /// from the attempt's start (a retry after a 429 has what is left of the request's).
+    due: Option<Instant>,
+    /// Which retry this is, if one.
+    retry: Option<Retry>,
+}
+
+/// A retry of a request, logged (a 401's also counted) once it is sent.
+#[derive(Debug, Clone, Copy)]
+enum Retry {
+    /// With a newer token, after Desk's 401.
+    After401,
+    /// After Desk's 429 and the wait it asked for.
+    After429,
+}
+
+impl Attempt {
+    /// An attempt at `uri` with the client's method, these headers and this body (and
+    /// what a streamed one will tell of its end).
+    fn new(
+        method: &http::Method,
+        headers: HeaderMap,
+        uri: Uri,
+        (body, outcome): (UpstreamBody, Option<Arc<BodyOutcome>>),
+        token: Want,
+    ) -> Self {
+        let mut request = Box::new(Request::new(body));
+        *request.method_mut() = method.clone();
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
+        Self {
+            request,
+            outcome,
+            token,
+            due: None,
+            retry: None,
+        }
+    }
+
+    /// The attempt, its answer due by `due` at the latest (when given).
+    fn due(self, due: Option<Instant>) -> Self {
+        Self { due, ..self }
+    }
+
+    /// The attempt as this retry.
+    fn retry(self, retry: Retry) -> Self {
+        Self {
+            retry: Some(retry),
+            ..self
+        }
+    }
+
+    /// The request for Desk, with `token`, and what its body will tell of its end.
+    fn into_request(self, token: &Token) -> (Box<Request<UpstreamBody>>, Option<Arc<BodyOutcome>>) {
+        let Attempt {
+            mut request,
+            outcome,
+            ..
+        } = self;
+        request
+            .headers_mut()
+            .insert(http::header::AUTHORIZATION, token.header.clone());
+        (request, outcome)
+    }
+}
+
+/// How long an attempt waits for Desk's answer.
+struct Wait<'a> {
+    /// When the answer must have begun by.
+    deadline: Instant,
+    /// `timeouts.response_secs`.
+    response: Duration,
+    /// A streamed body's progress: while it moves, Desk is not late. Its answer is then
+    /// due `response` after the last 64 KiB of it went out (see [`BodyOutcome`]).
+    body: Option<&'a BodyOutcome>,
+    /// How long a call left behind is held (see [`HeldCall`]): until then, and at least
+    /// `response` more.
+    held_until: Instant,
+}
+
+/// Desk's call with `slot`: a connection first (given up, nothing sent, if the client
+/// leaves meanwhile), then the request on it, held until Desk is done with it even if
+/// the client leaves or the wait ends ([`HeldCall`], for a time: see [`Wait`]). A
+/// waiting connection that had closed as it was taken gets the request again on a new
+/// one. One timer bounds the wait for the answer; a streamed body that still moved when
+/// it fired moves it on.
+async fn call_desk(
+    upstream: &Upstream,
+    request: Box<Request<UpstreamBody>>,
+    wait: Wait<'_>,
+    slot: UpstreamSlot,
+) -> Result<(Result<Response<DeskBody>, SendError>, UpstreamSlot), Elapsed> {
+    let held = (wait.held_until, wait.response);
+    let call = async move {
+        let (mut request, mut slot, mut fresh) = (request, slot, false);
+        loop {
+            let ready = match upstream.pool.connection(fresh).await {
+                Ok(ready) => ready,
+                Err(err) => return (Err(err), slot),
+            };
+            let pool = Arc::clone(&upstream.pool);
+            let call = HeldCall::new(async move { pool.send(ready, request).await }, held, slot);
+            match call.await {
+                (Sent::Answered(answered), held) => return (answered, held),
+                (Sent::Unsent(unsent), held) => {
+                    request = unsent;
+                    slot = held;
+                    fresh = true;
+                }
+            }
+        }
+    };
+    let mut call = std::pin::pin!(call);
+    let mut deadline = wait.deadline;
+    loop {
+        match tokio::time::timeout_at(deadline, call.as_mut()).await {
+            Ok(answered) => return Ok(answered),
+            Err(elapsed) => {
+                let moved_on = wait.body.map(|body| body.last_moved() + wait.response);
+                match moved_on.filter(|later| *later > Instant::now()) {
+                    Some(later) => deadline = later,
+                    None => return Err(elapsed),
+                }
+            }
+        }
+    }
+}
+
+/// The token an attempt is sent with, chosen once its upstream slot is free.
+#[derive(Debug, Clone, Copy)]
+enum Want {
+    /// The current token, while it is usable.
+    Usable,
+    /// A usable token newer than this generation (Desk rejected it).
+    NewerThan(u64),
+}
+
+/// Desk's answer to one attempt.
+enum Answer {
+    /// For the client as it is.
+    Pass(ClientResponse),
+    /// A 401 saying the token is bad (read whole; the token marked rejected).
+    TokenRejected(ClientResponse),
+    /// A 429, for the client as it is unless retried after the wait Desk asks for.
+    Throttled(ClientResponse, Duration),
+}
+
+/// The wait after a 429 that says nothing of one.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Methods a 429 may be retried for: sending them twice does no more than once.
+fn is_idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(method)
+}
+
+/// The wait a `Retry-After` asks for: seconds, or an HTTP date.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// The remaining value of Desk's rate limit, when its answer carries one
+/// (`X-Rate-Limit-Remaining-v3`, or `X-Rate-Limit-Remaining`).
+fn rate_limit_remaining(headers: &HeaderMap) -> Option<i64> {
+    // Ready names: a lookup by `&str` would parse the name on every answer.
+    static NAMES: [HeaderName; 2] = [
+        HeaderName::from_static("x-rate-limit-remaining-v3"),
+        HeaderName::from_static("x-rate-limit-remaining"),
+    ];
+    NAMES
+        .iter()
+        .find_map(|name| headers.get(name))
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| text.trim().parse().ok())
+}
+
+/// Whether a Desk 401 body says the token itself is bad (`INVALID_OAUTH`, or no
+/// `errorCode` at all), as opposed to a valid token lacking rights.
+pub fn token_is_invalid(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct DeskError {
+        #[serde(rename = "errorCode")]
+        error_code: Option<String>,
+    }
+    match serde_json::from_slice::<DeskError>(body) {
+        Ok(DeskError {
+            error_code: Some(code),
+        }) => code == "INVALID_OAUTH",
+        _ => true,
+    }
+}
+
+fn into_client_response(response: Response<DeskBody>, slot: UpstreamSlot) -> ClientResponse {
+    let (mut parts, body) = response.into_parts();
+    headers::prepare_response(&mut parts.headers);
+    Box::new(Response::from_parts(
+        parts,
+        ResponseBody::stream(body, slot),
+    ))
+}
+
+fn rebuild(mut parts: http::response::Parts, body: Bytes) -> ClientResponse {
+    headers::prepare_response(&mut parts.headers);
+    Box::new(Response::from_parts(parts, ResponseBody::full(body)))
+}
+
+fn token_error(err: TokenError) -> ProxyError {
+    match err {
+        TokenError::Unavailable {
+            reason,
+            retry_after,
+        } => ProxyError::TokenUnavailable {
+            message: format!("no valid Zoho access token: {reason}"),
+            retry_after,
+        },
+        TokenError::Rejected(reason) => ProxyError::AuthRejected(format!(
+            "Zoho Accounts rejected the proxy's credentials; an operator must act: {reason}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn desks_remaining_credits_are_read_from_the_v3_header_first() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                map.append(*name, http::HeaderValue::from_static(value));
+            }
+            map
+        };
+        let v3 = "x-rate-limit-remaining-v3";
+        let v2 = "x-rate-limit-remaining";
+        assert_eq!(rate_limit_remaining(&headers(&[])), None);
+        assert_eq!(rate_limit_remaining(&headers(&[(v2, "7")])), Some(7));
+        assert_eq!(
+            rate_limit_remaining(&headers(&[(v2, "7"), (v3, "9")])),
+            Some(9)
+        );
+        assert_eq!(
+            rate_limit_remaining(&headers(&[(v3, " 9 "), (v2, "7")])),
+            Some(9)
+        );
+        assert_eq!(
+            rate_limit_remaining(&headers(&[(v3, "9"), (v3, "1")])),
+            Some(9)
+        );
+        assert_eq!(rate_limit_remaining(&headers(&[(v3, "many")])), None);
+    }
+
+    #[test]
+    fn which_401s_cost_a_refresh() {
+        let table: &[(&str, bool)] = &[
+            (
+                r#"{"errorCode":"INVALID_OAUTH","message":"The OAuth Token you provided is invalid."}"#,
+                true,
+            ),
+            ("", true),
+            ("<html>Unauthorized</html>", true),
+            (r#"{"message":"no code"}"#, true),
+            (r#"{"errorCode":"SCOPE_MISMATCH","message":"…"}"#, false),
+            (r#"{"errorCode":"OAUTH_ORG_MISMATCH","message":"…"}"#, false),
+            (r#"{"errorCode":"UNAUTHORIZED","message":"…"}"#, false),
+        ];
+        for (body, refresh) in table {
+            assert_eq!(token_is_invalid(body.as_bytes()), *refresh, "{body}");
+        }
+    }
+}
