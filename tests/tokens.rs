@@ -12,6 +12,20 @@ async fn get(s: &Scenario, path: &str) -> reqwest::Response {
     fetch(s.url(path)).await
 }
 
+/// Asks for tickets until the proxy serves them again, after the backoff of a failed
+/// refresh (5 s at most).
+async fn served_again(s: &Scenario) {
+    let mut status = 0;
+    for _ in 0..100 {
+        status = get(s, "/api/v1/tickets").await.status().as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200);
+}
+
 #[tokio::test]
 async fn concurrent_401s_cause_one_refresh_and_all_succeed() {
     let s = Scenario::start().await;
@@ -279,15 +293,7 @@ async fn a_401_retry_that_never_went_out_is_not_logged_or_counted_as_one() {
     );
     // One that does go out is.
     s.zoho.set_accounts_behavior(AccountsBehavior::Normal);
-    let mut status = 0;
-    for _ in 0..100 {
-        status = get(&s, "/api/v1/tickets").await.status().as_u16();
-        if status == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(status, 200);
+    served_again(&s).await;
     s.zoho.revoke_all_tokens();
     assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
     wait_for_metric(&s.proxy, "zoho_proxy_retries_after_401_total 1").await;
@@ -313,15 +319,7 @@ async fn accounts_down_without_a_token_is_503_with_retry_after() {
     // Accounts back: the proxy recovers after its backoff.
     s.zoho.set_accounts_behavior(AccountsBehavior::Normal);
     wait_for_token_requests(&s.zoho, before + 1).await;
-    let mut status = 0;
-    for _ in 0..100 {
-        status = get(&s, "/api/v1/tickets").await.status().as_u16();
-        if status == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(status, 200);
+    served_again(&s).await;
 }
 
 #[tokio::test]
