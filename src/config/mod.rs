@@ -1,6 +1,7 @@
 //! Configuration: `proxy.toml` and environment variables ([`raw`]), validated in one pass
-//! ([`validate`]) into a [`Config`] whose every field is ready to use ([`model`]), or every
-//! problem at once, each with its key and where it was set ([`error`]).
+//! ([`validate`], one value at a time by [`values`]) into a [`Config`] whose every field is
+//! ready to use ([`model`]), or every problem at once, each with its key and where it was
+//! set ([`error`]).
 
 mod error;
 mod model;
@@ -8,6 +9,7 @@ mod raw;
 #[cfg(test)]
 mod tests;
 mod validate;
+mod values;
 
 use std::net::SocketAddr;
 use std::path::Path;
