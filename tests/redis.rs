@@ -817,6 +817,36 @@ async fn redis_down_falls_back_to_the_local_share_and_rejoins() {
 }
 
 #[tokio::test]
+async fn a_replica_that_never_reached_redis_keeps_to_one_call() {
+    // How many replicas share the limit is not known: one call keeps Desk's limit whatever
+    // the answer (the audit saw 3 such replicas make 9 calls at once against a limit of 3).
+    let mut redis = RedisServer::start().await;
+    redis.kill();
+    let options = FakeOptions::default();
+    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
+    let zoho = fake.control();
+    let proxies = fleet(&fake, &options, Some(&redis), 1, |c| {
+        c.desk.max_concurrent = 4;
+        c.desk.fleet_lease = Duration::from_millis(600);
+    })
+    .await;
+    zoho.set_desk_delay(Duration::from_millis(100));
+    let client = client();
+    let answers = futures_util::future::join_all(
+        (0..6).map(|_| client.get(proxies[0].url("/api/v1/tickets")).send()),
+    )
+    .await;
+    for answer in answers {
+        assert_eq!(answer.unwrap().status(), 200, "serving on one call");
+    }
+    assert_eq!(zoho.desk_max_concurrent(), 1);
+    let ready_now = ready(&proxies[0]).await;
+    assert_eq!(ready_now["desk_concurrency"], "local_share", "{ready_now}");
+    assert_eq!(ready_now["desk_concurrency_share"], 1, "{ready_now}");
+    assert_eq!(ready_now["desk_replicas"], 0, "{ready_now}");
+}
+
+#[tokio::test]
 async fn keys_lost_mid_run_are_put_back_and_the_line_never_sticks() {
     let redis = RedisServer::start().await;
     let options = FakeOptions::default();

@@ -12,7 +12,10 @@
 //! - A release publishes a message that wakes the waiters; they also look again every
 //!   [`POLL`], so a lost message costs at most that.
 //! - When Redis fails, the replica keeps to its share of the limit (the limit divided by
-//!   the replicas it last saw), says so in the log, the metrics and `/_proxy/ready`; its
+//!   the most replicas it saw alive over the last [`REPLICAS_REMEMBERED`] leases, so that
+//!   the gap of a Redis restart, while replicas register again, does not shrink the count;
+//!   a replica that never reached Redis keeps to one call), says so in the log, the
+//!   metrics and `/_proxy/ready`; its
 //!   renewals (every third of a lease) try Redis again, and the first that works brings
 //!   it back to the fleet's count. When Redis has lost the keys (a restart, a flush), the
 //!   next renewal puts this replica's holds back and logs it.
@@ -20,7 +23,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
@@ -38,6 +41,9 @@ const ALIVE: Duration = Duration::from_secs(2);
 const COMMAND_TIMEOUT: Duration = crate::client::REDIS_COMMAND_TIMEOUT;
 /// Keys nobody touches for this long expire.
 const KEY_TTL_MS: u64 = 3_600_000;
+/// For how many leases the most replicas seen alive are remembered: a count that drops
+/// for less (replicas registering again after a Redis restart) is not believed.
+const REPLICAS_REMEMBERED: u32 = 6;
 
 /// Why the fleet's count cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -155,7 +161,11 @@ pub struct FleetSlots {
     held: Mutex<HashSet<String>>,
     /// Woken when a call is released anywhere in the fleet.
     released: Notify,
+    /// The most replicas seen alive lately (see [`remembered`]); 0 before Redis first
+    /// answered.
     replicas_seen: AtomicUsize,
+    /// That count, and since when it was last seen.
+    replicas_memory: Mutex<(usize, Instant)>,
     degraded: AtomicBool,
     last_error: Mutex<Option<String>>,
     /// The calls this replica keeps to while Redis fails.
@@ -195,7 +205,8 @@ impl FleetSlots {
             door: tokio::sync::Mutex::new(()),
             held: Mutex::default(),
             released: Notify::new(),
-            replicas_seen: AtomicUsize::new(1),
+            replicas_seen: AtomicUsize::new(0),
+            replicas_memory: Mutex::new((0, Instant::now())),
             degraded: AtomicBool::new(false),
             last_error: Mutex::new(None),
             share: Mutex::new(Arc::new(Semaphore::new(limit))),
@@ -220,12 +231,18 @@ impl FleetSlots {
         FleetStatus {
             degraded,
             share: self.share_of_limit(),
-            replicas: self.replicas_seen.load(Ordering::Relaxed).max(1),
+            replicas: self.replicas_seen.load(Ordering::Relaxed),
         }
     }
 
+    /// The calls this replica keeps to while Redis fails: its part of the limit, at least
+    /// one; only one before it ever saw the fleet (how many replicas share the limit is
+    /// not known then, and Desk's limit must hold).
     fn share_of_limit(&self) -> usize {
-        (self.limit / self.replicas_seen.load(Ordering::Relaxed).max(1)).max(1)
+        match self.replicas_seen.load(Ordering::Relaxed) {
+            0 => 1,
+            replicas => (self.limit / replicas).max(1),
+        }
     }
 
     /// Waits for one of the fleet's calls (or, while Redis fails, one of this replica's
@@ -321,7 +338,7 @@ impl FleetSlots {
                 error = %err,
                 share,
                 limit = self.limit,
-                replicas = self.replicas_seen.load(Ordering::Relaxed).max(1),
+                replicas = self.replicas_seen.load(Ordering::Relaxed),
                 "Desk concurrency: Redis failed; keeping to this replica's share of desk.max_concurrent until it is back"
             );
         }
@@ -392,7 +409,13 @@ impl FleetSlots {
             tokio::time::timeout(COMMAND_TIMEOUT, script.invoke_async(&mut conn))
                 .await
                 .map_err(|_| FleetError::Timeout)??;
-        self.replicas_seen.store(replicas.max(1), Ordering::Relaxed);
+        let memory = self.lease * REPLICAS_REMEMBERED;
+        let seen = {
+            let mut remembered_now = lock(&self.replicas_memory);
+            *remembered_now = remembered(*remembered_now, replicas.max(1), Instant::now(), memory);
+            remembered_now.0
+        };
+        self.replicas_seen.store(seen, Ordering::Relaxed);
         if missing > 0 {
             tracing::warn!(
                 missing,
@@ -401,6 +424,22 @@ impl FleetSlots {
             );
         }
         Ok(())
+    }
+}
+
+/// The replicas to count on after a renewal saw `alive`, given the most seen lately and
+/// since when: a higher or equal count is taken at once, a lower one only once the higher
+/// has not been seen for `memory`.
+fn remembered(
+    (most, since): (usize, Instant),
+    alive: usize,
+    now: Instant,
+    memory: Duration,
+) -> (usize, Instant) {
+    if alive >= most || now.saturating_duration_since(since) > memory {
+        (alive, now)
+    } else {
+        (most, since)
     }
 }
 
@@ -485,4 +524,31 @@ fn millis(d: Duration) -> u64 {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_most_replicas_seen_are_remembered_for_a_while() {
+        let memory = Duration::from_secs(60);
+        let start = Instant::now();
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        // A first count, then a higher one: taken at once.
+        let seen = remembered((0, start), 1, at(1), memory);
+        assert_eq!(seen, (1, at(1)));
+        let seen = remembered(seen, 3, at(2), memory);
+        assert_eq!(seen, (3, at(2)));
+        // Fewer for a while (a Redis restart, replicas registering again): not believed.
+        let seen = remembered(seen, 1, at(30), memory);
+        assert_eq!(seen, (3, at(2)));
+        let seen = remembered(seen, 3, at(40), memory);
+        assert_eq!(seen, (3, at(40)));
+        // Fewer for longer than the memory: a replica left.
+        let seen = remembered(seen, 2, at(90), memory);
+        assert_eq!(seen, (3, at(40)));
+        let seen = remembered(seen, 2, at(101), memory);
+        assert_eq!(seen, (2, at(101)));
+    }
 }
