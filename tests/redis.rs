@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zoho_desk_proxy::config::Config;
-use zoho_desk_proxy::fake_zoho::{FakeOptions, FakeZoho};
+use zoho_desk_proxy::fake_zoho::{AccountsBehavior, FakeOptions, FakeZoho};
 
 /// A redis-server of the test's own on a Unix socket of its own (no TCP port that another
 /// program could hold), killed on drop.
@@ -216,6 +216,32 @@ async fn the_refresh_guard_counts_the_whole_fleet() {
     let response = get(&proxies[2], "/api/v1/tickets").await;
     assert_eq!(response.status(), 503);
     assert!(response.headers().contains_key("retry-after"));
+}
+
+#[tokio::test]
+async fn a_refresh_accounts_surely_refused_is_not_counted_by_the_fleet_s_guard() {
+    let redis = RedisServer::start().await;
+    let options = FakeOptions::default();
+    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
+    let zoho = fake.control();
+    let proxies = fleet(&fake, &options, Some(&redis), 2, |c| {
+        c.oauth.max_refreshes_per_10min = 2
+    })
+    .await;
+    assert_eq!(get(&proxies[0], "/api/v1/tickets").await.status(), 200);
+    // Accounts fails (a 503, which issues nothing) for one call of each replica.
+    zoho.set_accounts_behavior(AccountsBehavior::Unavailable);
+    zoho.revoke_all_tokens();
+    for p in &proxies {
+        assert_eq!(get(p, "/api/v1/tickets").await.status(), 503);
+    }
+    assert_eq!(zoho.token_requests(), 3);
+    // Back: the fleet's guard still has room for the refresh (it counted 1 of 2, not 3).
+    zoho.set_accounts_behavior(AccountsBehavior::Normal);
+    eventually("the fleet refreshes once Accounts is back", async || {
+        get(&proxies[0], "/api/v1/tickets").await.status() == 200
+    })
+    .await;
 }
 
 #[tokio::test]

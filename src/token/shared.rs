@@ -359,21 +359,42 @@ impl SharedStore {
         }
     }
 
-    /// Counts a refresh in the fleet-wide guard, or says how long to wait.
-    async fn count_refresh(&self) -> Result<Result<(), Duration>, StoreError> {
+    /// Counts a refresh in the fleet-wide guard (its entry, to take back should the call
+    /// surely issue nothing), or says how long to wait.
+    async fn count_refresh(&self) -> Result<Result<String, Duration>, StoreError> {
         let mut conn = self.conn.clone();
+        let entry = format!("{}-{:016x}", self.owner, fastrand::u64(..));
         let (counted, wait_ms): (i64, i64) = redis::Script::new(GUARD)
             .key(&self.keys.refreshes)
             .arg(GUARD_WINDOW.as_millis() as u64)
             .arg(self.max_per_10min)
-            .arg(format!("{}-{:016x}", self.owner, fastrand::u64(..)))
+            .arg(&entry)
             .invoke_async(&mut conn)
             .await?;
         Ok(if counted == 1 {
-            Ok(())
+            Ok(entry)
         } else {
             Err(Duration::from_millis(wait_ms.max(1) as u64))
         })
+    }
+
+    /// Takes a refresh back out of the fleet-wide guard: Accounts surely issued no token
+    /// for it (it throttled, refused or failed with an error), as the local guard counts.
+    async fn uncount_refresh(&self, entry: &str) {
+        let mut conn = self.conn.clone();
+        let removed: Result<i64, _> = tokio::time::timeout(COMMAND_TIMEOUT, async {
+            redis::cmd("ZREM")
+                .arg(&self.keys.refreshes)
+                .arg(entry)
+                .query_async(&mut conn)
+                .await
+        })
+        .await
+        .unwrap_or(Ok(0));
+        if let Err(err) = removed {
+            // The entry leaves the window by itself.
+            tracing::debug!(error = %err, "token store: a refresh that issued nothing could not be taken out of the guard");
+        }
     }
 
     /// A token to replace `refresh.stale`: the stored one when it is newer, else a
@@ -423,10 +444,16 @@ impl SharedStore {
         if let Some(grant) = self.newer_than(refresh.stale.as_deref()).await? {
             return Ok(Ok(Fetched::Shared(grant)));
         }
-        if let Err(retry_after) = self.count_refresh().await? {
-            return Ok(Err(AccountsError::GuardRefused { retry_after }));
-        }
+        let entry = match self.count_refresh().await? {
+            Ok(entry) => entry,
+            Err(retry_after) => return Ok(Err(AccountsError::GuardRefused { retry_after })),
+        };
         let result = accounts.fetch(refresh).await;
+        if let Err(err) = &result
+            && !err.may_have_issued()
+        {
+            self.uncount_refresh(&entry).await;
+        }
         if let Ok(Fetched::Issued(grant)) = &result {
             match self.write(&grant.access_token, grant.expires_in).await {
                 Ok(()) => self.status.ok(),
