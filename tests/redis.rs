@@ -347,6 +347,29 @@ async fn a_foreign_lock_is_waited_for_until_it_expires() {
 }
 
 #[tokio::test]
+async fn a_lock_left_without_expiry_is_given_one() {
+    let redis = RedisServer::start().await;
+    let options = FakeOptions::default();
+    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
+    let zoho = fake.control();
+    let proxies = fleet(&fake, &options, Some(&redis), 1, |_| {}).await;
+    assert_eq!(get(&proxies[0], "/api/v1/tickets").await.status(), 200);
+    // Written by hand, or garbage: no replica sets a lock without expiry.
+    let mut conn = redis.connection().await;
+    let lock = lock_key(&redis).await;
+    let () = redis::cmd("SET")
+        .arg(&lock)
+        .arg("stuck")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    zoho.revoke_all_tokens();
+    // Served once the lock's new lease (6 s) ends, within the wait for a lock.
+    assert_eq!(get(&proxies[0], "/api/v1/tickets").await.status(), 200);
+    assert_eq!(zoho.token_requests(), 2);
+}
+
+#[tokio::test]
 async fn the_refresh_lock_is_a_short_lease_renewed_while_the_refresh_runs() {
     // A replica that dies mid-refresh holds the others up for one lease (6 s) at most,
     // not for the slowest Accounts call twice over; a live one keeps its lock.

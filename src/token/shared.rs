@@ -194,6 +194,16 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0";
 
+/// Takes the lock for ARGV[2] ms unless it is held; a lock held without expiry gets one.
+const TRY_LOCK: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return 1
+end
+if redis.call('PTTL', KEYS[1]) == -1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0";
+
 /// The fleet-wide guard: counts a refresh unless `max` were counted in the window.
 /// Returns {1, 0} when counted, {0, ms until the oldest leaves the window} when refused.
 const GUARD: &str = r"
@@ -302,17 +312,18 @@ impl SharedStore {
         Ok(())
     }
 
+    /// Takes the fleet's refresh lock for a lease, if no one holds it. A lock held with no
+    /// expiry (no replica sets one: written by hand, or garbage) is given one, so that it
+    /// cannot stop the fleet's refreshes for ever.
     async fn try_lock(&self) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
-        let set: Option<String> = redis::cmd("SET")
-            .arg(&self.keys.lock)
+        let taken: i64 = redis::Script::new(TRY_LOCK)
+            .key(&self.keys.lock)
             .arg(&self.owner)
-            .arg("NX")
-            .arg("PX")
             .arg(LOCK_LEASE.as_millis() as u64)
-            .query_async(&mut conn)
+            .invoke_async(&mut conn)
             .await?;
-        Ok(set.is_some())
+        Ok(taken == 1)
     }
 
     /// Runs `work` while holding the lock, renewing it every third of its lease.
