@@ -244,6 +244,10 @@ async fn configuration_errors_exit_2_and_name_the_key() {
             "access.allow_unauthenticated_remote",
         ),
         ("dc = \"mars\"", "dc"),
+        (
+            "token_store = \"redis://127.0.0.1:1/abc\"",
+            "`token_store`: not a Redis URL that can be used",
+        ),
     ];
     for (extra, named) in cases {
         let config = write_config(dir.path(), &fake, true, extra, "");

@@ -49,7 +49,9 @@ const REPLICAS_REMEMBERED: u32 = 6;
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
     /// The `token_store` URL is not a Redis URL.
-    #[error("token_store: {0}")]
+    #[error(
+        "not a Redis URL that can be used ({0}): expected redis://[:password@]host[:port][/db] (a db number from 0), or rediss:// for TLS"
+    )]
     Url(String),
     /// Redis failed or could not be reached.
     #[error("Redis: {0}")]
