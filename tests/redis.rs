@@ -165,6 +165,25 @@ async fn three_proxies_share_one_token_and_a_401_storm_costs_one_call() {
         2,
         "600 requests on a revoked token across 3 proxies: one Accounts call"
     );
+    assert_eq!(
+        ok_refreshes(&proxies).await,
+        2,
+        "refreshes counted by the fleet"
+    );
+}
+
+/// The fleet's `zoho_proxy_token_refreshes_total{result="ok"}`, summed over `proxies`.
+async fn ok_refreshes(proxies: &[TestProxy]) -> u64 {
+    let mut refreshes = 0;
+    for p in proxies {
+        let metrics = metrics_text(p.url("/_proxy/metrics")).await;
+        refreshes += metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("zoho_proxy_token_refreshes_total{result=\"ok\"} "))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    refreshes
 }
 
 #[tokio::test]
@@ -555,6 +574,8 @@ async fn a_fleet_restarted_with_a_valid_token_in_redis_makes_no_call() {
             1,
             "restart {restart}: the token in Redis was valid, yet Accounts was called"
         );
+        // Taking the fleet's token is no refresh.
+        assert_eq!(ok_refreshes(&proxies).await, 0, "restart {restart}");
         for p in proxies {
             p.stop().await;
         }

@@ -430,10 +430,8 @@ impl TokenCache {
         self.count_call(&result);
         let latency_ms = started.elapsed().as_millis() as u64;
         let outcome = match result {
-            Ok(Fetched::Issued(grant)) => self.take(grant, latency_ms, "token refreshed"),
-            Ok(Fetched::Shared(grant)) => {
-                self.take(grant, latency_ms, "token store: took the fleet's token")
-            }
+            Ok(Fetched::Issued(grant)) => self.take(grant, latency_ms, Taken::Issued),
+            Ok(Fetched::Shared(grant)) => self.take(grant, latency_ms, Taken::Shared),
             Ok(Fetched::Arrived) => self
                 .current
                 .load_full()
@@ -452,13 +450,26 @@ impl TokenCache {
     }
 
     /// Installs a granted token as the next generation (or keeps the current one when it
-    /// is the same token).
-    fn take(&self, grant: Grant, latency_ms: u64, what: &str) -> Result<Arc<Token>, TokenError> {
+    /// is the same token: the fleet's follower may have installed the token this refresh
+    /// stored). A token Accounts issued is logged and counted as a refresh either way; the
+    /// fleet's, taken from the store, is not (another replica's refresh was counted there).
+    fn take(&self, grant: Grant, latency_ms: u64, how: Taken) -> Result<Arc<Token>, TokenError> {
         let mut state = self.lock();
         if let Some(current) = self.current.load_full()
             && current.access_token.expose() == grant.access_token.expose()
             && self.is_usable(&current, Instant::now())
         {
+            drop(state);
+            if how == Taken::Issued {
+                self.metrics.record_refresh(RefreshResult::Ok);
+                tracing::info!(
+                    result = RefreshResult::Ok.label(),
+                    latency_ms,
+                    expires_in_secs = grant.expires_in.as_secs(),
+                    generation = current.generation,
+                    "token refreshed"
+                );
+            }
             return Ok(current);
         }
         let Some(token) = Token::new(grant.access_token, grant.expires_in, state.next_generation)
@@ -479,14 +490,24 @@ impl TokenCache {
         let token = Arc::new(token);
         self.current.store(Some(token.clone()));
         drop(state);
-        self.metrics.record_refresh(RefreshResult::Ok);
-        tracing::info!(
-            result = RefreshResult::Ok.label(),
-            latency_ms,
-            expires_in_secs = grant.expires_in.as_secs(),
-            generation = token.generation,
-            "{what}"
-        );
+        match how {
+            Taken::Issued => {
+                self.metrics.record_refresh(RefreshResult::Ok);
+                tracing::info!(
+                    result = RefreshResult::Ok.label(),
+                    latency_ms,
+                    expires_in_secs = grant.expires_in.as_secs(),
+                    generation = token.generation,
+                    "token refreshed"
+                );
+            }
+            Taken::Shared => tracing::info!(
+                latency_ms,
+                expires_in_secs = grant.expires_in.as_secs(),
+                generation = token.generation,
+                "token store: took the fleet's token"
+            ),
+        }
         self.changed.send_replace(token.generation);
         Ok(token)
     }
@@ -728,6 +749,15 @@ fn backoff(policy: &RefreshPolicy, failures: u32) -> Duration {
         .min(policy.backoff_max);
     let jitter = 0.75 + fastrand::f64() * 0.5;
     base.mul_f64(jitter).min(policy.backoff_max)
+}
+
+/// Where a refresh's token came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taken {
+    /// Accounts issued it to this proxy: a refresh.
+    Issued,
+    /// Another replica's, from the shared store.
+    Shared,
 }
 
 #[cfg(test)]
