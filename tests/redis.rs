@@ -70,6 +70,17 @@ impl RedisServer {
         }
     }
 
+    /// Sends the server a signal (`STOP`, `CONT`).
+    fn signal(&self, name: &str) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill")
+                .args([format!("-{name}"), child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+    }
+
     fn url(&self) -> String {
         format!("redis+unix://{}", self.socket().display())
     }
@@ -259,6 +270,29 @@ async fn a_refresh_accounts_surely_refused_is_not_counted_by_the_fleet_s_guard()
     zoho.set_accounts_behavior(AccountsBehavior::Normal);
     eventually("the fleet refreshes once Accounts is back", async || {
         get(&proxies[0], "/api/v1/tickets").await.status() == 200
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_redis_that_hung_and_came_back_is_reported_ok_again() {
+    let redis = RedisServer::start().await;
+    let options = FakeOptions::default();
+    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
+    let zoho = fake.control();
+    let proxies = fleet(&fake, &options, Some(&redis), 1, |_| {}).await;
+    let p = &proxies[0];
+    assert_eq!(get(p, "/api/v1/tickets").await.status(), 200);
+    // A refresh while Redis hangs times out there and goes to Accounts alone.
+    redis.signal("STOP");
+    zoho.revoke_all_tokens();
+    assert_eq!(get(p, "/api/v1/tickets").await.status(), 200);
+    assert_eq!(ready(p).await["token_store"], "degraded");
+    // Its connections survive the hang: the store's follower, looking again (every
+    // 15 s), finds Redis answering and says so.
+    redis.signal("CONT");
+    eventually("the store is reported ok again", async || {
+        ready(p).await["token_store"] == "ok"
     })
     .await;
 }

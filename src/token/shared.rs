@@ -564,6 +564,9 @@ impl SharedStore {
                 }
                 _ = resync.tick() => self.sync(cache).await?,
             }
+            // Redis answers: a failure another path saw (a refresh that timed out while
+            // Redis hung) is over.
+            self.status.ok();
         }
     }
 }
