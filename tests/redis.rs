@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zoho_desk_proxy::config::Config;
-use zoho_desk_proxy::fake_zoho::{AccountsBehavior, FakeOptions, FakeZoho};
+use zoho_desk_proxy::fake_zoho::{AccountsBehavior, FakeControl, FakeOptions, FakeZoho};
 
 /// A redis-server of the test's own on a Unix socket of its own (no TCP port that another
 /// program could hold), killed on drop.
@@ -118,6 +118,20 @@ async fn fleet(
     proxies
 }
 
+/// A Redis, the fake Zoho (default options) and `n` replicas sharing that Redis, each
+/// config changed by `tweak`.
+async fn on_redis(
+    n: usize,
+    tweak: impl Fn(&mut Config),
+) -> (RedisServer, FakeZoho, FakeControl, Vec<TestProxy>) {
+    let redis = RedisServer::start().await;
+    let options = FakeOptions::default();
+    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
+    let zoho = fake.control();
+    let proxies = fleet(&fake, &options, Some(&redis), n, tweak).await;
+    (redis, fake, zoho, proxies)
+}
+
 async fn get(proxy: &TestProxy, path: &str) -> reqwest::Response {
     fetch(proxy.url(path)).await
 }
@@ -137,11 +151,7 @@ async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
 
 #[tokio::test]
 async fn three_proxies_share_one_token_and_a_401_storm_costs_one_call() {
-    let redis = RedisServer::start().await;
-    let options = FakeOptions::default();
-    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
-    let zoho = fake.control();
-    let proxies = fleet(&fake, &options, Some(&redis), 3, |_| {}).await;
+    let (_redis, _fake, zoho, proxies) = on_redis(3, |_| {}).await;
     for p in &proxies {
         assert_eq!(get(p, "/api/v1/tickets").await.status(), 200);
     }
@@ -223,14 +233,7 @@ async fn background_rotation_happens_once_per_fleet() {
 
 #[tokio::test]
 async fn the_refresh_guard_counts_the_whole_fleet() {
-    let redis = RedisServer::start().await;
-    let options = FakeOptions::default();
-    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
-    let zoho = fake.control();
-    let proxies = fleet(&fake, &options, Some(&redis), 3, |c| {
-        c.oauth.max_refreshes_per_10min = 3
-    })
-    .await;
+    let (_redis, _fake, zoho, proxies) = on_redis(3, |c| c.oauth.max_refreshes_per_10min = 3).await;
     for round in 0..4 {
         zoho.revoke_all_tokens();
         for p in &proxies {
@@ -250,14 +253,7 @@ async fn the_refresh_guard_counts_the_whole_fleet() {
 
 #[tokio::test]
 async fn a_refresh_accounts_surely_refused_is_not_counted_by_the_fleet_s_guard() {
-    let redis = RedisServer::start().await;
-    let options = FakeOptions::default();
-    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
-    let zoho = fake.control();
-    let proxies = fleet(&fake, &options, Some(&redis), 2, |c| {
-        c.oauth.max_refreshes_per_10min = 2
-    })
-    .await;
+    let (_redis, _fake, zoho, proxies) = on_redis(2, |c| c.oauth.max_refreshes_per_10min = 2).await;
     assert_eq!(get(&proxies[0], "/api/v1/tickets").await.status(), 200);
     // Accounts fails (a 503, which issues nothing) for one call of each replica.
     zoho.set_accounts_behavior(AccountsBehavior::Unavailable);
@@ -276,11 +272,7 @@ async fn a_refresh_accounts_surely_refused_is_not_counted_by_the_fleet_s_guard()
 
 #[tokio::test]
 async fn a_redis_that_hung_and_came_back_is_reported_ok_again() {
-    let redis = RedisServer::start().await;
-    let options = FakeOptions::default();
-    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
-    let zoho = fake.control();
-    let proxies = fleet(&fake, &options, Some(&redis), 1, |_| {}).await;
+    let (redis, _fake, zoho, proxies) = on_redis(1, |_| {}).await;
     let p = &proxies[0];
     assert_eq!(get(p, "/api/v1/tickets").await.status(), 200);
     // A refresh while Redis hangs times out there and goes to Accounts alone.
@@ -299,11 +291,7 @@ async fn a_redis_that_hung_and_came_back_is_reported_ok_again() {
 
 #[tokio::test]
 async fn redis_down_keeps_serving_degrades_and_rejoins() {
-    let mut redis = RedisServer::start().await;
-    let options = FakeOptions::default();
-    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
-    let zoho = fake.control();
-    let proxies = fleet(&fake, &options, Some(&redis), 2, |_| {}).await;
+    let (mut redis, _fake, zoho, proxies) = on_redis(2, |_| {}).await;
     for p in &proxies {
         assert_eq!(get(p, "/api/v1/tickets").await.status(), 200);
     }
@@ -373,11 +361,7 @@ async fn redis_down_keeps_serving_degrades_and_rejoins() {
 /// (set with `args`, e.g. `PX 1000`): how long the next request took, and the Accounts
 /// calls made in all.
 async fn refresh_behind_a_foreign_lock(args: &[&str]) -> (Duration, u64) {
-    let redis = RedisServer::start().await;
-    let options = FakeOptions::default();
-    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
-    let zoho = fake.control();
-    let proxies = fleet(&fake, &options, Some(&redis), 1, |_| {}).await;
+    let (redis, _fake, zoho, proxies) = on_redis(1, |_| {}).await;
     assert_eq!(get(&proxies[0], "/api/v1/tickets").await.status(), 200);
     let mut conn = redis.connection().await;
     let lock = lock_key(&redis).await;
@@ -418,11 +402,7 @@ async fn the_refresh_lock_is_a_short_lease_renewed_while_the_refresh_runs() {
     // A replica that dies mid-refresh holds the others up for one lease (6 s) at most,
     // not for the slowest Accounts call twice over; a live one keeps its lock.
     const LEASE: Duration = Duration::from_secs(6);
-    let redis = RedisServer::start().await;
-    let options = FakeOptions::default();
-    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
-    let zoho = fake.control();
-    let proxies = fleet(&fake, &options, Some(&redis), 1, |_| {}).await;
+    let (redis, _fake, zoho, proxies) = on_redis(1, |_| {}).await;
     assert_eq!(get(&proxies[0], "/api/v1/tickets").await.status(), 200);
     let lock = lock_key(&redis).await;
 
@@ -460,11 +440,8 @@ async fn the_refresh_lock_is_a_short_lease_renewed_while_the_refresh_runs() {
 
 #[tokio::test]
 async fn nothing_secret_is_stored_in_redis() {
-    let redis = RedisServer::start().await;
+    let (redis, _fake, zoho, proxies) = on_redis(2, |_| {}).await;
     let options = FakeOptions::default();
-    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
-    let zoho = fake.control();
-    let proxies = fleet(&fake, &options, Some(&redis), 2, |_| {}).await;
     zoho.revoke_all_tokens();
     for p in &proxies {
         assert_eq!(get(p, "/api/v1/tickets").await.status(), 200);
@@ -552,11 +529,7 @@ async fn lock_key(redis: &RedisServer) -> String {
 
 #[tokio::test]
 async fn a_token_obtained_when_redis_fails_after_the_call_is_used_not_fetched_again() {
-    let mut redis = RedisServer::start().await;
-    let options = FakeOptions::default();
-    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
-    let zoho = fake.control();
-    let proxies = fleet(&fake, &options, Some(&redis), 1, |_| {}).await;
+    let (mut redis, _fake, zoho, proxies) = on_redis(1, |_| {}).await;
     assert_eq!(get(&proxies[0], "/api/v1/tickets").await.status(), 200);
     assert_eq!(zoho.token_requests(), 1);
 
@@ -582,11 +555,8 @@ async fn a_token_obtained_when_redis_fails_after_the_call_is_used_not_fetched_ag
 
 #[tokio::test]
 async fn a_fleet_restarted_with_a_valid_token_in_redis_makes_no_call() {
-    let redis = RedisServer::start().await;
+    let (redis, fake, zoho, proxies) = on_redis(3, |_| {}).await;
     let options = FakeOptions::default();
-    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
-    let zoho = fake.control();
-    let proxies = fleet(&fake, &options, Some(&redis), 3, |_| {}).await;
     for p in &proxies {
         assert_eq!(get(p, "/api/v1/tickets").await.status(), 200);
     }
@@ -647,11 +617,7 @@ async fn a_replica_that_cannot_get_the_fleet_lock_never_calls_accounts_without_i
 
 #[tokio::test]
 async fn a_rejected_token_is_never_offered_back_to_a_restarted_redis() {
-    let mut redis = RedisServer::start().await;
-    let options = FakeOptions::default();
-    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
-    let zoho = fake.control();
-    let proxies = fleet(&fake, &options, Some(&redis), 1, |_| {}).await;
+    let (mut redis, _fake, zoho, proxies) = on_redis(1, |_| {}).await;
     assert_eq!(get(&proxies[0], "/api/v1/tickets").await.status(), 200);
     redis.kill();
     // Redis is down and Accounts failing when Desk rejects the token.

@@ -461,14 +461,7 @@ impl TokenCache {
         {
             drop(state);
             if how == Taken::Issued {
-                self.metrics.record_refresh(RefreshResult::Ok);
-                tracing::info!(
-                    result = RefreshResult::Ok.label(),
-                    latency_ms,
-                    expires_in_secs = grant.expires_in.as_secs(),
-                    generation = current.generation,
-                    "token refreshed"
-                );
+                self.announce(how, &current, grant.expires_in, latency_ms);
             }
             return Ok(current);
         }
@@ -490,26 +483,31 @@ impl TokenCache {
         let token = Arc::new(token);
         self.current.store(Some(token.clone()));
         drop(state);
+        self.announce(how, &token, grant.expires_in, latency_ms);
+        self.changed.send_replace(token.generation);
+        Ok(token)
+    }
+
+    /// Logs a token taken, and counts it as a refresh when Accounts issued it.
+    fn announce(&self, how: Taken, token: &Token, expires_in: Duration, latency_ms: u64) {
         match how {
             Taken::Issued => {
                 self.metrics.record_refresh(RefreshResult::Ok);
                 tracing::info!(
                     result = RefreshResult::Ok.label(),
                     latency_ms,
-                    expires_in_secs = grant.expires_in.as_secs(),
+                    expires_in_secs = expires_in.as_secs(),
                     generation = token.generation,
                     "token refreshed"
                 );
             }
             Taken::Shared => tracing::info!(
                 latency_ms,
-                expires_in_secs = grant.expires_in.as_secs(),
+                expires_in_secs = expires_in.as_secs(),
                 generation = token.generation,
                 "token store: took the fleet's token"
             ),
         }
-        self.changed.send_replace(token.generation);
-        Ok(token)
     }
 
     fn fail(&self, err: AccountsError, latency_ms: u64) -> TokenError {
