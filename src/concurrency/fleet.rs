@@ -21,7 +21,7 @@
 //!   next renewal puts this replica's holds back and logs it.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -163,10 +163,8 @@ pub struct FleetSlots {
     held: Mutex<HashSet<String>>,
     /// Woken when a call is released anywhere in the fleet.
     released: Notify,
-    /// The most replicas seen alive lately (see [`remembered`]); 0 before Redis first
-    /// answered.
-    replicas_seen: AtomicUsize,
-    /// That count, and since when it was last seen.
+    /// The most replicas seen alive lately (see [`remembered`]), 0 before Redis first
+    /// answered, and since when that count was last seen.
     replicas_memory: Mutex<(usize, Instant)>,
     degraded: AtomicBool,
     last_error: Mutex<Option<String>>,
@@ -207,7 +205,6 @@ impl FleetSlots {
             door: tokio::sync::Mutex::new(()),
             held: Mutex::default(),
             released: Notify::new(),
-            replicas_seen: AtomicUsize::new(0),
             replicas_memory: Mutex::new((0, Instant::now())),
             degraded: AtomicBool::new(false),
             last_error: Mutex::new(None),
@@ -233,15 +230,20 @@ impl FleetSlots {
         FleetStatus {
             degraded,
             share: self.share_of_limit(),
-            replicas: self.replicas_seen.load(Ordering::Relaxed),
+            replicas: self.replicas_seen(),
         }
+    }
+
+    /// The most replicas seen alive lately; 0 before Redis first answered.
+    fn replicas_seen(&self) -> usize {
+        lock(&self.replicas_memory).0
     }
 
     /// The calls this replica keeps to while Redis fails: its part of the limit, at least
     /// one; only one before it ever saw the fleet (how many replicas share the limit is
     /// not known then, and Desk's limit must hold).
     fn share_of_limit(&self) -> usize {
-        match self.replicas_seen.load(Ordering::Relaxed) {
+        match self.replicas_seen() {
             0 => 1,
             replicas => (self.limit / replicas).max(1),
         }
@@ -340,7 +342,7 @@ impl FleetSlots {
                 error = %err,
                 share,
                 limit = self.limit,
-                replicas = self.replicas_seen.load(Ordering::Relaxed),
+                replicas = self.replicas_seen(),
                 "Desk concurrency: Redis failed; keeping to this replica's share of desk.max_concurrent until it is back"
             );
         }
@@ -412,12 +414,10 @@ impl FleetSlots {
                 .await
                 .map_err(|_| FleetError::Timeout)??;
         let memory = self.lease * REPLICAS_REMEMBERED;
-        let seen = {
-            let mut remembered_now = lock(&self.replicas_memory);
-            *remembered_now = remembered(*remembered_now, replicas.max(1), Instant::now(), memory);
-            remembered_now.0
-        };
-        self.replicas_seen.store(seen, Ordering::Relaxed);
+        {
+            let mut seen = lock(&self.replicas_memory);
+            *seen = remembered(*seen, replicas.max(1), Instant::now(), memory);
+        }
         if missing > 0 {
             tracing::warn!(
                 missing,

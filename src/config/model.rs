@@ -287,36 +287,10 @@ impl AccessConfig {
     }
 }
 
-/// Whether the ranges together hold every IPv4 address, or every IPv6 address.
+/// Whether the ranges together hold every IPv4 address, or every IPv6 address: merged,
+/// they make a range of prefix length 0.
 fn covers_a_whole_family(cidrs: &[IpNet]) -> bool {
-    let v4 = cidrs.iter().filter_map(|c| match c {
-        IpNet::V4(net) => Some((
-            u128::from(u32::from(net.network())),
-            u128::from(u32::from(net.broadcast())),
-        )),
-        IpNet::V6(_) => None,
-    });
-    let v6 = cidrs.iter().filter_map(|c| match c {
-        IpNet::V6(net) => Some((u128::from(net.network()), u128::from(net.broadcast()))),
-        IpNet::V4(_) => None,
-    });
-    covers(v4.collect(), u128::from(u32::MAX)) || covers(v6.collect(), u128::MAX)
-}
-
-/// Whether the ranges (first, last address) merged cover `0..=last`.
-fn covers(mut ranges: Vec<(u128, u128)>, last: u128) -> bool {
-    ranges.sort_unstable();
-    // The first address not covered so far.
-    let mut next = 0;
-    for (first, end) in ranges {
-        if first > next {
-            return false;
-        }
-        if end >= last {
-            return true;
-        }
-        // `end < last`: no overflow.
-        next = next.max(end + 1);
-    }
-    false
+    IpNet::aggregate(&cidrs.to_vec())
+        .iter()
+        .any(|net| net.prefix_len() == 0)
 }

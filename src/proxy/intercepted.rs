@@ -167,7 +167,7 @@ impl Proxy {
             }
         }
         let target = target::resolve(req.uri(), Version::HTTP_2, &self.config.upstream)?;
-        if admin::reserved_name(target.path()).is_some() {
+        if admin::is_local(target.path()) {
             return Err(ProxyError::Forbidden(format!(
                 "intercept: {} is the proxy's own, not {host}'s",
                 admin::PREFIX

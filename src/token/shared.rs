@@ -21,7 +21,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
@@ -188,6 +188,8 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0";
+static RENEW_LOCK_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(RENEW_LOCK));
 
 /// Deletes the lock only if this replica still owns it.
 const RELEASE_LOCK: &str = r"
@@ -195,6 +197,8 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0";
+static RELEASE_LOCK_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(RELEASE_LOCK));
 
 /// Takes the lock for ARGV[2] ms unless it is held; a lock held without expiry gets one.
 const TRY_LOCK: &str = r"
@@ -205,6 +209,7 @@ if redis.call('PTTL', KEYS[1]) == -1 then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0";
+static TRY_LOCK_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(TRY_LOCK));
 
 /// The fleet-wide guard: counts a refresh unless `max` were counted in the window.
 /// Returns {1, 0} when counted, {0, ms until the oldest leaves the window} when refused.
@@ -220,6 +225,7 @@ end
 redis.call('ZADD', KEYS[1], now, ARGV[3])
 redis.call('PEXPIRE', KEYS[1], window)
 return {1, 0}";
+static GUARD_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(GUARD));
 
 /// A connection to the shared store for one portal.
 pub struct SharedStore {
@@ -319,7 +325,7 @@ impl SharedStore {
     /// cannot stop the fleet's refreshes for ever.
     async fn try_lock(&self) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
-        let taken: i64 = redis::Script::new(TRY_LOCK)
+        let taken: i64 = TRY_LOCK_SCRIPT
             .key(&self.keys.lock)
             .arg(&self.owner)
             .arg(LOCK_LEASE.as_millis() as u64)
@@ -344,7 +350,7 @@ impl SharedStore {
 
     async fn renew_lock(&self) {
         let mut conn = self.conn.clone();
-        let renewed: Result<i64, _> = redis::Script::new(RENEW_LOCK)
+        let renewed: Result<i64, _> = RENEW_LOCK_SCRIPT
             .key(&self.keys.lock)
             .arg(&self.owner)
             .arg(LOCK_LEASE.as_millis() as u64)
@@ -361,7 +367,7 @@ impl SharedStore {
 
     async fn unlock(&self) {
         let mut conn = self.conn.clone();
-        let released: Result<i64, _> = redis::Script::new(RELEASE_LOCK)
+        let released: Result<i64, _> = RELEASE_LOCK_SCRIPT
             .key(&self.keys.lock)
             .arg(&self.owner)
             .invoke_async(&mut conn)
@@ -377,7 +383,7 @@ impl SharedStore {
     async fn count_refresh(&self) -> Result<Result<String, Duration>, StoreError> {
         let mut conn = self.conn.clone();
         let entry = format!("{}-{:016x}", self.owner, fastrand::u64(..));
-        let (counted, wait_ms): (i64, i64) = redis::Script::new(GUARD)
+        let (counted, wait_ms): (i64, i64) = GUARD_SCRIPT
             .key(&self.keys.refreshes)
             .arg(GUARD_WINDOW.as_millis() as u64)
             .arg(self.max_per_10min)
@@ -395,15 +401,11 @@ impl SharedStore {
     /// for it (it throttled, refused or failed with an error), as the local guard counts.
     async fn uncount_refresh(&self, entry: &str) {
         let mut conn = self.conn.clone();
-        let removed: Result<i64, _> = tokio::time::timeout(COMMAND_TIMEOUT, async {
-            redis::cmd("ZREM")
-                .arg(&self.keys.refreshes)
-                .arg(entry)
-                .query_async(&mut conn)
-                .await
-        })
-        .await
-        .unwrap_or(Ok(0));
+        let removed: Result<i64, _> = redis::cmd("ZREM")
+            .arg(&self.keys.refreshes)
+            .arg(entry)
+            .query_async(&mut conn)
+            .await;
         if let Err(err) = removed {
             // The entry leaves the window by itself.
             tracing::debug!(error = %err, "token store: a refresh that issued nothing could not be taken out of the guard");
