@@ -172,6 +172,11 @@ pub async fn run_with_reload(
         .as_ref()
         .and_then(load_token_file)
         .unwrap_or_default();
+    if let Some(url) = &config.token_store
+        && let Some(refusal) = crate::client::redis_refusal(url).await
+    {
+        return Err(ConfigError::invalid("token_store", store_refused(&refusal)).into());
+    }
     let metrics = Arc::new(Metrics::new());
     let store = shared_store(&config, &metrics)?;
     let tokens = token_cache(&config, store.as_ref(), Arc::clone(&metrics))?;
@@ -351,6 +356,14 @@ fn token_source(config: &Config) -> Result<RefreshTokenSource, ConfigError> {
         client: AccountsClient::from_config(config),
         refresh_token,
     })
+}
+
+/// What to do about a Redis that refuses this proxy: at start that is the configuration's
+/// fault, not an outage to ride out.
+fn store_refused(refusal: &str) -> String {
+    format!(
+        "the Redis there refuses this proxy ({refusal}); give its password and database in the URL: redis://:PASSWORD@host:6379/0, or redis://USER:PASSWORD@host:6379/0 for an ACL user allowed the proxy's commands"
+    )
 }
 
 /// The shared token store of a config (`token_store`), if any.

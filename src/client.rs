@@ -183,6 +183,37 @@ pub fn redis_connection(
     Ok((client, conn))
 }
 
+/// Why the Redis at `url` refuses this proxy, if it does: one `PING` within
+/// [`REDIS_COMMAND_TIMEOUT`]. A Redis that answers and refuses (a wrong or missing
+/// password or user, an ACL, a database number it does not have) is a configuration the
+/// operator must fix; one that cannot be reached is an outage, which the fleet rides out
+/// (`None`, as for a URL that cannot be opened, which the store reports itself).
+pub async fn redis_refusal(url: &str) -> Option<String> {
+    install_crypto_provider();
+    let client = redis::Client::open(url).ok()?;
+    let ping = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await
+    };
+    match tokio::time::timeout(REDIS_COMMAND_TIMEOUT, ping).await {
+        Ok(Err(err)) if is_refusal(&err) => Some(err.to_string()),
+        _ => None,
+    }
+}
+
+/// Whether Redis answered with a refusal of the connection's settings, rather than
+/// failing to answer or being busy for a moment.
+fn is_refusal(err: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    match err.kind() {
+        ErrorKind::AuthenticationFailed
+        | ErrorKind::InvalidClientConfig
+        | ErrorKind::Server(ServerErrorKind::ResponseError | ServerErrorKind::NoPerm) => true,
+        ErrorKind::Extension => matches!(err.code(), Some("NOAUTH" | "WRONGPASS")),
+        _ => false,
+    }
+}
+
 /// An error in words, from its innermost cause (never a URL or header).
 pub fn innermost(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();

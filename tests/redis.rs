@@ -18,13 +18,20 @@ use zoho_desk_proxy::fake_zoho::{AccountsBehavior, FakeControl, FakeOptions, Fak
 struct RedisServer {
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// More of redis-server's options.
+    options: Vec<&'static str>,
 }
 
 impl RedisServer {
     async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    async fn start_with(options: &[&'static str]) -> Self {
         let mut server = Self {
             dir: tempfile::tempdir().unwrap(),
             child: None,
+            options: options.to_vec(),
         };
         server.restart().await;
         server
@@ -40,6 +47,7 @@ impl RedisServer {
             .args(["--port", "0", "--unixsocket"])
             .arg(self.socket())
             .args(["--save", "", "--appendonly", "no"])
+            .args(&self.options)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -60,7 +68,7 @@ impl RedisServer {
             return false;
         }
         let mut buf = [0u8; 7];
-        matches!(tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await, Ok(Ok(n)) if buf[..n].starts_with(b"+PONG"))
+        matches!(tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await, Ok(Ok(n)) if buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH"))
     }
 
     fn kill(&mut self) {
@@ -936,4 +944,51 @@ async fn keys_lost_mid_run_are_put_back_and_the_line_never_sticks() {
     let body = held.bytes().await.unwrap();
     assert_eq!(&body[..], b"{\"ok\":true}");
     assert_eq!(get(p, "/api/v1/tickets").await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_redis_that_refuses_the_proxy_is_a_configuration_error() {
+    // A missing or wrong password, or a database the server does not have, is for the
+    // operator to fix (exit 2 naming token_store), not an outage to ride out: replicas
+    // that never reach their Redis refresh on their own, which is what it is there to stop.
+    let redis = RedisServer::start_with(&["--requirepass", "right-horse"]).await;
+    let options = FakeOptions::default();
+    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
+    let base = redis.url();
+    for url in [
+        base.clone(),
+        format!("{base}?pass=wrong-horse"),
+        format!("{base}?pass=right-horse&db=99"),
+    ] {
+        let mut config = config_for(&fake, &options);
+        config.token_store = Some(url.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let run = zoho_desk_proxy::run(config, listener, std::future::pending());
+        let err = tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("refused at start, not served")
+            .expect_err(&url);
+        assert!(
+            matches!(err, zoho_desk_proxy::RunError::Config(_)),
+            "{url}: {err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("token_store") && text.contains("refuses this proxy"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("horse"),
+            "no password in the message: {text}"
+        );
+    }
+    assert_eq!(fake.control().token_requests(), 0);
+
+    // The right password: the fleet's store works.
+    let proxies = fleet(&fake, &options, Some(&redis), 1, |c| {
+        c.token_store = Some(format!("{base}?pass=right-horse"));
+    })
+    .await;
+    assert_eq!(get(&proxies[0], "/api/v1/tickets").await.status(), 200);
+    assert_eq!(ready(&proxies[0]).await["token_store"], "ok");
 }
