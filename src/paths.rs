@@ -124,31 +124,26 @@ fn check_segments(path: &str) -> Result<(), PathError> {
 /// A canonical path as the path rules see it: the hex digits of its escapes in upper case.
 /// Borrowed unless one is in lower case.
 pub fn rule_form(path: &str) -> Cow<'_, str> {
-    let bytes = path.as_bytes();
-    let lower_escape = |at: usize| {
-        bytes[at] == b'%'
-            && bytes[at + 1..]
-                .iter()
-                .take(2)
-                .any(|b| b.is_ascii_lowercase())
+    let digits = |at: usize| at + 1..(at + 3).min(path.len());
+    let lower = |at: &usize| {
+        path.get(digits(*at))
+            .is_some_and(|d| d.bytes().any(|b| b.is_ascii_lowercase()))
     };
-    if !(0..bytes.len()).any(lower_escape) {
+    let mut escapes = path
+        .match_indices('%')
+        .map(|(at, _)| at)
+        .filter(lower)
+        .peekable();
+    if escapes.peek().is_none() {
         return Cow::Borrowed(path);
     }
-    let mut out = bytes.to_vec();
-    let mut i = 0;
-    while i < out.len() {
-        if out[i] == b'%' {
-            for digit in out.iter_mut().skip(i + 1).take(2) {
-                digit.make_ascii_uppercase();
-            }
-            i += 3;
-        } else {
-            i += 1;
+    let mut out = path.to_owned();
+    for at in escapes {
+        if let Some(hex) = out.get_mut(digits(at)) {
+            hex.make_ascii_uppercase();
         }
     }
-    // Only ASCII letters changed case.
-    Cow::Owned(String::from_utf8(out).unwrap_or_else(|_| path.to_owned()))
+    Cow::Owned(out)
 }
 
 fn hex(byte: u8) -> Option<u8> {

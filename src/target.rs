@@ -132,10 +132,15 @@ pub fn check_host_syntax(
     Ok(())
 }
 
-/// The host name of a `Host` value or an authority, strictly parsed: a name of letters,
-/// digits, `-`, `.` and `_`, an IPv4 address, or an IPv6 address in brackets, then an
-/// optional `:port` of digits. Brackets and a trailing dot are removed.
+/// The host name of a `Host` value or an authority, as [`host_and_port`] parses it.
 pub fn host_name(value: &str) -> Result<&str, ProxyError> {
+    host_and_port(value).map(|(name, _)| name)
+}
+
+/// The host name and port of a `Host` value or an authority, strictly parsed: a name of
+/// letters, digits, `-`, `.` and `_`, an IPv4 address, or an IPv6 address in brackets,
+/// then an optional `:port` of digits. Brackets and a trailing dot are removed.
+pub fn host_and_port(value: &str) -> Result<(&str, Option<u16>), ProxyError> {
     let bad = |what: &str| {
         // Whatever part the parse stumbled on, userinfo is the reason.
         let what = if value.contains('@') {
@@ -170,15 +175,21 @@ pub fn host_name(value: &str) -> Result<&str, ProxyError> {
             None => (value, None),
         }
     };
-    if let Some(port) = port {
-        let numeric =
-            !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit());
-        if !numeric || port.parse::<u16>().is_err() {
-            return Err(bad(
-                "the port is not a number from 0 to 65535 of at most 5 digits",
-            ));
+    let port = match port {
+        None => None,
+        Some(port) => {
+            let numeric =
+                !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit());
+            match port.parse::<u16>() {
+                Ok(port) if numeric => Some(port),
+                _ => {
+                    return Err(bad(
+                        "the port is not a number from 0 to 65535 of at most 5 digits",
+                    ));
+                }
+            }
         }
-    }
+    };
     if !value.starts_with('[') {
         if name.is_empty() {
             return Err(bad("no host name"));
@@ -192,7 +203,7 @@ pub fn host_name(value: &str) -> Result<&str, ProxyError> {
             ));
         }
     }
-    Ok(name.strip_suffix('.').unwrap_or(name))
+    Ok((name.strip_suffix('.').unwrap_or(name), port))
 }
 
 /// A request's scheme (the absolute-form target's, or HTTP/2's `:scheme`): http or https.

@@ -122,7 +122,7 @@ impl Proxy {
         };
         self.access.check_connect(req, peer)?;
         Ok(Some(Intercepted {
-            host: host.trim_end_matches('.').to_ascii_lowercase().into(),
+            host: host.to_ascii_lowercase().into(),
             port,
             service,
         }))
@@ -154,12 +154,8 @@ impl Proxy {
             .map(|h| h.to_str().unwrap_or(""))
             .chain(req.uri().authority().map(|a| a.as_str()));
         for named in names {
-            let name = target::host_name(named)?;
-            let port_ok = named
-                .rsplit_once(':')
-                .filter(|(_, p)| !p.ends_with(']'))
-                .is_none_or(|(_, p)| p.parse::<u16>().is_ok_and(|p| p == port));
-            if !name.trim_end_matches('.').eq_ignore_ascii_case(host) || !port_ok {
+            let (name, named_port) = target::host_and_port(named)?;
+            if !name.eq_ignore_ascii_case(host) || named_port.is_some_and(|p| p != port) {
                 return Err(ProxyError::Forbidden(format!(
                     "intercept: a request for {host} names another host ({})",
                     named.chars().take(64).collect::<String>()
