@@ -77,7 +77,7 @@ pub fn ready_config(mut config: Config) -> Result<Config, ConfigError> {
     }
     // Loading to serve reports it with the file's other problems; a config made in code
     // (the demo, tests) is checked here.
-    if config.is_open_remote() && !config.access.allow_unauthenticated_remote {
+    if config.access.refuses(config.listen) {
         problems.push(ConfigError::open_listener(config.listen, None));
     }
     if config.intercept.enabled

@@ -56,6 +56,20 @@ pub enum UpstreamErrorKind {
     Body,
 }
 
+impl UpstreamErrorKind {
+    /// Every kind, in the order of their metric series.
+    const ALL: [UpstreamErrorKind; 3] = [Self::Unreachable, Self::Timeout, Self::Body];
+
+    /// Its name, in the metric's `kind` label.
+    fn label(self) -> &'static str {
+        match self {
+            Self::Unreachable => "unreachable",
+            Self::Timeout => "timeout",
+            Self::Body => "body",
+        }
+    }
+}
+
 /// Results of a token refresh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefreshResult {
@@ -99,7 +113,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Vec<Counter>,
     duration: Histogram,
-    upstream_errors: [Counter; 3],
+    upstream_errors: [Counter; UpstreamErrorKind::ALL.len()],
     refreshes: [Counter; RefreshResult::ALL.len()],
     token_expiry: Gauge<f64, std::sync::atomic::AtomicU64>,
     retries: Counter,
@@ -156,8 +170,8 @@ impl Metrics {
         );
 
         let errors_family = Family::<KindLabels, Counter>::default();
-        let upstream_errors = ["unreachable", "timeout", "body"]
-            .map(|kind| errors_family.get_or_create_owned(&KindLabels { kind }));
+        let upstream_errors = UpstreamErrorKind::ALL
+            .map(|kind| errors_family.get_or_create_owned(&KindLabels { kind: kind.label() }));
         registry.register(
             "upstream_errors",
             "Requests that Desk could not answer, by kind",

@@ -285,6 +285,12 @@ impl AccessConfig {
             && self.api_keys.is_empty()
             && (self.allow_cidrs.is_empty() || covers_a_whole_family(&self.allow_cidrs))
     }
+
+    /// Whether serving on `listen` must be refused: open to other machines, and not
+    /// explicitly allowed (`access.allow_unauthenticated_remote`).
+    pub fn refuses(&self, listen: SocketAddr) -> bool {
+        self.leaves_open(listen) && !self.allow_unauthenticated_remote
+    }
 }
 
 /// Whether the ranges together hold every IPv4 address, or every IPv6 address: merged,

@@ -175,8 +175,7 @@ impl TryFrom<RawConfig> for Config {
         });
         if serving
             && let Some(listen) = listen
-            && access.leaves_open(listen)
-            && !access.allow_unauthenticated_remote
+            && access.refuses(listen)
             && !rules_wrong
         {
             p.found
