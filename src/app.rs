@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::client::RedisTrouble;
 use crate::concurrency::{DeskSlots, FleetSlots};
 use crate::config::{Config, ConfigError, ZOHO_REFRESHES_PER_10MIN};
 use crate::intercept::Intercept;
@@ -173,9 +174,10 @@ pub async fn run_with_reload(
         .and_then(load_token_file)
         .unwrap_or_default();
     if let Some(url) = &config.token_store
-        && let Some(refusal) = crate::client::redis_refusal(url).await
+        && let Err(trouble @ RedisTrouble::Refused(_)) = crate::client::redis_ping(url).await
     {
-        return Err(ConfigError::invalid("token_store", store_refused(&refusal)).into());
+        // At start, that is the configuration's fault, not an outage to ride out.
+        return Err(ConfigError::invalid("token_store", trouble.to_string()).into());
     }
     let metrics = Arc::new(Metrics::new());
     let store = shared_store(&config, &metrics)?;
@@ -356,14 +358,6 @@ fn token_source(config: &Config) -> Result<RefreshTokenSource, ConfigError> {
         client: AccountsClient::from_config(config),
         refresh_token,
     })
-}
-
-/// What to do about a Redis that refuses this proxy: at start that is the configuration's
-/// fault, not an outage to ride out.
-fn store_refused(refusal: &str) -> String {
-    format!(
-        "the Redis there refuses this proxy ({refusal}); give its password and database in the URL: redis://:PASSWORD@host:6379/0, or redis://USER:PASSWORD@host:6379/0 for an ACL user allowed the proxy's commands"
-    )
 }
 
 /// The shared token store of a config (`token_store`), if any.

@@ -183,21 +183,49 @@ pub fn redis_connection(
     Ok((client, conn))
 }
 
-/// Why the Redis at `url` refuses this proxy, if it does: one `PING` within
-/// [`REDIS_COMMAND_TIMEOUT`]. A Redis that answers and refuses (a wrong or missing
-/// password or user, an ACL, a database number it does not have) is a configuration the
-/// operator must fix; one that cannot be reached is an outage, which the fleet rides out
-/// (`None`, as for a URL that cannot be opened, which the store reports itself).
-pub async fn redis_refusal(url: &str) -> Option<String> {
+/// How the Redis at a `token_store` URL answered one `PING` (within
+/// [`REDIS_COMMAND_TIMEOUT`]), when it did not answer `PONG`.
+#[derive(Debug)]
+pub enum RedisTrouble {
+    /// It answered and refused this proxy: a wrong or missing password or user, an ACL,
+    /// a database number it does not have. The operator must fix the URL.
+    Refused(String),
+    /// It could not be reached, or did not answer in time: an outage, which the fleet
+    /// rides out.
+    Unreachable(String),
+}
+
+impl std::fmt::Display for RedisTrouble {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Refused(why) => write!(
+                f,
+                "the Redis there refuses this proxy ({why}); fix: give its password and database in the URL: redis://:PASSWORD@host:6379/0, or redis://USER:PASSWORD@host:6379/0 for an ACL user allowed the proxy's commands"
+            ),
+            Self::Unreachable(why) => write!(
+                f,
+                "the Redis there cannot be reached ({why}); a proxy serves meanwhile, refreshing on its own and keeping to its share of Desk's calls; fix: check the host and port of token_store and the network path to it"
+            ),
+        }
+    }
+}
+
+/// Pings the Redis at `url` once.
+pub async fn redis_ping(url: &str) -> Result<(), RedisTrouble> {
     install_crypto_provider();
-    let client = redis::Client::open(url).ok()?;
+    let client = redis::Client::open(url).map_err(|e| RedisTrouble::Refused(e.to_string()))?;
     let ping = async {
         let mut conn = client.get_multiplexed_async_connection().await?;
         redis::cmd("PING").query_async::<String>(&mut conn).await
     };
     match tokio::time::timeout(REDIS_COMMAND_TIMEOUT, ping).await {
-        Ok(Err(err)) if is_refusal(&err) => Some(err.to_string()),
-        _ => None,
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(err)) if is_refusal(&err) => Err(RedisTrouble::Refused(err.to_string())),
+        Ok(Err(err)) => Err(RedisTrouble::Unreachable(err.to_string())),
+        Err(_) => Err(RedisTrouble::Unreachable(format!(
+            "no answer within {} s",
+            REDIS_COMMAND_TIMEOUT.as_secs()
+        ))),
     }
 }
 

@@ -114,6 +114,12 @@ pub async fn check(config: &Config) -> (String, bool) {
             config.source, config.accounts_url, config.upstream
         ),
     );
+    if let Some(url) = &config.token_store {
+        match crate::client::redis_ping(url).await {
+            Ok(()) => report.line(true, "token store", "Redis answers"),
+            Err(trouble) => report.line(false, "token store", trouble),
+        }
+    }
     let Some(refresh_token) = &config.oauth.refresh_token else {
         report.line(
             false,

@@ -899,6 +899,14 @@ async fn a_replica_that_never_reached_redis_keeps_to_one_call() {
         c.desk.fleet_lease = Duration::from_millis(600);
     })
     .await;
+    let mut config = config_for(&fake, &options);
+    config.token_store = Some(redis.url());
+    let (report, ok) = zoho_desk_proxy::ops::check(&config).await;
+    assert!(!ok, "{report}");
+    assert!(
+        report.contains("[FAIL] token store: the Redis there cannot be reached"),
+        "{report}"
+    );
     zoho.set_desk_delay(Duration::from_millis(100));
     let client = client();
     let answers = futures_util::future::join_all(
@@ -983,6 +991,23 @@ async fn a_redis_that_refuses_the_proxy_is_a_configuration_error() {
         );
     }
     assert_eq!(fake.control().token_requests(), 0);
+
+    // `check` says so too, and says when Redis answers.
+    let mut config = config_for(&fake, &options);
+    config.token_store = Some(format!("{base}?pass=wrong-horse"));
+    let (report, ok) = zoho_desk_proxy::ops::check(&config).await;
+    assert!(!ok, "{report}");
+    assert!(
+        report.contains("[FAIL] token store: the Redis there refuses this proxy"),
+        "{report}"
+    );
+    config.token_store = Some(format!("{base}?pass=right-horse"));
+    let (report, ok) = zoho_desk_proxy::ops::check(&config).await;
+    assert!(ok, "{report}");
+    assert!(
+        report.contains("[ok  ] token store: Redis answers"),
+        "{report}"
+    );
 
     // The right password: the fleet's store works.
     let proxies = fleet(&fake, &options, Some(&redis), 1, |c| {
