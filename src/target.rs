@@ -108,9 +108,19 @@ pub fn check_host_syntax(
     version: Version,
     headers: &HeaderMap,
 ) -> Result<(), ProxyError> {
+    check_host_headers(headers, version == Version::HTTP_11)?;
+    if let Some(authority) = uri.authority() {
+        host_name(authority.as_str())?;
+    }
+    Ok(())
+}
+
+/// Checks the `Host` headers of a request: at most one, a host name or IP literal with an
+/// optional numeric port, and one when `required`.
+pub fn check_host_headers(headers: &HeaderMap, required: bool) -> Result<(), ProxyError> {
     let mut hosts = headers.get_all(header::HOST).iter();
     let first = hosts.next();
-    if first.is_none() && version == Version::HTTP_11 {
+    if first.is_none() && required {
         return Err(ProxyError::BadRequest(
             "an HTTP/1.1 request must carry a Host header".into(),
         ));
@@ -125,9 +135,6 @@ pub fn check_host_syntax(
             .to_str()
             .map_err(|_| ProxyError::BadRequest("the Host header is not ASCII".into()))?;
         host_name(text)?;
-    }
-    if let Some(authority) = uri.authority() {
-        host_name(authority.as_str())?;
     }
     Ok(())
 }

@@ -85,7 +85,11 @@ async fn connect_as(
     headers: &[(&str, &str)],
 ) -> (u16, String, TcpStream) {
     let mut stream = TcpStream::connect(proxy).await.unwrap();
-    let mut head = format!("CONNECT {target} {version}\r\nHost: {target}\r\n");
+    // `Host: <target>` unless the caller gives its own.
+    let mut head = format!("CONNECT {target} {version}\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        head.push_str(&format!("Host: {target}\r\n"));
+    }
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -327,6 +331,34 @@ async fn only_zoho_hosts_on_port_443_are_tunnelled() {
     let (status, answer, _) = connect(plain.proxy.addr, "desk.zoho.com:443", &[]).await;
     assert_eq!(status, 405, "{answer}");
     assert_eq!(t.s.zoho.desk_request_count(), 0);
+}
+
+#[tokio::test]
+async fn a_connect_s_host_is_parsed_as_strictly_as_any() {
+    let t = Transparent::start(|_| {}).await;
+    let target = "desk.zoho.com:443";
+    for hosts in [
+        &[("Host", "u@evil.example")][..],
+        &[("Host", "[::1]junk")],
+        &[("Host", "evil.example:abc")],
+        &[("Host", "desk.zoho.com:443"), ("Host", "evil.example")],
+    ] {
+        let (status, answer, _) = connect(t.s.proxy.addr, target, hosts).await;
+        assert_eq!(status, 400, "{hosts:?}: {answer}");
+        assert!(answer.contains("PROXY_BAD_REQUEST"), "{hosts:?}: {answer}");
+    }
+    // Clients differ on sending one: none is accepted, as the target's name is.
+    for version in ["HTTP/1.1", "HTTP/1.0"] {
+        let mut stream = TcpStream::connect(t.s.proxy.addr).await.unwrap();
+        let head = format!("CONNECT {target} {version}\r\n\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = [0u8; 12];
+        tokio::time::timeout(LIMIT, stream.read_exact(&mut answer))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(answer.ends_with(b" 200"), "{version}: {answer:?}");
+    }
 }
 
 #[tokio::test]

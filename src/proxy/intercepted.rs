@@ -51,6 +51,9 @@ impl Proxy {
             .cloned()
             .ok_or_else(|| ProxyError::BadRequest("CONNECT needs a host:port target".into()))?;
         let host = target::host_name(authority.as_str())?.to_ascii_lowercase();
+        // Its `Host` names the target too, and clients differ on sending one (Python's
+        // HTTP/1.0 CONNECT has none): one, when given, is parsed as strictly as any.
+        target::check_host_headers(req.headers(), false)?;
         let intercepted = || intercept.hosts().join(", ");
         let Some(service) = intercept.service(&host) else {
             return Err(ProxyError::Forbidden(format!(
