@@ -316,6 +316,8 @@ async fn only_zoho_hosts_on_port_443_are_tunnelled() {
             "desk.zoho.com.evil.example",
         ),
         ("127.0.0.1:443", "127.0.0.1"),
+        // One trailing dot names the same host; two name none.
+        ("desk.zoho.com..:443", "desk.zoho.com."),
         ("desk.zoho.com:80", "desk.zoho.com:80"),
         ("desk.zoho.com:8443", "desk.zoho.com:8443"),
     ] {

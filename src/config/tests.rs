@@ -717,3 +717,41 @@ fn rules_are_compiled_when_the_config_is_validated() {
     );
     assert_eq!(c.access.allow_cidrs[0].to_string(), "10.1.2.3/32");
 }
+
+#[test]
+fn intercept_hosts_are_dns_names_never_addresses() {
+    for host in [
+        "10.0.0.1",
+        "::1",
+        "[::1]",
+        "desk..zoho.com",
+        "-desk.zoho.com",
+        "desk.zoho.com..",
+        "localhost",
+        "desk.zoho.com:443",
+        "*.zoho.com",
+    ] {
+        let err = Config::from_toml(&format!("{MINIMAL}\n[intercept]\nhosts = [\"{host}\"]\n"))
+            .unwrap_err();
+        assert!(err.to_string().contains("intercept.hosts"), "{host}: {err}");
+    }
+    let c = Config::from_toml(&format!(
+        "{MINIMAL}\n[intercept]\nhosts = [\"Desk.Example.COM.\", \"accounts.example.com\", \"desk-2.example.com\"]\n"
+    ))
+    .unwrap();
+    assert!(
+        c.intercept
+            .desk_hosts
+            .contains(&"desk.example.com".to_owned())
+    );
+    assert!(
+        c.intercept
+            .desk_hosts
+            .contains(&"desk-2.example.com".to_owned())
+    );
+    assert!(
+        c.intercept
+            .accounts_hosts
+            .contains(&"accounts.example.com".to_owned())
+    );
+}

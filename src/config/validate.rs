@@ -356,16 +356,14 @@ fn intercept_config(
     let mut desk_hosts = vec![host_of(dc_desk)];
     let mut accounts_hosts = vec![host_of(dc_accounts)];
     for host in raw.hosts.unwrap_or_default() {
-        let name = host.trim().trim_end_matches('.').to_ascii_lowercase();
-        let valid = !name.is_empty()
-            && name.contains('.')
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'));
-        if !valid {
+        let name = host.trim();
+        let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+        if !is_dns_name(&name) {
             p.invalid(
                 "intercept.hosts",
-                format!("{host:?} is not a host name such as \"desk.zoho.eu\""),
+                format!(
+                    "{host:?} is not a host name such as \"desk.zoho.eu\" (the local CA vouches for names only, never an IP address)"
+                ),
             );
             continue;
         }
@@ -390,6 +388,25 @@ fn intercept_config(
         accounts_hosts,
         api_domain,
     }
+}
+
+/// Whether `name` is a DNS host name of two labels or more: letters, digits and inner
+/// `-`, 63 characters at most each, the last not all digits (so never an IPv4 address).
+fn is_dns_name(name: &str) -> bool {
+    let labels: Vec<&str> = name.split('.').collect();
+    let label_ok = |label: &&str| {
+        (1..=63).contains(&label.len())
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    labels.len() >= 2
+        && labels.iter().all(label_ok)
+        && labels
+            .last()
+            .is_some_and(|last| !last.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn access_config(p: &mut Problems<'_>, raw: RawAccess, env_keys: Option<String>) -> AccessConfig {

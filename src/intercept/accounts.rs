@@ -13,11 +13,8 @@ pub fn answer(
     path: &str,
     api_domain: &str,
 ) -> Option<(StatusCode, serde_json::Value)> {
-    if method != Method::POST {
-        return None;
-    }
     match path.trim_end_matches('/') {
-        "/oauth/v2/token" => Some((
+        "/oauth/v2/token" if method == Method::POST => Some((
             StatusCode::OK,
             serde_json::json!({
                 "access_token": placeholder(),
@@ -27,6 +24,7 @@ pub fn answer(
                 "token_type": "Bearer",
             }),
         )),
+        // Zoho's is a POST; whatever a client sends, there is nothing to revoke here.
         "/oauth/v2/token/revoke" => Some((StatusCode::OK, serde_json::json!({}))),
         _ => None,
     }
@@ -60,12 +58,13 @@ mod tests {
         assert_eq!(body["expires_in"], 3600);
         assert_eq!(body["token_type"], "Bearer");
         assert_eq!(body["api_domain"], "https://www.zohoapis.com");
-        assert_eq!(
-            answer(&Method::POST, "/oauth/v2/token/revoke", "d")
-                .unwrap()
-                .0,
-            StatusCode::OK
-        );
+        for method in [Method::POST, Method::GET, Method::DELETE] {
+            assert_eq!(
+                answer(&method, "/oauth/v2/token/revoke", "d").unwrap().0,
+                StatusCode::OK,
+                "{method}"
+            );
+        }
         assert!(answer(&Method::GET, "/oauth/v2/token", "d").is_none());
         assert!(answer(&Method::POST, "/oauth/v2/auth", "d").is_none());
         assert!(answer(&Method::POST, "/oauth/user/info", "d").is_none());

@@ -49,9 +49,9 @@ impl Intercept {
         })
     }
 
-    /// The service a host name (lower case, no port) is, when it is intercepted.
+    /// The service a host name (no port, no trailing dot: as `target::host_name` gives
+    /// it) is, when it is intercepted.
     pub fn service(&self, host: &str) -> Option<Service> {
-        let host = host.trim_end_matches('.');
         if self
             .settings
             .desk_hosts
