@@ -55,6 +55,18 @@ impl BaseUrl {
             return Err(invalid("the URL must not have a query"));
         }
         let prefix = uri.path().trim_end_matches('/').to_owned();
+        // A request's path is compared and joined in its canonical form: so is the prefix.
+        if !prefix.is_empty() {
+            match crate::paths::canonicalize(&prefix) {
+                Ok(canonical) if canonical == prefix => {}
+                Ok(canonical) => {
+                    return Err(invalid(&format!(
+                        "write the path prefix as {canonical:?} (escapes of letters, digits and -._~ decoded)"
+                    )));
+                }
+                Err(err) => return Err(invalid(&format!("the path prefix: {err}"))),
+            }
+        }
         let origin = Uri::builder()
             .scheme(scheme.clone())
             .authority(authority.clone())

@@ -755,3 +755,28 @@ fn intercept_hosts_are_dns_names_never_addresses() {
             .contains(&"accounts.example.com".to_owned())
     );
 }
+
+#[test]
+fn an_upstream_path_prefix_is_written_in_canonical_form() {
+    for (prefix, says) in [
+        ("/z%6Fho", "\"/zoho\""),
+        ("/a/../b", "dot-segment"),
+        ("/a;b", ";"),
+        ("/a//b", "empty segment"),
+    ] {
+        let err = Config::from_toml(&format!(
+            "upstream = \"https://desk.example.com{prefix}\"\n{MINIMAL}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("upstream") && err.contains(says),
+            "{prefix}: {err}"
+        );
+    }
+    let c = Config::from_toml(&format!(
+        "upstream = \"https://desk.example.com/gw/caf%C3%A9/\"\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert_eq!(c.upstream.prefix, "/gw/caf%C3%A9");
+}
