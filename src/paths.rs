@@ -7,7 +7,9 @@
 //! - decodes percent-encoded unreserved characters (`%61` → `a`, `%2E` → `.`) and keeps
 //!   the other escapes as the client wrote them, so that the rest of the path goes to Desk
 //!   byte for byte (the rules compare an escape's hex digits in any case: `%c3%a9` and
-//!   `%C3%A9` are one character, and [`rule_form`] is the form they match);
+//!   `%C3%A9` are one character; and an escaped `:`, `@`, `+` or other sub-delimiter as
+//!   that character, which servers that decode before routing read it as: [`rule_form`]
+//!   is the form they match);
 //! - refuses what some server along the way would read as structure rather than data:
 //!   `;` (path parameters; `..;` is a dot-segment to servlet containers), `\`, `%00`,
 //!   `%2F`, `%5C`, `%3B`, malformed escapes, dot-segments in any encoding, empty segments
@@ -121,29 +123,62 @@ fn check_segments(path: &str) -> Result<(), PathError> {
     Ok(())
 }
 
-/// A canonical path as the path rules see it: the hex digits of its escapes in upper case.
-/// Borrowed unless one is in lower case.
+/// A canonical path as the path rules see it: the escapes of the characters a path
+/// segment may also carry plain (`:`, `@`, `+`, `,`, `=`, `!`, `$`, `&`, `'`, `(`, `)`)
+/// decoded, since a server that decodes before routing reads `a%3Ab` as `a:b`, and the
+/// hex digits of the other escapes in upper case. `*` stays escaped, as a rule's glob
+/// would read it plain. Borrowed unless one escape changes.
 pub fn rule_form(path: &str) -> Cow<'_, str> {
-    let digits = |at: usize| at + 1..(at + 3).min(path.len());
-    let lower = |at: &usize| {
-        path.get(digits(*at))
-            .is_some_and(|d| d.bytes().any(|b| b.is_ascii_lowercase()))
+    let changes = |(at, _): (usize, &str)| {
+        path.get(at + 1..at + 3).is_some_and(|digits| {
+            digits.bytes().any(|b| b.is_ascii_lowercase())
+                || escaped_byte(digits).is_some_and(is_plain_for_rules)
+        })
     };
-    let mut escapes = path
-        .match_indices('%')
-        .map(|(at, _)| at)
-        .filter(lower)
-        .peekable();
-    if escapes.peek().is_none() {
+    if !path.match_indices('%').any(changes) {
         return Cow::Borrowed(path);
     }
-    let mut out = path.to_owned();
-    for at in escapes {
-        if let Some(hex) = out.get_mut(digits(at)) {
-            hex.make_ascii_uppercase();
+    let mut out = String::with_capacity(path.len());
+    let mut rest = path;
+    while let Some(at) = rest.find('%') {
+        let (before, escape) = rest.split_at(at);
+        out.push_str(before);
+        let digits = escape.get(1..3);
+        match digits.and_then(|d| escaped_byte(d).map(|byte| (d, byte))) {
+            Some((_, byte)) if is_plain_for_rules(byte) => out.push(char::from(byte)),
+            Some((digits, _)) => {
+                out.push('%');
+                out.push_str(&digits.to_ascii_uppercase());
+            }
+            None => {
+                // Not an escape (a canonical path has none such): kept as it is.
+                out.push('%');
+                rest = &escape[1..];
+                continue;
+            }
         }
+        // Two hex digits: ASCII.
+        rest = &escape[3..];
     }
+    out.push_str(rest);
     Cow::Owned(out)
+}
+
+/// The byte two hex digits spell.
+fn escaped_byte(digits: &str) -> Option<u8> {
+    match digits.as_bytes() {
+        &[high, low] => Some(hex(high)? << 4 | hex(low)?),
+        _ => None,
+    }
+}
+
+/// Sub-delimiters, `:` and `@`: what a path segment may carry plain or escaped (RFC 3986
+/// `pchar`) and the canonical form keeps escaped, less `;` (refused) and `*` (a glob).
+fn is_plain_for_rules(byte: u8) -> bool {
+    matches!(
+        byte,
+        b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'+' | b',' | b'=' | b':' | b'@'
+    )
 }
 
 fn hex(byte: u8) -> Option<u8> {
@@ -349,6 +384,35 @@ mod tests {
             }
             assert!(!rule.covers(&rule_form("/api/v1/caf%C3%A8")), "{rule:?}");
         }
+    }
+
+    #[test]
+    fn rules_see_an_escaped_sub_delimiter_as_the_character() {
+        assert_eq!(rule_form("/api/v1/tickets/a%3Ab"), "/api/v1/tickets/a:b");
+        assert_eq!(
+            rule_form("/a%2bb%40c%2C%2a%c3%a9/%3d"),
+            "/a+b@c,%2A%C3%A9/="
+        );
+        assert!(matches!(rule_form("/a%2A%C3%A9%25"), Cow::Borrowed(_)));
+        // Not escapes (a canonical path has none such): left as they are.
+        assert_eq!(rule_form("/a%3A%"), "/a:%");
+        assert_eq!(rule_form("/a%zz%3a%é"), "/a%zz:%é");
+        for (rule, path) in [
+            ("/api/v1/tickets/a:b", "/api/v1/tickets/a%3Ab"),
+            ("/api/v1/tickets/a%3ab", "/api/v1/tickets/a:b/1"),
+            ("/api/v1/contacts/a%2Bb", "/api/v1/contacts/a+b"),
+            ("/api/v1/contacts/a+b", "/api/v1/contacts/a%2b%62"),
+        ] {
+            for case in [Case::Sensitive, Case::Insensitive] {
+                let rule = PathRule::parse(rule, case).unwrap();
+                let canonical = canonicalize(path).unwrap();
+                assert!(rule.covers(&rule_form(&canonical)), "{rule:?} {path}");
+            }
+        }
+        // A glob's star is never spelt by an escape.
+        let rule = PathRule::parse("/api/v1/a%2Ab", Case::Sensitive).unwrap();
+        assert!(!rule.covers(&rule_form("/api/v1/axyzb")));
+        assert!(rule.covers(&rule_form("/api/v1/a%2Ab")));
     }
 
     #[test]

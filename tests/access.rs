@@ -317,6 +317,37 @@ async fn path_rules_hold_for_every_spelling_of_a_path_sent_raw() {
 }
 
 #[tokio::test]
+async fn a_deny_rule_is_not_walked_around_by_escaping_a_sub_delimiter() {
+    // A server that decodes before routing reads `a%3Ab` as `a:b`: so do the rules.
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.access.deny_paths = deny(&["/api/v1/tickets/a:b", "/api/v1/contacts/a%2Bb"]);
+    })
+    .await;
+    for path in [
+        "/api/v1/tickets/a:b",
+        "/api/v1/tickets/a%3Ab",
+        "/api/v1/tickets/a%3ab/1",
+        "/api/v1/contacts/a+b",
+        "/api/v1/contacts/a%2bb",
+    ] {
+        let answer = raw_request(s.proxy.addr, &raw_get(path)).await;
+        assert_eq!(raw_status(&answer), 403, "h1 {path}: {answer}");
+        let (status, _, body) = h2c(s.proxy.addr, "GET", path, &[]).await;
+        assert_eq!(status, 403, "h2 {path}: {body}");
+    }
+    assert_eq!(s.zoho.desk_request_count(), 0, "nothing reached Desk");
+    // What no rule denies goes to Desk as written.
+    let answer = raw_request(s.proxy.addr, &raw_get("/api/v1/tickets/a%3Ac")).await;
+    assert_eq!(
+        raw_status(&answer),
+        404,
+        "the fake has no such ticket: {answer}"
+    );
+    let seen = s.zoho.desk_requests().pop().unwrap();
+    assert_eq!(seen.path_and_query, "/api/v1/tickets/a%3Ac");
+}
+
+#[tokio::test]
 async fn rules_read_an_escape_in_any_case_and_desk_gets_it_as_written() {
     let s = Scenario::with(FakeOptions::default(), |c| {
         c.access.allow_paths = allow(&["/api/v1/tickets/caf%C3%A9"]);
