@@ -174,7 +174,8 @@ pub async fn run_with_reload(
         .and_then(load_token_file)
         .unwrap_or_default();
     if let Some(url) = &config.token_store
-        && let Err(trouble @ RedisTrouble::Refused(_)) = crate::client::redis_ping(url).await
+        && let Err(trouble @ (RedisTrouble::BadUrl(_) | RedisTrouble::Refused(_))) =
+            crate::client::redis_ping(url).await
     {
         // At start, that is the configuration's fault, not an outage to ride out.
         return Err(ConfigError::invalid("token_store", trouble.to_string()).into());

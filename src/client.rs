@@ -183,10 +183,16 @@ pub fn redis_connection(
     Ok((client, conn))
 }
 
+/// What a `token_store` URL looks like, for the messages about one that cannot be used.
+pub const REDIS_URL_FORM: &str =
+    "expected redis://[:password@]host[:port][/db] (a db number from 0), or rediss:// for TLS";
+
 /// How the Redis at a `token_store` URL answered one `PING` (within
 /// [`REDIS_COMMAND_TIMEOUT`]), when it did not answer `PONG`.
 #[derive(Debug)]
 pub enum RedisTrouble {
+    /// The URL is not one of Redis.
+    BadUrl(String),
     /// It answered and refused this proxy: a wrong or missing password or user, an ACL,
     /// a database number it does not have. The operator must fix the URL.
     Refused(String),
@@ -198,6 +204,10 @@ pub enum RedisTrouble {
 impl std::fmt::Display for RedisTrouble {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Self::BadUrl(why) => write!(
+                f,
+                "not a Redis URL that can be used ({why}): {REDIS_URL_FORM}"
+            ),
             Self::Refused(why) => write!(
                 f,
                 "the Redis there refuses this proxy ({why}); fix: give its password and database in the URL: redis://:PASSWORD@host:6379/0, or redis://USER:PASSWORD@host:6379/0 for an ACL user allowed the proxy's commands"
@@ -213,7 +223,7 @@ impl std::fmt::Display for RedisTrouble {
 /// Pings the Redis at `url` once.
 pub async fn redis_ping(url: &str) -> Result<(), RedisTrouble> {
     install_crypto_provider();
-    let client = redis::Client::open(url).map_err(|e| RedisTrouble::Refused(e.to_string()))?;
+    let client = redis::Client::open(url).map_err(|e| RedisTrouble::BadUrl(e.to_string()))?;
     let ping = async {
         let mut conn = client.get_multiplexed_async_connection().await?;
         redis::cmd("PING").query_async::<String>(&mut conn).await

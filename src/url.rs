@@ -25,12 +25,26 @@ pub struct BaseUrl {
     host_header: http::HeaderValue,
 }
 
+/// `text` with any user information of its authority masked (`https://***@host/…`): a
+/// password must not be shown, even in an error.
+fn without_userinfo(text: &str) -> std::borrow::Cow<'_, str> {
+    let start = text.find("://").map_or(0, |at| at + 3);
+    let authority_end = text[start..]
+        .find(['/', '?', '#'])
+        .map_or(text.len(), |at| start + at);
+    match text[start..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &text[..start], &text[start + at..]).into(),
+        None => text.into(),
+    }
+}
+
 impl BaseUrl {
     /// Parses an absolute `http(s)://host[:port][/prefix]` URL.
     pub fn parse(text: &str) -> Result<Self, UrlError> {
         let invalid = |reason: &str| {
             UrlError(format!(
-                "{reason} (got {text:?}; expected e.g. \"https://desk.zoho.com\")"
+                "{reason} (got {:?}; expected e.g. \"https://desk.zoho.com\")",
+                without_userinfo(text)
             ))
         };
         let uri: Uri = text
@@ -148,5 +162,28 @@ fn default_port(scheme: &http::uri::Scheme) -> u16 {
 impl std::fmt::Display for BaseUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}://{}{}", self.scheme, self.authority, self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_never_shows_a_password() {
+        for url in [
+            "https://user:UPSECRETPW@desk.example.com/gw",
+            "http://:UPSECRETPW@127.0.0.1:9000",
+            "UPSECRETPW@desk.example.com",
+            "https://a@b:UPSECRETPW@desk.example.com?x",
+        ] {
+            let err = BaseUrl::parse(url).unwrap_err().to_string();
+            assert!(!err.contains("UPSECRETPW"), "{err}");
+            assert!(err.contains("***@"), "{err}");
+        }
+        assert_eq!(
+            without_userinfo("https://desk.example.com/a@b"),
+            "https://desk.example.com/a@b"
+        );
     }
 }

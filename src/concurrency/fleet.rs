@@ -49,9 +49,7 @@ const REPLICAS_REMEMBERED: u32 = 6;
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
     /// The `token_store` URL is not a Redis URL.
-    #[error(
-        "not a Redis URL that can be used ({0}): expected redis://[:password@]host[:port][/db] (a db number from 0), or rediss:// for TLS"
-    )]
+    #[error("not a Redis URL that can be used ({0}): {form}", form = crate::client::REDIS_URL_FORM)]
     Url(String),
     /// Redis failed or could not be reached.
     #[error("Redis: {0}")]
