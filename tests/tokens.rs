@@ -151,6 +151,64 @@ async fn scope_class_401s_pass_through_and_cost_no_refresh() {
 }
 
 #[tokio::test]
+async fn a_compressed_401_is_read_for_its_error_code() {
+    // Desk compresses its 401 when the client accepts it (curl --compressed, requests,
+    // Node): the proxy reads it all the same, and passes it on as Desk sent it.
+    let s = Scenario::start().await;
+    assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+    let gzipped = |path: &str| {
+        client()
+            .get(s.url(path))
+            .header("accept-encoding", "gzip, deflate, br")
+            .send()
+    };
+    for code in ["SCOPE_MISMATCH", "OAUTH_ORG_MISMATCH", "UNAUTHORIZED"] {
+        s.zoho.fail_next_desk_requests(1, Some(code));
+        let response = gzipped("/api/v1/tickets").await.unwrap();
+        assert_eq!(response.status(), 401, "{code}");
+        assert_eq!(response.headers()["content-encoding"], "gzip", "{code}");
+        let compressed = response.bytes().await.unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut flate2::read::GzDecoder::new(&compressed[..]),
+            &mut text,
+        )
+        .unwrap();
+        assert!(text.contains(code), "{text}");
+    }
+    assert_eq!(s.zoho.token_requests(), 1, "no refresh for a valid token");
+    // One that says the token is bad is refreshed and retried.
+    s.zoho.fail_next_desk_requests(1, Some("INVALID_OAUTH"));
+    assert_eq!(gzipped("/api/v1/tickets").await.unwrap().status(), 200);
+    assert_eq!(s.zoho.token_requests(), 2);
+}
+
+#[tokio::test]
+async fn a_401_whose_body_stalls_is_a_504_and_frees_its_call() {
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.timeouts.response = Duration::from_millis(500);
+        c.desk.max_concurrent = 1;
+    })
+    .await;
+    assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+    s.zoho.stall_forced_401_bodies(true);
+    s.zoho.fail_next_desk_requests(1, Some("INVALID_OAUTH"));
+    let response = tokio::time::timeout(Duration::from_secs(10), get(&s, "/api/v1/tickets"))
+        .await
+        .expect("answered within the response time, not held");
+    assert_eq!(response.status(), 504);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["errorCode"], "PROXY_UPSTREAM_TIMEOUT", "{body}");
+    // Desk's one call is free again.
+    assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+    let metrics = get(&s, "/_proxy/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("zoho_proxy_upstream_errors_total{kind=\"timeout\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
 async fn a_body_too_large_to_replay_gets_the_401_and_the_refresh_still_happens() {
     let s = Scenario::with(FakeOptions::default(), |c| c.replay_body_bytes = 16).await;
     assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use http_body_util::BodyExt;
@@ -127,7 +128,7 @@ async fn handle_inner(
         });
         let forced = if st.forced_401_remaining > 0 {
             st.forced_401_remaining -= 1;
-            Some(st.forced_401_code.clone())
+            Some((st.forced_401_code.clone(), st.forced_401_stalls))
         } else {
             None
         };
@@ -189,20 +190,21 @@ async fn handle_inner(
         return Ok(too_many(retry_after));
     }
 
-    if let Some(code) = forced {
+    if let Some((code, stalls)) = forced {
         req.consume(0).await?;
         tracing::debug!("fake desk: forced 401");
-        return Ok(match code {
+        let body = match code {
             Some(code) => {
-                let msg = if code == "INVALID_OAUTH" {
+                let message = if code == "INVALID_OAUTH" {
                     INVALID_OAUTH_MSG
                 } else {
                     "Forced failure (fake Zoho Desk)."
                 };
-                error(StatusCode::UNAUTHORIZED, &code, msg)
+                json!({"errorCode": code, "message": message}).to_string()
             }
-            None => json_response(StatusCode::UNAUTHORIZED, Bytes::new()),
-        });
+            None => String::new(),
+        };
+        return Ok(forced_401(&parts.headers, Bytes::from(body), stalls));
     }
 
     let authorized = {
@@ -587,6 +589,49 @@ fn json_response(status: StatusCode, body: Bytes) -> Response<RespBody> {
 
 fn json_value(status: StatusCode, value: &Value) -> Response<RespBody> {
     json_response(status, Bytes::from(value.to_string()))
+}
+
+/// A 401 with `body`, gzip-compressed when the request accepts it, as Desk's are; when
+/// it `stalls`, its length is announced, half of it sent, and then nothing.
+fn forced_401(request: &HeaderMap, body: Bytes, stalls: bool) -> Response<RespBody> {
+    use std::io::Write;
+    let gzip = request
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|e| e.trim().starts_with("gzip")));
+    let compressed = (gzip && !body.is_empty())
+        .then(|| {
+            let mut encoder =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            encoder
+                .write_all(&body)
+                .and_then(|()| encoder.finish())
+                .ok()
+        })
+        .flatten();
+    let gzipped = compressed.is_some();
+    let body = compressed.map_or(body, Bytes::from);
+    let length = body.len();
+    let mut answer = if stalls {
+        let half = body.slice(..length / 2);
+        let frames = futures_util::stream::once(async move {
+            Ok::<_, io::Error>(hyper::body::Frame::data(half))
+        })
+        .chain(futures_util::stream::pending());
+        let stalled = BodyExt::boxed(http_body_util::StreamBody::new(frames));
+        let mut answer = json_response(StatusCode::UNAUTHORIZED, Bytes::new());
+        *answer.body_mut() = stalled;
+        answer
+    } else {
+        json_response(StatusCode::UNAUTHORIZED, body)
+    };
+    let headers = answer.headers_mut();
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    if gzipped {
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    answer
 }
 
 /// A Desk-shaped error: `{"errorCode":…,"message":…}`.

@@ -165,6 +165,8 @@ struct State {
     accounts_delay: Duration,
     forced_401_remaining: u32,
     forced_401_code: Option<String>,
+    /// Forced 401s send half their body, then nothing more.
+    forced_401_stalls: bool,
     desk_delay: Duration,
     /// Requests inside the Desk delay now, and the most seen at once.
     /// Desk requests between their arrival and their answer's head.
@@ -346,6 +348,12 @@ impl FakeControl {
         st.forced_401_code = error_code.map(str::to_owned);
     }
 
+    /// Forced 401s (see [`FakeControl::fail_next_desk_requests`]) send their head and half
+    /// their body, then stall.
+    pub fn stall_forced_401_bodies(&self, on: bool) {
+        self.shared.lock().forced_401_stalls = on;
+    }
+
     /// Sleeps this long (after the auth check) before Desk sends response headers.
     pub fn set_desk_delay(&self, d: Duration) {
         self.shared.lock().desk_delay = d;
@@ -442,6 +450,7 @@ impl FakeZoho {
             accounts_delay: Duration::ZERO,
             forced_401_remaining: 0,
             forced_401_code: None,
+            forced_401_stalls: false,
             desk_delay: Duration::ZERO,
             desk_in_flight: 0,
             desk_max_in_flight: 0,

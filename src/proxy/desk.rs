@@ -157,14 +157,29 @@ impl Proxy {
     ) -> Result<Answer, ProxyError> {
         self.note_rate_limit(response.headers());
         let (parts, body) = response.into_parts();
-        let desk_401 = Limited::new(body, MAX_401_BODY)
-            .collect()
-            .await
-            .map_err(|_| {
-                ProxyError::UpstreamUnreachable("Zoho Desk's 401 answer could not be read".into())
-            })?
-            .to_bytes();
-        if !token_is_invalid(&desk_401) {
+        // Its body is part of the answer the client waits for: Desk has the response's
+        // time to send it, once more.
+        let timeout = self.config.timeouts.response;
+        let read = tokio::time::timeout(timeout, Limited::new(body, MAX_401_BODY).collect());
+        let desk_401 = match read.await {
+            Ok(Ok(body)) => body.to_bytes(),
+            Ok(Err(_)) => {
+                self.metrics.record_upstream_error(UpstreamErrorKind::Body);
+                return Err(ProxyError::UpstreamUnreachable(
+                    "Zoho Desk's 401 answer could not be read".into(),
+                ));
+            }
+            Err(_) => {
+                self.metrics
+                    .record_upstream_error(UpstreamErrorKind::Timeout);
+                return Err(ProxyError::UpstreamTimeout(format!(
+                    "Zoho Desk did not send its 401 answer's body within {} s (timeouts.response_secs)",
+                    timeout.as_secs_f64()
+                )));
+            }
+        };
+        let readable = decoded(&parts.headers, &desk_401);
+        if !token_is_invalid(readable.as_deref().unwrap_or(&desk_401)) {
             // SCOPE_MISMATCH and friends: the token is fine, the answer is the client's.
             return Ok(Answer::Pass(rebuild(parts, desk_401)));
         }
@@ -509,6 +524,30 @@ fn rate_limit_remaining(headers: &HeaderMap) -> Option<i64> {
         .find_map(|name| headers.get(name))
         .and_then(|value| value.to_str().ok())
         .and_then(|text| text.trim().parse().ok())
+}
+
+/// A body as Desk sent it, decoded when it is compressed (`gzip`, `deflate` or `br`, as
+/// the client's `Accept-Encoding` allowed), up to [`MAX_401_BODY`] bytes. `None` when it
+/// is not compressed, or its encoding is another, broken or decodes longer than that.
+fn decoded(headers: &HeaderMap, body: &[u8]) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let read = |reader: &mut dyn Read| {
+        let mut out = Vec::new();
+        reader
+            .take(MAX_401_BODY as u64 + 1)
+            .read_to_end(&mut out)
+            .ok()?;
+        (out.len() <= MAX_401_BODY).then_some(out)
+    };
+    let encoding = headers.get(http::header::CONTENT_ENCODING)?.to_str().ok()?;
+    match encoding.trim().to_ascii_lowercase().as_str() {
+        "gzip" | "x-gzip" => read(&mut flate2::read::MultiGzDecoder::new(body)),
+        // RFC 9110's deflate is zlib's format; some servers send raw deflate.
+        "deflate" => read(&mut flate2::read::ZlibDecoder::new(body))
+            .or_else(|| read(&mut flate2::read::DeflateDecoder::new(body))),
+        "br" => read(&mut brotli_decompressor::Decompressor::new(body, 4096)),
+        _ => None,
+    }
 }
 
 /// Whether a Desk 401 body says the token itself is bad (`INVALID_OAUTH`, or no
