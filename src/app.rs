@@ -217,6 +217,7 @@ pub async fn run_with_reload(
         Some(file) => Some(Recorder::open(
             file,
             config.record.max_body_bytes,
+            config.secrets(),
             Arc::clone(&metrics),
         )?),
         None => None,

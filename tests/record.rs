@@ -255,6 +255,66 @@ async fn recorded_traffic_replays_byte_for_byte_with_no_fake_and_no_credentials(
 }
 
 #[tokio::test]
+async fn a_secret_desk_or_a_client_puts_anywhere_is_masked() {
+    // Desk echoing the token it got (in a body, a header), a client putting its key or
+    // the client secret in the query or the body: none of it reaches the file.
+    let dir = tempfile::tempdir().unwrap();
+    let (s, file) = recording(dir.path(), |c| {
+        c.access.api_keys = vec![Secret::new(KEY.into())];
+        c.record.max_body_bytes = 300;
+    })
+    .await;
+    s.zoho.echo_credentials(true);
+    let options = FakeOptions::default();
+    let secret = options.client_secret.clone();
+    let client = client();
+    let query = format!("/api/v1/echo?key={KEY}&cs={secret}");
+    let answer = client
+        .post(s.url(&query))
+        .header("x-proxy-key", KEY)
+        .header("x-forwarded-key", KEY)
+        .body(format!(
+            "{{\"secret\":\"{secret}\",\"pad\":\"{}\"}}",
+            "x".repeat(40)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let echoed = answer.text().await.unwrap();
+    let token = s.zoho.issued_tokens().pop().unwrap();
+    assert!(
+        echoed.contains(&token),
+        "the fake echoes the token: {echoed}"
+    );
+    s.proxy.stop().await;
+
+    let text = std::fs::read_to_string(&file).unwrap();
+    let mut secrets = vec![KEY.to_owned(), secret, options.refresh_token.clone()];
+    secrets.extend(s.zoho.issued_tokens());
+    for secret in &secrets {
+        assert!(!text.contains(secret.as_str()), "{secret} in {text}");
+    }
+    let entries = har_of(&file)["log"]["entries"].as_array().unwrap().clone();
+    assert_eq!(entries.len(), 1);
+    let entry = &entries[0];
+    let request = &entry["request"];
+    assert!(
+        request["url"].as_str().unwrap().contains("key=***&cs=***"),
+        "{entry}"
+    );
+    assert!(
+        request["postData"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("\"secret\":\"***\""),
+        "{entry}"
+    );
+    let content = entry["response"]["content"]["text"].as_str().unwrap();
+    assert!(content.contains("Zoho-oauthtoken ***"), "{entry}");
+}
+
+#[tokio::test]
 async fn a_miss_names_the_closest_request_and_strict_mode_fails_the_run() {
     let dir = tempfile::tempdir().unwrap();
     let (file, _, _) = record(dir.path()).await;

@@ -268,6 +268,15 @@ impl Config {
         threads.min(self.max_upstream_requests)
     }
 
+    /// The secrets of the configuration (client secret, refresh token, proxy keys): what
+    /// must never be written anywhere, a recording included.
+    pub fn secrets(&self) -> Vec<Secret<String>> {
+        let mut secrets = vec![self.oauth.client_secret.clone()];
+        secrets.extend(self.oauth.refresh_token.clone());
+        secrets.extend(self.access.api_keys.iter().cloned());
+        secrets
+    }
+
     /// Whether other machines can reach the listener with neither a key nor a CIDR rule
     /// in the way (refused unless `access.allow_unauthenticated_remote`). Rules that
     /// together admit every IPv4 or every IPv6 address (`0.0.0.0/0`, or `0.0.0.0/1` and

@@ -167,6 +167,8 @@ struct State {
     forced_401_code: Option<String>,
     /// Forced 401s send half their body, then nothing more.
     forced_401_stalls: bool,
+    /// `/api/v1/echo` echoes `Authorization` whole, as a careless API would.
+    echo_credentials: bool,
     desk_delay: Duration,
     /// Requests inside the Desk delay now, and the most seen at once.
     /// Desk requests between their arrival and their answer's head.
@@ -354,6 +356,12 @@ impl FakeControl {
         self.shared.lock().forced_401_stalls = on;
     }
 
+    /// `/api/v1/echo` echoes the `Authorization` it got whole (the token), as a careless
+    /// API would; by default only its last 4 characters.
+    pub fn echo_credentials(&self, on: bool) {
+        self.shared.lock().echo_credentials = on;
+    }
+
     /// Sleeps this long (after the auth check) before Desk sends response headers.
     pub fn set_desk_delay(&self, d: Duration) {
         self.shared.lock().desk_delay = d;
@@ -451,6 +459,7 @@ impl FakeZoho {
             forced_401_remaining: 0,
             forced_401_code: None,
             forced_401_stalls: false,
+            echo_credentials: false,
             desk_delay: Duration::ZERO,
             desk_in_flight: 0,
             desk_max_in_flight: 0,

@@ -377,7 +377,8 @@ impl Proxy {
         };
         let mut response = exchange.await?;
         if let Some(recording) = recording {
-            let recording = recording.answered(response.status(), response.headers());
+            let recording =
+                recording.answered(response.status(), response.headers(), self.current_token());
             response.body_mut().tap(recording);
         }
         Ok(response)
@@ -407,8 +408,16 @@ impl Proxy {
                 &parts.headers,
                 &log.id().to_string(),
                 seen,
+                self.current_token(),
             )
         })
+    }
+
+    /// The access token now, for a recording to mask.
+    fn current_token(&self) -> Option<crate::secret::Secret<String>> {
+        self.tokens
+            .current()
+            .map(|token| token.access_token.clone())
     }
 
     /// The answer from the recording being replayed.

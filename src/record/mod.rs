@@ -5,6 +5,7 @@
 pub mod har;
 pub mod recorder;
 pub mod replay;
+mod scrub;
 
 pub use recorder::{RecordError, Recorder, Recording, RequestBodySeen};
 pub use replay::{BodyHasher, Lookup, Replay, ReplayError};

@@ -10,7 +10,9 @@
 //!
 //! What is never recorded: the token (`Authorization` is `Zoho-oauthtoken ***`), proxy
 //! keys, cookies and `Set-Cookie`. The client's own `Authorization`, `Cookie`,
-//! `X-Proxy-Key` and `Proxy-Authorization` never reach Desk and are not in the entry.
+//! `X-Proxy-Key` and `Proxy-Authorization` never reach Desk and are not in the entry; a
+//! secret or token found anywhere else (Desk echoing it, a client putting a key in the
+//! query) is masked ([`super::scrub`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -25,8 +27,10 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, Method, StatusCode, Uri, header};
 
 use super::har::{self, Entry, NameValue};
+use super::scrub::Scrubber;
 use crate::body::{Captured, Tap};
 use crate::metrics::Metrics;
+use crate::secret::Secret;
 
 /// Entries waiting for the writer; past it, entries are dropped.
 const QUEUE: usize = 4096;
@@ -76,10 +80,12 @@ pub struct Recorder {
 
 impl Recorder {
     /// Opens `path` for recording: created when missing; an earlier recording is
-    /// continued (repaired first when a crash cut it short).
+    /// continued (repaired first when a crash cut it short). `secrets` (the client
+    /// secret, the refresh token, the proxy keys) are masked wherever they appear.
     pub fn open(
         path: &Path,
         max_body: usize,
+        secrets: Vec<Secret<String>>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, RecordError> {
         let io = |source| RecordError::Io {
@@ -100,6 +106,7 @@ impl Recorder {
             written: entries,
             path: path.to_owned(),
             max_body,
+            secrets,
             queued: Arc::clone(&queued),
             dropped: Arc::clone(&dropped),
             metrics: Arc::clone(&metrics),
@@ -120,8 +127,9 @@ impl Recorder {
     }
 
     /// Starts the entry of a request about to be forwarded: its method, Desk's URL, the
-    /// headers sent and its body, known whole or captured as it streams. Only copies are
-    /// made here (secrets left out); the writer's thread makes the entry.
+    /// headers sent, its body, known whole or captured as it streams, and the token it is
+    /// likely sent with (masked in the entry). Only copies are made here (secrets left
+    /// out); the writer's thread makes the entry.
     pub fn start(
         &self,
         method: &Method,
@@ -129,6 +137,7 @@ impl Recorder {
         headers: &HeaderMap,
         request_id: &str,
         body: RequestBodySeen,
+        token: Option<Secret<String>>,
     ) -> Option<Box<Recording>> {
         let queue = self.queue.load_full()?;
         let body = match body {
@@ -153,9 +162,10 @@ impl Recorder {
                 ended: None,
                 method: method.clone(),
                 url: url.clone(),
-                request_headers: flatten(headers, crate::headers::is_client_credential),
+                request_headers: flatten(headers, is_never_recorded_in_a_request),
                 request_id: request_id.to_owned(),
                 request_body: body,
+                tokens: token.into_iter().collect(),
                 status: StatusCode::OK,
                 response_headers: String::new(),
                 body: Vec::new(),
@@ -225,6 +235,8 @@ struct Exchange {
     request_headers: String,
     request_id: String,
     request_body: RequestBodySeen,
+    /// The tokens the request may have been sent with: masked wherever they appear.
+    tokens: Vec<Secret<String>>,
     status: StatusCode,
     /// `name:value` lines, `Set-Cookie` left out.
     response_headers: String,
@@ -237,8 +249,18 @@ struct Exchange {
 }
 
 impl Recording {
-    /// Notes the answer's head.
-    pub fn answered(mut self: Box<Self>, status: StatusCode, headers: &HeaderMap) -> Box<Self> {
+    /// Notes the answer's head, and the token current then (a retry's, after a 401).
+    pub fn answered(
+        mut self: Box<Self>,
+        status: StatusCode,
+        headers: &HeaderMap,
+        token: Option<Secret<String>>,
+    ) -> Box<Self> {
+        if let Some(token) = token
+            && !self.exchange.tokens.contains(&token)
+        {
+            self.exchange.tokens.push(token);
+        }
         self.exchange.answered = Some(Instant::now());
         self.exchange.status = status;
         self.exchange.response_headers = flatten(headers, is_cookie_answer_header);
@@ -320,8 +342,18 @@ impl Exchange {
     }
 
     /// The HAR entry, secrets masked, bodies cut at `max_body`.
-    fn into_entry(self, max_body: usize) -> Entry {
-        let mut request_headers = unflatten(&self.request_headers);
+    fn into_entry(self, max_body: usize, secrets: &[Secret<String>]) -> Entry {
+        let scrub = Scrubber::new(secrets.iter().chain(&self.tokens));
+        let masked = |pairs: Vec<NameValue>| -> Vec<NameValue> {
+            pairs
+                .into_iter()
+                .map(|pair| NameValue {
+                    name: scrub.text(pair.name),
+                    value: scrub.text(pair.value),
+                })
+                .collect()
+        };
+        let mut request_headers = masked(unflatten(&self.request_headers));
         request_headers.push(NameValue {
             name: "authorization".into(),
             value: "Zoho-oauthtoken ***".into(),
@@ -337,6 +369,7 @@ impl Exchange {
                     })
                     .collect()
             })
+            .map(masked)
             .unwrap_or_default();
         let (bytes, total, complete) = match &self.request_body {
             RequestBodySeen::Empty => (Vec::new(), 0, true),
@@ -352,18 +385,19 @@ impl Exchange {
             }
         };
         let post_data = (total > 0).then(|| {
-            let (text, encoding) = har::body_text(&bytes);
+            // Longer than kept, or not seen to its end (Desk answered first).
+            let truncated = total > bytes.len() as u64 || !complete;
+            let (text, encoding) = har::body_text(&scrub.bytes(bytes, truncated));
             har::PostData {
                 mime_type: flattened_value(&self.request_headers, "content-type"),
                 text,
                 encoding,
-                // Longer than kept, or not seen to its end (Desk answered first).
-                truncated: total > bytes.len() as u64 || !complete,
+                truncated,
             }
         });
         let request = har::Request {
             method: self.method.as_str().to_owned(),
-            url: self.url.to_string(),
+            url: scrub.text(self.url.to_string()),
             http_version: "HTTP/1.1".into(),
             headers: request_headers,
             query_string,
@@ -373,11 +407,13 @@ impl Exchange {
             ..har::Request::default()
         };
 
-        let body = self.body;
-        let (text, encoding) = if body.is_empty() {
+        // Longer than kept, or cut off before its end: replay must not take a broken
+        // answer for a whole one.
+        let truncated = self.body_total > self.body.len() as u64 || !self.body_complete;
+        let (text, encoding) = if self.body.is_empty() {
             (None, None)
         } else {
-            let (text, encoding) = har::body_text(&body);
+            let (text, encoding) = har::body_text(&scrub.bytes(self.body, truncated));
             (Some(text), encoding)
         };
         let size = i64::try_from(self.body_total).unwrap_or(i64::MAX);
@@ -385,17 +421,15 @@ impl Exchange {
             status: self.status.as_u16(),
             status_text: self.status.canonical_reason().unwrap_or_default().into(),
             http_version: "HTTP/1.1".into(),
-            headers: unflatten(&self.response_headers),
+            headers: masked(unflatten(&self.response_headers)),
             content: har::Content {
                 size,
                 mime_type: flattened_value(&self.response_headers, "content-type"),
                 text,
                 encoding,
-                // Longer than kept, or cut off before its end: replay must not take a
-                // broken answer for a whole one.
-                truncated: self.body_total > body.len() as u64 || !self.body_complete,
+                truncated,
             },
-            redirect_url: flattened_value(&self.response_headers, "location"),
+            redirect_url: scrub.text(flattened_value(&self.response_headers, "location")),
             headers_size: -1,
             body_size: size,
             ..har::Response::default()
@@ -457,6 +491,12 @@ fn flattened_value(lines: &str, name: &str) -> String {
         .find(|(n, _)| *n == name)
         .map(|(_, value)| value.to_owned())
         .unwrap_or_default()
+}
+
+/// The client's credentials, and a `Set-Cookie` a client sent (meaningless in a request,
+/// so forwarded as any header, but a cookie all the same).
+fn is_never_recorded_in_a_request(name: &HeaderName) -> bool {
+    crate::headers::is_client_credential(name) || is_cookie_answer_header(name)
 }
 
 /// Cookies Desk sets: never recorded (`Set-Cookie2` is obsolete, but a cookie all the
@@ -530,6 +570,7 @@ struct Writer {
     written: usize,
     path: PathBuf,
     max_body: usize,
+    secrets: Vec<Secret<String>>,
     queued: Arc<AtomicU64>,
     dropped: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
@@ -546,7 +587,9 @@ impl Writer {
             let mut pending = Some(first);
             while let Some(exchange) = pending.take() {
                 self.queued.fetch_sub(exchange.size(), Ordering::AcqRel);
-                if let Ok(line) = serde_json::to_string(&exchange.into_entry(self.max_body)) {
+                if let Ok(line) =
+                    serde_json::to_string(&exchange.into_entry(self.max_body, &self.secrets))
+                {
                     if self.written + lines > 0 {
                         batch.push(',');
                     }
@@ -660,12 +703,13 @@ mod tests {
             "cookie2",
             "proxy-authorization",
             "x-proxy-key",
+            "set-cookie",
             "accept",
         ] {
             request.append(HeaderName::from_static(name), "v".parse().unwrap());
         }
         assert_eq!(
-            flatten(&request, crate::headers::is_client_credential),
+            flatten(&request, is_never_recorded_in_a_request),
             "accept:v\n"
         );
     }
