@@ -35,7 +35,7 @@ pub enum RunError {
     /// The recording to replay cannot be used (exit code 2).
     #[error(transparent)]
     Replay(#[from] ReplayError),
-    /// The recording cannot be written (exit code 1).
+    /// The file given to `--record` cannot be recorded to (exit code 2).
     #[error(transparent)]
     Record(#[from] RecordError),
     /// `--replay-strict`: requests found no recorded answer (exit code 1).

@@ -92,7 +92,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE.har")]
     pub replay: Option<PathBuf>,
     /// With --replay: exit non-zero at shutdown if any request found no recorded answer.
-    #[arg(long, requires = "replay")]
+    // (clap leaves `requires` unchecked when an argument that conflicts is given.)
+    #[arg(long, requires = "replay", conflicts_with = "record")]
     pub replay_strict: bool,
 }
 
@@ -145,4 +146,25 @@ pub struct ConfigArgs {
     /// Configuration file [default: ./proxy.toml when it exists].
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn replay_strict_goes_with_a_replay_only() {
+        let parse = |args: &[&str]| Cli::try_parse_from(["zoho-desk-proxy"].iter().chain(args));
+        assert!(parse(&["serve", "--replay", "r.har", "--replay-strict"]).is_ok());
+        for args in [
+            &["serve", "--replay-strict"][..],
+            &["serve", "--record", "r.har", "--replay-strict"],
+            &["--record", "r.har", "--replay-strict"],
+        ] {
+            let err = parse(args).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
 }

@@ -314,6 +314,83 @@ async fn a_secret_desk_or_a_client_puts_anywhere_is_masked() {
     assert!(content.contains("Zoho-oauthtoken ***"), "{entry}");
 }
 
+/// `run` on `config`, expected to stop at start with an error.
+async fn refused_at_start(config: zoho_desk_proxy::config::Config) -> zoho_desk_proxy::RunError {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let run = zoho_desk_proxy::run(config, listener, std::future::pending());
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("refused at start, not served")
+        .expect_err("refused")
+}
+
+#[tokio::test]
+async fn a_recording_damaged_before_its_end_is_neither_replayed_nor_appended_to() {
+    // A crash only ever cuts a recording's end; a line damaged with whole entries after
+    // it (an edit, a merge) must not cost those entries.
+    let dir = tempfile::tempdir().unwrap();
+    let (s, file) = recording(dir.path(), |_| {}).await;
+    for n in 0..3 {
+        let path = format!("/api/v1/tickets?from={n}");
+        assert_eq!(send(&s.url(""), "GET", &path, None).await.status(), 200);
+    }
+    s.proxy.stop().await;
+    let text = std::fs::read_to_string(&file).unwrap();
+    let second = text.find("\n,{").unwrap() + 1;
+    let damaged = format!("{}<<<<<<< HEAD\n{}", &text[..second], &text[second..]);
+    std::fs::write(&file, &damaged).unwrap();
+
+    let out = command(dir.path())
+        .arg("replay")
+        .arg(&file)
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("line 3 is not an entry"), "{stderr}");
+
+    let mut config = config_for(&s.fake, &FakeOptions::default());
+    config.record.file = Some(file.clone());
+    let err = refused_at_start(config).await;
+    assert!(matches!(err, zoho_desk_proxy::RunError::Record(_)), "{err}");
+    assert!(
+        err.to_string().contains("--record") && err.to_string().contains("line 3"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        damaged,
+        "unchanged"
+    );
+}
+
+#[tokio::test]
+async fn two_recorders_never_share_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, file) = recording(dir.path(), |_| {}).await;
+    assert_eq!(
+        send(&s.url(""), "GET", "/api/v1/tickets", None)
+            .await
+            .status(),
+        200
+    );
+    let mut config = config_for(&s.fake, &FakeOptions::default());
+    config.record.file = Some(file.clone());
+    let err = refused_at_start(config.clone()).await;
+    assert!(
+        err.to_string()
+            .contains("another process is recording to it"),
+        "{err}"
+    );
+    s.proxy.stop().await;
+    assert_eq!(har_of(&file)["log"]["entries"].as_array().unwrap().len(), 1);
+    // Once the first has stopped, the file is free.
+    let proxy = start_proxy(config).await;
+    proxy.stop().await;
+}
+
 #[tokio::test]
 async fn a_miss_names_the_closest_request_and_strict_mode_fails_the_run() {
     let dir = tempfile::tempdir().unwrap();

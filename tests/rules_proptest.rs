@@ -137,7 +137,7 @@ fn respell(path: &str, choices: &[u8]) -> String {
         let c = *choice.next().unwrap_or(&0);
         if bytes[i] == b'%' {
             let escape = &path[i..i + 3];
-            out.push_str(&if c % 2 == 0 {
+            out.push_str(&if c.is_multiple_of(2) {
                 escape.to_ascii_lowercase()
             } else {
                 escape.to_owned()
@@ -145,8 +145,8 @@ fn respell(path: &str, choices: &[u8]) -> String {
             i += 3;
         } else {
             let b = bytes[i];
-            if is_unreserved(b) && c % 3 == 0 {
-                out.push_str(&pct(b, c % 2 == 0));
+            if is_unreserved(b) && c.is_multiple_of(3) {
+                out.push_str(&pct(b, c.is_multiple_of(2)));
             } else {
                 out.push(b as char);
             }

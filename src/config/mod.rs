@@ -17,8 +17,8 @@ use std::path::Path;
 pub use error::{ConfigError, Origin};
 pub use model::{
     AccessConfig, Config, DATA_CENTRES, DEFAULT_CA_DIR, DEFAULT_LISTEN, DEFAULT_TOKEN_FILE,
-    DESK_METHODS, DeskConfig, EDITIONS, InterceptConfig, LogFormat, OAuthConfig, RecordConfig,
-    Timeouts, ZOHO_REFRESHES_PER_10MIN,
+    DESK_METHODS, DeskConfig, EDITIONS, InterceptConfig, LogFormat, MAX_RECORD_BODY_BYTES,
+    OAuthConfig, RecordConfig, Timeouts, ZOHO_REFRESHES_PER_10MIN,
 };
 pub use raw::RawConfig;
 

@@ -78,6 +78,11 @@ pub const EDITIONS: [(&str, usize); 5] = [
     ("enterprise", 25),
 ];
 
+/// The most `record.max_body_bytes` may be: an entry holds two bodies, and the recorder's
+/// queue of entries waiting for the disk holds 64 MiB (a larger entry would be dropped,
+/// after the request path had held it).
+pub const MAX_RECORD_BODY_BYTES: usize = 16 << 20;
+
 /// Record and replay: `record.max_body_bytes` from the file; the rest from the command
 /// line (`serve --record`, `--replay`, `--replay-strict`).
 #[derive(Debug, Clone)]

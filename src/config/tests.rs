@@ -780,3 +780,15 @@ fn an_upstream_path_prefix_is_written_in_canonical_form() {
     .unwrap();
     assert_eq!(c.upstream.prefix, "/gw/caf%C3%A9");
 }
+
+#[test]
+fn a_recorded_body_is_bounded() {
+    let c =
+        Config::from_toml(&format!("{MINIMAL}\n[record]\nmax_body_bytes = 16777216\n")).unwrap();
+    assert_eq!(c.record.max_body_bytes, 16 << 20);
+    let err = Config::from_toml(&format!(
+        "{MINIMAL}\n[record]\nmax_body_bytes = 2000000000000\n"
+    ))
+    .unwrap_err();
+    assert!(err.to_string().contains("record.max_body_bytes"), "{err}");
+}

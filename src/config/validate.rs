@@ -13,7 +13,7 @@ use super::error::ConfigError;
 use super::model::{
     API_DOMAINS, AccessConfig, Config, DATA_CENTRES, DEFAULT_CA_DIR, DEFAULT_LISTEN,
     DEFAULT_TOKEN_FILE, DESK_METHODS, DeskConfig, EDITIONS, InterceptConfig, LogFormat,
-    OAuthConfig, RecordConfig, Timeouts,
+    MAX_RECORD_BODY_BYTES, OAuthConfig, RecordConfig, Timeouts,
 };
 use super::raw::{RawAccess, RawConfig, RawDesk, RawIntercept};
 use super::values::{
@@ -230,10 +230,19 @@ impl TryFrom<RawConfig> for Config {
         };
         let intercept = intercept_config(&mut p, intercept, dc_name, dc_desk, dc_accounts);
         let desk = desk_config(&mut p, desk);
+        let max_body_bytes = record
+            .max_body_bytes
+            .unwrap_or(RecordConfig::default().max_body_bytes);
+        if max_body_bytes > MAX_RECORD_BODY_BYTES {
+            p.invalid(
+                "record.max_body_bytes",
+                format!(
+                    "at most {MAX_RECORD_BODY_BYTES} (16 MiB): each recorded request holds up to twice this much until it is written (a longer body keeps its start and is marked truncated)"
+                ),
+            );
+        }
         let record = RecordConfig {
-            max_body_bytes: record
-                .max_body_bytes
-                .unwrap_or(RecordConfig::default().max_body_bytes),
+            max_body_bytes: max_body_bytes.min(MAX_RECORD_BODY_BYTES),
             ..RecordConfig::default()
         };
         let max_connections = at_least_one(

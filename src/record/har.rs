@@ -188,38 +188,60 @@ pub fn body_bytes(text: &str, encoding: Option<&str>) -> Result<Vec<u8>, String>
     }
 }
 
-/// The whole entries of a recording's text laid out as the proxy writes it, and whether
-/// the text ended as it should (with [`TRAILER`]). `None` when the text is not laid out
-/// that way (another program's HAR).
-pub fn entry_lines(text: &str) -> Option<(Vec<&str>, bool)> {
+/// How a recording's text laid out as the proxy writes it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// With [`TRAILER`].
+    Whole,
+    /// Cut short, as a crash leaves it: nothing whole after the last whole entry.
+    Cut,
+    /// A line that is not an entry (1-based), with whole entries or the trailer after it:
+    /// not what a crash leaves, so not repaired by dropping what follows it.
+    Damaged(usize),
+}
+
+/// The whole entries of a recording's text laid out as the proxy writes it, and how it
+/// ends. `None` when the text is not laid out that way (another program's HAR).
+pub fn entry_lines(text: &str) -> Option<(Vec<&str>, Ending)> {
     let mut lines = text.split_inclusive('\n');
     let first = lines.next()?;
     if !first.starts_with("{\"log\":") || !first.contains(CREATOR) || !first.ends_with("[\n") {
         return None;
     }
     let mut entries = Vec::new();
-    for line in lines {
+    while let Some(line) = lines.next() {
         if line == TRAILER {
-            return Some((entries, true));
+            return Some((entries, Ending::Whole));
         }
-        // A line cut short, or anything else: the end of what can be kept.
-        let Some(body) = line.strip_suffix('\n') else {
-            break;
-        };
-        let body = if entries.is_empty() {
-            body
-        } else {
-            match body.strip_prefix(',') {
-                Some(body) => body,
-                None => break,
+        match entry_of(line, entries.is_empty()) {
+            Some(entry) => entries.push(entry),
+            None => {
+                // A crash leaves its cut at the end: anything whole after this line
+                // means the file was damaged some other way.
+                let damaged = lines.any(|later| {
+                    later == TRAILER
+                        || entry_of(later, false).is_some()
+                        || entry_of(later, true).is_some()
+                });
+                let ending = if damaged {
+                    Ending::Damaged(entries.len() + 2)
+                } else {
+                    Ending::Cut
+                };
+                return Some((entries, ending));
             }
-        };
-        if serde_json::from_str::<serde::de::IgnoredAny>(body).is_err() {
-            break;
         }
-        entries.push(body);
     }
-    Some((entries, false))
+    Some((entries, Ending::Cut))
+}
+
+/// The entry a whole line holds (`{…}`, or `,{…}` after the first).
+fn entry_of(line: &str, first: bool) -> Option<&str> {
+    let body = line.strip_suffix('\n')?;
+    let body = if first { body } else { body.strip_prefix(',')? };
+    serde_json::from_str::<serde::de::IgnoredAny>(body)
+        .is_ok()
+        .then_some(body)
 }
 
 /// A recording's text with these entries.
@@ -247,11 +269,11 @@ mod tests {
         let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(parsed["log"]["entries"].as_array().unwrap().len(), 3);
         assert_eq!(parsed["log"]["creator"]["name"], CREATOR);
-        assert_eq!(entry_lines(&text), Some((entries.to_vec(), true)));
+        assert_eq!(entry_lines(&text), Some((entries.to_vec(), Ending::Whole)));
         // Cut anywhere: the whole entries before the cut are kept.
         for cut in header().len()..text.len() - TRAILER.len() {
-            let (kept, whole) = entry_lines(&text[..cut]).unwrap();
-            assert!(!whole);
+            let (kept, ending) = entry_lines(&text[..cut]).unwrap();
+            assert_eq!(ending, Ending::Cut, "cut at {cut}");
             assert!(kept.len() <= 3);
             assert_eq!(kept, entries[..kept.len()].to_vec(), "cut at {cut}");
             let repaired = layout(kept.iter().copied());
@@ -261,6 +283,23 @@ mod tests {
             entry_lines(r#"{"log":{"creator":{"name":"Chrome"}}}"#),
             None
         );
+    }
+
+    #[test]
+    fn damage_with_whole_entries_after_it_is_no_crash_s_cut() {
+        let entries = [r#"{"a":1}"#, r#"{"b":2}"#, r#"{"c":3}"#];
+        let text = layout(entries);
+        let second = text.find(",{\"b\"").unwrap();
+        for damaged in [
+            format!("{}<<<<<<< HEAD\n{}", &text[..second], &text[second..]),
+            text.replacen(",{\"b\":2}", ",,{\"b\":2}", 1),
+            text.replacen(",{\"c\":3}\n", "", 1)
+                .replacen("{\"b\":2}", "{\"b\":", 1),
+        ] {
+            let (kept, ending) = entry_lines(&damaged).unwrap();
+            assert_eq!(kept, entries[..1].to_vec(), "{damaged}");
+            assert_eq!(ending, Ending::Damaged(3), "{damaged}");
+        }
     }
 
     #[test]

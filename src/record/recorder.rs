@@ -39,6 +39,8 @@ const BATCH: usize = 256;
 /// Bytes of entries waiting for the writer; past it, entries are dropped (a slow disk
 /// and large bodies cannot make the recording hold more).
 const QUEUE_BYTES: u64 = 64 << 20;
+// An entry of two bodies at their largest fits in the queue, with room for others.
+const _: () = assert!(QUEUE_BYTES >= 4 * crate::config::MAX_RECORD_BODY_BYTES as u64);
 /// Bytes written at once, at most (a batch of large bodies is split).
 const BATCH_BYTES: usize = 8 << 20;
 /// The largest recording: past it, recording stops (replay reads up to this much).
@@ -46,11 +48,13 @@ const MAX_FILE_BYTES: u64 = super::replay::MAX_FILE_BYTES;
 /// How long the writer lets entries gather after a write.
 const GATHER: Duration = Duration::from_millis(10);
 
-/// Why a recording cannot be made.
+/// Why a recording cannot be made (a usage error: the file given to `--record`).
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
     /// The file cannot be read, written or created.
-    #[error("{path}: {source}")]
+    #[error(
+        "--record {path}: {source}; fix: give a file in a directory that exists and that this user may write"
+    )]
     Io {
         /// The file.
         path: PathBuf,
@@ -59,9 +63,24 @@ pub enum RecordError {
     },
     /// The file holds something the proxy did not write.
     #[error(
-        "{0} is not a recording of zoho-desk-proxy (a HAR from elsewhere is replayed, never appended to): record to a new file"
+        "--record {0}: not a recording of zoho-desk-proxy (a HAR from elsewhere is replayed, never appended to); fix: record to a new file"
     )]
     Foreign(PathBuf),
+    /// The file is damaged before its end: not a crash's cut, which only ever ends it.
+    #[error(
+        "--record {path}: line {line} is not an entry, and whole entries follow it (a crash only ever cuts a recording's end; was it edited or merged?); fix: mend or remove that line, or record to a new file (nothing was changed)"
+    )]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// The first damaged line (1-based).
+        line: usize,
+    },
+    /// Another process records to the file.
+    #[error(
+        "--record {0}: another process is recording to it (two recorders would mix their entries); fix: give each its own file"
+    )]
+    Busy(PathBuf),
 }
 
 /// The recording of a serving proxy: where entries go.
@@ -95,6 +114,11 @@ impl Recorder {
         let (file, end, entries) = prepare(path).map_err(|e| match e {
             Prepared::Io(source) => io(source),
             Prepared::Foreign => RecordError::Foreign(path.to_owned()),
+            Prepared::Damaged(line) => RecordError::Damaged {
+                path: path.to_owned(),
+                line,
+            },
+            Prepared::Busy => RecordError::Busy(path.to_owned()),
         })?;
         tracing::info!(file = %path.display(), entries, max_body_bytes = max_body, "recording Desk's traffic");
         let (queue, entries_rx) = std::sync::mpsc::sync_channel::<Exchange>(QUEUE);
@@ -508,6 +532,17 @@ fn is_cookie_answer_header(name: &HeaderName) -> bool {
 enum Prepared {
     Io(std::io::Error),
     Foreign,
+    Damaged(usize),
+    Busy,
+}
+
+/// Takes the file for this process alone (an advisory lock, held while the file is open).
+fn lock_for_recording(file: &File) -> Result<(), Prepared> {
+    match file.try_lock() {
+        Ok(()) => Ok(()),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Prepared::Busy),
+        Err(std::fs::TryLockError::Error(err)) => Err(Prepared::Io(err)),
+    }
 }
 
 /// The file ready for appending: created with an empty recording, or an earlier one
@@ -523,6 +558,7 @@ fn prepare(path: &Path) -> Result<(File, u64, usize), Prepared> {
         options.mode(0o600);
     }
     let mut file = options.open(path).map_err(Prepared::Io)?;
+    lock_for_recording(&file)?;
     let mut text = String::new();
     file.read_to_string(&mut text).map_err(|e| {
         if e.kind() == std::io::ErrorKind::InvalidData {
@@ -534,12 +570,16 @@ fn prepare(path: &Path) -> Result<(File, u64, usize), Prepared> {
     let entries: Vec<String> = if text.is_empty() {
         Vec::new()
     } else {
-        let (entries, whole) = har::entry_lines(&text).ok_or(Prepared::Foreign)?;
-        if !whole {
-            tracing::warn!(file = %path.display(), kept = entries.len(), "recording: the file was cut short (a crash?); kept its whole entries and dropped the rest");
+        let (entries, ending) = har::entry_lines(&text).ok_or(Prepared::Foreign)?;
+        match ending {
+            har::Ending::Whole => {}
+            har::Ending::Cut => {
+                tracing::warn!(file = %path.display(), kept = entries.len(), "recording: the file was cut short (a crash?); kept its whole entries and dropped the rest");
+            }
+            har::Ending::Damaged(line) => return Err(Prepared::Damaged(line)),
         }
         // Appending starts where the trailer is, so it must be what ends the file.
-        if whole && text.ends_with(har::TRAILER) {
+        if ending == har::Ending::Whole && text.ends_with(har::TRAILER) {
             let end = text.len() - har::TRAILER.len();
             return Ok((file, end as u64, entries.len()));
         }
@@ -558,6 +598,8 @@ fn prepare(path: &Path) -> Result<(File, u64, usize), Prepared> {
         .and_then(|()| repaired.as_file().sync_data())
         .map_err(Prepared::Io)?;
     let file = repaired.persist(path).map_err(|e| Prepared::Io(e.error))?;
+    // The lock was the old file's, which the name no longer leads to.
+    lock_for_recording(&file)?;
     let end = laid_out.len() - har::TRAILER.len();
     Ok((file, end as u64, entries.len()))
 }

@@ -207,7 +207,13 @@ impl Replay {
             }
             Err(err) => {
                 // A recording cut short by a crash: its whole entries are replayed.
-                repaired = har::entry_lines(text).map(|(entries, _)| har::layout(entries));
+                let lines = har::entry_lines(text);
+                if let Some((_, har::Ending::Damaged(line))) = lines {
+                    return Err(not_har(format!(
+                        "line {line} is not an entry, and whole entries follow it (a crash only ever cuts a recording's end; was it edited or merged?): mend or remove that line"
+                    )));
+                }
+                repaired = lines.map(|(entries, _)| har::layout(entries));
                 match repaired
                     .as_deref()
                     .and_then(|t| serde_json::from_str(t).ok())

@@ -252,11 +252,11 @@ async fn run(seed: u64, steps: usize) {
     for _ in 0..30 {
         tokio::time::sleep(Duration::from_secs(60)).await;
         settle().await;
-        if let Ok(Ok(token)) = tokio::time::timeout(Duration::from_secs(30), cache.usable()).await {
-            if cache.is_usable(&token, Instant::now()) {
-                got = true;
-                break;
-            }
+        if let Ok(Ok(token)) = tokio::time::timeout(Duration::from_secs(30), cache.usable()).await
+            && cache.is_usable(&token, Instant::now())
+        {
+            got = true;
+            break;
         }
     }
     assert!(got, "seed {seed}: no token once everything was right again");
