@@ -256,6 +256,31 @@ async fn a_429_is_retried_once_for_idempotent_requests_after_retry_after() {
 }
 
 #[tokio::test]
+async fn a_429_after_a_401_retry_is_retried_too() {
+    // Each retry once, in either order: a token revoked under load must not hand the
+    // clients 429s the proxy would otherwise have absorbed.
+    let s = Scenario::start().await;
+    assert_eq!(status(s.url("/api/v1/tickets")).await, 200);
+    s.zoho.revoke_all_tokens();
+    // The new token takes Accounts a while: Desk's 429 is set for the retry meanwhile.
+    s.zoho.set_accounts_delay(Duration::from_millis(300));
+    let mut arrived = s.zoho.subscribe_desk_requests();
+    let answer = tokio::spawn(fetch(s.url("/api/v1/tickets")));
+    arrived.wait_for(|n| *n >= 2).await.unwrap();
+    s.zoho.throttle_next_desk_requests(1, Some(0));
+    let answer = answer.await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let sent = s.zoho.desk_requests();
+    assert_eq!(sent.len(), 4, "the 401, the retry's 429, its retry");
+    assert_eq!(s.zoho.desk_429s(), 1);
+    // And a 429 then a 401 (the existing order) still gets both.
+    s.zoho.throttle_next_desk_requests(1, Some(0));
+    s.zoho.revoke_all_tokens();
+    assert_eq!(status(s.url("/api/v1/tickets")).await, 200);
+    assert_eq!(s.zoho.desk_request_count(), 7);
+}
+
+#[tokio::test]
 async fn a_429_whose_wait_does_not_fit_the_response_time_goes_to_the_client() {
     let s = Scenario::with(FakeOptions::default(), |c| {
         c.timeouts.response = Duration::from_secs(2);

@@ -42,7 +42,7 @@ impl Proxy {
     }
 
     /// The request's attempts at Desk: the first, a retry after a 429 and one after a
-    /// 401 that said the token was bad, each when allowed.
+    /// 401 that said the token was bad, each when allowed, at most once, in either order.
     pub(super) async fn exchange(
         &self,
         upstream: &Upstream,
@@ -73,56 +73,62 @@ impl Proxy {
         // Once retried after a 429, the request's answer is due within its response time
         // counted from its arrival, a retry after a 401 included.
         let mut due = None;
-        if let Answer::Throttled(response, wait) = answer {
-            // Desk's concurrency or rate limit: once, when the request can be sent again
-            // unchanged and Desk's wait fits in the time the request has.
-            let by = Instant::from_std(log.arrived()) + self.config.timeouts.response;
-            let again = replay
-                .as_ref()
-                .filter(|_| is_idempotent(&parts.method) && Instant::now() + wait < by);
-            let Some(replay) = again else {
-                return Ok(response);
+        let mut retried_after_401 = false;
+        loop {
+            answer = match answer {
+                Answer::Pass(response) => return Ok(response),
+                Answer::Throttled(response, wait) => {
+                    // Desk's concurrency or rate limit: once, when the request can be sent
+                    // again unchanged and Desk's wait fits in the time the request has.
+                    let by = Instant::from_std(log.arrived()) + self.config.timeouts.response;
+                    let again = replay.as_ref().filter(|_| {
+                        due.is_none() && is_idempotent(&parts.method) && Instant::now() + wait < by
+                    });
+                    let Some(replay) = again else {
+                        return Ok(response);
+                    };
+                    drop(response);
+                    let retry = Attempt::new(
+                        &parts.method,
+                        parts.headers.clone(),
+                        self.upstream_uri(target)?,
+                        (UpstreamBody::buffered(replay.bytes.clone()), None),
+                        Want::Usable,
+                    )
+                    .retry(Retry::After429);
+                    due = Some(by);
+                    // The rare paths are boxed: the request's future does not carry their
+                    // size.
+                    let retried;
+                    (retried, token) = Box::pin(async {
+                        tokio::time::sleep(wait).await;
+                        self.attempt(upstream, retry.due(due), log).await
+                    })
+                    .await?;
+                    retried
+                }
+                Answer::TokenRejected(desk_401) => {
+                    // Without a replayable body Desk's 401 goes back; the refresh happens
+                    // anyway, for the requests after it. A second 401 goes to the client
+                    // as Desk sent it (its token marked rejected too).
+                    let Some(replay) = replay.as_ref().filter(|_| !retried_after_401) else {
+                        return Ok(desk_401);
+                    };
+                    retried_after_401 = true;
+                    let retry = Attempt::new(
+                        &parts.method,
+                        parts.headers.clone(),
+                        self.upstream_uri(target)?,
+                        (UpstreamBody::buffered(replay.bytes.clone()), None),
+                        Want::NewerThan(token.generation),
+                    )
+                    .retry(Retry::After401)
+                    .due(due);
+                    let retried;
+                    (retried, token) = Box::pin(self.attempt(upstream, retry, log)).await?;
+                    retried
+                }
             };
-            drop(response);
-            let retry = Attempt::new(
-                &parts.method,
-                parts.headers.clone(),
-                self.upstream_uri(target)?,
-                (UpstreamBody::buffered(replay.bytes.clone()), None),
-                Want::Usable,
-            )
-            .retry(Retry::After429);
-            due = Some(by);
-            // The rare paths are boxed: the request's future does not carry their size.
-            (answer, token) = Box::pin(async {
-                tokio::time::sleep(wait).await;
-                self.attempt(upstream, retry.due(due), log).await
-            })
-            .await?;
-        }
-        let desk_401 = match answer {
-            Answer::Pass(response) | Answer::Throttled(response, _) => return Ok(response),
-            Answer::TokenRejected(desk_401) => desk_401,
-        };
-        // Without a replayable body Desk's 401 goes back; the refresh happens anyway, for
-        // the requests after it.
-        let Some(replay) = replay else {
-            return Ok(desk_401);
-        };
-        let retry = Attempt::new(
-            &parts.method,
-            std::mem::take(&mut parts.headers),
-            self.upstream_uri(target)?,
-            (UpstreamBody::buffered(replay.bytes.clone()), None),
-            Want::NewerThan(token.generation),
-        )
-        .retry(Retry::After401)
-        .due(due);
-        // A second 401 goes to the client as Desk sent it (its token marked rejected too).
-        match Box::pin(self.attempt(upstream, retry, log)).await?.0 {
-            Answer::Pass(response)
-            | Answer::TokenRejected(response)
-            | Answer::Throttled(response, _) => Ok(response),
         }
     }
 
