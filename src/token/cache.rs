@@ -121,11 +121,32 @@ impl RefreshState {
         self.last_error = Some(error.clone());
     }
 
+    /// The last failure in words, a refusal of the guard with its wait as it is `now`.
+    fn failure_now(&self, now: Instant) -> Option<String> {
+        let err = self.last_error.as_ref()?;
+        Some(match self.backoff {
+            Some(Backoff {
+                until,
+                cause: RefreshResult::GuardRefused,
+            }) if until > now => guard_wait(err, until - now),
+            _ => err.to_string(),
+        })
+    }
+
     /// One more failure in a row: the backoff it earns.
     fn next_delay(&mut self, policy: &RefreshPolicy) -> Duration {
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
         backoff(policy, self.consecutive_failures)
     }
+}
+
+/// A refusal of the refresh guard, and when the next refresh is allowed (in the seconds of
+/// the answer's `Retry-After`).
+fn guard_wait(refusal: &TokenError, wait: Duration) -> String {
+    format!(
+        "{refusal}; the next is allowed in {} s",
+        crate::error::retry_after_secs(wait)
+    )
 }
 
 /// Holds the current token and renews it.
@@ -303,10 +324,9 @@ impl TokenCache {
             return Err(TokenError::Rejected(reason.clone()));
         }
         if let Some(until) = state.backoff.map(|b| b.until).filter(|until| *until > now) {
-            let reason = match &state.last_error {
-                Some(err) => err.to_string(),
-                None => "backing off after a failed refresh".into(),
-            };
+            let reason = state
+                .failure_now(now)
+                .unwrap_or_else(|| "backing off after a failed refresh".into());
             return Err(TokenError::Unavailable {
                 reason,
                 retry_after: until - now,
@@ -324,17 +344,15 @@ impl TokenCache {
                 GUARD_WINDOW.saturating_sub(now - *oldest)
             });
             self.metrics.record_refresh(RefreshResult::GuardRefused);
-            // In the seconds of the answer's `Retry-After`.
-            let wait = crate::error::retry_after_secs(retry_after);
             tracing::warn!(
                 limit = self.policy.max_per_10min,
-                retry_after_secs = wait,
+                retry_after_secs = crate::error::retry_after_secs(retry_after),
                 "refresh guard: refresh refused, the limit of refreshes per 10 minutes is reached"
             );
             let refreshes = state.issued.len();
             let error = TokenError::Unavailable {
                 reason: format!(
-                    "refresh guard: {refreshes} token refresh{} in the last 10 minutes (oauth.max_refreshes_per_10min); the next is allowed in {wait} s",
+                    "refresh guard: {refreshes} token refresh{} in the last 10 minutes (oauth.max_refreshes_per_10min)",
                     if refreshes == 1 { "" } else { "es" },
                 ),
                 retry_after,
@@ -342,7 +360,10 @@ impl TokenCache {
             // Until the guard opens, every request is refused by the backoff above: one
             // refusal counted and logged, and `/_proxy/ready` says why.
             state.back_off(now + retry_after, RefreshResult::GuardRefused, &error);
-            return Err(error);
+            return Err(TokenError::Unavailable {
+                reason: guard_wait(&error, retry_after),
+                retry_after,
+            });
         }
         Ok(())
     }
@@ -578,7 +599,10 @@ impl TokenCache {
             (Some(token), _) if self.is_usable(&token, now) => {
                 Readiness::Ready(token.expires_at - now)
             }
-            (_, Some(err)) => Readiness::NotReady(format!("no valid access token: {err}")),
+            (_, Some(_)) => Readiness::NotReady(format!(
+                "no valid access token: {}",
+                state.failure_now(now).unwrap_or_default()
+            )),
             (Some(token), None) if token.is_valid_at(now) => Readiness::NotReady(
                 "Zoho Desk rejected the access token; a new one is being requested".into(),
             ),
@@ -906,6 +930,30 @@ mod tests {
             matches!(err, TokenError::Unavailable { retry_after, .. } if retry_after > Duration::from_secs(590))
         );
         assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_guard_s_wait_is_told_as_it_stands() {
+        let (cache, _) = cache(grant, 1);
+        cache.refresh_after(0).await.unwrap();
+        let g = cache.current().unwrap().generation;
+        let said = |err: TokenError| match err {
+            TokenError::Unavailable { reason, .. } => reason,
+            other => panic!("{other:?}"),
+        };
+        let first = said(cache.refresh_after(g).await.unwrap_err());
+        assert!(first.ends_with("the next is allowed in 600 s"), "{first}");
+        tokio::time::advance(Duration::from_secs(100)).await;
+        let later = said(cache.refresh_after(g).await.unwrap_err());
+        assert!(later.ends_with("the next is allowed in 500 s"), "{later}");
+        assert_eq!(later.matches("allowed in").count(), 1, "{later}");
+        // ready says the same (the token itself is still valid here: made unusable).
+        cache.mark_rejected(&cache.current().unwrap());
+        assert!(
+            matches!(cache.readiness(), Readiness::NotReady(r) if r.ends_with("allowed in 500 s")),
+            "{:?}",
+            cache.readiness()
+        );
     }
 
     #[tokio::test(start_paused = true)]
