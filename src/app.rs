@@ -39,7 +39,7 @@ pub enum RunError {
     #[error(transparent)]
     Record(#[from] RecordError),
     /// `--replay-strict`: requests found no recorded answer (exit code 1).
-    #[error("replay: {count} request(s) found no recorded answer in {file}: {}", .first.join("; "))]
+    #[error("replay: {count} request(s) found no recorded answer in {file}: {}{}", .first.join("; "), more(*.count, .first.len()))]
     ReplayMissed {
         /// The recording.
         file: String,
@@ -305,7 +305,8 @@ async fn run_replay(
     server::serve(Arc::clone(&proxy), listener, shutdown).await?;
     let (count, first) = replay.misses();
     if count > 0 {
-        tracing::warn!(count, missed = %first.join("; "), "replay: requests with no recorded answer");
+        let listed = format!("{}{}", first.join("; "), more(count, first.len()));
+        tracing::warn!(count, missed = %listed, "replay: requests with no recorded answer");
         if strict {
             return Err(RunError::ReplayMissed {
                 file: path.display().to_string(),
@@ -316,6 +317,14 @@ async fn run_replay(
     }
     tracing::info!("zoho-desk-proxy stopped");
     Ok(())
+}
+
+/// What a list of the first `listed` of `count` misses leaves out.
+fn more(count: u64, listed: usize) -> String {
+    match count.saturating_sub(listed as u64) {
+        0 => String::new(),
+        left => format!("; and {left} more"),
+    }
 }
 
 /// The token source of a replay: there is none to ask.
@@ -440,5 +449,24 @@ fn load_token_file(file: &TokenFile) -> Option<StoredTokens> {
             tracing::warn!(error = %err, "ignoring the token file; a new access token will be requested");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_misses_listed_say_how_many_were_left_out() {
+        let err = RunError::ReplayMissed {
+            file: "r.har".into(),
+            count: 303,
+            first: vec!["GET /a".into(), "GET /b".into()],
+        };
+        assert_eq!(
+            err.to_string(),
+            "replay: 303 request(s) found no recorded answer in r.har: GET /a; GET /b; and 301 more"
+        );
+        assert_eq!(more(2, 2), "");
     }
 }
