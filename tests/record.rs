@@ -367,6 +367,24 @@ async fn a_recording_damaged_before_its_end_is_neither_replayed_nor_appended_to(
 }
 
 #[tokio::test]
+async fn a_miss_on_a_request_recorded_with_its_body_cut_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, file) = recording(dir.path(), |c| c.record.max_body_bytes = 16).await;
+    let body = r#"{"subject":"longer than sixteen bytes"}"#;
+    let answer = send(&s.url(""), "POST", "/api/v1/tickets", Some(body)).await;
+    assert_eq!(answer.status(), 200);
+    s.proxy.stop().await;
+
+    let (serving, _) = replay(dir.path(), &file, &[], &[]).await;
+    let answer = send(&serving.url(""), "POST", "/api/v1/tickets", Some(body)).await;
+    assert_eq!(answer.status(), 404);
+    let text = answer.text().await.unwrap();
+    assert!(text.contains("PROXY_REPLAY_MISS"), "{text}");
+    assert!(text.contains("body cut at record.max_body_bytes"), "{text}");
+    stop(serving).await;
+}
+
+#[tokio::test]
 async fn two_recorders_never_share_a_file() {
     let dir = tempfile::tempdir().unwrap();
     let (s, file) = recording(dir.path(), |_| {}).await;

@@ -474,8 +474,13 @@ impl Proxy {
                 }
                 Ok(Box::new(response))
             }
-            Lookup::Miss { request, closest } => {
+            Lookup::Miss {
+                request,
+                closest,
+                cut,
+            } => {
                 let closest = match closest {
+                    _ if cut => "the recording has it, with its body cut at record.max_body_bytes (no body can match one cut): record it again with a larger record.max_body_bytes".to_owned(),
                     Some(closest) => format!("the closest recorded request is {closest}"),
                     None => "the recording has no requests".to_owned(),
                 };

@@ -13,7 +13,7 @@
 //! are skipped with one warning). An entry that cannot be used is skipped with a warning
 //! naming it; a file that is not HAR is an error naming the line and column.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -144,6 +144,9 @@ pub enum Lookup<'a> {
         request: String,
         /// The closest recorded request.
         closest: Option<&'a str>,
+        /// Whether the recording has this request with its body cut (longer than
+        /// `record.max_body_bytes` when it was recorded): no body can match it.
+        cut: bool,
     },
 }
 
@@ -156,6 +159,8 @@ pub struct Replay {
     lines: Vec<String>,
     /// A request line's method and path (no query) → its first line in `lines`.
     by_path: HashMap<String, usize>,
+    /// The request lines of entries skipped for a body cut at `record.max_body_bytes`.
+    cut: HashSet<String>,
     entries: usize,
     /// The first misses, for the list at exit: a slot each, taken in turn (no lock).
     misses: Box<[OnceLock<String>]>,
@@ -245,6 +250,7 @@ impl Replay {
             index: HashMap::with_capacity(entries.len().min(1 << 16)),
             lines: Vec::new(),
             by_path: HashMap::new(),
+            cut: HashSet::new(),
             entries: 0,
             misses: (0..MISSES_KEPT).map(|_| OnceLock::new()).collect(),
             missed: AtomicU64::new(0),
@@ -279,6 +285,13 @@ impl Replay {
                 }
                 Err(Skip::OtherHost(host)) => *other_hosts.entry(host).or_default() += 1,
                 Err(Skip::Unusable(reason)) => skip(i, &reason),
+                Err(Skip::Cut(line)) => {
+                    skip(
+                        i,
+                        &"its request body was cut at record.max_body_bytes, so no request can match it",
+                    );
+                    replay.cut.insert(line);
+                }
             }
         }
         if skipped > SKIPS_WARNED {
@@ -326,6 +339,7 @@ impl Replay {
         }
         let closest = self.closest(&key.line);
         Lookup::Miss {
+            cut: self.cut.contains(&key.line),
             request: key.line,
             closest,
         }
@@ -410,6 +424,8 @@ enum Skip {
     OtherHost(String),
     /// Something in it cannot be used.
     Unusable(String),
+    /// Its request body was cut at `record.max_body_bytes`: the request line.
+    Cut(String),
 }
 
 /// An entry's key and answer.
@@ -444,10 +460,7 @@ fn indexed(
     let body = match &request.post_data {
         Some(post) if Replay::matches_body(&method) => {
             if post.truncated {
-                return Err(Skip::Unusable(
-                    "its request body was cut at record.max_body_bytes, so no request can match it"
-                        .into(),
-                ));
+                return Err(Skip::Cut(request_line(method.as_str(), &path_and_query)));
             }
             let bytes =
                 har::body_bytes(&post.text, post.encoding.as_deref()).map_err(Skip::Unusable)?;
