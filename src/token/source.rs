@@ -157,7 +157,7 @@ impl AccountsError {
     pub fn advice(&self) -> &'static str {
         match self {
             Self::Rejected(code) if code == "invalid_code" => {
-                "the refresh token (or grant code) is invalid, expired or revoked: generate a new grant token in the Zoho API console (Self Client) and run `zoho-desk-proxy exchange --code <grant token>`"
+                "the refresh token (or grant code) is invalid, expired or revoked: generate a new grant token in the Zoho API console (Self Client) and run `zoho-desk-proxy exchange --code <grant token>` (and remove ZOHO_REFRESH_TOKEN or oauth.refresh_token if set: they override the token file), or set the new refresh token there"
             }
             Self::Rejected(code) if code == "invalid_client_secret" => {
                 "the client secret is wrong: copy it again from the Self Client's \"Client Secret\" tab into oauth.client_secret"
