@@ -336,6 +336,20 @@ async fn only_zoho_hosts_on_port_443_are_tunnelled() {
 }
 
 #[tokio::test]
+async fn a_client_outside_allow_cidrs_learns_nothing_of_the_hosts_served() {
+    let t = Transparent::start(|c| {
+        c.access.allow_cidrs = vec!["10.9.9.0/24".parse().unwrap()];
+    })
+    .await;
+    for target in ["desk.zoho.com:443", "evil.example:443"] {
+        let (status, answer, _) = connect(t.s.proxy.addr, target, &[]).await;
+        assert_eq!(status, 403, "{target}: {answer}");
+        assert!(answer.contains("access.allow_cidrs"), "{target}: {answer}");
+        assert!(!answer.contains("desk.zoho.com"), "{target}: {answer}");
+    }
+}
+
+#[tokio::test]
 async fn a_connect_s_host_is_parsed_as_strictly_as_any() {
     let t = Transparent::start(|_| {}).await;
     let target = "desk.zoho.com:443";

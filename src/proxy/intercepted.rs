@@ -45,6 +45,8 @@ impl Proxy {
                 .access
                 .method_not_allowed("intercept: CONNECT is taken over HTTP/1.x only".into()));
         }
+        // A client the address rules refuse learns nothing, not even the hosts served.
+        self.access.check_peer(peer)?;
         let authority = req
             .uri()
             .authority()
