@@ -224,30 +224,48 @@ impl std::fmt::Display for RedisTrouble {
 pub async fn redis_ping(url: &str) -> Result<(), RedisTrouble> {
     install_crypto_provider();
     let client = redis::Client::open(url).map_err(|e| RedisTrouble::BadUrl(e.to_string()))?;
-    let ping = async {
+    let ping = || async {
         let mut conn = client.get_multiplexed_async_connection().await?;
         redis::cmd("PING").query_async::<String>(&mut conn).await
     };
-    match tokio::time::timeout(REDIS_COMMAND_TIMEOUT, ping).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(err)) if is_refusal(&err) => Err(RedisTrouble::Refused(err.to_string())),
-        Ok(Err(err)) => Err(RedisTrouble::Unreachable(err.to_string())),
-        Err(_) => Err(RedisTrouble::Unreachable(format!(
-            "no answer within {} s",
-            REDIS_COMMAND_TIMEOUT.as_secs()
-        ))),
+    // A Redis at its client limit answers anything, AUTH included, with an error that
+    // reads as a failed authentication: one that still fails a moment later is taken
+    // at its word.
+    let mut tries = 3;
+    loop {
+        tries -= 1;
+        return match tokio::time::timeout(REDIS_COMMAND_TIMEOUT, ping()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(err)) if err.kind() == redis::ErrorKind::AuthenticationFailed && tries > 0 => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+            Ok(Err(err)) if is_refusal(&err) => Err(RedisTrouble::Refused(err.to_string())),
+            Ok(Err(err)) => Err(RedisTrouble::Unreachable(err.to_string())),
+            Err(_) => Err(RedisTrouble::Unreachable(format!(
+                "no answer within {} s",
+                REDIS_COMMAND_TIMEOUT.as_secs()
+            ))),
+        };
     }
 }
 
-/// Whether Redis answered with a refusal of the connection's settings, rather than
-/// failing to answer or being busy for a moment.
+/// Whether Redis answered with a refusal of the connection's settings (its password,
+/// user, database or ACL), rather than failing to answer or being busy for a moment.
 fn is_refusal(err: &redis::RedisError) -> bool {
     use redis::{ErrorKind, ServerErrorKind};
     match err.kind() {
         ErrorKind::AuthenticationFailed
         | ErrorKind::InvalidClientConfig
-        | ErrorKind::Server(ServerErrorKind::ResponseError | ServerErrorKind::NoPerm) => true,
-        ErrorKind::Extension => matches!(err.code(), Some("NOAUTH" | "WRONGPASS")),
+        | ErrorKind::Server(ServerErrorKind::NoPerm) => true,
+        // `-ERR` says many things ("max number of clients reached" among them): only a
+        // database it does not have is the URL's fault.
+        ErrorKind::Server(ServerErrorKind::ResponseError) => {
+            let text = err.to_string();
+            text.contains("switch database") || text.contains("DB index")
+        }
+        // Protected mode (`DENIED`): a Redis not set up to take other machines.
+        ErrorKind::Extension => matches!(err.code(), Some("NOAUTH" | "WRONGPASS" | "DENIED")),
         _ => false,
     }
 }

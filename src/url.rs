@@ -25,14 +25,13 @@ pub struct BaseUrl {
     host_header: http::HeaderValue,
 }
 
-/// `text` with any user information of its authority masked (`https://***@host/…`): a
-/// password must not be shown, even in an error.
+/// `text` with any user information masked (`https://***@host/…`): a password must not
+/// be shown, even in an error. Everything up to the last `@` goes, since a password may
+/// hold a `/` or a `?` where a parser would end the authority: masking a little too much
+/// of a URL in an error costs nothing.
 fn without_userinfo(text: &str) -> std::borrow::Cow<'_, str> {
     let start = text.find("://").map_or(0, |at| at + 3);
-    let authority_end = text[start..]
-        .find(['/', '?', '#'])
-        .map_or(text.len(), |at| start + at);
-    match text[start..authority_end].rfind('@') {
+    match text[start..].rfind('@') {
         Some(at) => format!("{}***{}", &text[..start], &text[start + at..]).into(),
         None => text.into(),
     }
@@ -65,6 +64,10 @@ impl BaseUrl {
         if authority.as_str().contains('@') {
             return Err(invalid("the URL must not carry user information"));
         }
+        // As strictly as a request's: a name or an IP address, and a numeric port.
+        crate::target::host_and_port(authority.as_str()).map_err(|_| {
+            invalid("the host must be a name or an IP address, with a numeric port")
+        })?;
         if uri.query().is_some() {
             return Err(invalid("the URL must not have a query"));
         }
@@ -176,14 +179,16 @@ mod tests {
             "http://:UPSECRETPW@127.0.0.1:9000",
             "UPSECRETPW@desk.example.com",
             "https://a@b:UPSECRETPW@desk.example.com?x",
+            "https://u:UP/SECRETPW@desk.example.com/gw",
+            "https://u:UPSECRETPW?x@desk.example.com",
         ] {
             let err = BaseUrl::parse(url).unwrap_err().to_string();
             assert!(!err.contains("UPSECRETPW"), "{err}");
             assert!(err.contains("***@"), "{err}");
         }
         assert_eq!(
-            without_userinfo("https://desk.example.com/a@b"),
-            "https://desk.example.com/a@b"
+            without_userinfo("https://desk.example.com/gw"),
+            "https://desk.example.com/gw"
         );
     }
 }

@@ -261,23 +261,23 @@ async fn a_429_after_a_401_retry_is_retried_too() {
     // clients 429s the proxy would otherwise have absorbed.
     let s = Scenario::start().await;
     assert_eq!(status(s.url("/api/v1/tickets")).await, 200);
+    // The 401 (a revoked token), then Desk's 429 to the retry, then the 429's retry.
     s.zoho.revoke_all_tokens();
-    // The new token takes Accounts a while: Desk's 429 is set for the retry meanwhile.
-    s.zoho.set_accounts_delay(Duration::from_millis(300));
-    let mut arrived = s.zoho.subscribe_desk_requests();
-    let answer = tokio::spawn(fetch(s.url("/api/v1/tickets")));
-    arrived.wait_for(|n| *n >= 2).await.unwrap();
-    s.zoho.throttle_next_desk_requests(1, Some(0));
-    let answer = answer.await.unwrap();
-    assert_eq!(answer.status(), 200);
-    let sent = s.zoho.desk_requests();
-    assert_eq!(sent.len(), 4, "the 401, the retry's 429, its retry");
-    assert_eq!(s.zoho.desk_429s(), 1);
-    // And a 429 then a 401 (the existing order) still gets both.
-    s.zoho.throttle_next_desk_requests(1, Some(0));
-    s.zoho.revoke_all_tokens();
+    s.zoho.throttle_desk_requests_after(1, 1, Some(0));
     assert_eq!(status(s.url("/api/v1/tickets")).await, 200);
+    assert_eq!(s.zoho.desk_request_count(), 4);
+    assert_eq!(s.zoho.desk_429s(), 1);
+    // Each once: 401, 429, 429 gives the client Desk's second 429 after three calls.
+    s.zoho.revoke_all_tokens();
+    s.zoho.throttle_desk_requests_after(1, 2, Some(0));
+    assert_eq!(status(s.url("/api/v1/tickets")).await, 429);
     assert_eq!(s.zoho.desk_request_count(), 7);
+    // And 429 then 401: both retried.
+    s.zoho.throttle_desk_requests_after(0, 1, Some(0));
+    s.zoho.revoke_all_tokens();
+    let calls = s.zoho.desk_request_count();
+    assert_eq!(status(s.url("/api/v1/tickets")).await, 200, "429 then 401");
+    assert_eq!(s.zoho.desk_request_count(), calls + 3);
 }
 
 #[tokio::test]

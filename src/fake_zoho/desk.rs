@@ -157,7 +157,11 @@ async fn handle_inner(
         } else {
             st.desk_in_flight += 1;
             st.desk_max_in_flight = st.desk_max_in_flight.max(st.desk_in_flight);
-            let forced = (st.forced_429_remaining > 0).then(|| {
+            let skipped = st.forced_429_remaining > 0 && st.forced_429_skip > 0;
+            if skipped {
+                st.forced_429_skip -= 1;
+            }
+            let forced = (st.forced_429_remaining > 0 && !skipped).then(|| {
                 st.forced_429_remaining -= 1;
                 st.desk_429s += 1;
                 st.forced_429_retry_after

@@ -180,6 +180,8 @@ struct State {
     desk_429s: u64,
     /// The next requests answered 429, with this `Retry-After` (seconds).
     forced_429_remaining: u32,
+    /// Requests admitted before the forced 429s begin.
+    forced_429_skip: u32,
     forced_429_retry_after: Option<u64>,
     /// API credits left today, sent in `X-Rate-Limit-Remaining-v3`.
     credits_remaining: u64,
@@ -386,7 +388,14 @@ impl FakeControl {
 
     /// The next `n` Desk requests are answered 429, with `Retry-After: secs` when given.
     pub fn throttle_next_desk_requests(&self, n: u32, retry_after_secs: Option<u64>) {
+        self.throttle_desk_requests_after(0, n, retry_after_secs);
+    }
+
+    /// As [`FakeControl::throttle_next_desk_requests`], once `skip` more requests were
+    /// admitted.
+    pub fn throttle_desk_requests_after(&self, skip: u32, n: u32, retry_after_secs: Option<u64>) {
         let mut st = self.shared.lock();
+        st.forced_429_skip = skip;
         st.forced_429_remaining = n;
         st.forced_429_retry_after = retry_after_secs;
     }
@@ -466,6 +475,7 @@ impl FakeZoho {
             desk_concurrency_cap: None,
             desk_429s: 0,
             forced_429_remaining: 0,
+            forced_429_skip: 0,
             forced_429_retry_after: None,
             credits_remaining: DAILY_CREDITS,
             desk_requests: Vec::new(),

@@ -507,13 +507,16 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .to_str()
         .ok()?
         .trim();
+    // Longer than any request's time: never retried, and never an overflow of a clock.
+    const LONGEST: Duration = Duration::from_secs(86_400);
     if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+        return Some(Duration::from_secs(secs).min(LONGEST));
     }
     let at = httpdate::parse_http_date(value).ok()?;
     Some(
         at.duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO),
+            .unwrap_or(Duration::ZERO)
+            .min(LONGEST),
     )
 }
 
@@ -604,6 +607,78 @@ fn token_error(err: TokenError) -> ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retry_after_of_any_size_is_a_wait_that_fits_a_clock() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::RETRY_AFTER,
+            "18446744073709551615".parse().unwrap(),
+        );
+        let wait = retry_after(&headers).unwrap();
+        assert_eq!(wait, Duration::from_secs(86_400));
+        assert!(Instant::now().checked_add(wait).is_some());
+        headers.insert(
+            http::header::RETRY_AFTER,
+            "Fri, 31 Dec 9999 23:59:59 GMT".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(86_400)));
+        headers.insert(http::header::RETRY_AFTER, "2".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn a_compressed_401_body_is_read_in_each_encoding_desk_may_use() {
+        use std::io::Write;
+        let text = br#"{"errorCode":"SCOPE_MISMATCH"}"#;
+        let encoded = |encoding: &str| -> Vec<u8> {
+            match encoding {
+                "gzip" => {
+                    let mut e = flate2::write::GzEncoder::new(Vec::new(), Default::default());
+                    e.write_all(text).unwrap();
+                    e.finish().unwrap()
+                }
+                "zlib" => {
+                    let mut e = flate2::write::ZlibEncoder::new(Vec::new(), Default::default());
+                    e.write_all(text).unwrap();
+                    e.finish().unwrap()
+                }
+                "raw" => {
+                    let mut e = flate2::write::DeflateEncoder::new(Vec::new(), Default::default());
+                    e.write_all(text).unwrap();
+                    e.finish().unwrap()
+                }
+                _ => text.to_vec(),
+            }
+        };
+        let with = |encoding: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(http::header::CONTENT_ENCODING, encoding.parse().unwrap());
+            headers
+        };
+        for (header, body) in [
+            ("gzip", encoded("gzip")),
+            ("x-gzip", encoded("gzip")),
+            ("deflate", encoded("zlib")),
+            ("Deflate", encoded("raw")),
+        ] {
+            assert_eq!(
+                decoded(&with(header), &body).as_deref(),
+                Some(&text[..]),
+                "{header}"
+            );
+        }
+        // Brotli of the same text (Python's `brotli.compress`), and what cannot be read.
+        let brotli: &[u8] = &[
+            0x8b, 0x0e, 0x80, 0x7b, 0x22, 0x65, 0x72, 0x72, 0x6f, 0x72, 0x43, 0x6f, 0x64, 0x65,
+            0x22, 0x3a, 0x22, 0x53, 0x43, 0x4f, 0x50, 0x45, 0x5f, 0x4d, 0x49, 0x53, 0x4d, 0x41,
+            0x54, 0x43, 0x48, 0x22, 0x7d, 0x03,
+        ];
+        assert_eq!(decoded(&with("br"), brotli).as_deref(), Some(&text[..]));
+        assert_eq!(decoded(&with("gzip"), b"not gzip"), None);
+        assert_eq!(decoded(&with("zstd"), text), None);
+        assert_eq!(decoded(&HeaderMap::new(), text), None);
+    }
 
     #[test]
     fn desks_remaining_credits_are_read_from_the_v3_header_first() {

@@ -52,9 +52,7 @@ const GATHER: Duration = Duration::from_millis(10);
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
     /// The file cannot be read, written or created.
-    #[error(
-        "--record {path}: {source}; fix: give a file in a directory that exists and that this user may write"
-    )]
+    #[error("--record {path}: {source}{}", io_fix(source))]
     Io {
         /// The file.
         path: PathBuf,
@@ -81,6 +79,16 @@ pub enum RecordError {
         "--record {0}: another process is recording to it (two recorders would mix their entries); fix: give each its own file"
     )]
     Busy(PathBuf),
+}
+
+/// The fix for a file that cannot be opened, when it is the path's.
+fn io_fix(err: &std::io::Error) -> &'static str {
+    match err.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
+            "; fix: give a file in a directory that exists and that this user may write"
+        }
+        _ => "",
+    }
 }
 
 /// The recording of a serving proxy: where entries go.
@@ -472,7 +480,8 @@ impl Exchange {
                 wait: ms(self.started, answered),
                 receive: ms(answered, ended),
             },
-            request_id: Some(self.request_id),
+            // The client's, when it sent one: it could carry anything.
+            request_id: Some(scrub.text(self.request_id)),
         }
     }
 }
@@ -536,6 +545,38 @@ enum Prepared {
     Busy,
 }
 
+/// The file at `path`, opened and locked. A file locked after another process had
+/// replaced it (repaired: written beside and renamed over it) is no longer the one the
+/// path names: it is opened again.
+fn open_locked(options: &OpenOptions, path: &Path) -> Result<File, Prepared> {
+    let mut tries = 3;
+    loop {
+        let file = options.open(path).map_err(Prepared::Io)?;
+        lock_for_recording(&file)?;
+        tries -= 1;
+        if tries == 0 || same_file(&file, path) {
+            return Ok(file);
+        }
+    }
+}
+
+/// Whether `path` still names `file`.
+fn same_file(file: &File, path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (file.metadata(), std::fs::metadata(path)) {
+            (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (file, path);
+        true
+    }
+}
+
 /// Takes the file for this process alone (an advisory lock, held while the file is open).
 fn lock_for_recording(file: &File) -> Result<(), Prepared> {
     match file.try_lock() {
@@ -557,8 +598,7 @@ fn prepare(path: &Path) -> Result<(File, u64, usize), Prepared> {
         // Desk's data: readable by its owner only.
         options.mode(0o600);
     }
-    let mut file = options.open(path).map_err(Prepared::Io)?;
-    lock_for_recording(&file)?;
+    let mut file = open_locked(&options, path)?;
     let mut text = String::new();
     file.read_to_string(&mut text).map_err(|e| {
         if e.kind() == std::io::ErrorKind::InvalidData {

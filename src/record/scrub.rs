@@ -5,7 +5,7 @@
 //! written. A body cut at `record.max_body_bytes` in the middle of one loses that start
 //! too.
 
-use aho_corasick::AhoCorasick;
+use aho_corasick::{AhoCorasick, MatchKind};
 
 use crate::secret::Secret;
 
@@ -29,14 +29,25 @@ impl Scrubber {
     pub fn new<'a>(secrets: impl IntoIterator<Item = &'a Secret<String>>) -> Self {
         let mut secrets: Vec<Vec<u8>> = secrets
             .into_iter()
-            .map(|s| s.expose().as_bytes().to_vec())
+            .map(|s| s.expose().as_bytes())
             .filter(|s| s.len() >= MIN_SECRET_LEN)
+            // As written, and percent-encoded as a URL may carry it (hex in either case).
+            .flat_map(|s| {
+                let encoded: String = form_urlencoded::byte_serialize(s).collect();
+                let lower = lower_hex_escapes(&encoded);
+                [s.to_vec(), encoded.into_bytes(), lower.into_bytes()]
+            })
             .collect();
         secrets.sort();
         secrets.dedup();
-        // Only fails for patterns far larger than any secret; then the token shape still
-        // masks tokens, and the configuration's secrets go unsearched (logged).
-        let finder = match AhoCorasick::new(&secrets) {
+        // The longest match first: a secret inside another must not leave the rest of
+        // the longer one showing. Building only fails for patterns far larger than any
+        // secret; then the token shape still masks tokens, and the configuration's
+        // secrets go unsearched (logged).
+        let finder = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(&secrets);
+        let finder = match finder {
             Ok(finder) => Some(finder),
             Err(err) if !secrets.is_empty() => {
                 tracing::warn!(error = %err, "recording: the secrets cannot be searched for");
@@ -112,6 +123,24 @@ impl Scrubber {
     }
 }
 
+/// `text` with the hex digits of its percent-escapes in lower case.
+fn lower_hex_escapes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut escape = 0;
+    for c in text.chars() {
+        if c == '%' {
+            escape = 2;
+            out.push(c);
+        } else if escape > 0 {
+            escape -= 1;
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Masks everything shaped as a Zoho OAuth token.
 fn mask_tokens(bytes: &mut Vec<u8>) {
     for at in tokens_in(bytes).into_iter().rev() {
@@ -157,8 +186,21 @@ mod tests {
             Secret::new("client-secret-xyz".to_owned()),
             Secret::new("PROXYKEY-kk5566".to_owned()),
             Secret::new("short".to_owned()),
+            Secret::new("k+y/=@:1-and-more".to_owned()),
+            Secret::new("PROXYKEY-kk5566-longer".to_owned()),
         ];
         Scrubber::new(&secrets)
+    }
+
+    #[test]
+    fn a_secret_is_masked_whole_and_in_its_url_forms() {
+        let s = scrubber();
+        assert_eq!(s.text("a=PROXYKEY-kk5566-longer!".into()), "a=***!");
+        assert_eq!(
+            s.text("?k=k%2By%2F%3D%40%3A1-and-more&l=k%2by%2f%3d%40%3a1-and-more".into()),
+            "?k=***&l=***"
+        );
+        assert_eq!(s.text("k+y/=@:1-and-more".into()), "***");
     }
 
     #[test]
@@ -179,8 +221,10 @@ mod tests {
             b"\0***\xc3\xbf".to_vec()
         );
         // Not a token: too short, or part of a longer run.
-        let near = format!("{}0", &TOKEN[..TOKEN.len()]);
-        assert_eq!(s.text(near.clone()), near);
+        let short = TOKEN[..TOKEN.len() - 1].to_owned();
+        assert_eq!(s.text(short.clone()), short);
+        let longer = format!("{TOKEN}0");
+        assert_eq!(s.text(longer.clone()), longer);
         assert_eq!(s.text("1000.abc".into()), "1000.abc");
         // One inside another's digits is part of it.
         let hex = "fedcba9876543210fedcba9876543210";

@@ -566,6 +566,12 @@ impl TokenCache {
             retry_after: delay,
         };
         state.back_off(Instant::now() + delay, result, &error);
+        if result == RefreshResult::GuardRefused {
+            return TokenError::Unavailable {
+                reason: guard_wait(&error, delay),
+                retry_after: delay,
+            };
+        }
         error
     }
 
