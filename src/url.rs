@@ -64,10 +64,14 @@ impl BaseUrl {
         if authority.as_str().contains('@') {
             return Err(invalid("the URL must not carry user information"));
         }
-        // As strictly as a request's: a name or an IP address, and a numeric port.
-        crate::target::host_and_port(authority.as_str()).map_err(|_| {
-            invalid("the host must be a name or an IP address, with a numeric port")
-        })?;
+        // A port, when given, is a number (http's parser takes `u:p` for a host and port).
+        let port = authority
+            .as_str()
+            .rsplit_once(':')
+            .filter(|(_, port)| !port.ends_with(']'));
+        if port.is_some() && authority.port_u16().is_none() {
+            return Err(invalid("the port must be a number from 0 to 65535"));
+        }
         if uri.query().is_some() {
             return Err(invalid("the URL must not have a query"));
         }
