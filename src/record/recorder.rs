@@ -442,10 +442,23 @@ impl Exchange {
         // Longer than kept, or cut off before its end: replay must not take a broken
         // answer for a whole one.
         let truncated = self.body_total > self.body.len() as u64 || !self.body_complete;
-        let (text, encoding) = if self.body.is_empty() {
+        let mut response_headers = masked(unflatten(&self.response_headers));
+        let body =
+            match unmasked_in_compressed(&self.response_headers, &self.body, max_body, &scrub) {
+                // A secret inside a compressed body: recorded decoded, and masked.
+                Some(plain) => {
+                    response_headers.retain(|h| {
+                        !h.name.eq_ignore_ascii_case("content-encoding")
+                            && !h.name.eq_ignore_ascii_case("content-length")
+                    });
+                    plain
+                }
+                None => scrub.bytes(self.body, truncated),
+            };
+        let (text, encoding) = if body.is_empty() {
             (None, None)
         } else {
-            let (text, encoding) = har::body_text(&scrub.bytes(self.body, truncated));
+            let (text, encoding) = har::body_text(&body);
             (Some(text), encoding)
         };
         let size = i64::try_from(self.body_total).unwrap_or(i64::MAX);
@@ -453,7 +466,7 @@ impl Exchange {
             status: self.status.as_u16(),
             status_text: self.status.canonical_reason().unwrap_or_default().into(),
             http_version: "HTTP/1.1".into(),
-            headers: masked(unflatten(&self.response_headers)),
+            headers: response_headers,
             content: har::Content {
                 size,
                 mime_type: flattened_value(&self.response_headers, "content-type"),
@@ -524,6 +537,24 @@ fn flattened_value(lines: &str, name: &str) -> String {
         .find(|(n, _)| *n == name)
         .map(|(_, value)| value.to_owned())
         .unwrap_or_default()
+}
+
+/// A whole answer body Desk compressed, decoded and masked, when it holds a secret (its
+/// compressed bytes cannot be searched); `None` when it is not compressed, holds none, or
+/// cannot be decoded whole within the recording's limit.
+fn unmasked_in_compressed(
+    headers: &str,
+    body: &[u8],
+    max_body: usize,
+    scrub: &Scrubber,
+) -> Option<Vec<u8>> {
+    let encoding = flattened_value(headers, "content-encoding");
+    if encoding.is_empty() {
+        return None;
+    }
+    let plain = crate::body::decoded(&encoding, body, max_body)?;
+    let masked = scrub.bytes(plain.clone(), false);
+    (masked != plain).then_some(masked)
 }
 
 /// The client's credentials, and a `Set-Cookie` a client sent (meaningless in a request,
@@ -763,6 +794,35 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_in_a_compressed_answer_is_recorded_decoded_and_masked() {
+        use std::io::Write;
+        let secrets = [Secret::new("client-secret-xyz".to_owned())];
+        let scrub = Scrubber::new(&secrets);
+        let gzip = |text: &[u8]| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), Default::default());
+            e.write_all(text).unwrap();
+            e.finish().unwrap()
+        };
+        let headers = "content-type:application/json\ncontent-encoding:gzip\n";
+        let leaking = gzip(br#"{"echo":"client-secret-xyz"}"#);
+        assert_eq!(
+            unmasked_in_compressed(headers, &leaking, 1 << 20, &scrub).as_deref(),
+            Some(&br#"{"echo":"***"}"#[..])
+        );
+        // Nothing to mask, or not compressed: the body stays as Desk sent it.
+        let clean = gzip(br#"{"echo":"nothing"}"#);
+        assert_eq!(
+            unmasked_in_compressed(headers, &clean, 1 << 20, &scrub),
+            None
+        );
+        let plain = br#"{"echo":"client-secret-xyz"}"#;
+        assert_eq!(
+            unmasked_in_compressed("content-type:application/json\n", plain, 1 << 20, &scrub),
+            None
+        );
+    }
 
     #[test]
     fn no_cookie_or_key_header_is_recorded() {
