@@ -242,7 +242,7 @@ impl TryFrom<RawConfig> for Config {
             );
         }
         let record = RecordConfig {
-            max_body_bytes: max_body_bytes.min(MAX_RECORD_BODY_BYTES),
+            max_body_bytes,
             ..RecordConfig::default()
         };
         let max_connections = at_least_one(

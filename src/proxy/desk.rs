@@ -88,14 +88,7 @@ impl Proxy {
                         return Ok(response);
                     };
                     drop(response);
-                    let retry = Attempt::new(
-                        &parts.method,
-                        parts.headers.clone(),
-                        self.upstream_uri(target)?,
-                        (UpstreamBody::buffered(replay.bytes.clone()), None),
-                        Want::Usable,
-                    )
-                    .retry(Retry::After429);
+                    let retry = self.again(parts, target, &replay.bytes, Retry::After429)?;
                     due = Some(by);
                     // The rare paths are boxed: the request's future does not carry their
                     // size.
@@ -115,21 +108,35 @@ impl Proxy {
                         return Ok(desk_401);
                     };
                     retried_after_401 = true;
-                    let retry = Attempt::new(
-                        &parts.method,
-                        parts.headers.clone(),
-                        self.upstream_uri(target)?,
-                        (UpstreamBody::buffered(replay.bytes.clone()), None),
-                        Want::NewerThan(token.generation),
-                    )
-                    .retry(Retry::After401)
-                    .due(due);
+                    let retry = self
+                        .again(parts, target, &replay.bytes, Retry::After401)?
+                        .wanting(Want::NewerThan(token.generation))
+                        .due(due);
                     let retried;
                     (retried, token) = Box::pin(self.attempt(upstream, retry, log)).await?;
                     retried
                 }
             };
         }
+    }
+
+    /// The request sent again as a `retry`, its body from the replay buffer, with any
+    /// usable token.
+    fn again(
+        &self,
+        parts: &Parts,
+        target: &Target,
+        body: &Bytes,
+        retry: Retry,
+    ) -> Result<Attempt, ProxyError> {
+        let attempt = Attempt::new(
+            &parts.method,
+            parts.headers.clone(),
+            self.upstream_uri(target)?,
+            (UpstreamBody::buffered(body.clone()), None),
+            Want::Usable,
+        );
+        Ok(attempt.retry(retry))
     }
 
     /// Desk's answer, other than a 401, for the client. A 429 is counted, with the wait
@@ -391,6 +398,11 @@ impl Attempt {
             retry: Some(retry),
             ..self
         }
+    }
+
+    /// The attempt with the token it needs.
+    fn wanting(self, token: Want) -> Self {
+        Self { token, ..self }
     }
 
     /// The request for Desk, with `token`, and what its body will tell of its end.
