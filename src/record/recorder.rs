@@ -27,7 +27,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, Method, StatusCode, Uri, header};
 
 use super::har::{self, Entry, NameValue};
-use super::scrub::Scrubber;
+use super::scrub::{Scrubber, is_token};
 use crate::body::{Captured, Tap};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
@@ -138,6 +138,7 @@ impl Recorder {
             written: entries,
             path: path.to_owned(),
             max_body,
+            scrub: Scrubber::new(&secrets),
             secrets,
             queued: Arc::clone(&queued),
             dropped: Arc::clone(&dropped),
@@ -373,9 +374,18 @@ impl Exchange {
             + 512) as u64
     }
 
-    /// The HAR entry, secrets masked, bodies cut at `max_body`.
-    fn into_entry(self, max_body: usize, secrets: &[Secret<String>]) -> Entry {
-        let scrub = Scrubber::new(secrets.iter().chain(&self.tokens));
+    /// The HAR entry, secrets masked (by `scrub`, made for the configuration's
+    /// `secrets`, and more for a token of its own shape), bodies cut at `max_body`.
+    fn into_entry(self, max_body: usize, secrets: &[Secret<String>], scrub: &Scrubber) -> Entry {
+        // Zoho's tokens are masked by their shape: only another token needs a search of
+        // its own (built per entry, on the writer's thread).
+        let own;
+        let scrub = if self.tokens.iter().all(|t| is_token(t.expose().as_bytes())) {
+            scrub
+        } else {
+            own = Scrubber::new(secrets.iter().chain(&self.tokens));
+            &own
+        };
         let masked = |pairs: Vec<NameValue>| -> Vec<NameValue> {
             pairs
                 .into_iter()
@@ -443,18 +453,18 @@ impl Exchange {
         // answer for a whole one.
         let truncated = self.body_total > self.body.len() as u64 || !self.body_complete;
         let mut response_headers = masked(unflatten(&self.response_headers));
-        let body =
-            match unmasked_in_compressed(&self.response_headers, &self.body, max_body, &scrub) {
-                // A secret inside a compressed body: recorded decoded, and masked.
-                Some(plain) => {
-                    response_headers.retain(|h| {
-                        !h.name.eq_ignore_ascii_case("content-encoding")
-                            && !h.name.eq_ignore_ascii_case("content-length")
-                    });
-                    plain
-                }
-                None => scrub.bytes(self.body, truncated),
-            };
+        let body = match unmasked_in_compressed(&self.response_headers, &self.body, max_body, scrub)
+        {
+            // A secret inside a compressed body: recorded decoded, and masked.
+            Some(plain) => {
+                response_headers.retain(|h| {
+                    !h.name.eq_ignore_ascii_case("content-encoding")
+                        && !h.name.eq_ignore_ascii_case("content-length")
+                });
+                plain
+            }
+            None => scrub.bytes(self.body, truncated),
+        };
         let (text, encoding) = if body.is_empty() {
             (None, None)
         } else {
@@ -684,6 +694,8 @@ struct Writer {
     path: PathBuf,
     max_body: usize,
     secrets: Vec<Secret<String>>,
+    /// The search for `secrets`, made once.
+    scrub: Scrubber,
     queued: Arc<AtomicU64>,
     dropped: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
@@ -700,9 +712,11 @@ impl Writer {
             let mut pending = Some(first);
             while let Some(exchange) = pending.take() {
                 self.queued.fetch_sub(exchange.size(), Ordering::AcqRel);
-                if let Ok(line) =
-                    serde_json::to_string(&exchange.into_entry(self.max_body, &self.secrets))
-                {
+                if let Ok(line) = serde_json::to_string(&exchange.into_entry(
+                    self.max_body,
+                    &self.secrets,
+                    &self.scrub,
+                )) {
                     if self.written + lines > 0 {
                         batch.push(',');
                     }

@@ -141,6 +141,11 @@ fn lower_hex_escapes(text: &str) -> String {
     out
 }
 
+/// Whether `bytes` are a Zoho OAuth token, whole.
+pub fn is_token(bytes: &[u8]) -> bool {
+    bytes.len() == TOKEN_LEN && tokens_in(bytes) == [0]
+}
+
 /// Masks everything shaped as a Zoho OAuth token.
 fn mask_tokens(bytes: &mut Vec<u8>) {
     for at in tokens_in(bytes).into_iter().rev() {
@@ -226,6 +231,8 @@ mod tests {
         let longer = format!("{TOKEN}0");
         assert_eq!(s.text(longer.clone()), longer);
         assert_eq!(s.text("1000.abc".into()), "1000.abc");
+        assert!(is_token(TOKEN.as_bytes()));
+        assert!(!is_token(short.as_bytes()) && !is_token(longer.as_bytes()));
         // One inside another's digits is part of it.
         let hex = "fedcba9876543210fedcba9876543210";
         let nested = format!("1000.0123456789abcdef0123456789ab1000.{hex}.{hex}");
