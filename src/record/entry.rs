@@ -1,0 +1,363 @@
+//! What a recording keeps of one exchange on its way through ([`Exchange`]: copies, made
+//! on the request path), and the HAR entry the writer's thread makes of it: secrets
+//! masked, bodies cut at `record.max_body_bytes`, timings.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, Method, StatusCode, Uri, header};
+
+use super::har::{self, Entry, NameValue};
+use super::scrub::{Scrubber, is_token};
+use crate::body::Captured;
+use crate::secret::Secret;
+
+/// What the recording knows of a request body when the request is sent.
+#[derive(Debug)]
+pub enum RequestBodySeen {
+    /// None.
+    Empty,
+    /// Read whole before it was sent.
+    Whole(Bytes),
+    /// The start of a body read whole, and its length.
+    Cut(Bytes, u64),
+    /// Streamed: its start is captured as it goes.
+    Streamed(Arc<Captured>),
+}
+
+/// What is kept of one exchange on its way through, copied in as few allocations as it
+/// can (a reference to the client's or Desk's bytes would pin hyper's read buffers),
+/// and made into a HAR entry by the writer.
+#[derive(Debug)]
+pub(super) struct Exchange {
+    pub(super) started: Instant,
+    pub(super) started_at: SystemTime,
+    /// When the answer's head came.
+    pub(super) answered: Option<Instant>,
+    pub(super) ended: Option<Instant>,
+    pub(super) method: Method,
+    pub(super) url: Uri,
+    /// `name:value` lines, secrets left out.
+    pub(super) request_headers: String,
+    pub(super) request_id: String,
+    pub(super) request_body: RequestBodySeen,
+    /// The tokens the request may have been sent with: masked wherever they appear.
+    pub(super) tokens: Vec<Secret<String>>,
+    pub(super) status: StatusCode,
+    /// `name:value` lines, `Set-Cookie` left out.
+    pub(super) response_headers: String,
+    /// The answer's body, up to the recording's limit.
+    pub(super) body: Vec<u8>,
+    pub(super) body_total: u64,
+    /// The answer's body was seen to its end (not cut off by Desk, the client leaving or
+    /// a timeout).
+    pub(super) body_complete: bool,
+}
+
+impl Exchange {
+    /// The bytes it holds, near enough (for the queue's budget).
+    pub(super) fn size(&self) -> u64 {
+        let request_body = match &self.request_body {
+            RequestBodySeen::Empty | RequestBodySeen::Streamed(_) => 0,
+            RequestBodySeen::Whole(bytes) | RequestBodySeen::Cut(bytes, _) => bytes.len(),
+        };
+        // A streamed body's start is held by its `Captured` until the writer takes it;
+        // it counts as the most it can be.
+        let captured = match &self.request_body {
+            RequestBodySeen::Streamed(captured) => captured.max(),
+            _ => 0,
+        };
+        (self.request_headers.len()
+            + self.response_headers.len()
+            + self.body.capacity()
+            + request_body
+            + captured
+            + 512) as u64
+    }
+
+    /// The HAR entry, secrets masked (by `scrub`, made for the configuration's
+    /// `secrets`, and more for a token of its own shape), bodies cut at `max_body`.
+    pub(super) fn into_entry(
+        self,
+        max_body: usize,
+        secrets: &[Secret<String>],
+        scrub: &Scrubber,
+    ) -> Entry {
+        // Zoho's tokens are masked by their shape: only another token needs a search of
+        // its own (built per entry, on the writer's thread).
+        let own;
+        let scrub = if self.tokens.iter().all(|t| is_token(t.expose().as_bytes())) {
+            scrub
+        } else {
+            own = Scrubber::new(secrets.iter().chain(&self.tokens));
+            &own
+        };
+        let masked = |pairs: Vec<NameValue>| -> Vec<NameValue> {
+            pairs
+                .into_iter()
+                .map(|pair| NameValue {
+                    name: scrub.text(pair.name),
+                    value: scrub.text(pair.value),
+                })
+                .collect()
+        };
+        let mut request_headers = masked(unflatten(&self.request_headers));
+        request_headers.push(NameValue {
+            name: "authorization".into(),
+            value: "Zoho-oauthtoken ***".into(),
+        });
+        let query_string = self
+            .url
+            .query()
+            .map(|q| {
+                form_urlencoded::parse(q.as_bytes())
+                    .map(|(name, value)| NameValue {
+                        name: name.into_owned(),
+                        value: value.into_owned(),
+                    })
+                    .collect()
+            })
+            .map(masked)
+            .unwrap_or_default();
+        let (bytes, total, complete) = match &self.request_body {
+            RequestBodySeen::Empty => (Vec::new(), 0, true),
+            RequestBodySeen::Whole(bytes) => (
+                bytes[..bytes.len().min(max_body)].to_vec(),
+                bytes.len() as u64,
+                true,
+            ),
+            RequestBodySeen::Cut(start, total) => (start.to_vec(), *total, true),
+            RequestBodySeen::Streamed(captured) => {
+                let seen = captured.taken();
+                (seen.start, seen.total, seen.complete)
+            }
+        };
+        let post_data = (total > 0).then(|| {
+            // Longer than kept, or not seen to its end (Desk answered first).
+            let truncated = total > bytes.len() as u64 || !complete;
+            let (text, encoding) = har::body_text(&scrub.bytes(bytes, truncated));
+            har::PostData {
+                mime_type: flattened_value(&self.request_headers, "content-type"),
+                text,
+                encoding,
+                truncated,
+            }
+        });
+        let request = har::Request {
+            method: self.method.as_str().to_owned(),
+            url: scrub.text(self.url.to_string()),
+            http_version: "HTTP/1.1".into(),
+            headers: request_headers,
+            query_string,
+            headers_size: -1,
+            body_size: i64::try_from(total).unwrap_or(i64::MAX),
+            post_data,
+            ..har::Request::default()
+        };
+
+        // Longer than kept, or cut off before its end: replay must not take a broken
+        // answer for a whole one.
+        let truncated = self.body_total > self.body.len() as u64 || !self.body_complete;
+        let mut response_headers = masked(unflatten(&self.response_headers));
+        let body = match unmasked_in_compressed(&self.response_headers, &self.body, max_body, scrub)
+        {
+            // A secret inside a compressed body: recorded decoded, and masked.
+            Some(plain) => {
+                response_headers.retain(|h| {
+                    !h.name.eq_ignore_ascii_case("content-encoding")
+                        && !h.name.eq_ignore_ascii_case("content-length")
+                });
+                plain
+            }
+            None => scrub.bytes(self.body, truncated),
+        };
+        let (text, encoding) = if body.is_empty() {
+            (None, None)
+        } else {
+            let (text, encoding) = har::body_text(&body);
+            (Some(text), encoding)
+        };
+        let size = i64::try_from(self.body_total).unwrap_or(i64::MAX);
+        let response = har::Response {
+            status: self.status.as_u16(),
+            status_text: self.status.canonical_reason().unwrap_or_default().into(),
+            http_version: "HTTP/1.1".into(),
+            headers: response_headers,
+            content: har::Content {
+                size,
+                mime_type: flattened_value(&self.response_headers, "content-type"),
+                text,
+                encoding,
+                truncated,
+            },
+            redirect_url: scrub.text(flattened_value(&self.response_headers, "location")),
+            headers_size: -1,
+            body_size: size,
+            ..har::Response::default()
+        };
+        let ended = self.ended.unwrap_or_else(Instant::now);
+        let answered = self.answered.unwrap_or(ended);
+        let ms = |from: Instant, to: Instant| to.duration_since(from).as_secs_f64() * 1000.0;
+        Entry {
+            started_date_time: rfc3339(self.started_at),
+            time: ms(self.started, ended),
+            request,
+            response,
+            cache: serde_json::Map::new(),
+            timings: har::Timings {
+                send: 0.0,
+                wait: ms(self.started, answered),
+                receive: ms(answered, ended),
+            },
+            // The client's, when it sent one: it could carry anything.
+            request_id: Some(scrub.text(self.request_id)),
+        }
+    }
+}
+
+/// `headers` as `name:value` lines, leaving out those `skip` names: one allocation.
+pub(super) fn flatten(headers: &HeaderMap, skip: impl Fn(&HeaderName) -> bool) -> String {
+    let mut lines = String::with_capacity(
+        headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 2)
+            .sum(),
+    );
+    for (name, value) in headers.iter().filter(|(name, _)| !skip(name)) {
+        lines.push_str(name.as_str());
+        lines.push(':');
+        // A header value never holds a line break.
+        lines.push_str(&String::from_utf8_lossy(value.as_bytes()));
+        lines.push('\n');
+    }
+    lines
+}
+
+/// [`flatten`]'s lines as HAR's name-value pairs.
+fn unflatten(lines: &str) -> Vec<NameValue> {
+    lines
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| NameValue {
+            name: name.to_owned(),
+            value: value.to_owned(),
+        })
+        .collect()
+}
+
+/// The first value of `name` in [`flatten`]'s lines, or "".
+fn flattened_value(lines: &str, name: &str) -> String {
+    lines
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(n, _)| *n == name)
+        .map(|(_, value)| value.to_owned())
+        .unwrap_or_default()
+}
+
+/// A whole answer body Desk compressed, decoded and masked, when it holds a secret (its
+/// compressed bytes cannot be searched); `None` when it is not compressed, holds none, or
+/// cannot be decoded whole within the recording's limit.
+fn unmasked_in_compressed(
+    headers: &str,
+    body: &[u8],
+    max_body: usize,
+    scrub: &Scrubber,
+) -> Option<Vec<u8>> {
+    let encoding = flattened_value(headers, "content-encoding");
+    if encoding.is_empty() {
+        return None;
+    }
+    let plain = crate::body::decoded(&encoding, body, max_body)?;
+    let masked = scrub.bytes(plain.clone(), false);
+    (masked != plain).then_some(masked)
+}
+
+/// The client's credentials, and a `Set-Cookie` a client sent (meaningless in a request,
+/// so forwarded as any header, but a cookie all the same).
+pub(super) fn is_never_recorded_in_a_request(name: &HeaderName) -> bool {
+    crate::headers::is_client_credential(name) || is_cookie_answer_header(name)
+}
+
+/// Cookies Desk sets: never recorded (`Set-Cookie2` is obsolete, but a cookie all the
+/// same).
+pub(super) fn is_cookie_answer_header(name: &HeaderName) -> bool {
+    name == header::SET_COOKIE || name.as_str() == "set-cookie2"
+}
+
+/// `at` as RFC 3339 with milliseconds (HAR's `startedDateTime`).
+fn rfc3339(at: SystemTime) -> String {
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::from(at)
+        .format(&format)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_in_a_compressed_answer_is_recorded_decoded_and_masked() {
+        use std::io::Write;
+        let secrets = [Secret::new("client-secret-xyz".to_owned())];
+        let scrub = Scrubber::new(&secrets);
+        let gzip = |text: &[u8]| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), Default::default());
+            e.write_all(text).unwrap();
+            e.finish().unwrap()
+        };
+        let headers = "content-type:application/json\ncontent-encoding:gzip\n";
+        let leaking = gzip(br#"{"echo":"client-secret-xyz"}"#);
+        assert_eq!(
+            unmasked_in_compressed(headers, &leaking, 1 << 20, &scrub).as_deref(),
+            Some(&br#"{"echo":"***"}"#[..])
+        );
+        // Nothing to mask, or not compressed: the body stays as Desk sent it.
+        let clean = gzip(br#"{"echo":"nothing"}"#);
+        assert_eq!(
+            unmasked_in_compressed(headers, &clean, 1 << 20, &scrub),
+            None
+        );
+        let plain = br#"{"echo":"client-secret-xyz"}"#;
+        assert_eq!(
+            unmasked_in_compressed("content-type:application/json\n", plain, 1 << 20, &scrub),
+            None
+        );
+    }
+
+    #[test]
+    fn no_cookie_or_key_header_is_recorded() {
+        let mut answer = HeaderMap::new();
+        for (name, value) in [
+            ("set-cookie", "a=1"),
+            ("set-cookie2", "b=2; Version=1"),
+            ("x-rate-limit-remaining", "9"),
+        ] {
+            answer.append(HeaderName::from_static(name), value.parse().unwrap());
+        }
+        assert_eq!(
+            flatten(&answer, is_cookie_answer_header),
+            "x-rate-limit-remaining:9\n"
+        );
+        let mut request = HeaderMap::new();
+        for name in [
+            "authorization",
+            "cookie",
+            "cookie2",
+            "proxy-authorization",
+            "x-proxy-key",
+            "set-cookie",
+            "accept",
+        ] {
+            request.append(HeaderName::from_static(name), "v".parse().unwrap());
+        }
+        assert_eq!(
+            flatten(&request, is_never_recorded_in_a_request),
+            "accept:v\n"
+        );
+    }
+}
