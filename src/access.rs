@@ -119,6 +119,11 @@ impl AccessPolicy {
     /// proxy.
     pub fn check_connect<B>(&self, req: &Request<B>, peer: SocketAddr) -> Result<(), ProxyError> {
         self.check_peer(peer)?;
+        self.check_connect_client(req)
+    }
+
+    /// [`AccessPolicy::check_connect`] but the address, when that was checked first.
+    pub fn check_connect_client<B>(&self, req: &Request<B>) -> Result<(), ProxyError> {
         self.check_origin(req.headers())?;
         self.check_key(req.headers())
     }

@@ -39,7 +39,7 @@ pub enum RunError {
     #[error(transparent)]
     Record(#[from] RecordError),
     /// `--replay-strict`: requests found no recorded answer (exit code 1).
-    #[error("replay: {count} request(s) found no recorded answer in {file}: {}{}", .first.join("; "), more(*.count, .first.len()))]
+    #[error("replay: {count} request(s) found no recorded answer in {file}: {}", missed(*.count, .first))]
     ReplayMissed {
         /// The recording.
         file: String,
@@ -48,6 +48,14 @@ pub enum RunError {
         /// The first of them.
         first: Vec<String>,
     },
+}
+
+impl RunError {
+    /// Whether the run was refused for its configuration or usage (exit code 2), not
+    /// failed while it ran (1).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Self::Config(_) | Self::Replay(_) | Self::Record(_))
+    }
 }
 
 /// A persisted token is reused only when it has at least this long to live.
@@ -305,8 +313,7 @@ async fn run_replay(
     server::serve(Arc::clone(&proxy), listener, shutdown).await?;
     let (count, first) = replay.misses();
     if count > 0 {
-        let listed = format!("{}{}", first.join("; "), more(count, first.len()));
-        tracing::warn!(count, missed = %listed, "replay: requests with no recorded answer");
+        tracing::warn!(count, missed = %missed(count, &first), "replay: requests with no recorded answer");
         if strict {
             return Err(RunError::ReplayMissed {
                 file: path.display().to_string(),
@@ -319,11 +326,12 @@ async fn run_replay(
     Ok(())
 }
 
-/// What a list of the first `listed` of `count` misses leaves out.
-fn more(count: u64, listed: usize) -> String {
-    match count.saturating_sub(listed as u64) {
-        0 => String::new(),
-        left => format!("; and {left} more"),
+/// The `first` of `count` misses, and how many more there were.
+fn missed(count: u64, first: &[String]) -> String {
+    let listed = first.join("; ");
+    match count.saturating_sub(first.len() as u64) {
+        0 => listed,
+        left => format!("{listed}; and {left} more"),
     }
 }
 
@@ -467,6 +475,9 @@ mod tests {
             err.to_string(),
             "replay: 303 request(s) found no recorded answer in r.har: GET /a; GET /b; and 301 more"
         );
-        assert_eq!(more(2, 2), "");
+        assert_eq!(
+            missed(2, &["GET /a".into(), "GET /b".into()]),
+            "GET /a; GET /b"
+        );
     }
 }

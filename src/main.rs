@@ -151,12 +151,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             || cause
                 .downcast_ref::<zoho_desk_proxy::ops::OpsError>()
                 .is_some_and(|e| matches!(e, zoho_desk_proxy::ops::OpsError::Config(_)))
-            || cause.downcast_ref::<RunError>().is_some_and(|e| {
-                matches!(
-                    e,
-                    RunError::Config(_) | RunError::Replay(_) | RunError::Record(_)
-                )
-            })
+            || cause
+                .downcast_ref::<RunError>()
+                .is_some_and(RunError::is_usage)
     });
     if is_config { 2 } else { 1 }
 }

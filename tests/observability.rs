@@ -275,8 +275,9 @@ async fn no_secret_token_or_query_appears_in_the_output_of_a_full_session() {
 }
 
 /// Two requests for tickets at once through a binary with `extra` TOML in front of a Desk
-/// that takes `delay`: their statuses, and their log lines (read after it stopped).
-async fn two_at_once(delay: Duration, extra: &str) -> ((u16, u16), Vec<serde_json::Value>) {
+/// that takes `delay`: their statuses, their log lines (read after it stopped), and the
+/// requests Desk received.
+async fn two_at_once(delay: Duration, extra: &str) -> ((u16, u16), Vec<serde_json::Value>, u64) {
     let fake = FakeZoho::start().await.unwrap();
     fake.control().set_desk_delay(delay);
     let Logged {
@@ -299,14 +300,14 @@ async fn two_at_once(delay: Duration, extra: &str) -> ((u16, u16), Vec<serde_jso
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["message"] == "request" && v["path"] == "/api/v1/tickets")
         .collect();
-    (statuses, logged)
+    (statuses, logged, fake.control().desk_request_count())
 }
 
 /// `upstream_ms` is Desk's time; a wait for a `limits.max_upstream_requests` slot shows in
 /// `duration_ms` only.
 #[tokio::test]
 async fn a_queued_request_logs_desk_time_apart_from_its_wait() {
-    let (statuses, logged) = two_at_once(
+    let (statuses, logged, _) = two_at_once(
         Duration::from_millis(300),
         "[limits]\nmax_upstream_requests = 1\nworkers = 1",
     )
@@ -330,7 +331,7 @@ async fn a_queued_request_logs_desk_time_apart_from_its_wait() {
 /// A request that timed out in line was never sent: its log line has no `upstream_ms`.
 #[tokio::test]
 async fn a_request_never_sent_logs_no_desk_time() {
-    let (statuses, logged) = two_at_once(
+    let (statuses, logged, desk_requests) = two_at_once(
         Duration::from_millis(600),
         "[limits]\nmax_upstream_requests = 1\nworkers = 1\n[timeouts]\nresponse_secs = 0.2",
     )
@@ -344,4 +345,5 @@ async fn a_request_never_sent_logs_no_desk_time() {
         upstream[1].is_some(),
         "sent, 504 after 200 ms: {upstream:?}"
     );
+    assert_eq!(desk_requests, 1);
 }

@@ -88,7 +88,8 @@ impl Proxy {
                         return Ok(response);
                     };
                     drop(response);
-                    let retry = self.again(parts, target, &replay.bytes, Retry::After429)?;
+                    let retry =
+                        self.again(parts, target, &replay.bytes, Want::Usable, Retry::After429)?;
                     due = Some(by);
                     // The rare paths are boxed: the request's future does not carry their
                     // size.
@@ -108,9 +109,9 @@ impl Proxy {
                         return Ok(desk_401);
                     };
                     retried_after_401 = true;
+                    let newer = Want::NewerThan(token.generation);
                     let retry = self
-                        .again(parts, target, &replay.bytes, Retry::After401)?
-                        .wanting(Want::NewerThan(token.generation))
+                        .again(parts, target, &replay.bytes, newer, Retry::After401)?
                         .due(due);
                     let retried;
                     (retried, token) = Box::pin(self.attempt(upstream, retry, log)).await?;
@@ -120,13 +121,14 @@ impl Proxy {
         }
     }
 
-    /// The request sent again as a `retry`, its body from the replay buffer, with any
-    /// usable token.
+    /// The request sent again as a `retry`, its body from the replay buffer, with the
+    /// `token` it needs. Its URI is made again (rarely needed: not kept for every request).
     fn again(
         &self,
         parts: &Parts,
         target: &Target,
         body: &Bytes,
+        token: Want,
         retry: Retry,
     ) -> Result<Attempt, ProxyError> {
         let attempt = Attempt::new(
@@ -134,7 +136,7 @@ impl Proxy {
             parts.headers.clone(),
             self.upstream_uri(target)?,
             (UpstreamBody::buffered(body.clone()), None),
-            Want::Usable,
+            token,
         );
         Ok(attempt.retry(retry))
     }
@@ -400,11 +402,6 @@ impl Attempt {
         }
     }
 
-    /// The attempt with the token it needs.
-    fn wanting(self, token: Want) -> Self {
-        Self { token, ..self }
-    }
-
     /// The request for Desk, with `token`, and what its body will tell of its end.
     fn into_request(self, token: &Token) -> (Box<Request<UpstreamBody>>, Option<Arc<BodyOutcome>>) {
         let Attempt {
@@ -523,7 +520,8 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .to_str()
         .ok()?
         .trim();
-    // Longer than any request's time: never retried, and never an overflow of a clock.
+    // A wait no clock overflows adding (a request whose time is longer still is retried
+    // after a day).
     const LONGEST: Duration = Duration::from_secs(86_400);
     if let Ok(secs) = value.parse::<u64>() {
         return Some(Duration::from_secs(secs).min(LONGEST));

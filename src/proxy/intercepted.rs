@@ -70,7 +70,7 @@ impl Proxy {
                 intercepted()
             )));
         }
-        self.access.check_connect(&req, peer)?;
+        self.access.check_connect_client(&req)?;
         let upgrade = hyper::upgrade::on(&mut req);
         tracing::info!(%peer, %host, "intercept: tunnel accepted");
         let mut response = Response::new(ResponseBody::full(Bytes::new()));

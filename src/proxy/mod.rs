@@ -414,10 +414,8 @@ impl Proxy {
     }
 
     /// The access token now, for a recording to mask.
-    fn current_token(&self) -> Option<crate::secret::Secret<String>> {
-        self.tokens
-            .current()
-            .map(|token| token.access_token.clone())
+    fn current_token(&self) -> Option<Arc<crate::token::Token>> {
+        self.tokens.current()
     }
 
     /// The answer from the recording being replayed.

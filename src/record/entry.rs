@@ -11,7 +11,7 @@ use http::{HeaderMap, HeaderName, Method, StatusCode, Uri, header};
 use super::har::{self, Entry, NameValue};
 use super::scrub::{Scrubber, is_token};
 use crate::body::Captured;
-use crate::secret::Secret;
+use crate::token::Token;
 
 /// What the recording knows of a request body when the request is sent.
 #[derive(Debug)]
@@ -43,7 +43,7 @@ pub(super) struct Exchange {
     pub(super) request_id: String,
     pub(super) request_body: RequestBodySeen,
     /// The tokens the request may have been sent with: masked wherever they appear.
-    pub(super) tokens: Vec<Secret<String>>,
+    pub(super) tokens: Vec<Arc<Token>>,
     pub(super) status: StatusCode,
     /// `name:value` lines, `Set-Cookie` left out.
     pub(super) response_headers: String,
@@ -76,21 +76,20 @@ impl Exchange {
             + 512) as u64
     }
 
-    /// The HAR entry, secrets masked (by `scrub`, made for the configuration's
-    /// `secrets`, and more for a token of its own shape), bodies cut at `max_body`.
-    pub(super) fn into_entry(
-        self,
-        max_body: usize,
-        secrets: &[Secret<String>],
-        scrub: &Scrubber,
-    ) -> Entry {
+    /// The HAR entry, secrets masked (by `scrub`, the configuration's, and the
+    /// request's tokens), bodies cut at `max_body`.
+    pub(super) fn into_entry(self, max_body: usize, scrub: &Scrubber) -> Entry {
         // Zoho's tokens are masked by their shape: only another token needs a search of
         // its own (built per entry, on the writer's thread).
         let own;
-        let scrub = if self.tokens.iter().all(|t| is_token(t.expose().as_bytes())) {
+        let scrub = if self
+            .tokens
+            .iter()
+            .all(|t| is_token(t.access_token.expose().as_bytes()))
+        {
             scrub
         } else {
-            own = Scrubber::new(secrets.iter().chain(&self.tokens));
+            own = scrub.with(self.tokens.iter().map(|t| &t.access_token));
             &own
         };
         let masked = |pairs: Vec<NameValue>| -> Vec<NameValue> {
@@ -299,6 +298,7 @@ fn rfc3339(at: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret::Secret;
 
     #[test]
     fn a_secret_in_a_compressed_answer_is_recorded_decoded_and_masked() {

@@ -200,6 +200,13 @@ pub enum Ending {
     Damaged(usize),
 }
 
+/// What is wrong with a recording damaged at `line` (see [`Ending::Damaged`]).
+pub fn damaged(line: usize) -> String {
+    format!(
+        "line {line} is not an entry, and whole entries follow it (a crash only ever cuts a recording's end; was it edited or merged?)"
+    )
+}
+
 /// The whole entries of a recording's text laid out as the proxy writes it, and how it
 /// ends. `None` when the text is not laid out that way (another program's HAR).
 pub fn entry_lines(text: &str) -> Option<(Vec<&str>, Ending)> {

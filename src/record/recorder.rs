@@ -34,6 +34,7 @@ use super::scrub::Scrubber;
 use crate::body::Tap;
 use crate::metrics::Metrics;
 use crate::secret::Secret;
+use crate::token::Token;
 
 /// Entries waiting for the writer; past it, entries are dropped.
 const QUEUE: usize = 4096;
@@ -69,7 +70,8 @@ pub enum RecordError {
     Foreign(PathBuf),
     /// The file is damaged before its end: not a crash's cut, which only ever ends it.
     #[error(
-        "--record {path}: line {line} is not an entry, and whole entries follow it (a crash only ever cuts a recording's end; was it edited or merged?); fix: mend or remove that line, or record to a new file (nothing was changed)"
+        "--record {path}: {}; fix: mend or remove that line, or record to a new file (nothing was changed)",
+        har::damaged(*line)
     )]
     Damaged {
         /// The file.
@@ -142,7 +144,6 @@ impl Recorder {
             path: path.to_owned(),
             max_body,
             scrub: Scrubber::new(&secrets),
-            secrets,
             queued: Arc::clone(&queued),
             dropped: Arc::clone(&dropped),
             metrics: Arc::clone(&metrics),
@@ -173,7 +174,7 @@ impl Recorder {
         headers: &HeaderMap,
         request_id: &str,
         body: RequestBodySeen,
-        token: Option<Secret<String>>,
+        token: Option<Arc<Token>>,
     ) -> Option<Box<Recording>> {
         let queue = self.queue.load_full()?;
         let body = match body {
@@ -248,10 +249,10 @@ impl Recording {
         mut self: Box<Self>,
         status: StatusCode,
         headers: &HeaderMap,
-        token: Option<Secret<String>>,
+        token: Option<Arc<Token>>,
     ) -> Box<Self> {
         if let Some(token) = token
-            && !self.exchange.tokens.contains(&token)
+            && !self.exchange.tokens.iter().any(|t| Arc::ptr_eq(t, &token))
         {
             self.exchange.tokens.push(token);
         }
@@ -428,8 +429,7 @@ struct Writer {
     written: usize,
     path: PathBuf,
     max_body: usize,
-    secrets: Vec<Secret<String>>,
-    /// The search for `secrets`, made once.
+    /// The search for the configuration's secrets, made once.
     scrub: Scrubber,
     queued: Arc<AtomicU64>,
     dropped: Arc<AtomicU64>,
@@ -447,11 +447,9 @@ impl Writer {
             let mut pending = Some(first);
             while let Some(exchange) = pending.take() {
                 self.queued.fetch_sub(exchange.size(), Ordering::AcqRel);
-                if let Ok(line) = serde_json::to_string(&exchange.into_entry(
-                    self.max_body,
-                    &self.secrets,
-                    &self.scrub,
-                )) {
+                if let Ok(line) =
+                    serde_json::to_string(&exchange.into_entry(self.max_body, &self.scrub))
+                {
                     if self.written + lines > 0 {
                         batch.push(',');
                     }

@@ -215,7 +215,8 @@ impl Replay {
                 let lines = har::entry_lines(text);
                 if let Some((_, har::Ending::Damaged(line))) = lines {
                     return Err(not_har(format!(
-                        "line {line} is not an entry, and whole entries follow it (a crash only ever cuts a recording's end; was it edited or merged?): mend or remove that line"
+                        "{}: mend or remove that line",
+                        har::damaged(line)
                     )));
                 }
                 repaired = lines.map(|(entries, _)| har::layout(entries));

@@ -27,34 +27,36 @@ impl Scrubber {
     /// Searches for `secrets` (those shorter than [`MIN_SECRET_LEN`] are left out) and for
     /// Zoho tokens.
     pub fn new<'a>(secrets: impl IntoIterator<Item = &'a Secret<String>>) -> Self {
-        let mut secrets: Vec<Vec<u8>> = secrets
-            .into_iter()
-            .map(|s| s.expose().as_bytes())
-            .filter(|s| s.len() >= MIN_SECRET_LEN)
-            // As written, and percent-encoded as a URL may carry it (hex in either case).
-            .flat_map(|s| {
-                let encoded: String = form_urlencoded::byte_serialize(s).collect();
-                let lower = lower_hex_escapes(&encoded);
-                [s.to_vec(), encoded.into_bytes(), lower.into_bytes()]
-            })
-            .collect();
+        Self::searching(patterns(secrets))
+    }
+
+    /// This search and `more` secrets.
+    pub fn with<'a>(&self, more: impl IntoIterator<Item = &'a Secret<String>>) -> Self {
+        let mut all = self.secrets.clone();
+        all.extend(patterns(more));
+        Self::searching(all)
+    }
+
+    fn searching(mut secrets: Vec<Vec<u8>>) -> Self {
         secrets.sort();
         secrets.dedup();
         // The longest match first: a secret inside another must not leave the rest of
         // the longer one showing. Building only fails for patterns far larger than any
         // secret; then the token shape still masks tokens, and the configuration's
         // secrets go unsearched (logged).
-        let finder = AhoCorasick::builder()
-            .match_kind(MatchKind::LeftmostLongest)
-            .build(&secrets);
-        let finder = match finder {
-            Ok(finder) => Some(finder),
-            Err(err) if !secrets.is_empty() => {
-                tracing::warn!(error = %err, "recording: the secrets cannot be searched for");
-                None
-            }
-            Err(_) => None,
-        };
+        let finder = (!secrets.is_empty())
+            .then(|| {
+                AhoCorasick::builder()
+                    .match_kind(MatchKind::LeftmostLongest)
+                    .build(&secrets)
+            })
+            .and_then(|built| {
+                built
+                    .map_err(|err| {
+                        tracing::warn!(error = %err, "recording: the secrets cannot be searched for");
+                    })
+                    .ok()
+            });
         Self { secrets, finder }
     }
 
@@ -121,6 +123,21 @@ impl Scrubber {
             bytes.extend_from_slice(MASK);
         }
     }
+}
+
+/// What to search for of `secrets`: each as written, and percent-encoded as a URL may
+/// carry it (hex in either case); those shorter than [`MIN_SECRET_LEN`] left out.
+fn patterns<'a>(secrets: impl IntoIterator<Item = &'a Secret<String>>) -> Vec<Vec<u8>> {
+    secrets
+        .into_iter()
+        .map(|s| s.expose().as_bytes())
+        .filter(|s| s.len() >= MIN_SECRET_LEN)
+        .flat_map(|s| {
+            let encoded: String = form_urlencoded::byte_serialize(s).collect();
+            let lower = lower_hex_escapes(&encoded);
+            [s.to_vec(), encoded.into_bytes(), lower.into_bytes()]
+        })
+        .collect()
 }
 
 /// `text` with the hex digits of its percent-escapes in lower case.
