@@ -314,16 +314,6 @@ async fn a_secret_desk_or_a_client_puts_anywhere_is_masked() {
     assert!(content.contains("Zoho-oauthtoken ***"), "{entry}");
 }
 
-/// `run` on `config`, expected to stop at start with an error.
-async fn refused_at_start(config: zoho_desk_proxy::config::Config) -> zoho_desk_proxy::RunError {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let run = zoho_desk_proxy::run(config, listener, std::future::pending());
-    tokio::time::timeout(Duration::from_secs(10), run)
-        .await
-        .expect("refused at start, not served")
-        .expect_err("refused")
-}
-
 #[tokio::test]
 async fn a_recording_damaged_before_its_end_is_neither_replayed_nor_appended_to() {
     // A crash only ever cuts a recording's end; a line damaged with whole entries after

@@ -970,12 +970,7 @@ async fn a_redis_that_refuses_the_proxy_is_a_configuration_error() {
     ] {
         let mut config = config_for(&fake, &options);
         config.token_store = Some(url.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let run = zoho_desk_proxy::run(config, listener, std::future::pending());
-        let err = tokio::time::timeout(Duration::from_secs(10), run)
-            .await
-            .expect("refused at start, not served")
-            .expect_err(&url);
+        let err = refused_at_start(config).await;
         assert!(
             matches!(err, zoho_desk_proxy::RunError::Config(_)),
             "{url}: {err}"

@@ -133,6 +133,18 @@ impl RefreshState {
         })
     }
 
+    /// The refusal of a call while the backoff runs, as it stands `now`.
+    fn refusal(&self, now: Instant) -> Option<TokenError> {
+        let until = self.backoff.map(|b| b.until).filter(|until| *until > now)?;
+        let reason = self
+            .failure_now(now)
+            .unwrap_or_else(|| "backing off after a failed refresh".into());
+        Some(TokenError::Unavailable {
+            reason,
+            retry_after: until - now,
+        })
+    }
+
     /// One more failure in a row: the backoff it earns.
     fn next_delay(&mut self, policy: &RefreshPolicy) -> Duration {
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
@@ -323,14 +335,8 @@ impl TokenCache {
         if let Some(reason) = &state.rejected {
             return Err(TokenError::Rejected(reason.clone()));
         }
-        if let Some(until) = state.backoff.map(|b| b.until).filter(|until| *until > now) {
-            let reason = state
-                .failure_now(now)
-                .unwrap_or_else(|| "backing off after a failed refresh".into());
-            return Err(TokenError::Unavailable {
-                reason,
-                retry_after: until - now,
-            });
+        if let Some(refusal) = state.refusal(now) {
+            return Err(refusal);
         }
         while state
             .issued
@@ -360,10 +366,7 @@ impl TokenCache {
             // Until the guard opens, every request is refused by the backoff above: one
             // refusal counted and logged, and `/_proxy/ready` says why.
             state.back_off(now + retry_after, RefreshResult::GuardRefused, &error);
-            return Err(TokenError::Unavailable {
-                reason: guard_wait(&error, retry_after),
-                retry_after,
-            });
+            return Err(state.refusal(now).unwrap_or(error));
         }
         Ok(())
     }
@@ -565,14 +568,10 @@ impl TokenCache {
             reason: err.to_string(),
             retry_after: delay,
         };
-        state.back_off(Instant::now() + delay, result, &error);
-        if result == RefreshResult::GuardRefused {
-            return TokenError::Unavailable {
-                reason: guard_wait(&error, delay),
-                retry_after: delay,
-            };
-        }
-        error
+        let now = Instant::now();
+        state.back_off(now + delay, result, &error);
+        // As every later refusal tells it (the guard's wait included).
+        state.refusal(now).unwrap_or(error)
     }
 
     /// A refresh whose task ended without a result (a panic): a failure like any other,
@@ -601,14 +600,11 @@ impl TokenCache {
         }
         let now = Instant::now();
         let current = self.current.load_full();
-        match (current, &state.last_error) {
+        match (current, state.failure_now(now)) {
             (Some(token), _) if self.is_usable(&token, now) => {
                 Readiness::Ready(token.expires_at - now)
             }
-            (_, Some(_)) => Readiness::NotReady(format!(
-                "no valid access token: {}",
-                state.failure_now(now).unwrap_or_default()
-            )),
+            (_, Some(failure)) => Readiness::NotReady(format!("no valid access token: {failure}")),
             (Some(token), None) if token.is_valid_at(now) => Readiness::NotReady(
                 "Zoho Desk rejected the access token; a new one is being requested".into(),
             ),

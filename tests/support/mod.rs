@@ -117,6 +117,16 @@ pub fn config_for(fake: &FakeZoho, options: &FakeOptions) -> Config {
     Config::from_toml(&toml).expect("test config is valid")
 }
 
+/// `run` on `config`, expected to stop at start with an error (within 10 s, not serve).
+pub async fn refused_at_start(config: Config) -> zoho_desk_proxy::RunError {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let run = zoho_desk_proxy::run(config, listener, std::future::pending());
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("refused at start, not served")
+        .expect_err("refused")
+}
+
 /// Starts `run` on 127.0.0.1:0.
 pub async fn start_proxy(mut config: Config) -> TestProxy {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
