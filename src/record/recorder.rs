@@ -86,6 +86,14 @@ pub enum RecordError {
     Busy(PathBuf),
 }
 
+/// The file could not be read, written or created.
+fn io_error(path: &Path, source: std::io::Error) -> RecordError {
+    RecordError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
 /// The fix for a file that cannot be opened, when it is the path's.
 fn io_fix(err: &std::io::Error) -> &'static str {
     match err.kind() {
@@ -120,19 +128,7 @@ impl Recorder {
         secrets: Vec<Secret<String>>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, RecordError> {
-        let io = |source| RecordError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        let (file, end, entries) = prepare(path).map_err(|e| match e {
-            Prepared::Io(source) => io(source),
-            Prepared::Foreign => RecordError::Foreign(path.to_owned()),
-            Prepared::Damaged(line) => RecordError::Damaged {
-                path: path.to_owned(),
-                line,
-            },
-            Prepared::Busy => RecordError::Busy(path.to_owned()),
-        })?;
+        let (file, end, entries) = prepare(path)?;
         tracing::info!(file = %path.display(), entries, max_body_bytes = max_body, "recording Desk's traffic");
         let (queue, entries_rx) = std::sync::mpsc::sync_channel::<Exchange>(QUEUE);
         let queued = Arc::new(AtomicU64::new(0));
@@ -151,7 +147,7 @@ impl Recorder {
         let handle = std::thread::Builder::new()
             .name("zdp-recorder".into())
             .spawn(move || writer.run(entries_rx))
-            .map_err(io)?;
+            .map_err(|e| io_error(path, e))?;
         Ok(Arc::new(Self {
             path: path.to_owned(),
             max_body,
@@ -315,21 +311,14 @@ fn lost(dropped: &AtomicU64, metrics: &Metrics, entries: u64) {
     }
 }
 
-enum Prepared {
-    Io(std::io::Error),
-    Foreign,
-    Damaged(usize),
-    Busy,
-}
-
 /// The file at `path`, opened and locked. A file locked after another process had
 /// replaced it (repaired: written beside and renamed over it) is no longer the one the
 /// path names: it is opened again.
-fn open_locked(options: &OpenOptions, path: &Path) -> Result<File, Prepared> {
+fn open_locked(options: &OpenOptions, path: &Path) -> Result<File, RecordError> {
     let mut tries = 3;
     loop {
-        let file = options.open(path).map_err(Prepared::Io)?;
-        lock_for_recording(&file)?;
+        let file = options.open(path).map_err(|e| io_error(path, e))?;
+        lock_for_recording(&file, path)?;
         tries -= 1;
         if tries == 0 || same_file(&file, path) {
             return Ok(file);
@@ -355,18 +344,19 @@ fn same_file(file: &File, path: &Path) -> bool {
 }
 
 /// Takes the file for this process alone (an advisory lock, held while the file is open).
-fn lock_for_recording(file: &File) -> Result<(), Prepared> {
+fn lock_for_recording(file: &File, path: &Path) -> Result<(), RecordError> {
     match file.try_lock() {
         Ok(()) => Ok(()),
-        Err(std::fs::TryLockError::WouldBlock) => Err(Prepared::Busy),
-        Err(std::fs::TryLockError::Error(err)) => Err(Prepared::Io(err)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(RecordError::Busy(path.to_owned())),
+        Err(std::fs::TryLockError::Error(err)) => Err(io_error(path, err)),
     }
 }
 
 /// The file ready for appending: created with an empty recording, or an earlier one
 /// checked (and repaired). Returns the file, where the trailer starts, and the entries
 /// it holds.
-fn prepare(path: &Path) -> Result<(File, u64, usize), Prepared> {
+fn prepare(path: &Path) -> Result<(File, u64, usize), RecordError> {
+    let io = |source| io_error(path, source);
     let mut options = OpenOptions::new();
     options.read(true).write(true).create(true);
     #[cfg(unix)]
@@ -379,21 +369,27 @@ fn prepare(path: &Path) -> Result<(File, u64, usize), Prepared> {
     let mut text = String::new();
     file.read_to_string(&mut text).map_err(|e| {
         if e.kind() == std::io::ErrorKind::InvalidData {
-            Prepared::Foreign
+            RecordError::Foreign(path.to_owned())
         } else {
-            Prepared::Io(e)
+            io(e)
         }
     })?;
     let entries: Vec<String> = if text.is_empty() {
         Vec::new()
     } else {
-        let (entries, ending) = har::entry_lines(&text).ok_or(Prepared::Foreign)?;
+        let (entries, ending) =
+            har::entry_lines(&text).ok_or_else(|| RecordError::Foreign(path.to_owned()))?;
         match ending {
             har::Ending::Whole => {}
             har::Ending::Cut => {
                 tracing::warn!(file = %path.display(), kept = entries.len(), "recording: the file was cut short (a crash?); kept its whole entries and dropped the rest");
             }
-            har::Ending::Damaged(line) => return Err(Prepared::Damaged(line)),
+            har::Ending::Damaged(line) => {
+                return Err(RecordError::Damaged {
+                    path: path.to_owned(),
+                    line,
+                });
+            }
         }
         // Appending starts where the trailer is, so it must be what ends the file.
         if ending == har::Ending::Whole && text.ends_with(har::TRAILER) {
@@ -409,14 +405,14 @@ fn prepare(path: &Path) -> Result<(File, u64, usize), Prepared> {
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let mut repaired = tempfile::NamedTempFile::new_in(dir).map_err(Prepared::Io)?;
+    let mut repaired = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
     repaired
         .write_all(laid_out.as_bytes())
         .and_then(|()| repaired.as_file().sync_data())
-        .map_err(Prepared::Io)?;
-    let file = repaired.persist(path).map_err(|e| Prepared::Io(e.error))?;
+        .map_err(io)?;
+    let file = repaired.persist(path).map_err(|e| io(e.error))?;
     // The lock was the old file's, which the name no longer leads to.
-    lock_for_recording(&file)?;
+    lock_for_recording(&file, path)?;
     let end = laid_out.len() - har::TRAILER.len();
     Ok((file, end as u64, entries.len()))
 }
