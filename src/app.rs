@@ -102,9 +102,13 @@ pub fn ready_config(mut config: Config) -> Result<Config, ConfigError> {
 
 /// Desk's concurrent calls: counted for the fleet when there is a `token_store`, else
 /// for this process.
-fn desk_slots(config: &Config, metrics: &Arc<Metrics>) -> Result<Arc<DeskSlots>, RunError> {
+fn desk_slots(
+    config: &Config,
+    redis: Option<&redis::Client>,
+    metrics: &Arc<Metrics>,
+) -> Result<Arc<DeskSlots>, RunError> {
     let limit = config.desk.max_concurrent;
-    let Some(url) = &config.token_store else {
+    let Some(redis) = redis else {
         return Ok(Arc::new(DeskSlots::local(
             limit,
             config.max_upstream_requests,
@@ -122,7 +126,7 @@ fn desk_slots(config: &Config, metrics: &Arc<Metrics>) -> Result<Arc<DeskSlots>,
             .unwrap_or(&config.oauth.client_id)
     );
     let fleet = FleetSlots::new(
-        url,
+        redis.clone(),
         &portal,
         limit,
         config.desk.fleet_lease,
@@ -181,15 +185,12 @@ pub async fn run_with_reload(
         .as_ref()
         .and_then(load_token_file)
         .unwrap_or_default();
-    if let Some(url) = &config.token_store
-        && let Err(trouble @ (RedisTrouble::BadUrl(_) | RedisTrouble::Refused(_))) =
-            crate::client::redis_ping(url).await
-    {
-        // At start, that is the configuration's fault, not an outage to ride out.
-        return Err(ConfigError::invalid("token_store", trouble.to_string()).into());
-    }
+    let redis = match &config.token_store {
+        Some(url) => Some(redis_at_start(url).await?),
+        None => None,
+    };
     let metrics = Arc::new(Metrics::new());
-    let store = shared_store(&config, &metrics)?;
+    let store = shared_store(&config, redis.as_ref(), &metrics)?;
     let tokens = token_cache(&config, store.as_ref(), Arc::clone(&metrics))?;
     reuse_stored_token(&config, &stored, &tokens);
 
@@ -220,7 +221,7 @@ pub async fn run_with_reload(
         .map(|reload| tokio::spawn(apply_reloads(reload, Arc::clone(&tokens), store.clone())));
     let store_status = store.as_ref().map(|s| s.status());
     let intercept = intercept_for(&config)?;
-    let desk = desk_slots(&config, &metrics)?;
+    let desk = desk_slots(&config, redis.as_ref(), &metrics)?;
     let recorder = match &config.record.file {
         Some(file) => Some(Recorder::open(
             file,
@@ -379,20 +380,32 @@ fn token_source(config: &Config) -> Result<RefreshTokenSource, ConfigError> {
     })
 }
 
+/// The Redis of `token_store`, opened once for the store and the fleet's count, after one
+/// `PING`: at start, a URL that is no Redis's or a Redis that refuses this proxy is the
+/// configuration's fault; one that cannot be reached is an outage, ridden out.
+async fn redis_at_start(url: &str) -> Result<redis::Client, ConfigError> {
+    let refused = |trouble: RedisTrouble| ConfigError::invalid("token_store", trouble.to_string());
+    let client = crate::client::redis_client(url).map_err(refused)?;
+    match crate::client::redis_ping(&client).await {
+        Ok(()) | Err(RedisTrouble::Unreachable(_)) => Ok(client),
+        Err(trouble) => Err(refused(trouble)),
+    }
+}
+
 /// The shared token store of a config (`token_store`), if any.
 fn shared_store(
     config: &Config,
+    redis: Option<&redis::Client>,
     metrics: &Arc<Metrics>,
 ) -> Result<Option<Arc<SharedStore>>, ConfigError> {
-    let (Some(url), Some(refresh_token)) = (&config.token_store, &config.oauth.refresh_token)
-    else {
+    let (Some(redis), Some(refresh_token)) = (redis, &config.oauth.refresh_token) else {
         return Ok(None);
     };
     // A replica waits for another's refresh longer than the slowest Accounts call, with
     // room for the Redis commands around it.
     let wait_limit = AccountsClient::call_timeout(config) * 2 + Duration::from_secs(1);
     SharedStore::new(
-        url,
+        redis.clone(),
         &config.oauth.client_id,
         refresh_token,
         wait_limit,

@@ -167,24 +167,28 @@ pub fn install_crypto_provider() {
 /// How long a Redis command may take (the token store's and the fleet's alike).
 pub const REDIS_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The Redis at `url` (`redis://`, `rediss://`, `redis+unix://`), connected lazily
-/// through a manager that reconnects: one command retried once, backing off up to 2 s.
-pub fn redis_connection(
-    url: &str,
-) -> Result<(redis::Client, redis::aio::ConnectionManager), redis::RedisError> {
+/// The Redis at `url` (`redis://`, `rediss://`, `redis+unix://`), not yet connected: one
+/// for the process, which the token store and the fleet's count each connect through.
+pub fn redis_client(url: &str) -> Result<redis::Client, RedisTrouble> {
     install_crypto_provider();
-    let client = redis::Client::open(url)?;
+    redis::Client::open(url).map_err(|e| RedisTrouble::BadUrl(e.to_string()))
+}
+
+/// A connection to `client`'s Redis, made lazily through a manager that reconnects: one
+/// command retried once, backing off up to 2 s.
+pub fn redis_connection(
+    client: &redis::Client,
+) -> Result<redis::aio::ConnectionManager, redis::RedisError> {
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(REDIS_COMMAND_TIMEOUT))
         .set_response_timeout(Some(REDIS_COMMAND_TIMEOUT))
         .set_number_of_retries(1)
         .set_max_delay(Duration::from_secs(2));
-    let conn = redis::aio::ConnectionManager::new_lazy_with_config(client.clone(), config)?;
-    Ok((client, conn))
+    redis::aio::ConnectionManager::new_lazy_with_config(client.clone(), config)
 }
 
 /// What a `token_store` URL looks like, for the messages about one that cannot be used.
-pub const REDIS_URL_FORM: &str =
+const REDIS_URL_FORM: &str =
     "expected redis://[:password@]host[:port][/db] (a db number from 0), or rediss:// for TLS";
 
 /// How the Redis at a `token_store` URL answered one `PING` (within
@@ -220,10 +224,8 @@ impl std::fmt::Display for RedisTrouble {
     }
 }
 
-/// Pings the Redis at `url` once.
-pub async fn redis_ping(url: &str) -> Result<(), RedisTrouble> {
-    install_crypto_provider();
-    let client = redis::Client::open(url).map_err(|e| RedisTrouble::BadUrl(e.to_string()))?;
+/// Pings `client`'s Redis once, on a connection of its own that ends with the ping.
+pub async fn redis_ping(client: &redis::Client) -> Result<(), RedisTrouble> {
     let ping = || async {
         let mut conn = client.get_multiplexed_async_connection().await?;
         redis::cmd("PING").query_async::<String>(&mut conn).await

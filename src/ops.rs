@@ -115,7 +115,11 @@ pub async fn check(config: &Config) -> (String, bool) {
         ),
     );
     if let Some(url) = &config.token_store {
-        match crate::client::redis_ping(url).await {
+        let answer = match crate::client::redis_client(url) {
+            Ok(client) => crate::client::redis_ping(&client).await,
+            Err(trouble) => Err(trouble),
+        };
+        match answer {
             Ok(()) => report.line(true, "token store", "Redis answers"),
             Err(trouble) => report.line(false, "token store", trouble),
         }

@@ -48,9 +48,6 @@ const REPLICAS_REMEMBERED: u32 = 6;
 /// Why the fleet's count cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
-    /// The `token_store` URL is not a Redis URL.
-    #[error("not a Redis URL that can be used ({0}): {form}", form = crate::client::REDIS_URL_FORM)]
-    Url(String),
     /// Redis failed or could not be reached.
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
@@ -182,16 +179,15 @@ impl std::fmt::Debug for FleetSlots {
 
 impl FleetSlots {
     /// The count of `limit` calls for `portal` (what names the portal: the same for every
-    /// replica of it) in the Redis of `url`; connects lazily.
+    /// replica of it) in `client`'s Redis; connects lazily.
     pub fn new(
-        url: &str,
+        client: redis::Client,
         portal: &str,
         limit: usize,
         lease: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, FleetError> {
-        let (client, conn) =
-            crate::client::redis_connection(url).map_err(|e| FleetError::Url(e.to_string()))?;
+        let conn = crate::client::redis_connection(&client)?;
         Ok(Arc::new(Self {
             client,
             conn,

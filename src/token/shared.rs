@@ -55,9 +55,6 @@ const LOCK_LEASE: Duration = COMMAND_TIMEOUT.saturating_mul(3);
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The `token_store` URL is not a Redis URL.
-    #[error("not a Redis URL that can be used ({0}): {form}", form = crate::client::REDIS_URL_FORM)]
-    Url(String),
     /// Redis failed or could not be reached.
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
@@ -246,15 +243,14 @@ impl SharedStore {
     /// `wait_limit` (how long a replica waits for another's refresh) must exceed the
     /// slowest Accounts call.
     pub fn new(
-        url: &str,
+        client: redis::Client,
         client_id: &str,
         refresh_token: &Secret<String>,
         wait_limit: Duration,
         max_per_10min: u32,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, StoreError> {
-        let (client, conn) =
-            crate::client::redis_connection(url).map_err(|e| StoreError::Url(e.to_string()))?;
+        let conn = crate::client::redis_connection(&client)?;
         Ok(Arc::new(Self {
             client,
             conn,
