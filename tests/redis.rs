@@ -132,8 +132,16 @@ async fn on_redis(
     n: usize,
     tweak: impl Fn(&mut Config),
 ) -> (RedisServer, FakeZoho, FakeControl, Vec<TestProxy>) {
+    on_redis_with(FakeOptions::default(), n, tweak).await
+}
+
+/// [`on_redis`], with the fake Zoho started with `options`.
+async fn on_redis_with(
+    options: FakeOptions,
+    n: usize,
+    tweak: impl Fn(&mut Config),
+) -> (RedisServer, FakeZoho, FakeControl, Vec<TestProxy>) {
     let redis = RedisServer::start().await;
-    let options = FakeOptions::default();
     let fake = FakeZoho::start_with(options.clone()).await.unwrap();
     let zoho = fake.control();
     let proxies = fleet(&fake, &options, Some(&redis), n, tweak).await;
@@ -217,14 +225,11 @@ async fn ok_refreshes(proxies: &[TestProxy]) -> u64 {
 
 #[tokio::test]
 async fn background_rotation_happens_once_per_fleet() {
-    let redis = RedisServer::start().await;
     let options = FakeOptions {
         token_lifetime: Duration::from_secs(2),
         ..FakeOptions::default()
     };
-    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
-    let zoho = fake.control();
-    let proxies = fleet(&fake, &options, Some(&redis), 3, |_| {}).await;
+    let (_redis, _fake, zoho, proxies) = on_redis_with(options, 3, |_| {}).await;
     // 2 s tokens, refreshed at half-life: about one rotation per second for the fleet.
     let started = Instant::now();
     wait_for_token_requests(&zoho, 6).await;
@@ -596,15 +601,9 @@ async fn a_fleet_restarted_with_a_valid_token_in_redis_makes_no_call() {
 
 #[tokio::test]
 async fn a_replica_that_cannot_get_the_fleet_lock_never_calls_accounts_without_it() {
-    let redis = RedisServer::start().await;
-    let options = FakeOptions::default();
-    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
-    let zoho = fake.control();
     // Accounts calls bounded at 1 s: the lock lives 3 s, a replica waits 5 s for it.
-    let proxies = fleet(&fake, &options, Some(&redis), 1, |c| {
-        c.timeouts.response = Duration::from_secs(1)
-    })
-    .await;
+    let (redis, _fake, zoho, proxies) =
+        on_redis(1, |c| c.timeouts.response = Duration::from_secs(1)).await;
     assert_eq!(get(&proxies[0], "/api/v1/tickets").await.status(), 200);
     // A replica stuck in its refresh keeps the lock (it renews it, say, forever).
     let lock = lock_key(&redis).await;
@@ -737,11 +736,7 @@ async fn zcard(redis: &RedisServer, key: &str) -> usize {
 #[tokio::test]
 async fn two_and_three_replicas_keep_to_desk_s_limit_together() {
     for n in [2, 3] {
-        let redis = RedisServer::start().await;
-        let options = FakeOptions::default();
-        let fake = FakeZoho::start_with(options.clone()).await.unwrap();
-        let zoho = fake.control();
-        let proxies = fleet(&fake, &options, Some(&redis), n, |c| {
+        let (redis, _fake, zoho, proxies) = on_redis(n, |c| {
             c.desk.max_concurrent = 3;
         })
         .await;
@@ -832,11 +827,7 @@ async fn a_replica_killed_while_holding_calls_gives_them_back_within_a_lease() {
 
 #[tokio::test]
 async fn redis_down_falls_back_to_the_local_share_and_rejoins() {
-    let mut redis = RedisServer::start().await;
-    let options = FakeOptions::default();
-    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
-    let zoho = fake.control();
-    let proxies = fleet(&fake, &options, Some(&redis), 2, |c| {
+    let (mut redis, _fake, zoho, proxies) = on_redis(2, |c| {
         c.desk.max_concurrent = 4;
         c.desk.fleet_lease = Duration::from_millis(600);
     })
@@ -925,10 +916,7 @@ async fn a_replica_that_never_reached_redis_keeps_to_one_call() {
 
 #[tokio::test]
 async fn keys_lost_mid_run_are_put_back_and_the_line_never_sticks() {
-    let redis = RedisServer::start().await;
-    let options = FakeOptions::default();
-    let fake = FakeZoho::start_with(options.clone()).await.unwrap();
-    let proxies = fleet(&fake, &options, Some(&redis), 1, |c| {
+    let (redis, _fake, _zoho, proxies) = on_redis(1, |c| {
         c.desk.max_concurrent = 2;
         c.desk.fleet_lease = Duration::from_millis(600);
     })
