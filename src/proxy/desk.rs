@@ -7,11 +7,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderMap, HeaderName, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Limited};
 use tokio::time::Instant;
 use tokio::time::error::Elapsed;
 
+use super::desk_answer::{
+    DEFAULT_RETRY_AFTER, is_idempotent, rate_limit_remaining, retry_after, token_is_invalid,
+};
 use super::{ClientResponse, MAX_401_BODY, Proxy, Upstream};
 use crate::body::{BodyOutcome, DeskBody, RequestBody, ResponseBody, UpstreamBody};
 use crate::concurrency::{HeldCall, UpstreamSlot};
@@ -497,74 +500,6 @@ enum Answer {
     Throttled(ClientResponse, Duration),
 }
 
-/// The wait after a 429 that says nothing of one.
-const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
-
-/// Methods a 429 may be retried for: sending them twice does no more than once.
-fn is_idempotent(method: &http::Method) -> bool {
-    use http::Method;
-    [
-        Method::GET,
-        Method::HEAD,
-        Method::OPTIONS,
-        Method::PUT,
-        Method::DELETE,
-    ]
-    .contains(method)
-}
-
-/// The wait a `Retry-After` asks for: seconds, or an HTTP date.
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers
-        .get(http::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim();
-    // A wait no clock overflows adding (a request whose time is longer still is retried
-    // after a day).
-    const LONGEST: Duration = Duration::from_secs(86_400);
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs).min(LONGEST));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(
-        at.duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO)
-            .min(LONGEST),
-    )
-}
-
-/// The remaining value of Desk's rate limit, when its answer carries one
-/// (`X-Rate-Limit-Remaining-v3`, or `X-Rate-Limit-Remaining`).
-fn rate_limit_remaining(headers: &HeaderMap) -> Option<i64> {
-    // Ready names: a lookup by `&str` would parse the name on every answer.
-    static NAMES: [HeaderName; 2] = [
-        HeaderName::from_static("x-rate-limit-remaining-v3"),
-        HeaderName::from_static("x-rate-limit-remaining"),
-    ];
-    NAMES
-        .iter()
-        .find_map(|name| headers.get(name))
-        .and_then(|value| value.to_str().ok())
-        .and_then(|text| text.trim().parse().ok())
-}
-
-/// Whether a Desk 401 body says the token itself is bad (`INVALID_OAUTH`, or no
-/// `errorCode` at all), as opposed to a valid token lacking rights.
-pub fn token_is_invalid(body: &[u8]) -> bool {
-    #[derive(serde::Deserialize)]
-    struct DeskError {
-        #[serde(rename = "errorCode")]
-        error_code: Option<String>,
-    }
-    match serde_json::from_slice::<DeskError>(body) {
-        Ok(DeskError {
-            error_code: Some(code),
-        }) => code == "INVALID_OAUTH",
-        _ => true,
-    }
-}
-
 fn into_client_response(response: Response<DeskBody>, slot: UpstreamSlot) -> ClientResponse {
     let (mut parts, body) = response.into_parts();
     headers::prepare_response(&mut parts.headers);
@@ -591,76 +526,5 @@ fn token_error(err: TokenError) -> ProxyError {
         TokenError::Rejected(reason) => ProxyError::AuthRejected(format!(
             "Zoho Accounts rejected the proxy's credentials; an operator must act: {reason}"
         )),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_retry_after_of_any_size_is_a_wait_that_fits_a_clock() {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            http::header::RETRY_AFTER,
-            "18446744073709551615".parse().unwrap(),
-        );
-        let wait = retry_after(&headers).unwrap();
-        assert_eq!(wait, Duration::from_secs(86_400));
-        assert!(Instant::now().checked_add(wait).is_some());
-        headers.insert(
-            http::header::RETRY_AFTER,
-            "Fri, 31 Dec 9999 23:59:59 GMT".parse().unwrap(),
-        );
-        assert_eq!(retry_after(&headers), Some(Duration::from_secs(86_400)));
-        headers.insert(http::header::RETRY_AFTER, "2".parse().unwrap());
-        assert_eq!(retry_after(&headers), Some(Duration::from_secs(2)));
-    }
-
-    #[test]
-    fn desks_remaining_credits_are_read_from_the_v3_header_first() {
-        let headers = |pairs: &[(&'static str, &'static str)]| {
-            let mut map = HeaderMap::new();
-            for (name, value) in pairs {
-                map.append(*name, http::HeaderValue::from_static(value));
-            }
-            map
-        };
-        let v3 = "x-rate-limit-remaining-v3";
-        let v2 = "x-rate-limit-remaining";
-        assert_eq!(rate_limit_remaining(&headers(&[])), None);
-        assert_eq!(rate_limit_remaining(&headers(&[(v2, "7")])), Some(7));
-        assert_eq!(
-            rate_limit_remaining(&headers(&[(v2, "7"), (v3, "9")])),
-            Some(9)
-        );
-        assert_eq!(
-            rate_limit_remaining(&headers(&[(v3, " 9 "), (v2, "7")])),
-            Some(9)
-        );
-        assert_eq!(
-            rate_limit_remaining(&headers(&[(v3, "9"), (v3, "1")])),
-            Some(9)
-        );
-        assert_eq!(rate_limit_remaining(&headers(&[(v3, "many")])), None);
-    }
-
-    #[test]
-    fn which_401s_cost_a_refresh() {
-        let table: &[(&str, bool)] = &[
-            (
-                r#"{"errorCode":"INVALID_OAUTH","message":"The OAuth Token you provided is invalid."}"#,
-                true,
-            ),
-            ("", true),
-            ("<html>Unauthorized</html>", true),
-            (r#"{"message":"no code"}"#, true),
-            (r#"{"errorCode":"SCOPE_MISMATCH","message":"…"}"#, false),
-            (r#"{"errorCode":"OAUTH_ORG_MISMATCH","message":"…"}"#, false),
-            (r#"{"errorCode":"UNAUTHORIZED","message":"…"}"#, false),
-        ];
-        for (body, refresh) in table {
-            assert_eq!(token_is_invalid(body.as_bytes()), *refresh, "{body}");
-        }
     }
 }

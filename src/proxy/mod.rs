@@ -29,6 +29,7 @@ use crate::token::TokenCache;
 use crate::token::shared::StoreStatus;
 
 mod desk;
+mod desk_answer;
 mod intercepted;
 
 /// The client's answer on its way up the request path, boxed: a response with its body's
