@@ -209,6 +209,24 @@ async fn a_401_whose_body_stalls_is_a_504_and_frees_its_call() {
 }
 
 #[tokio::test]
+async fn a_401_larger_than_any_desk_error_is_a_502_that_says_so_and_costs_no_refresh() {
+    let s = Scenario::with(FakeOptions::default(), |c| c.desk.max_concurrent = 1).await;
+    assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+    // A body of 70 KB: no Desk error is that large (a gateway's page, say).
+    s.zoho
+        .fail_next_desk_requests(1, Some(&"INVALID_OAUTH".repeat(5_500)));
+    let response = get(&s, "/api/v1/tickets").await;
+    assert_eq!(response.status(), 502);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["errorCode"], "PROXY_UPSTREAM_UNREACHABLE", "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("larger than 64 KiB"), "{message}");
+    assert_eq!(s.zoho.token_requests(), 1, "no refresh for an unread 401");
+    // Desk's one call is free again.
+    assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+}
+
+#[tokio::test]
 async fn a_body_too_large_to_replay_gets_the_401_and_the_refresh_still_happens() {
     let s = Scenario::with(FakeOptions::default(), |c| c.replay_body_bytes = 16).await;
     assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);

@@ -181,11 +181,21 @@ impl Proxy {
         let read = tokio::time::timeout(timeout, Limited::new(body, MAX_401_BODY).collect());
         let desk_401 = match read.await {
             Ok(Ok(body)) => body.to_bytes(),
-            Ok(Err(_)) => {
+            Ok(Err(err)) => {
                 self.metrics.record_upstream_error(UpstreamErrorKind::Body);
-                return Err(ProxyError::UpstreamUnreachable(
-                    "Zoho Desk's 401 answer could not be read".into(),
-                ));
+                // Desk's own 401s are a few hundred bytes: a larger one is no Desk error
+                // the proxy can read, and it is not held whole to pass it on.
+                let why = if err.is::<http_body_util::LengthLimitError>() {
+                    format!(
+                        "is larger than {} KiB, more than any error of Zoho Desk",
+                        MAX_401_BODY / 1024
+                    )
+                } else {
+                    format!("broke off: {}", crate::client::innermost(err.as_ref()))
+                };
+                return Err(ProxyError::UpstreamUnreachable(format!(
+                    "Zoho Desk's 401 answer {why}"
+                )));
             }
             Err(_) => {
                 self.metrics
