@@ -217,8 +217,6 @@ pub async fn run_with_reload(
             ),
         ));
     }
-    let reloader = reload
-        .map(|reload| tokio::spawn(apply_reloads(reload, Arc::clone(&tokens), store.clone())));
     let store_status = store.as_ref().map(|s| s.status());
     let intercept = intercept_for(&config)?;
     let desk = desk_slots(&config, redis.as_ref(), &metrics)?;
@@ -231,6 +229,14 @@ pub async fn run_with_reload(
         )?),
         None => None,
     };
+    let reloader = reload.map(|reload| {
+        tokio::spawn(apply_reloads(
+            reload,
+            Arc::clone(&tokens),
+            store.clone(),
+            recorder.clone(),
+        ))
+    });
     let proxy = Arc::new(
         Proxy::new(config, tokens, metrics)
             .with_store_status(store_status)
@@ -444,15 +450,24 @@ fn token_cache(
     Ok(TokenCache::new(source_for(config, store)?, policy, metrics))
 }
 
-/// Applies reloaded configs to the token source.
+/// Applies reloaded configs to the token source, and has the recording, if any, mask
+/// their secrets too.
 async fn apply_reloads(
     mut reload: tokio::sync::mpsc::Receiver<Config>,
     tokens: Arc<TokenCache>,
     store: Option<Arc<SharedStore>>,
+    recorder: Option<Arc<Recorder>>,
 ) {
     while let Some(config) = reload.recv().await {
-        match ready_config(config).and_then(|config| source_for(&config, store.as_ref())) {
-            Ok(source) => {
+        let ready = ready_config(config).and_then(|config| {
+            let source = source_for(&config, store.as_ref())?;
+            Ok((source, config.secrets()))
+        });
+        match ready {
+            Ok((source, secrets)) => {
+                if let Some(recorder) = &recorder {
+                    recorder.mask_also(secrets);
+                }
                 tokens.replace_source(source);
                 tracing::info!("credentials reloaded; refreshing with them as needed");
             }

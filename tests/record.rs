@@ -315,6 +315,33 @@ async fn a_secret_desk_or_a_client_puts_anywhere_is_masked() {
 }
 
 #[tokio::test]
+async fn a_secret_a_reload_brought_is_masked_too() {
+    // The proxy starts with a client secret Accounts refuses; the operator fixes it
+    // (SIGHUP). The recording opened with the old one masks the new one as well.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("desk.har");
+    let options = FakeOptions::default();
+    let fake = zoho_desk_proxy::fake_zoho::FakeZoho::start_with(options.clone())
+        .await
+        .unwrap();
+    let mut good = config_for(&fake, &options);
+    good.record.file = Some(file.clone());
+    let mut wrong = good.clone();
+    wrong.oauth.client_secret = Secret::new("a-client-secret-since-replaced".into());
+    let (proxy, reload) = start_proxy_with_reload(wrong).await;
+    reload.send(good).await.unwrap();
+    // Refreshed with the reloaded secret: the reload was taken.
+    wait_for_metric(&proxy, "zoho_proxy_token_refreshes_total{result=\"ok\"} 1").await;
+    let secret = &options.client_secret;
+    let answer = fetch(proxy.url(&format!("/api/v1/echo?cs={secret}"))).await;
+    assert_eq!(answer.status(), 200);
+    proxy.stop().await;
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(!text.contains(secret.as_str()), "{secret} in {text}");
+    assert!(text.contains("cs=***"), "{text}");
+}
+
+#[tokio::test]
 async fn a_recording_damaged_before_its_end_is_neither_replayed_nor_appended_to() {
     // A crash only ever cuts a recording's end; a line damaged with whole entries after
     // it (an edit, a merge) must not cost those entries.

@@ -17,7 +17,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
@@ -115,7 +115,30 @@ pub struct Recorder {
     dropped: Arc<AtomicU64>,
     /// Bytes of the entries in the queue.
     queued: Arc<AtomicU64>,
+    /// Secrets a reload brought, for the writer to mask from its next entry on.
+    added: Arc<AddedSecrets>,
     metrics: Arc<Metrics>,
+}
+
+/// Secrets handed to the writer's thread while it runs; `any` spares it the lock per entry.
+#[derive(Debug, Default)]
+struct AddedSecrets {
+    any: AtomicBool,
+    secrets: Mutex<Vec<Secret<String>>>,
+}
+
+impl AddedSecrets {
+    fn add(&self, secrets: Vec<Secret<String>>) {
+        lock(&self.secrets).extend(secrets);
+        self.any.store(true, Ordering::Release);
+    }
+
+    fn take(&self) -> Option<Vec<Secret<String>>> {
+        if !self.any.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        Some(std::mem::take(&mut *lock(&self.secrets)))
+    }
 }
 
 impl Recorder {
@@ -133,6 +156,7 @@ impl Recorder {
         let (queue, entries_rx) = std::sync::mpsc::sync_channel::<Exchange>(QUEUE);
         let queued = Arc::new(AtomicU64::new(0));
         let dropped = Arc::new(AtomicU64::new(0));
+        let added = Arc::new(AddedSecrets::default());
         let writer = Writer {
             file,
             end,
@@ -140,6 +164,7 @@ impl Recorder {
             path: path.to_owned(),
             max_body,
             scrub: Scrubber::new(&secrets),
+            added: Arc::clone(&added),
             queued: Arc::clone(&queued),
             dropped: Arc::clone(&dropped),
             metrics: Arc::clone(&metrics),
@@ -155,8 +180,15 @@ impl Recorder {
             writer: Mutex::new(Some(handle)),
             dropped,
             queued,
+            added,
             metrics,
         }))
+    }
+
+    /// Masks `secrets` too, in every entry written from now on (the credentials a reload
+    /// brought; those it replaced stay masked).
+    pub fn mask_also(&self, secrets: Vec<Secret<String>>) {
+        self.added.add(secrets);
     }
 
     /// Starts the entry of a request about to be forwarded: its method, Desk's URL, the
@@ -425,8 +457,10 @@ struct Writer {
     written: usize,
     path: PathBuf,
     max_body: usize,
-    /// The search for the configuration's secrets, made once.
+    /// The search for the configuration's secrets, made once, and again when a reload
+    /// adds some.
     scrub: Scrubber,
+    added: Arc<AddedSecrets>,
     queued: Arc<AtomicU64>,
     dropped: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
@@ -443,6 +477,9 @@ impl Writer {
             let mut pending = Some(first);
             while let Some(exchange) = pending.take() {
                 self.queued.fetch_sub(exchange.size(), Ordering::AcqRel);
+                if let Some(more) = self.added.take() {
+                    self.scrub = self.scrub.with(&more);
+                }
                 if let Ok(line) =
                     serde_json::to_string(&exchange.into_entry(self.max_body, &self.scrub))
                 {
