@@ -707,7 +707,7 @@ fn methods_the_proxy_never_forwards_cannot_be_allowed() {
 #[test]
 fn rules_are_compiled_when_the_config_is_validated() {
     let c = Config::from_toml(&format!(
-        "{MINIMAL}\n[access]\ndeny_paths = [\"/api/v1/%61gents\"]\nallow_hosts = [\"Zoho-Proxy:8080\", \"*\"]\nallow_cidrs = [\"10.1.2.3\"]\n"
+        "{MINIMAL}\n[access]\napi_keys = [\"a-key-of-the-proxy\"]\ndeny_paths = [\"/api/v1/%61gents\"]\nallow_hosts = [\"Zoho-Proxy:8080\", \"*\"]\nallow_cidrs = [\"10.1.2.3\"]\n"
     ))
     .unwrap();
     assert!(c.access.deny_paths[0].covers("/API/v1/agents/5"));
@@ -716,6 +716,21 @@ fn rules_are_compiled_when_the_config_is_validated() {
         Some(&["zoho-proxy".to_owned(), "*".to_owned()][..])
     );
     assert_eq!(c.access.allow_cidrs[0].to_string(), "10.1.2.3/32");
+}
+
+#[test]
+fn any_host_needs_api_keys() {
+    // Without a key, the Host check is the only guard against DNS rebinding.
+    let err = Config::from_toml(&format!("{MINIMAL}\n[access]\nallow_hosts = [\"*\"]\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("access.allow_hosts"), "{err}");
+    assert!(err.contains("needs access.api_keys"), "{err}");
+    let c = Config::from_toml(&format!(
+        "{MINIMAL}\n[access]\nallow_hosts = [\"*\"]\napi_keys = [\"a-key-of-the-proxy\"]\n"
+    ))
+    .unwrap();
+    assert_eq!(c.access.allow_hosts.as_deref(), Some(&["*".to_owned()][..]));
 }
 
 #[test]

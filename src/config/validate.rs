@@ -489,6 +489,13 @@ fn access_config(p: &mut Problems<'_>, raw: RawAccess, env_keys: Option<String>)
             .filter_map(|host| {
                 let host = host.trim();
                 if host == "*" {
+                    if api_keys.is_empty() {
+                        p.invalid(
+                            "access.allow_hosts",
+                            "\"*\" (any Host) needs access.api_keys: without a key, the Host check is what keeps a web page whose name was rebound to this address (DNS rebinding) from driving the proxy; fix: list the names clients use, or set api_keys",
+                        );
+                        return None;
+                    }
                     return Some(host.to_owned());
                 }
                 p.check(
