@@ -731,6 +731,11 @@ fn any_host_needs_api_keys() {
     ))
     .unwrap();
     assert_eq!(c.access.allow_hosts.as_deref(), Some(&["*".to_owned()][..]));
+    // Or with the opt-in that already says anyone who reaches the proxy acts as its user.
+    Config::from_toml(&format!(
+        "{MINIMAL}\n[access]\nallow_hosts = [\"*\"]\nallow_unauthenticated_remote = true\n"
+    ))
+    .unwrap();
 }
 
 #[test]

@@ -489,10 +489,10 @@ fn access_config(p: &mut Problems<'_>, raw: RawAccess, env_keys: Option<String>)
             .filter_map(|host| {
                 let host = host.trim();
                 if host == "*" {
-                    if api_keys.is_empty() {
+                    if api_keys.is_empty() && raw.allow_unauthenticated_remote != Some(true) {
                         p.invalid(
                             "access.allow_hosts",
-                            "\"*\" (any Host) needs access.api_keys: without a key, the Host check is what keeps a web page whose name was rebound to this address (DNS rebinding) from driving the proxy; fix: list the names clients use, or set api_keys",
+                            "\"*\" (any Host) needs access.api_keys: without a key, the Host check is what keeps a web page whose name was rebound to this address (DNS rebinding) from driving the proxy; fix: list the names clients use, or set api_keys (or, on a private network with no browser, access.allow_unauthenticated_remote = true)",
                         );
                         return None;
                     }
