@@ -229,7 +229,7 @@ fn init_logging(format: Option<LogFormat>) {
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(|| LossyStderr);
     let _ = match format {
         LogFormat::Pretty => builder.compact().try_init(),
         LogFormat::Json => builder
@@ -238,6 +238,24 @@ fn init_logging(format: Option<LogFormat>) {
             .with_current_span(false)
             .try_init(),
     };
+}
+
+/// Standard error, where a line that cannot be written is dropped: a log reader that went
+/// away (`| tee` exiting, journald restarting) must not stop the proxy. tracing-subscriber
+/// reports a failed write with `eprintln!`, which panics on the same closed pipe, and a
+/// panic there aborts the process.
+struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT. The signals are taken over when this is called, not

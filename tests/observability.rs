@@ -347,3 +347,36 @@ async fn a_request_never_sent_logs_no_desk_time() {
     );
     assert_eq!(desk_requests, 1);
 }
+
+#[tokio::test]
+async fn a_log_reader_that_goes_away_stops_nothing() {
+    // `serve 2>&1 | tee log` whose tee exits, a restarted journald: every log line then
+    // meets a closed pipe, and the proxy goes on serving and stops cleanly.
+    let fake = FakeZoho::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &fake, true, "", "");
+    let mut child = command(dir.path())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stderr.take().unwrap()));
+    let addr = loop {
+        let line = lines.next_line().await.unwrap().expect("a listening line");
+        if line.contains("zoho-desk-proxy listening") {
+            let logged: serde_json::Value = serde_json::from_str(&line).unwrap();
+            break logged["listen"].as_str().unwrap().to_owned();
+        }
+    };
+    drop(lines);
+    for _ in 0..3 {
+        assert_eq!(status(format!("http://{addr}/api/v1/tickets")).await, 200);
+    }
+    sigterm(&child);
+    let exit = child.wait().await.unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
