@@ -133,11 +133,20 @@ pub struct DemoArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ExchangeArgs {
     /// The grant token from the Zoho API console (Self Client → Generate Code).
-    #[arg(long, value_name = "GRANT_TOKEN")]
+    #[arg(long, value_name = "GRANT_TOKEN", value_parser = grant_token)]
     pub code: String,
     /// Configuration file [default: ./proxy.toml when it exists].
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+}
+
+/// A grant token as given, less surrounding spaces; an empty one is a usage error (it would
+/// be sent to Zoho Accounts for nothing).
+fn grant_token(text: &str) -> Result<String, String> {
+    match text.trim() {
+        "" => Err("the grant token is empty: paste the code the API console showed (Self Client → Generate Code)".into()),
+        code => Ok(code.to_owned()),
+    }
 }
 
 /// Options of `check`.
@@ -165,6 +174,23 @@ mod tests {
         ] {
             let err = parse(args).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn an_empty_grant_token_is_a_usage_error() {
+        let parse = |args: &[&str]| Cli::try_parse_from(["zoho-desk-proxy"].iter().chain(args));
+        for code in ["", "   "] {
+            let err = parse(&["exchange", "--code", code]).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{code:?}");
+            assert!(err.to_string().contains("--code"), "{err}");
+        }
+        match parse(&["exchange", "--code", " 1000.abc "])
+            .unwrap()
+            .command
+        {
+            Some(Command::Exchange(args)) => assert_eq!(args.code, "1000.abc"),
+            other => panic!("{other:?}"),
         }
     }
 }

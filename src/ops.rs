@@ -35,6 +35,14 @@ pub async fn exchange(config: &Config, code: &str) -> Result<String, OpsError> {
         )
         .into());
     };
+    // A grant token is single-use: it is spent only once its refresh token can be kept.
+    let file = TokenFile::new(path);
+    file.check_writable().map_err(|err| {
+        ConfigError::invalid(
+            "token_file",
+            format!("{err}: the refresh token could not be stored, so the grant token was not used; fix: set token_file (or ZOHO_TOKEN_FILE) to a file in a directory this user may write"),
+        )
+    })?;
     let code = Secret::new(code.trim().to_owned());
     let grant = AccountsClient::from_config(config).exchange(&code).await.map_err(|err| {
         OpsError::Failed(match &err {
@@ -53,7 +61,6 @@ pub async fn exchange(config: &Config, code: &str) -> Result<String, OpsError> {
             "Zoho Accounts answered without a refresh token; generate a new grant token with the access type \"offline\" (the Self Client default) and try again".into(),
         ));
     };
-    let file = TokenFile::new(path);
     // Keep nothing of an older file but overwrite it whole: the new refresh token starts
     // a new chain of access tokens.
     let stored = StoredTokens {

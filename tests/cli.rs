@@ -107,6 +107,30 @@ async fn exchange_stores_the_refresh_token_masked_and_serve_reuses_the_access_to
 }
 
 #[tokio::test]
+async fn exchange_spends_no_grant_token_it_cannot_keep_the_answer_of() {
+    let fake = FakeZoho::start().await.unwrap();
+    let zoho = fake.control();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &fake, false, "", "");
+    std::fs::write(dir.path().join("a-file"), "").unwrap();
+    std::fs::create_dir(dir.path().join("a-dir.json")).unwrap();
+    for token_file in ["a-file/token.json", "a-dir.json"] {
+        let out = command(dir.path())
+            .args(["exchange", "--code", "1000.fakegrant.0001", "--config"])
+            .arg(&config)
+            .env("ZOHO_TOKEN_FILE", dir.path().join(token_file))
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{token_file}: {stderr}");
+        assert!(stderr.contains("token_file"), "{stderr}");
+        assert!(stderr.contains("grant token was not used"), "{stderr}");
+    }
+    assert_eq!(zoho.exchange_requests(), 0, "the grant token is still good");
+}
+
+#[tokio::test]
 async fn exchange_says_when_the_configuration_s_refresh_token_will_be_used_instead() {
     let fake = FakeZoho::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();

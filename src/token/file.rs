@@ -124,6 +124,31 @@ impl TokenFile {
         }))
     }
 
+    /// Whether the file can be written, without writing it: its directory made when
+    /// missing, a temp file created there (and removed), and the path no directory. For
+    /// `exchange`, which must know before it spends a single-use grant token.
+    pub fn check_writable(&self) -> Result<(), FileError> {
+        let io = |source| FileError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        if self.path.is_dir() {
+            return Err(io(std::io::Error::other("it is a directory")));
+        }
+        let dir = self.dir();
+        create_private_dir(&dir).map_err(io)?;
+        tempfile::NamedTempFile::new_in(&dir).map_err(io)?;
+        Ok(())
+    }
+
+    /// The directory the file is in.
+    fn dir(&self) -> PathBuf {
+        match self.path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    }
+
     /// Writes the file atomically: a 0600 temp file in the same directory, then rename.
     pub fn save(&self, tokens: &StoredTokens) -> Result<(), FileError> {
         let io = |source| FileError::Io {
@@ -146,10 +171,7 @@ impl TokenFile {
         };
         let json = serde_json::to_vec_pretty(&file)
             .map_err(|e| io(std::io::Error::other(e.to_string())))?;
-        let dir = match self.path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        let dir = self.dir();
         create_private_dir(&dir).map_err(io)?;
         // tempfile creates the file with mode 0600 on Unix.
         let mut temp = tempfile::NamedTempFile::new_in(&dir).map_err(io)?;
