@@ -719,6 +719,25 @@ fn rules_are_compiled_when_the_config_is_validated() {
 }
 
 #[test]
+fn a_token_store_url_redis_cannot_use_is_a_configuration_error() {
+    for url in [
+        "redis://:pw-secret@127.0.0.1:6379/notanumber",
+        "redis://:pw-secret@127.0.0.1:notaport/0",
+    ] {
+        let err = Config::from_toml(&format!("token_store = \"{url}\"\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("token_store"), "{err}");
+        assert!(!err.contains("pw-secret"), "{err}");
+    }
+    let c = Config::from_toml(&format!(
+        "token_store = \"redis://:pw@127.0.0.1:6379/2\"\n{MINIMAL}"
+    ))
+    .unwrap();
+    assert!(c.token_store.is_some());
+}
+
+#[test]
 fn any_host_needs_api_keys() {
     // Without a key, the Host check is the only guard against DNS rebinding.
     let err = Config::from_toml(&format!("{MINIMAL}\n[access]\nallow_hosts = [\"*\"]\n"))

@@ -160,6 +160,10 @@ impl TryFrom<RawConfig> for Config {
                 "token_store",
                 "must be a redis://, rediss:// (TLS) or redis+unix:// (a Unix socket) URL",
             );
+        } else if let Some(store) = &token_store
+            && let Err(trouble) = crate::client::redis_client(store)
+        {
+            p.invalid("token_store", trouble.to_string());
         }
 
         let access = access_config(&mut p, access, api_keys_env);
