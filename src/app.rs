@@ -203,7 +203,12 @@ pub async fn run_with_reload(
         tokio::spawn(Arc::clone(&tokens).run_background(stopped(tasks_stopped.clone()))),
     )];
     if let Some(file) = token_file {
-        let saver = TokenSaver::new(file, &config.oauth.client_id, stored.refresh_token.clone());
+        let saver = TokenSaver::new(
+            file,
+            &config.oauth.client_id,
+            stored.refresh_token.clone(),
+            config.oauth.refresh_token.as_ref(),
+        );
         tasks.push((
             "token file",
             tokio::spawn(saver.run(Arc::clone(&tokens), stopped(tasks_stopped.clone()))),
@@ -358,8 +363,9 @@ impl TokenSource for NoTokens {
 /// Installs the token file's access token when it belongs to these credentials and has
 /// life left, so that a restart costs no Accounts call.
 fn reuse_stored_token(config: &Config, stored: &StoredTokens, tokens: &TokenCache) {
-    if let Some((token, remaining)) =
-        stored.valid_access_token(&config.oauth.client_id, REUSE_MIN_REMAINING)
+    if let Some(refresh_token) = &config.oauth.refresh_token
+        && let Some((token, remaining)) =
+            stored.valid_access_token(&config.oauth.client_id, refresh_token, REUSE_MIN_REMAINING)
         && tokens.install(token, remaining).is_some()
     {
         tracing::info!(

@@ -70,6 +70,7 @@ pub async fn exchange(config: &Config, code: &str) -> Result<String, OpsError> {
             grant.access_token,
             std::time::SystemTime::now() + grant.expires_in,
         )),
+        issued_with: Some(crate::token::file::fingerprint(&refresh_token)),
     };
     file.save(&stored)
         .map_err(|e| OpsError::Failed(e.to_string()))?;

@@ -573,6 +573,54 @@ async fn credentials_reloaded_during_a_refresh_are_not_undone_by_its_answer() {
 }
 
 #[tokio::test]
+async fn a_new_refresh_token_does_not_reuse_the_access_token_of_the_old() {
+    // A new grant (for new scopes, or a leaked refresh token replaced): the access token
+    // the file holds was issued with the old refresh token, and is not reused.
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token.json");
+    let file = token_file.clone();
+    let s = Scenario::with(FakeOptions::default(), |c| c.token_file = Some(file)).await;
+    assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+    s.proxy.stop().await;
+    let copy = dir.path().join("copy.json");
+    std::fs::copy(&token_file, &copy).unwrap();
+
+    let options = FakeOptions {
+        refresh_token: "1000.another-refresh-token".into(),
+        ..FakeOptions::default()
+    };
+    let s = Scenario::with(options.clone(), |c| c.token_file = Some(copy)).await;
+    wait_for_token_requests(&s.zoho, 1).await;
+    assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+
+    // The same refresh token: reused, no call.
+    let file = token_file.clone();
+    let s = Scenario::with(FakeOptions::default(), |c| c.token_file = Some(file)).await;
+    assert_eq!(get(&s, "/_proxy/ready").await.status(), 200);
+    assert_eq!(s.zoho.token_requests(), 0);
+}
+
+#[tokio::test]
+async fn a_token_desk_rejected_is_taken_out_of_the_token_file() {
+    // Desk rejects the token while Accounts fails: a restart must not take the token in
+    // the file for a valid one (ready at once, every request a 401 and a refresh).
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token.json");
+    let file = token_file.clone();
+    let s = Scenario::with(FakeOptions::default(), |c| c.token_file = Some(file)).await;
+    assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+    s.zoho
+        .set_accounts_behavior(zoho_desk_proxy::fake_zoho::AccountsBehavior::Unavailable);
+    s.zoho.revoke_all_tokens();
+    assert_eq!(get(&s, "/api/v1/tickets").await.status(), 503);
+    s.proxy.stop().await;
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&token_file).unwrap()).unwrap();
+    assert!(saved["access_token"].is_null(), "{saved}");
+    assert_eq!(saved["client_id"], FakeOptions::default().client_id);
+}
+
+#[tokio::test]
 async fn the_token_file_is_written_at_shutdown_even_after_a_failed_save_or_its_removal() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");

@@ -44,17 +44,42 @@ pub struct StoredTokens {
     pub refresh_token: Option<Secret<String>>,
     /// The last access token and when it expires.
     pub access_token: Option<(Secret<String>, SystemTime)>,
+    /// The [`fingerprint`] of the refresh token the access token was issued with.
+    pub issued_with: Option<String>,
+}
+
+/// What names a refresh token in the file without giving it: its SHA-256, in hex. An
+/// access token is reused only with the refresh token it came from.
+pub fn fingerprint(refresh_token: &Secret<String>) -> String {
+    use sha2::Digest;
+    format!(
+        "{:x}",
+        sha2::Sha256::digest(refresh_token.expose().as_bytes())
+    )
 }
 
 impl StoredTokens {
-    /// The access token when it belongs to `client_id` and stays valid for more than
-    /// `min_remaining`; with what remains of its life.
+    /// The access token when it belongs to `client_id`, was issued with `refresh_token`
+    /// (a new refresh token, for new scopes or after a leak, starts afresh) and stays valid
+    /// for more than `min_remaining`; with what remains of its life.
     pub fn valid_access_token(
         &self,
         client_id: &str,
+        refresh_token: &Secret<String>,
         min_remaining: Duration,
     ) -> Option<(Secret<String>, Duration)> {
         if self.client_id.as_deref() != Some(client_id) {
+            return None;
+        }
+        let same_refresh_token = match &self.issued_with {
+            Some(issued_with) => *issued_with == fingerprint(refresh_token),
+            // A file of an earlier version: only when it holds that refresh token itself.
+            None => self
+                .refresh_token
+                .as_ref()
+                .is_some_and(|stored| stored.expose() == refresh_token.expose()),
+        };
+        if !same_refresh_token {
             return None;
         }
         let (token, expires_at) = self.access_token.as_ref()?;
@@ -75,6 +100,9 @@ struct FileFormat {
     /// Unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     access_token_expires_at: Option<u64>,
+    /// The SHA-256 (hex) of the refresh token the access token was issued with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    access_token_issued_with: Option<String>,
 }
 
 /// The token file at one path.
@@ -121,6 +149,7 @@ impl TokenFile {
             client_id: file.client_id,
             refresh_token: file.refresh_token.map(Secret::new),
             access_token,
+            issued_with: file.access_token_issued_with,
         }))
     }
 
@@ -168,6 +197,7 @@ impl TokenFile {
                 .as_ref()
                 .and_then(|(_, at)| at.duration_since(UNIX_EPOCH).ok())
                 .map(|d| d.as_secs()),
+            access_token_issued_with: tokens.access_token.as_ref().and(tokens.issued_with.clone()),
         };
         let json = serde_json::to_vec_pretty(&file)
             .map_err(|e| io(std::io::Error::other(e.to_string())))?;
@@ -200,49 +230,57 @@ pub struct TokenSaver {
     file: TokenFile,
     client_id: String,
     refresh_token: Option<Secret<String>>,
+    /// The [`fingerprint`] of the refresh token the proxy refreshes with.
+    issued_with: Option<String>,
 }
 
 impl TokenSaver {
-    /// A saver for `file`.
-    pub fn new(file: TokenFile, client_id: &str, refresh_token: Option<Secret<String>>) -> Self {
+    /// A saver for `file`, keeping its `refresh_token`, of tokens issued with `in_use`.
+    pub fn new(
+        file: TokenFile,
+        client_id: &str,
+        refresh_token: Option<Secret<String>>,
+        in_use: Option<&Secret<String>>,
+    ) -> Self {
         Self {
             file,
             client_id: client_id.to_owned(),
             refresh_token,
+            issued_with: in_use.map(fingerprint),
         }
     }
 
-    /// Saves on every token change until `stop` resolves, then saves the current token
-    /// whatever the file holds by then: a save may have failed (a full disk, a missing
-    /// directory since made), or the file been removed.
+    /// Saves on every change of the usable token until `stop` resolves, then saves once
+    /// more whatever the file holds by then: a save may have failed (a full disk, a
+    /// missing directory since made), or the file been removed. A token Desk rejected is
+    /// taken out of the file, so that a restart does not take it for a valid one.
     pub async fn run(self, tokens: Arc<TokenCache>, stop: impl Future<Output = ()>) {
         let mut changed = tokens.subscribe();
-        let mut saved_generation = tokens.current().map_or(0, |t| t.generation);
+        // The generation of the access token the file holds (0: none).
+        let mut saved = tokens.current().map_or(0, |t| t.generation);
         tokio::pin!(stop);
         loop {
             tokio::select! {
                 () = &mut stop => break,
                 res = changed.changed() => if res.is_err() { break },
             }
-            if let Some(token) = tokens
-                .current()
-                .filter(|t| t.generation != saved_generation)
-                && self.save(&token).await
-            {
-                saved_generation = token.generation;
+            let usable = tokens.usable_at(tokio::time::Instant::now());
+            let generation = usable.as_ref().map_or(0, |t| t.generation);
+            if generation != saved && self.save(usable.as_deref()).await {
+                saved = generation;
             }
         }
-        if let Some(token) = tokens.current() {
-            self.save(&token).await;
-        }
+        let usable = tokens.usable_at(tokio::time::Instant::now());
+        self.save(usable.as_deref()).await;
     }
 
-    /// Writes `token` to the file; whether it was written.
-    async fn save(&self, token: &Token) -> bool {
+    /// Writes `token` (or no access token) to the file; whether it was written.
+    async fn save(&self, token: Option<&Token>) -> bool {
         let stored = StoredTokens {
             client_id: Some(self.client_id.clone()),
             refresh_token: self.refresh_token.clone(),
-            access_token: Some((token.access_token.clone(), token.expires_at_wall)),
+            access_token: token.map(|t| (t.access_token.clone(), t.expires_at_wall)),
+            issued_with: self.issued_with.clone(),
         };
         let file = self.file.clone();
         match tokio::task::spawn_blocking(move || file.save(&stored)).await {
@@ -272,10 +310,12 @@ mod tests {
         let file = TokenFile::new(dir.path().join("sub/token.json"));
         assert!(file.load().unwrap().is_none());
         let expires = SystemTime::now() + Duration::from_secs(3000);
+        let refresh = Secret::new("1000.refresh".to_owned());
         file.save(&StoredTokens {
             client_id: Some("id".into()),
-            refresh_token: Some(Secret::new("1000.refresh".into())),
+            refresh_token: None,
             access_token: Some((Secret::new("1000.access".into()), expires)),
+            issued_with: Some(fingerprint(&refresh)),
         })
         .unwrap();
         #[cfg(unix)]
@@ -285,12 +325,9 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
         }
         let loaded = file.load().unwrap().unwrap();
-        assert_eq!(
-            loaded.refresh_token.as_ref().unwrap().expose(),
-            "1000.refresh"
-        );
+        assert!(loaded.refresh_token.is_none());
         let (token, remaining) = loaded
-            .valid_access_token("id", Duration::from_secs(60))
+            .valid_access_token("id", &refresh, Duration::from_secs(60))
             .unwrap();
         assert_eq!(token.expose(), "1000.access");
         assert!(remaining > Duration::from_secs(2990));
@@ -298,8 +335,20 @@ mod tests {
             file.load()
                 .unwrap()
                 .unwrap()
-                .valid_access_token("other", Duration::ZERO)
+                .valid_access_token("other", &refresh, Duration::ZERO)
                 .is_none()
+        );
+        // Another refresh token (new scopes, a leaked one replaced) starts afresh.
+        let other = Secret::new("1000.another".to_owned());
+        assert!(
+            loaded
+                .valid_access_token("id", &other, Duration::ZERO)
+                .is_none()
+        );
+        assert!(
+            !std::fs::read_to_string(file.path())
+                .unwrap()
+                .contains("1000.refresh")
         );
         // No temp files left behind.
         assert_eq!(
