@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | connections | `limits.max_connections` | closed at accept |
 //! | streams per HTTP/2 connection | [`MAX_STREAMS_PER_CONNECTION`] | refused by HTTP/2 flow control |
+//! | request-body bytes an HTTP/2 client may send before the proxy reads them | [`H2_STREAM_WINDOW`] a stream, [`H2_CONNECTION_WINDOW`] a connection | the client waits (flow control) |
 //! | request heads of HTTP/2 requests in progress, whole process | [`MAX_H2_HEAD_BYTES`] | 503 `PROXY_OVERLOADED` |
 //! | request head bytes | [`MAX_HEAD_BYTES`] (HTTP/1 head, HTTP/2 header list) | 431 or closed |
 //! | header fields | [`MAX_HEADERS`] | 431 |
@@ -25,6 +26,15 @@ pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Most header fields in one request, HTTP/1.1 and HTTP/2: hyper's HTTP/1 parser's
 /// own limit (which it parses without allocating), and Apache httpd's default.
 pub const MAX_HEADERS: usize = 100;
+/// The HTTP/2 flow-control window of a stream: what a client may send of a request body
+/// before the proxy reads it (a body waiting in Desk's line is not read). HTTP/2's own
+/// default; hyper's (1 MiB) let 400 connections of queued uploads grow the proxy by 400 MiB.
+pub const H2_STREAM_WINDOW: u32 = 64 * 1024;
+/// The HTTP/2 flow-control window of a connection, across its streams: a few times what
+/// an HTTP/1 connection's read buffer may hold ([`MAX_HEAD_BYTES`]), so that an upload
+/// waiting in line (its stream's window) leaves room for the bodies of the connection's
+/// other requests.
+pub const H2_CONNECTION_WINDOW: u32 = 4 * H2_STREAM_WINDOW;
 /// Most streams open at once on one HTTP/2 connection.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// Most bytes of request heads held at once by HTTP/2 requests in progress, in the whole

@@ -112,7 +112,7 @@ const H2_CONNECTIONS: usize = 4;
 /// `limits.buffered_body_bytes` in the replay-budget test.
 const BUDGET: u64 = 16 * MIB;
 /// What the proxy may hold beyond the budget with 1024 streams open: its idle footprint
-/// (~8 MiB), per-stream state, and HTTP/2 flow-control windows (1 MiB a connection).
+/// (~8 MiB), per-stream state, and HTTP/2 flow-control windows (256 KiB a connection).
 const FOOTPRINT: u64 = 40 * MIB;
 
 /// 4 HTTP/2 connections × 256 streams, each declaring a 1 MiB body (replayable by size)
@@ -404,4 +404,136 @@ async fn a_request_in_flight_does_not_hold_a_second_read_buffer() {
     for task in waiting {
         task.abort();
     }
+}
+
+/// A connection that counts the bytes written to it.
+struct Counted {
+    inner: tokio::net::TcpStream,
+    written: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &polled {
+            self.written
+                .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// HTTP/2 uploads waiting in Desk's line are not read: a client may send of them only what
+/// the proxy's flow-control windows admit (README "Limits": 64 KiB a stream, 256 KiB a
+/// connection), as an HTTP/1 connection holds no more than its read buffer. With hyper's
+/// default windows (1 MiB) 400 such connections grew the proxy by 400 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_uploads_waiting_in_line_hold_no_more_than_their_windows() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    const CONNECTIONS: u64 = 8;
+    const STREAMS: u64 = 8;
+    const FRAME: usize = 16 * 1024;
+    const CONNECTION_WINDOW: u64 = 256 * 1024;
+
+    let fake = FakeZoho::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let limits = "[limits]\nmax_upstream_requests = 1\nworkers = 1\n[timeouts]\nbody_read_secs = 120\nheader_read_secs = 120";
+    let config = write_config(dir.path(), &fake, true, "", limits);
+    let serving = serve(dir.path(), &config).await;
+    let addr = serving.addr;
+    // Desk's one call is taken (its answer's body takes a minute): every upload waits.
+    let held = client()
+        .get(serving.url("/api/v1/slow-body?ms=60000"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(held.status(), 200);
+
+    // Bytes on the wire: HTTP/2 lets no DATA past the windows the proxy gave.
+    let written = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let stream = Counted {
+            inner: tokio::net::TcpStream::connect(addr).await.unwrap(),
+            written: Arc::clone(&written),
+        };
+        let (sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .expect("h2 handshake");
+        tasks.push(tokio::spawn(async move {
+            let _ = connection.await;
+        }));
+        for _ in 0..STREAMS {
+            let mut sender = sender.clone();
+            let frame = Bytes::from(vec![b'x'; FRAME]);
+            // 10 MiB declared, sent as fast as flow control lets it go.
+            let body = futures_util::stream::repeat_with(move || {
+                Ok::<_, std::convert::Infallible>(http_body::Frame::data(frame.clone()))
+            });
+            let request = http::Request::post(format!("http://{addr}/api/v1/upload"))
+                .header("content-length", 10 * MIB)
+                .body(StreamBody::new(body).boxed())
+                .unwrap();
+            tasks.push(tokio::spawn(async move {
+                let _ = sender.send_request(request).await;
+            }));
+        }
+    }
+    // Every connection's window fills; then let whatever else they admit arrive.
+    tokio::time::timeout(STALL_LIMIT, async {
+        while written.load(Ordering::Relaxed) < CONNECTIONS * CONNECTION_WINDOW {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the uploads sent what their windows admit");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The windows, and for the frames' and heads' own bytes 4 KiB a stream.
+    let most = CONNECTIONS * (CONNECTION_WINDOW + STREAMS * 4096);
+    let total = written.load(Ordering::Relaxed);
+    println!(
+        "{CONNECTIONS} h2 connections × {STREAMS} uploads waiting in line: {:.2} MiB written (at most {:.2} MiB)",
+        total as f64 / MIB as f64,
+        most as f64 / MIB as f64
+    );
+    assert!(total <= most, "{total} bytes written, more than {most}");
+    for task in tasks {
+        task.abort();
+    }
+    drop(held);
+    sigterm(&serving.child);
 }

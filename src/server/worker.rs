@@ -16,7 +16,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::body::ResponseBody;
-use crate::budget::{MAX_HEAD_BYTES, MAX_STREAMS_PER_CONNECTION};
+use crate::budget::{
+    H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, MAX_HEAD_BYTES, MAX_STREAMS_PER_CONNECTION,
+};
 use crate::connection::ConnectionState;
 use crate::proxy::{CloseConnection, Proxy, Tunnel, TunnelRequest, Upstream, Via};
 
@@ -93,6 +95,8 @@ fn connection_builders() -> (http1::Builder, http2::Builder<TokioExecutor>) {
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEAD_BYTES as u32)
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     (http1, http2)
 }
