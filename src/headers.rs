@@ -112,13 +112,17 @@ pub fn prepare_request(headers: &mut HeaderMap, org_id: Option<&HeaderValue>) {
     }
 }
 
-/// Turns Desk's response headers into the client's: only hop-by-hop headers go, and a
+/// Turns Desk's response headers into the client's: only hop-by-hop headers go, with
+/// `Proxy-Authenticate` (a challenge for the proxy before Desk, never for the client, who
+/// would answer it with the `Proxy-Authorization` this proxy takes its keys from), and a
 /// `Content-Length` beside `Transfer-Encoding` (the chunked framing wins, and the body
 /// is sent on with a framing of the proxy's own, as HTTP/1.1 asks of a forwarder).
 pub fn prepare_response(headers: &mut HeaderMap) {
     // A scan of the few names an answer has costs less than a lookup by name.
     let chunked = headers.keys().any(|n| n == header::TRANSFER_ENCODING);
-    remove_hop_by_hop_and(headers, |name| chunked && name == header::CONTENT_LENGTH);
+    remove_hop_by_hop_and(headers, |name| {
+        name == header::PROXY_AUTHENTICATE || (chunked && name == header::CONTENT_LENGTH)
+    });
 }
 
 #[cfg(test)]
@@ -255,6 +259,12 @@ mod tests {
         ]);
         prepare_response(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-end"], "2");
+
+        // A gateway's challenge for proxy credentials is not the client's to answer.
+        let mut h = map(&[("proxy-authenticate", "Basic realm=\"gw\""), ("x-end", "2")]);
+        prepare_response(&mut h);
+        assert!(h.get("proxy-authenticate").is_none(), "{h:?}");
         assert_eq!(h["x-end"], "2");
     }
 }
