@@ -149,12 +149,13 @@ pub fn host_name(value: &str) -> Result<&str, ProxyError> {
 /// then an optional `:port` of digits. Brackets and a trailing dot are removed.
 pub fn host_and_port(value: &str) -> Result<(&str, Option<u16>), ProxyError> {
     let bad = |what: &str| {
-        // Whatever part the parse stumbled on, userinfo is the reason.
-        let what = if value.contains('@') {
-            "userinfo (user@) is not allowed"
-        } else {
-            what
-        };
+        // Whatever part the parse stumbled on, userinfo is the reason; the value is not
+        // shown (a refusal is logged, and userinfo may hold a password).
+        if value.contains('@') {
+            return ProxyError::BadRequest(
+                "the host has userinfo (user@), which is not allowed: a host name or IP address with an optional numeric port only".into(),
+            );
+        }
         ProxyError::BadRequest(format!(
             "the host {:?} is not a host name or IP address with an optional numeric port: {what}",
             truncate(value)

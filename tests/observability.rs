@@ -207,6 +207,13 @@ async fn no_secret_token_or_query_appears_in_the_output_of_a_full_session() {
             .header("Origin", "https://evil.example"),
     )
     .await;
+    bodies += &send(c.get(format!("{base}/api/v1/tickets/a;b?x=query-secret-5521"))).await;
+    // A Host with userinfo is refused without its value, which may hold a password.
+    bodies += &send(
+        c.get(format!("{base}/api/v1/tickets"))
+            .header("Host", "user:query-secret-5521@127.0.0.1"),
+    )
+    .await;
     bodies += &send(c.get(format!("{base}/_proxy/metrics"))).await;
     bodies += &send(c.get(format!("{base}/_proxy/ready"))).await;
     // Background refreshes (2 s tokens), then Accounts failing and throttling.
@@ -227,7 +234,12 @@ async fn no_secret_token_or_query_appears_in_the_output_of_a_full_session() {
     logs.push_str(&String::from_utf8_lossy(&out.stdout));
 
     assert!(logs.contains("token refreshed"), "the session refreshed");
-    for rule in ["access.api_keys", "access.allow_origins"] {
+    for rule in [
+        "access.api_keys",
+        "access.allow_origins",
+        "path parameters",
+        "userinfo",
+    ] {
         assert!(
             logs.lines()
                 .any(|l| l.contains("request refused") && l.contains(rule)),

@@ -286,11 +286,14 @@ impl Proxy {
     /// The answer for a request the proxy refused or could not forward.
     fn refusal(&self, err: ProxyError, log: &mut RequestLog) -> ClientResponse {
         log.set_error_code(err.code());
+        // A rule's refusal, with the rule (its message never echoes a query or a secret).
         if matches!(
             err,
             ProxyError::Forbidden(_)
                 | ProxyError::Unauthorized(_)
                 | ProxyError::MethodNotAllowed { .. }
+                | ProxyError::BadRequest(_)
+                | ProxyError::HeadersTooLarge(_)
         ) {
             tracing::warn!(request_id = %log.id(), error_code = err.code(), rule = %err, "request refused");
         }
