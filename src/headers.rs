@@ -96,6 +96,27 @@ pub fn is_client_credential(name: &HeaderName) -> bool {
     .contains(&name)
 }
 
+/// Whether a request's `Transfer-Encoding`, if any, is `chunked` alone: hyper takes that
+/// framing off once, and any other coding under it (`gzip, chunked`, or `chunked` twice)
+/// would reach Desk as bytes nothing says are coded. A body's own coding goes in
+/// `Content-Encoding`.
+pub fn transfer_coding_is_chunked(headers: &HeaderMap) -> bool {
+    // A scan of the few names a request has costs less than a lookup by name.
+    if !headers.keys().any(|n| n == header::TRANSFER_ENCODING) {
+        return true;
+    }
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty());
+    match codings.next() {
+        None => true,
+        Some(coding) => coding.eq_ignore_ascii_case(b"chunked") && codings.next().is_none(),
+    }
+}
+
 /// Turns the client's headers into Desk's: hop-by-hop, `Host`, `Expect` and the client's
 /// credentials go (the token goes in when the request is sent); `orgId` is added when
 /// configured and absent. Everything else passes unchanged.

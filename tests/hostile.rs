@@ -240,6 +240,34 @@ async fn invalid_header_bytes_are_refused() {
 }
 
 #[tokio::test]
+async fn a_transfer_coding_other_than_chunked_is_refused() {
+    // hyper takes the chunked framing off; a gzip coding under it would reach Desk as
+    // bytes nothing says are coded.
+    let s = Scenario::start().await;
+    for coding in ["gzip, chunked", "chunked, chunked", "x-custom,chunked"] {
+        let request = format!(
+            "POST /api/v1/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: {coding}\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        let answer = send_raw(s.proxy.addr, request.as_bytes()).await;
+        assert_refused(coding, &answer, &[400]);
+        if !answer.is_empty() {
+            assert_eq!(
+                raw_json(&answer)["errorCode"],
+                "PROXY_BAD_REQUEST",
+                "{answer}"
+            );
+        }
+        assert_eq!(s.zoho.desk_request_count(), 0, "{coding}: reached Desk");
+    }
+    let request = "POST /api/v1/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: Chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    assert_eq!(
+        raw_status(&send_raw(s.proxy.addr, request.as_bytes()).await),
+        200
+    );
+    assert_still_serving(&s).await;
+}
+
+#[tokio::test]
 async fn a_100_kib_header_is_refused_with_431_or_closed() {
     let s = Scenario::start().await;
     let request = format!(

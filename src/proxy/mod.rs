@@ -334,6 +334,11 @@ impl Proxy {
             )));
         }
         target::check_host_syntax(req.uri(), req.version(), req.headers())?;
+        if !headers::transfer_coding_is_chunked(req.headers()) {
+            return Err(ProxyError::BadRequest(
+                "the request's Transfer-Encoding names a coding other than chunked, which the proxy cannot pass on; send the body chunked, with its own coding in Content-Encoding".into(),
+            ));
+        }
         if let Some(to) = self.intercepted(&req, peer, via)? {
             return Box::pin(self.tunneled(upstream, req, peer, log, to)).await;
         }
