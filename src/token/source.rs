@@ -171,6 +171,11 @@ impl AccountsError {
             Self::Unreachable(_) | Self::Interrupted(_) | Self::Timeout(_) => {
                 "check the network path to accounts_url (DNS, firewall)"
             }
+            // Accounts never redirects its token endpoint: a redirect is another server's
+            // (http:// for https://, a wrong host or path), and is never followed.
+            Self::Failed { status, .. } if (300..400).contains(status) => {
+                "accounts_url answers with a redirect, which Zoho Accounts never does (the proxy does not follow one, so the credentials go nowhere else): check accounts_url (https://, the data centre's host, no path), or `dc`"
+            }
             Self::Failed { .. } => {
                 "Zoho Accounts is failing: try again later (a running proxy retries with backoff)"
             }
