@@ -454,7 +454,7 @@ mod tests {
                 None,
             ),
             (
-                "allow_hosts = [\"*\"]",
+                "allow_hosts = [\"*\"]\nallow_unauthenticated_remote = true",
                 "GET",
                 "/api/v1/tickets",
                 &[("host", "anything")],
