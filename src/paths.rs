@@ -129,38 +129,43 @@ fn check_segments(path: &str) -> Result<(), PathError> {
 /// hex digits of the other escapes in upper case. `*` stays escaped, as a rule's glob
 /// would read it plain. Borrowed unless one escape changes.
 pub fn rule_form(path: &str) -> Cow<'_, str> {
-    let changes = |(at, _): (usize, &str)| {
-        path.get(at + 1..at + 3).is_some_and(|digits| {
-            digits.bytes().any(|b| b.is_ascii_lowercase())
-                || escaped_byte(digits).is_some_and(is_plain_for_rules)
-        })
-    };
-    if !path.match_indices('%').any(changes) {
+    // One pass; the copy starts at the first escape that changes.
+    let mut out = String::new();
+    // `path[..done]` is accounted for: in `out` once something changed.
+    let mut done = 0;
+    let mut search = 0;
+    while let Some(found) = path[search..].find('%') {
+        let at = search + found;
+        search = at + 1;
+        // Not an escape (a canonical path has none such): kept as it is.
+        let Some((digits, byte)) = path
+            .get(at + 1..at + 3)
+            .and_then(|d| escaped_byte(d).map(|byte| (d, byte)))
+        else {
+            continue;
+        };
+        // Two hex digits: ASCII.
+        search = at + 3;
+        let plain = is_plain_for_rules(byte);
+        if !plain && !digits.bytes().any(|b| b.is_ascii_lowercase()) {
+            continue;
+        }
+        if done == 0 {
+            out.reserve(path.len());
+        }
+        out.push_str(&path[done..at]);
+        if plain {
+            out.push(char::from(byte));
+        } else {
+            out.push('%');
+            out.push_str(&digits.to_ascii_uppercase());
+        }
+        done = at + 3;
+    }
+    if done == 0 {
         return Cow::Borrowed(path);
     }
-    let mut out = String::with_capacity(path.len());
-    let mut rest = path;
-    while let Some(at) = rest.find('%') {
-        let (before, escape) = rest.split_at(at);
-        out.push_str(before);
-        let digits = escape.get(1..3);
-        match digits.and_then(|d| escaped_byte(d).map(|byte| (d, byte))) {
-            Some((_, byte)) if is_plain_for_rules(byte) => out.push(char::from(byte)),
-            Some((digits, _)) => {
-                out.push('%');
-                out.push_str(&digits.to_ascii_uppercase());
-            }
-            None => {
-                // Not an escape (a canonical path has none such): kept as it is.
-                out.push('%');
-                rest = &escape[1..];
-                continue;
-            }
-        }
-        // Two hex digits: ASCII.
-        rest = &escape[3..];
-    }
-    out.push_str(rest);
+    out.push_str(&path[done..]);
     Cow::Owned(out)
 }
 
