@@ -269,8 +269,7 @@ fn unmasked_in_compressed(
         return None;
     }
     let plain = crate::body::decoded(&encoding, body, max_body)?;
-    let masked = scrub.bytes(plain.clone(), false);
-    (masked != plain).then_some(masked)
+    scrub.finds(&plain).then(|| scrub.bytes(plain, false))
 }
 
 /// The client's credentials, and a `Set-Cookie` a client sent (meaningless in a request,

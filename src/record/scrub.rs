@@ -77,6 +77,11 @@ impl Scrubber {
         out
     }
 
+    /// Whether `bytes` hold a secret or a token, that [`Scrubber::bytes`] would mask.
+    pub fn finds(&self, bytes: &[u8]) -> bool {
+        self.finder.as_ref().is_some_and(|f| f.is_match(bytes)) || !tokens_in(bytes).is_empty()
+    }
+
     /// `text` with every secret masked.
     pub fn text(&self, text: String) -> String {
         let mut out = match &self.finder {

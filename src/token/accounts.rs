@@ -346,7 +346,10 @@ mod tests {
     fn a_redirect_says_accounts_url_is_wrong() {
         for status in [301, 302, 307, 308] {
             let err = parse_token_answer(status, b"<html>Moved</html>").unwrap_err();
-            assert!(err.advice().contains("check accounts_url"), "{status}: {err}");
+            assert!(
+                err.advice().contains("check accounts_url"),
+                "{status}: {err}"
+            );
         }
         let failing = parse_token_answer(503, b"").unwrap_err();
         assert!(failing.advice().contains("try again later"));
