@@ -226,9 +226,7 @@ pub fn entry_lines(text: &str) -> Option<(Vec<&str>, Ending)> {
                 // A crash leaves its cut at the end: anything whole after this line
                 // means the file was damaged some other way.
                 let damaged = lines.any(|later| {
-                    later == TRAILER
-                        || entry_of(later, false).is_some()
-                        || entry_of(later, true).is_some()
+                    later == TRAILER || entry_of(later, !later.starts_with(',')).is_some()
                 });
                 let ending = if damaged {
                     Ending::Damaged(entries.len() + 2)
