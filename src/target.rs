@@ -230,7 +230,7 @@ fn check_absolute_host(uri: &Uri, upstream: &BaseUrl) -> Result<(), ProxyError> 
     check_scheme(uri.scheme_str().unwrap_or(""))?;
     let authority = uri.authority().map_or("", |a| a.as_str());
     let host = host_name(authority)?;
-    let same_host = host.eq_ignore_ascii_case(&upstream.host());
+    let same_host = host.eq_ignore_ascii_case(upstream.host_as_written());
     let same_port = uri.port_u16().is_none_or(|port| port == upstream.port());
     if same_host && same_port {
         Ok(())

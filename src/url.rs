@@ -122,11 +122,16 @@ impl BaseUrl {
 
     /// The host name, lower-cased, without brackets for IPv6.
     pub fn host(&self) -> String {
+        self.host_as_written().to_ascii_lowercase()
+    }
+
+    /// The host as the URL wrote it (an IPv6 literal without its brackets), for a
+    /// comparison that ignores case without a copy.
+    pub fn host_as_written(&self) -> &str {
         self.authority
             .host()
             .trim_start_matches('[')
             .trim_end_matches(']')
-            .to_ascii_lowercase()
     }
 
     /// The port, explicit or the scheme's default.
