@@ -156,15 +156,6 @@ async fn ready(proxy: &TestProxy) -> serde_json::Value {
     get(proxy, "/_proxy/ready").await.json().await.unwrap()
 }
 
-/// Polls until `f` holds (for conditions with no event to wait on), at most 20 s.
-async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn three_proxies_share_one_token_and_a_401_storm_costs_one_call() {
     let (_redis, _fake, zoho, proxies) = on_redis(3, |_| {}).await;

@@ -15,15 +15,10 @@ async fn get(s: &Scenario, path: &str) -> reqwest::Response {
 /// Asks for tickets until the proxy serves them again, after the backoff of a failed
 /// refresh (5 s at most).
 async fn served_again(s: &Scenario) {
-    let mut status = 0;
-    for _ in 0..100 {
-        status = get(s, "/api/v1/tickets").await.status().as_u16();
-        if status == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(status, 200);
+    eventually("a request is served again", async || {
+        get(s, "/api/v1/tickets").await.status() == 200
+    })
+    .await;
 }
 
 #[tokio::test]

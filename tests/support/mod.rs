@@ -284,6 +284,18 @@ pub async fn wait_for_metric(proxy: &TestProxy, line: &str) {
     assert!(found.is_ok(), "/_proxy/metrics never showed {line:?}");
 }
 
+/// Polls until `f` holds, at most 20 s: for conditions with no event to wait on.
+pub async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !f().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Starts `run_with_reload` on 127.0.0.1:0; every config sent on the returned channel is
 /// taken as the binary takes one on SIGHUP.
 pub async fn start_proxy_with_reload(
