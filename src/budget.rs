@@ -17,6 +17,7 @@
 //! | one body held for a 401 retry | `limits.replay_body_bytes` | the body streams (no 401 retry) |
 //! | requests at Desk at once | `limits.max_upstream_requests` | wait their turn within `timeouts.response_secs`, then 504 |
 //! | Desk's 401 body read | 64 KiB | 502 |
+//! | Desk's silence inside its answer, while its client waits for more | `timeouts.response_secs` | the answer ends in an error, Desk's call let go |
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

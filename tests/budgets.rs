@@ -373,6 +373,50 @@ async fn a_trickling_upload_does_not_hold_desk_s_call_past_the_response_time() {
     assert_still_serving(&s).await;
 }
 
+#[tokio::test]
+async fn a_desk_answer_that_goes_silent_lets_go_of_its_call() {
+    // Desk's head comes at once, then nothing: Desk has the response time for each part
+    // its client waits for, then the answer ends in an error and Desk's call is free.
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.timeouts.response = Duration::from_millis(500);
+        c.desk.max_concurrent = 1;
+    })
+    .await;
+    for client in [client(), h2c_client()] {
+        let answer = client
+            .get(s.url("/api/v1/slow-body?ms=60000"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+        let body = timeout(Duration::from_secs(10), answer.bytes())
+            .await
+            .expect("cut, not held for Desk's minute");
+        assert!(body.is_err(), "the answer ends in an error: {body:?}");
+        // Desk's one call is free again.
+        let next = timeout(
+            Duration::from_secs(10),
+            client.get(s.url("/api/v1/tickets")).send(),
+        )
+        .await
+        .expect("Desk's call was given back")
+        .unwrap();
+        assert_eq!(next.status(), 200);
+    }
+    wait_for_metric(
+        &s.proxy,
+        "zoho_proxy_upstream_errors_total{kind=\"body\"} 2",
+    )
+    .await;
+    // An answer that takes longer than that as a whole, its parts coming, is not cut.
+    let answer = client()
+        .get(s.url("/api/v1/drip?ms=1500&every=100"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.text().await.unwrap().trim(), "{\"ok\":true}");
+}
+
 /// Reads an HTTP/1.1 answer whose JSON body ends it.
 async fn read_answer(stream: &mut TcpStream) -> String {
     let mut answer = Vec::new();

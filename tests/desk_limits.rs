@@ -194,9 +194,10 @@ async fn a_request_that_waits_past_response_secs_gets_504_and_is_never_sent() {
         c.timeouts.response = Duration::from_millis(300);
     })
     .await;
-    // Holds Desk's one call for 1.5 s: its head comes at once, its body slowly (the
-    // call is held until the body is done; only the head counts against response_secs).
-    let slow_url = s.url("/api/v1/slow-body?ms=1500");
+    // Holds Desk's one call for 1.5 s: its head comes at once, its body a part every
+    // 100 ms (the call is held until the body is done; the head, and each part, count
+    // against response_secs).
+    let slow_url = s.url("/api/v1/drip?ms=1500&every=100");
     let slow = tokio::spawn(async move {
         let answer = client().get(slow_url).send().await.unwrap();
         (answer.status(), answer.bytes().await.is_ok())

@@ -37,6 +37,10 @@ pub enum AnswerError {
     /// proxy let go of Desk's call.
     #[error("the client took none of the answer for longer than timeouts.body_read_secs")]
     Stalled,
+    /// Desk sent nothing of its answer for longer than `timeouts.response_secs` while its
+    /// client waited for more, and the proxy let go of Desk's call.
+    #[error("Zoho Desk sent nothing of its answer for longer than timeouts.response_secs")]
+    DeskSilent,
 }
 
 /// A response body on its way to the client.
@@ -50,6 +54,8 @@ pub struct ResponseBody {
     tap: Option<Box<dyn Tap>>,
     /// The request counts as open on its connection until its answer is done.
     stream: Option<StreamGuard>,
+    /// How long Desk may send nothing while the client waits for more (Desk's body only).
+    silence: Option<Silence>,
 }
 
 #[derive(Debug)]
@@ -58,6 +64,46 @@ enum Inner {
     Stream(DeskBody),
     /// Desk's body once it waited for its client, watched by the connection.
     Watched(Arc<WatchedDesk>),
+    /// Desk's body let go of after Desk's silence: never whole.
+    Dropped,
+}
+
+/// The bound on Desk's silence inside its answer: armed the first time Desk has nothing
+/// more when the client asks, and looked at only when it fires (the parts since it was
+/// armed are counted, never timed, so a part costs no clock read).
+#[derive(Debug)]
+struct Silence {
+    limit: std::time::Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    parts: u64,
+    parts_when_armed: u64,
+}
+
+impl Silence {
+    /// Whether Desk has sent nothing for `limit` (checked while it has nothing more).
+    fn over(&mut self, cx: &mut Context<'_>) -> bool {
+        let parts = self.parts;
+        let limit = self.limit;
+        let mut armed = false;
+        let timer = self.timer.get_or_insert_with(|| {
+            armed = true;
+            Box::pin(tokio::time::sleep(limit))
+        });
+        if armed {
+            self.parts_when_armed = parts;
+        }
+        if timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        if parts == self.parts_when_armed {
+            return true;
+        }
+        // Parts came since it was armed: the silence starts now.
+        self.parts_when_armed = parts;
+        timer.as_mut().reset(tokio::time::Instant::now() + limit);
+        let _ = timer.as_mut().poll(cx);
+        false
+    }
 }
 
 /// Desk's body and the request's place at Desk, shared with the client's connection once
@@ -98,18 +144,36 @@ impl ResponseBody {
             slot: None,
             tap: None,
             stream: None,
+            silence: None,
         }
     }
 
-    /// Desk's body, streamed, holding its upstream slot until dropped.
-    pub fn stream(incoming: DeskBody, slot: UpstreamSlot) -> Self {
+    /// Desk's body, streamed, holding its upstream slot until dropped, or until Desk
+    /// sends nothing of it for `silence` while the client waits for more.
+    pub fn stream(incoming: DeskBody, slot: UpstreamSlot, silence: std::time::Duration) -> Self {
         Self {
             inner: Inner::Stream(incoming),
             log: None,
             slot: Some(slot),
             tap: None,
             stream: None,
+            silence: Some(Silence {
+                limit: silence,
+                timer: None,
+                parts: 0,
+                parts_when_armed: 0,
+            }),
         }
+    }
+
+    /// Lets go of Desk's body and its call (Desk stayed silent): the answer ends in an
+    /// error.
+    fn drop_desk(&mut self) {
+        match std::mem::replace(&mut self.inner, Inner::Dropped) {
+            Inner::Watched(watched) => watched.cut(),
+            other => drop(other),
+        }
+        self.slot = None;
     }
 
     /// Attaches the request's log record, written when the body ends or is dropped.
@@ -177,14 +241,25 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, AnswerError>>> {
         let this = self.get_mut();
         this.stop_waiting();
-        let polled = match &mut this.inner {
+        let mut polled = match &mut this.inner {
             Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Inner::Stream(incoming) => desk_frame(Pin::new(incoming).poll_frame(cx)),
             Inner::Watched(watched) => match &mut *watched.desk() {
                 Some((incoming, _)) => desk_frame(Pin::new(incoming).poll_frame(cx)),
                 None => Poll::Ready(Some(Err(AnswerError::Stalled))),
             },
+            Inner::Dropped => Poll::Ready(Some(Err(AnswerError::DeskSilent))),
         };
+        if let Some(silence) = &mut this.silence {
+            match &polled {
+                Poll::Ready(Some(Ok(_))) => silence.parts += 1,
+                Poll::Pending if silence.over(cx) => {
+                    this.drop_desk();
+                    polled = Poll::Ready(Some(Err(AnswerError::DeskSilent)));
+                }
+                _ => {}
+            }
+        }
         // Trailers end a body, whatever its size hint still says.
         let ended = match &polled {
             Poll::Ready(Some(Ok(frame))) => frame.is_trailers() || this.is_end_stream(),
@@ -229,8 +304,11 @@ impl Body for ResponseBody {
                         log.mark_complete();
                     }
                 }
-                // Desk's body broke; a stalled client's answer is only incomplete.
-                Poll::Ready(Some(Err(AnswerError::Desk(_)))) => log.mark_body_error(),
+                // Desk's body broke or went silent; a stalled client's answer is only
+                // incomplete.
+                Poll::Ready(Some(Err(AnswerError::Desk(_) | AnswerError::DeskSilent))) => {
+                    log.mark_body_error()
+                }
                 Poll::Ready(Some(Err(AnswerError::Stalled))) => {}
                 Poll::Ready(None) => log.mark_complete(),
                 Poll::Pending => {}
@@ -248,6 +326,7 @@ impl Body for ResponseBody {
                 .desk()
                 .as_ref()
                 .is_some_and(|(incoming, _)| incoming.is_end_stream()),
+            Inner::Dropped => false,
         }
     }
 
@@ -261,6 +340,7 @@ impl Body for ResponseBody {
                 .desk()
                 .as_ref()
                 .map_or_else(SizeHint::default, |(incoming, _)| incoming.size_hint()),
+            Inner::Dropped => SizeHint::default(),
         }
     }
 }

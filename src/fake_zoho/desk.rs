@@ -342,6 +342,35 @@ async fn route(mut req: Req<'_>, raw: &str) -> io::Result<Response<RespBody>> {
                 None => invalid("The query parameter 'to' must be a URL."),
             }
         }
+        // A body that takes `ms` as a whole, a space every `every` ms, then the JSON.
+        ("drip", Method::GET) => match (
+            param("ms").and_then(|m| m.parse::<u64>().ok()),
+            param("every")
+                .and_then(|m| m.parse::<u64>().ok())
+                .filter(|e| *e > 0),
+        ) {
+            (Some(ms), Some(every)) => {
+                let steps = ms / every;
+                let parts = futures_util::stream::unfold(0u64, move |i| async move {
+                    if i > steps {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(every)).await;
+                    let part = if i == steps {
+                        Bytes::from_static(b"{\"ok\":true}")
+                    } else {
+                        Bytes::from_static(b" ")
+                    };
+                    Some((Ok::<_, io::Error>(hyper::body::Frame::data(part)), i + 1))
+                });
+                let mut resp =
+                    Response::new(BodyExt::boxed(http_body_util::StreamBody::new(parts)));
+                resp.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(JSON));
+                resp
+            }
+            _ => invalid("The query parameters 'ms' and 'every' must be positive integers."),
+        },
         ("slow-body", Method::GET) => match param("ms").and_then(|m| m.parse::<u64>().ok()) {
             Some(ms) => {
                 let body = SlowBody::new(

@@ -151,9 +151,14 @@ impl Proxy {
         if response.status() == StatusCode::TOO_MANY_REQUESTS {
             self.metrics.record_desk_429();
             let wait = retry_after(response.headers()).unwrap_or(DEFAULT_RETRY_AFTER);
-            return Answer::Throttled(into_client_response(response, slot), wait);
+            let answer = into_client_response(response, slot, self.config.timeouts.response);
+            return Answer::Throttled(answer, wait);
         }
-        Answer::Pass(into_client_response(response, slot))
+        Answer::Pass(into_client_response(
+            response,
+            slot,
+            self.config.timeouts.response,
+        ))
     }
 
     /// Desk's remaining credits, when its answer's headers tell them (a recorded
@@ -510,12 +515,18 @@ enum Answer {
     Throttled(ClientResponse, Duration),
 }
 
-fn into_client_response(response: Response<DeskBody>, slot: UpstreamSlot) -> ClientResponse {
+/// Desk's answer for the client, streamed; Desk has `timeouts.response_secs` for each
+/// part of it the client waits for.
+fn into_client_response(
+    response: Response<DeskBody>,
+    slot: UpstreamSlot,
+    silence: Duration,
+) -> ClientResponse {
     let (mut parts, body) = response.into_parts();
     headers::prepare_response(&mut parts.headers);
     Box::new(Response::from_parts(
         parts,
-        ResponseBody::stream(body, slot),
+        ResponseBody::stream(body, slot, silence),
     ))
 }
 
