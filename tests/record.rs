@@ -315,6 +315,41 @@ async fn a_secret_desk_or_a_client_puts_anywhere_is_masked() {
 }
 
 #[tokio::test]
+async fn a_secret_in_a_compressed_request_body_is_masked() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let (s, file) = recording(dir.path(), |c| {
+        c.access.api_keys = vec![Secret::new(KEY.into())];
+    })
+    .await;
+    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), Default::default());
+    gzip.write_all(format!("{{\"key\":\"{KEY}\"}}").as_bytes())
+        .unwrap();
+    let answer = client()
+        .post(s.url("/api/v1/echo"))
+        .header("x-proxy-key", KEY)
+        .header("content-encoding", "gzip")
+        .body(gzip.finish().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    s.proxy.stop().await;
+    let har = har_of(&file);
+    let request = &har["log"]["entries"][0]["request"];
+    assert_eq!(
+        request["postData"]["text"],
+        format!("{{\"key\":\"***\"}}"),
+        "{request}"
+    );
+    let headers = request["headers"].as_array().unwrap();
+    assert!(
+        !headers.iter().any(|h| h["name"] == "content-encoding"),
+        "recorded decoded: {request}"
+    );
+}
+
+#[tokio::test]
 async fn a_secret_a_reload_brought_is_masked_too() {
     // The proxy starts with a client secret Accounts refuses; the operator fixes it
     // (SIGHUP). The recording opened with the old one masks the new one as well.

@@ -22,6 +22,48 @@ pub fn decoded(encoding: &str, body: &[u8], limit: usize) -> Option<Vec<u8>> {
     }
 }
 
+/// How far [`decoded_prefix`] read a body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoded {
+    /// To its end: the whole body.
+    Whole,
+    /// To where its bytes stop (a body cut short, or broken there): all it holds.
+    Cut,
+    /// To `limit` bytes: more was left.
+    Capped,
+}
+
+/// What `body`, encoded with `encoding`, decodes to, as far as it goes (a body cut short
+/// decodes up to its cut) and up to `limit` bytes; with how far that is. `None` for
+/// another encoding, or a body that decodes to nothing before it breaks.
+pub fn decoded_prefix(encoding: &str, body: &[u8], limit: usize) -> Option<(Vec<u8>, Decoded)> {
+    let read = |reader: &mut dyn Read| {
+        let mut out = Vec::new();
+        let mut chunk = [0u8; 8192];
+        loop {
+            match reader.read(&mut chunk) {
+                Ok(0) => return Some((out, Decoded::Whole)),
+                Ok(n) => {
+                    out.extend_from_slice(&chunk[..n]);
+                    if out.len() > limit {
+                        out.truncate(limit);
+                        return Some((out, Decoded::Capped));
+                    }
+                }
+                Err(_) if out.is_empty() => return None,
+                Err(_) => return Some((out, Decoded::Cut)),
+            }
+        }
+    };
+    match encoding.trim().to_ascii_lowercase().as_str() {
+        "gzip" | "x-gzip" => read(&mut flate2::read::MultiGzDecoder::new(body)),
+        "deflate" => read(&mut flate2::read::ZlibDecoder::new(body))
+            .or_else(|| read(&mut flate2::read::DeflateDecoder::new(body))),
+        "br" => read(&mut brotli_decompressor::Decompressor::new(body, 4096)),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,5 +118,29 @@ mod tests {
         assert_eq!(decoded("identity", text, LIMIT), None);
         // Longer than the limit once decoded: not read.
         assert_eq!(decoded("gzip", &encoded("gzip"), text.len() - 1), None);
+    }
+
+    #[test]
+    fn a_body_cut_short_decodes_up_to_its_cut() {
+        use std::io::Write;
+        let text: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| i.to_string().into_bytes())
+            .collect();
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), Default::default());
+        e.write_all(&text).unwrap();
+        let gzip = e.finish().unwrap();
+        let (whole, how) = decoded_prefix("gzip", &gzip, usize::MAX).unwrap();
+        assert_eq!((whole.len(), how), (text.len(), Decoded::Whole));
+        let (start, how) = decoded_prefix("gzip", &gzip[..gzip.len() / 2], usize::MAX).unwrap();
+        assert_eq!(how, Decoded::Cut);
+        assert!(
+            start.len() > 1000 && text.starts_with(&start),
+            "{}",
+            start.len()
+        );
+        let (capped, how) = decoded_prefix("gzip", &gzip, 1000).unwrap();
+        assert_eq!((capped.len(), how), (1000, Decoded::Capped));
+        assert_eq!(decoded_prefix("gzip", b"not gzip", 1000), None);
+        assert_eq!(decoded_prefix("zstd", &text, 1000), None);
     }
 }

@@ -10,5 +10,5 @@ mod encoding;
 mod request;
 
 pub use answer::{DeskBody, ResponseBody, Tap};
-pub use encoding::decoded;
+pub use encoding::{Decoded, decoded, decoded_prefix};
 pub use request::{BodyError, BodyOutcome, Captured, RequestBody, StreamReason, UpstreamBody};

@@ -10,7 +10,7 @@ use http::{HeaderMap, HeaderName, Method, StatusCode, Uri, header};
 
 use super::har::{self, Entry, NameValue};
 use super::scrub::{Scrubber, is_token};
-use crate::body::Captured;
+use crate::body::{Captured, Decoded};
 use crate::token::Token;
 
 /// What the recording knows of a request body when the request is sent.
@@ -132,10 +132,20 @@ impl Exchange {
                 (seen.start, seen.total, seen.complete)
             }
         };
+        // Longer than kept, or not seen to its end (Desk answered first).
+        let truncated = total > bytes.len() as u64 || !complete;
+        let bytes =
+            match unmasked_in_compressed(&self.request_headers, &bytes, truncated, max_body, scrub)
+            {
+                // A secret inside a compressed body: recorded decoded, and masked.
+                Some(plain) => {
+                    without_encoding(&mut request_headers);
+                    plain
+                }
+                None => scrub.bytes(bytes, truncated),
+            };
         let post_data = (total > 0).then(|| {
-            // Longer than kept, or not seen to its end (Desk answered first).
-            let truncated = total > bytes.len() as u64 || !complete;
-            let (text, encoding) = har::body_text(&scrub.bytes(bytes, truncated));
+            let (text, encoding) = har::body_text(&bytes);
             har::PostData {
                 mime_type: flattened_value(&self.request_headers, "content-type"),
                 text,
@@ -159,14 +169,16 @@ impl Exchange {
         // answer for a whole one.
         let truncated = self.body_total > self.body.len() as u64 || !self.body_complete;
         let mut response_headers = masked(unflatten(&self.response_headers));
-        let body = match unmasked_in_compressed(&self.response_headers, &self.body, max_body, scrub)
-        {
+        let body = match unmasked_in_compressed(
+            &self.response_headers,
+            &self.body,
+            truncated,
+            max_body,
+            scrub,
+        ) {
             // A secret inside a compressed body: recorded decoded, and masked.
             Some(plain) => {
-                response_headers.retain(|h| {
-                    !h.name.eq_ignore_ascii_case("content-encoding")
-                        && !h.name.eq_ignore_ascii_case("content-length")
-                });
+                without_encoding(&mut response_headers);
                 plain
             }
             None => scrub.bytes(self.body, truncated),
@@ -255,12 +267,16 @@ fn flattened_value(lines: &str, name: &str) -> String {
         .unwrap_or_default()
 }
 
-/// A whole answer body Desk compressed, decoded and masked, when it holds a secret (its
-/// compressed bytes cannot be searched); `None` when it is not compressed, holds none, or
-/// cannot be decoded whole within the recording's limit.
+/// A compressed body (by its `Content-Encoding`), decoded and masked, when its compressed
+/// bytes may hold a secret (they cannot be searched as they are): when what they decode
+/// to holds one, or ends in the start of one (`cut`: the body was cut at the recording's
+/// limit, and a cut compressed body still decodes up to its cut), or decodes to more than
+/// the limit (what lies beyond was not searched). `None` when it is not compressed, holds
+/// none, or cannot be decoded (its bytes are then searched as they are).
 fn unmasked_in_compressed(
     headers: &str,
     body: &[u8],
+    cut: bool,
     max_body: usize,
     scrub: &Scrubber,
 ) -> Option<Vec<u8>> {
@@ -268,8 +284,25 @@ fn unmasked_in_compressed(
     if encoding.is_empty() {
         return None;
     }
-    let plain = crate::body::decoded(&encoding, body, max_body)?;
-    scrub.finds(&plain).then(|| scrub.bytes(plain, false))
+    let (plain, how) = crate::body::decoded_prefix(&encoding, body, max_body)?;
+    let cut = cut || how != Decoded::Whole;
+    if how == Decoded::Capped || scrub.finds(&plain) {
+        return Some(scrub.bytes(plain, cut));
+    }
+    if !cut {
+        return None;
+    }
+    // A secret's start at the cut, which no search finds.
+    let masked = scrub.bytes(plain.clone(), true);
+    (masked != plain).then_some(masked)
+}
+
+/// Headers less what no longer describes a body recorded decoded.
+fn without_encoding(headers: &mut Vec<NameValue>) {
+    headers.retain(|h| {
+        !h.name.eq_ignore_ascii_case("content-encoding")
+            && !h.name.eq_ignore_ascii_case("content-length")
+    });
 }
 
 /// The client's credentials, and a `Set-Cookie` a client sent (meaningless in a request,
@@ -312,20 +345,58 @@ mod tests {
         let headers = "content-type:application/json\ncontent-encoding:gzip\n";
         let leaking = gzip(br#"{"echo":"client-secret-xyz"}"#);
         assert_eq!(
-            unmasked_in_compressed(headers, &leaking, 1 << 20, &scrub).as_deref(),
+            unmasked_in_compressed(headers, &leaking, false, 1 << 20, &scrub).as_deref(),
             Some(&br#"{"echo":"***"}"#[..])
         );
         // Nothing to mask, or not compressed: the body stays as Desk sent it.
         let clean = gzip(br#"{"echo":"nothing"}"#);
         assert_eq!(
-            unmasked_in_compressed(headers, &clean, 1 << 20, &scrub),
+            unmasked_in_compressed(headers, &clean, false, 1 << 20, &scrub),
             None
         );
         let plain = br#"{"echo":"client-secret-xyz"}"#;
         assert_eq!(
-            unmasked_in_compressed("content-type:application/json\n", plain, 1 << 20, &scrub),
+            unmasked_in_compressed(
+                "content-type:application/json\n",
+                plain,
+                false,
+                1 << 20,
+                &scrub
+            ),
             None
         );
+    }
+
+    #[test]
+    fn a_compressed_body_cut_at_the_limit_is_searched_as_far_as_it_decodes() {
+        use std::io::Write;
+        let secrets = [Secret::new("client-secret-xyz".to_owned())];
+        let scrub = Scrubber::new(&secrets);
+        let noise: String = (0..100_000u32).map(|i| format!("{:x}", i * 7919)).collect();
+        let gzip = |text: &str| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), Default::default());
+            e.write_all(text.as_bytes()).unwrap();
+            e.finish().unwrap()
+        };
+        let headers = "content-encoding:gzip\n";
+        // The secret at the start, the body cut at half its compressed bytes (an audit
+        // decoded the token out of such a recording).
+        let leaking = gzip(&format!(
+            "{{\"echo\":\"client-secret-xyz\",\"pad\":\"{noise}\"}}"
+        ));
+        let cut = &leaking[..leaking.len() / 2];
+        let plain = unmasked_in_compressed(headers, cut, true, 1 << 20, &scrub).unwrap();
+        assert!(plain.starts_with(br#"{"echo":"***","pad":""#));
+        // Nothing in it: kept as Desk sent it.
+        let clean = gzip(&noise);
+        assert_eq!(
+            unmasked_in_compressed(headers, &clean[..clean.len() / 2], true, 1 << 20, &scrub),
+            None
+        );
+        // Decoding to more than the limit: what lies beyond was not searched, so the
+        // decoded start is recorded instead.
+        let capped = unmasked_in_compressed(headers, &clean, false, 1000, &scrub).unwrap();
+        assert_eq!(capped.len(), 1000);
     }
 
     #[test]

@@ -130,8 +130,9 @@ impl Scrubber {
     }
 }
 
-/// What to search for of `secrets`: each as written, and percent-encoded as a URL may
-/// carry it (hex in either case); those shorter than [`MIN_SECRET_LEN`] left out.
+/// What to search for of `secrets`: each as written, percent-encoded as a URL may carry
+/// it (hex in either case), and with its `/` escaped as JSON may; those shorter than
+/// [`MIN_SECRET_LEN`] left out.
 fn patterns<'a>(secrets: impl IntoIterator<Item = &'a Secret<String>>) -> Vec<Vec<u8>> {
     secrets
         .into_iter()
@@ -140,8 +141,18 @@ fn patterns<'a>(secrets: impl IntoIterator<Item = &'a Secret<String>>) -> Vec<Ve
         .flat_map(|s| {
             let encoded: String = form_urlencoded::byte_serialize(s).collect();
             let lower = lower_hex_escapes(&encoded);
-            [s.to_vec(), encoded.into_bytes(), lower.into_bytes()]
+            // JSON may escape a "/" (as PHP's json_encode does).
+            let json_escaped = s
+                .contains(&b'/')
+                .then(|| String::from_utf8_lossy(s).replace('/', "\\/").into_bytes());
+            [
+                Some(s.to_vec()),
+                Some(encoded.into_bytes()),
+                Some(lower.into_bytes()),
+                json_escaped,
+            ]
         })
+        .flatten()
         .collect()
 }
 
@@ -228,6 +239,11 @@ mod tests {
             "?k=***&l=***"
         );
         assert_eq!(s.text("k+y/=@:1-and-more".into()), "***");
+        // In JSON that escapes "/".
+        assert_eq!(
+            s.text(r#"{"k":"k+y\/=@:1-and-more"}"#.into()),
+            r#"{"k":"***"}"#
+        );
     }
 
     #[test]
