@@ -77,10 +77,16 @@ fn ca_params(hosts: &[String]) -> CertificateParams {
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
+    // The leaves' one use: a server's certificate. A CA's EKU narrows what its leaves
+    // are good for (OpenSSL checks it), so a stolen key cannot make a client's or an
+    // e-mail certificate.
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.name_constraints = Some(NameConstraints {
+        // And no e-mail address: "invalid" is a domain no mailbox has (RFC 2606).
         permitted_subtrees: hosts
             .iter()
             .map(|h| GeneralSubtree::DnsName(h.clone()))
+            .chain([GeneralSubtree::Rfc822Name("invalid".into())])
             .collect(),
         // A DNS constraint also permits every name below it; a leading dot names those
         // only (as OpenSSL, Go, NSS and webpki read it), and they are excluded — unless
@@ -336,6 +342,25 @@ mod tests {
 
     fn hosts(names: &[&str]) -> Vec<String> {
         names.iter().map(|h| (*h).to_owned()).collect()
+    }
+
+    #[test]
+    fn the_ca_is_for_servers_and_no_e_mail_address() {
+        use x509_parser::extensions::GeneralName;
+        let key = KeyPair::generate().unwrap();
+        let cert = ca_params(&hosts(&["desk.zoho.com"]))
+            .self_signed(&key)
+            .unwrap();
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert.der()).unwrap();
+        let eku = parsed.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && !eku.client_auth && !eku.email_protection);
+        let constraints = parsed.name_constraints().unwrap().unwrap().value;
+        let permitted = constraints.permitted_subtrees.as_ref().unwrap();
+        assert!(
+            permitted
+                .iter()
+                .any(|s| matches!(s.base, GeneralName::RFC822Name("invalid")))
+        );
     }
 
     #[test]
