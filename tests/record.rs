@@ -628,6 +628,41 @@ async fn bad_files_get_a_clear_error_and_bad_entries_are_skipped() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("1 GiB"));
 
+    // A pipe is no recording (it would be read for ever): refused at once, as replayed or
+    // recorded to.
+    #[cfg(unix)]
+    {
+        let fifo = dir.path().join("fifo.har");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let out = tokio::time::timeout(Duration::from_secs(10), run(fifo.clone()))
+            .await
+            .expect("refused, not read for ever");
+        assert_eq!(out.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not a regular file"));
+        let config = dir.path().join("record.toml");
+        std::fs::write(
+            &config,
+            "[oauth]\nclient_id = \"1000.X\"\nclient_secret = \"s\"\nrefresh_token = \"1000.r\"\n",
+        )
+        .unwrap();
+        let recorded = command(dir.path())
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&config)
+            .arg("--record")
+            .arg(&fifo)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(10), recorded)
+            .await
+            .expect("refused, not read for ever")
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not a regular file"));
+    }
+
     // Hand-edited entries: broken ones are skipped with a warning naming them, duplicates
     // answer in order, binary bodies come back as bytes.
     let edited = dir.path().join("edited.har");

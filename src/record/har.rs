@@ -240,11 +240,21 @@ pub fn entry_lines(text: &str) -> Option<(Vec<&str>, Ending)> {
     Some((entries, Ending::Cut))
 }
 
-/// The entry a whole line holds (`{…}`, or `,{…}` after the first).
+/// The entry a whole line holds (`{…}`, or `,{…}` after the first): an object with a
+/// request and a response (a write cut after its first bytes may leave `,{}`).
 fn entry_of(line: &str, first: bool) -> Option<&str> {
+    #[derive(serde::Deserialize)]
+    struct Shape<'a> {
+        #[serde(borrow)]
+        #[allow(dead_code)]
+        request: &'a serde_json::value::RawValue,
+        #[serde(borrow)]
+        #[allow(dead_code)]
+        response: &'a serde_json::value::RawValue,
+    }
     let body = line.strip_suffix('\n')?;
     let body = if first { body } else { body.strip_prefix(',')? };
-    serde_json::from_str::<serde::de::IgnoredAny>(body)
+    serde_json::from_str::<Shape<'_>>(body)
         .is_ok()
         .then_some(body)
 }
@@ -269,7 +279,11 @@ mod tests {
 
     #[test]
     fn a_recording_is_valid_json_at_every_entry_and_repairs_when_cut() {
-        let entries = [r#"{"a":1}"#, r#"{"b":"x\ny"}"#, r#"{"c":[1,2]}"#];
+        let entries = [
+            r#"{"request":{"a":1},"response":{}}"#,
+            r#"{"request":{"b":"x\ny"},"response":{}}"#,
+            r#"{"request":{"c":[1,2]},"response":{}}"#,
+        ];
         let text = layout(entries);
         let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(parsed["log"]["entries"].as_array().unwrap().len(), 3);
@@ -284,6 +298,10 @@ mod tests {
             let repaired = layout(kept.iter().copied());
             assert!(serde_json::from_str::<serde_json::Value>(&repaired).is_ok());
         }
+        // A write cut after its first two bytes (`,{` then `}` of the trailer's place):
+        // no entry.
+        let junk = format!("{},{{}}\n", &text[..text.len() - TRAILER.len()]);
+        assert_eq!(entry_lines(&junk), Some((entries.to_vec(), Ending::Cut)));
         assert_eq!(
             entry_lines(r#"{"log":{"creator":{"name":"Chrome"}}}"#),
             None
@@ -292,14 +310,19 @@ mod tests {
 
     #[test]
     fn damage_with_whole_entries_after_it_is_no_crash_s_cut() {
-        let entries = [r#"{"a":1}"#, r#"{"b":2}"#, r#"{"c":3}"#];
+        let entries = [
+            r#"{"request":{"a":1},"response":{}}"#,
+            r#"{"request":{"b":2},"response":{}}"#,
+            r#"{"request":{"c":3},"response":{}}"#,
+        ];
         let text = layout(entries);
-        let second = text.find(",{\"b\"").unwrap();
+        let (b, c) = (format!(",{}", entries[1]), format!(",{}\n", entries[2]));
+        let second = text.find(&b).unwrap();
         for damaged in [
             format!("{}<<<<<<< HEAD\n{}", &text[..second], &text[second..]),
-            text.replacen(",{\"b\":2}", ",,{\"b\":2}", 1),
-            text.replacen(",{\"c\":3}\n", "", 1)
-                .replacen("{\"b\":2}", "{\"b\":", 1),
+            text.replacen(&b, &format!(",{b}"), 1),
+            text.replacen(&c, "", 1)
+                .replacen(entries[1], r#"{"request":{"b":"#, 1),
         ] {
             let (kept, ending) = entry_lines(&damaged).unwrap();
             assert_eq!(kept, entries[..1].to_vec(), "{damaged}");

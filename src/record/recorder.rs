@@ -389,6 +389,12 @@ fn lock_for_recording(file: &File, path: &Path) -> Result<(), RecordError> {
 /// it holds.
 fn prepare(path: &Path) -> Result<(File, u64, usize), RecordError> {
     let io = |source| io_error(path, source);
+    // A pipe or a device would be read for ever (and a pipe is no file to append to).
+    if std::fs::metadata(path).is_ok_and(|meta| !meta.is_file()) {
+        return Err(io(std::io::Error::other(
+            "it is not a regular file (a pipe, a device or a directory): give the path of a file",
+        )));
+    }
     let mut options = OpenOptions::new();
     options.read(true).write(true).create(true);
     #[cfg(unix)]

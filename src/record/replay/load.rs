@@ -41,7 +41,7 @@ struct HarCreator {
 
 impl Replay {
     /// Loads and indexes `path`. Entries of another HAR's hosts are kept only when they
-    /// are Desk's: one of `desk_hosts`, or a `desk.zoho…` / `desk.zohocloud…` name. `prefix`
+    /// are Desk's: one of `desk_hosts`, or the Desk host of one of Zoho's data centres. `prefix`
     /// (the upstream's path prefix, if any) is taken off recorded paths.
     pub fn load(path: &Path, desk_hosts: &[String], prefix: &str) -> Result<Self, ReplayError> {
         let text = read(path)?;
@@ -137,7 +137,15 @@ fn read(path: &Path) -> Result<String, ReplayError> {
     let too_large = || ReplayError::TooLarge {
         path: path.to_owned(),
     };
-    if std::fs::metadata(path).map_err(io)?.len() > MAX_FILE_BYTES {
+    let meta = std::fs::metadata(path).map_err(io)?;
+    // A pipe or a device would be read for ever, or to the bound.
+    if !meta.is_file() {
+        return Err(ReplayError::NotHar {
+            path: path.to_owned(),
+            reason: "it is not a regular file (a pipe, a device or a directory)".into(),
+        });
+    }
+    if meta.len() > MAX_FILE_BYTES {
         return Err(too_large());
     }
     // Read through a bound all the same: a pipe or a device has no size to check.
@@ -307,9 +315,12 @@ fn indexed(
     ))
 }
 
-/// Whether a host is Desk's: one of the configured ones, or one of Zoho's Desk names.
+/// Whether a host is Desk's: one of the configured ones, or the Desk host of one of
+/// Zoho's data centres.
 pub(super) fn is_desk_host(host: &str, desk_hosts: &[String]) -> bool {
     desk_hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
-        || host.starts_with("desk.zoho.")
-        || host.starts_with("desk.zohocloud.")
+        || crate::config::DATA_CENTRES.iter().any(|(_, _, desk)| {
+            desk.strip_prefix("https://")
+                .is_some_and(|name| name.eq_ignore_ascii_case(host))
+        })
 }

@@ -152,4 +152,7 @@ fn desk_hosts_are_zoho_s_and_the_configured_ones() {
     }
     assert!(!is_desk_host("static.zohocdn.com", &configured));
     assert!(!is_desk_host("accounts.zoho.com", &configured));
+    // A name that only starts as Desk's is another site's.
+    assert!(!is_desk_host("desk.zoho.com.evil.example", &configured));
+    assert!(!is_desk_host("desk.zohocloud.ca.evil.example", &configured));
 }
