@@ -22,13 +22,6 @@ const NEVER_FORWARDED: [&str; 3] = ["CONNECT", "TRACE", "TRACK"];
 /// The methods a proxy without `allow_methods` answers, for the `Allow` header.
 const DEFAULT_ALLOW: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 
-/// Headers through which some servers let a request claim another method.
-static METHOD_OVERRIDES: [HeaderName; 3] = [
-    HeaderName::from_static("x-http-method-override"),
-    HeaderName::from_static("x-http-method"),
-    HeaderName::from_static("x-method-override"),
-];
-
 static SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
 
 /// The compiled access rules.
@@ -288,7 +281,7 @@ impl AccessPolicy {
         // each of the override names would hash it three times for nothing.
         let overrides = headers
             .iter()
-            .filter(|(name, _)| METHOD_OVERRIDES.contains(name));
+            .filter(|(name, _)| crate::headers::METHOD_OVERRIDES.contains(name));
         for (name, value) in overrides {
             for claimed in value.as_bytes().split(|b| *b == b',') {
                 let claimed = String::from_utf8_lossy(claimed.trim_ascii()).to_ascii_uppercase();

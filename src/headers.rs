@@ -10,6 +10,13 @@ pub static ORG_ID: HeaderName = HeaderName::from_static("orgid");
 /// The request id sent back to the client.
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// Headers through which some servers let a request claim another method.
+pub static METHOD_OVERRIDES: [HeaderName; 3] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
+
 /// `Keep-Alive`, not among `http`'s standard names.
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 /// A field named by the `close` connection option, should a client send one.

@@ -85,7 +85,9 @@ impl Proxy {
                     // again unchanged and Desk's wait fits in the time the request has.
                     let by = Instant::from_std(log.arrived()) + self.config.timeouts.response;
                     let again = replay.as_ref().filter(|_| {
-                        due.is_none() && is_idempotent(&parts.method) && Instant::now() + wait < by
+                        due.is_none()
+                            && is_idempotent(&parts.method, &parts.headers)
+                            && Instant::now() + wait < by
                     });
                     let Some(replay) = again else {
                         return Ok(response);

@@ -8,17 +8,25 @@ use http::{HeaderMap, HeaderName};
 /// The wait after a 429 that says nothing of one.
 pub(super) const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 
-/// Methods a 429 may be retried for: sending them twice does no more than once.
-pub(super) fn is_idempotent(method: &http::Method) -> bool {
-    use http::Method;
-    [
-        Method::GET,
-        Method::HEAD,
-        Method::OPTIONS,
-        Method::PUT,
-        Method::DELETE,
-    ]
-    .contains(method)
+/// Whether a 429 may be retried for a request: its method is one that, sent twice, does
+/// no more than once. A method-override header counts as the method it claims (a server
+/// behind Desk may honour it).
+pub(super) fn is_idempotent(method: &http::Method, headers: &HeaderMap) -> bool {
+    let idempotent = |method: &[u8]| {
+        ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"]
+            .iter()
+            .any(|m| method.eq_ignore_ascii_case(m.as_bytes()))
+    };
+    idempotent(method.as_str().as_bytes())
+        && headers
+            .iter()
+            .filter(|(name, _)| crate::headers::METHOD_OVERRIDES.contains(name))
+            .all(|(_, claimed)| {
+                claimed
+                    .as_bytes()
+                    .split(|b| *b == b',')
+                    .all(|m| idempotent(m.trim_ascii()))
+            })
 }
 
 /// The wait a `Retry-After` asks for: seconds, or an HTTP date.
@@ -33,6 +41,10 @@ pub(super) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     const LONGEST: Duration = Duration::from_secs(86_400);
     if let Ok(secs) = value.parse::<u64>() {
         return Some(Duration::from_secs(secs).min(LONGEST));
+    }
+    // Seconds past what a u64 holds: the longest wait, not none.
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(LONGEST);
     }
     let at = httpdate::parse_http_date(value).ok()?;
     Some(
@@ -79,6 +91,30 @@ mod tests {
     use tokio::time::Instant;
 
     #[test]
+    fn a_429_is_retried_for_idempotent_methods_and_what_an_override_claims() {
+        use http::Method;
+        let none = HeaderMap::new();
+        for method in [
+            Method::GET,
+            Method::HEAD,
+            Method::OPTIONS,
+            Method::PUT,
+            Method::DELETE,
+        ] {
+            assert!(is_idempotent(&method, &none), "{method}");
+        }
+        assert!(!is_idempotent(&Method::POST, &none));
+        assert!(!is_idempotent(&Method::PATCH, &none));
+        let mut claims = HeaderMap::new();
+        claims.insert("x-http-method-override", "post".parse().unwrap());
+        assert!(!is_idempotent(&Method::GET, &claims));
+        claims.insert("x-http-method-override", "DELETE".parse().unwrap());
+        assert!(is_idempotent(&Method::GET, &claims));
+        claims.insert("x-method-override", "GET, PATCH".parse().unwrap());
+        assert!(!is_idempotent(&Method::GET, &claims));
+    }
+
+    #[test]
     fn a_retry_after_of_any_size_is_a_wait_that_fits_a_clock() {
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -91,6 +127,11 @@ mod tests {
         headers.insert(
             http::header::RETRY_AFTER,
             "Fri, 31 Dec 9999 23:59:59 GMT".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(86_400)));
+        headers.insert(
+            http::header::RETRY_AFTER,
+            "99999999999999999999".parse().unwrap(),
         );
         assert_eq!(retry_after(&headers), Some(Duration::from_secs(86_400)));
         headers.insert(http::header::RETRY_AFTER, "2".parse().unwrap());
