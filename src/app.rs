@@ -18,7 +18,7 @@ use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::record::{RecordError, Recorder, Replay, ReplayError};
 use crate::server;
-use crate::token::file::{StoredTokens, TokenFile, TokenSaver};
+use crate::token::file::{IssuedWith, StoredTokens, TokenFile, TokenSaver};
 use crate::token::shared::{SharedSource, SharedStore};
 use crate::token::source::{AccountsError, FetchFuture, Refresh};
 use crate::token::{AccountsClient, RefreshPolicy, RefreshTokenSource, TokenCache, TokenSource};
@@ -181,6 +181,7 @@ pub async fn run_with_reload(
         return run_replay(config, listener, shutdown).await;
     }
     let token_file = config.token_file.clone().map(TokenFile::new);
+    let issued_with = IssuedWith::new(config.oauth.refresh_token.as_ref());
     let stored = token_file
         .as_ref()
         .and_then(load_token_file)
@@ -207,7 +208,7 @@ pub async fn run_with_reload(
             file,
             &config.oauth.client_id,
             stored.refresh_token.clone(),
-            config.oauth.refresh_token.as_ref(),
+            issued_with.clone(),
         );
         tasks.push((
             "token file",
@@ -240,6 +241,7 @@ pub async fn run_with_reload(
             Arc::clone(&tokens),
             store.clone(),
             recorder.clone(),
+            issued_with,
         ))
     });
     let proxy = Arc::new(
@@ -456,24 +458,26 @@ fn token_cache(
     Ok(TokenCache::new(source_for(config, store)?, policy, metrics))
 }
 
-/// Applies reloaded configs to the token source, and has the recording, if any, mask
-/// their secrets too.
+/// Applies reloaded configs to the token source; has the recording, if any, mask their
+/// secrets too, and the token file name their refresh token.
 async fn apply_reloads(
     mut reload: tokio::sync::mpsc::Receiver<Config>,
     tokens: Arc<TokenCache>,
     store: Option<Arc<SharedStore>>,
     recorder: Option<Arc<Recorder>>,
+    issued_with: IssuedWith,
 ) {
     while let Some(config) = reload.recv().await {
         let ready = ready_config(config).and_then(|config| {
             let source = source_for(&config, store.as_ref())?;
-            Ok((source, config.secrets()))
+            Ok((source, config))
         });
         match ready {
-            Ok((source, secrets)) => {
+            Ok((source, config)) => {
                 if let Some(recorder) = &recorder {
-                    recorder.mask_also(secrets);
+                    recorder.mask_also(config.secrets());
                 }
+                issued_with.set(config.oauth.refresh_token.as_ref());
                 tokens.replace_source(source);
                 tracing::info!("credentials reloaded; refreshing with them as needed");
             }

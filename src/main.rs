@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use std::io::Write;
+
 use tracing_subscriber::EnvFilter;
 
 use zoho_desk_proxy::RunError;
@@ -42,7 +44,7 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("error: cannot start the runtime: {err}");
+            let _ = writeln!(LossyStderr, "error: cannot start the runtime: {err}");
             return ExitCode::from(1);
         }
     };
@@ -118,7 +120,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {}", message(&err));
+            // Never a panic for a closed stderr: the exit code says it all the same.
+            let _ = writeln!(LossyStderr, "error: {}", message(&err));
             ExitCode::from(exit_code(&err))
         }
     }

@@ -70,7 +70,9 @@ enum Inner {
 
 /// The bound on Desk's silence inside its answer: armed the first time Desk has nothing
 /// more when the client asks, and looked at only when it fires (the parts since it was
-/// armed are counted, never timed, so a part costs no clock read).
+/// armed are counted, never timed, so a part costs no clock read). A part just after it
+/// was armed earns a whole new `limit`: Desk is cut after between once and twice `limit`
+/// of silence.
 #[derive(Debug)]
 struct Silence {
     limit: std::time::Duration,

@@ -133,13 +133,14 @@ impl Exchange {
             }
         };
         // Longer than kept, or not seen to its end (Desk answered first).
-        let truncated = total > bytes.len() as u64 || !complete;
+        let mut truncated = total > bytes.len() as u64 || !complete;
         let bytes =
             match unmasked_in_compressed(&self.request_headers, &bytes, truncated, max_body, scrub)
             {
                 // A secret inside a compressed body: recorded decoded, and masked.
-                Some(plain) => {
+                Some((plain, cut)) => {
                     without_encoding(&mut request_headers);
+                    truncated |= cut;
                     plain
                 }
                 None => scrub.bytes(bytes, truncated),
@@ -167,7 +168,7 @@ impl Exchange {
 
         // Longer than kept, or cut off before its end: replay must not take a broken
         // answer for a whole one.
-        let truncated = self.body_total > self.body.len() as u64 || !self.body_complete;
+        let mut truncated = self.body_total > self.body.len() as u64 || !self.body_complete;
         let mut response_headers = masked(unflatten(&self.response_headers));
         let body = match unmasked_in_compressed(
             &self.response_headers,
@@ -177,8 +178,9 @@ impl Exchange {
             scrub,
         ) {
             // A secret inside a compressed body: recorded decoded, and masked.
-            Some(plain) => {
+            Some((plain, cut)) => {
                 without_encoding(&mut response_headers);
+                truncated |= cut;
                 plain
             }
             None => scrub.bytes(self.body, truncated),
@@ -273,13 +275,16 @@ fn flattened_value(lines: &str, name: &str) -> String {
 /// limit, and a cut compressed body still decodes up to its cut), or decodes to more than
 /// the limit (what lies beyond was not searched). `None` when it is not compressed, holds
 /// none, or cannot be decoded (its bytes are then searched as they are).
+///
+/// With the decoded body, whether it is cut short (at the recording's limit, or where its
+/// compressed bytes stopped): a recording marks it truncated.
 fn unmasked_in_compressed(
     headers: &str,
     body: &[u8],
     cut: bool,
     max_body: usize,
     scrub: &Scrubber,
-) -> Option<Vec<u8>> {
+) -> Option<(Vec<u8>, bool)> {
     let encoding = flattened_value(headers, "content-encoding");
     if encoding.is_empty() {
         return None;
@@ -287,14 +292,14 @@ fn unmasked_in_compressed(
     let (plain, how) = crate::body::decoded_prefix(&encoding, body, max_body)?;
     let cut = cut || how != Decoded::Whole;
     if how == Decoded::Capped || scrub.finds(&plain) {
-        return Some(scrub.bytes(plain, cut));
+        return Some((scrub.bytes(plain, cut), cut));
     }
     if !cut {
         return None;
     }
     // A secret's start at the cut, which no search finds.
     let masked = scrub.bytes(plain.clone(), true);
-    (masked != plain).then_some(masked)
+    (masked != plain).then_some((masked, true))
 }
 
 /// Headers less what no longer describes a body recorded decoded.
@@ -345,8 +350,8 @@ mod tests {
         let headers = "content-type:application/json\ncontent-encoding:gzip\n";
         let leaking = gzip(br#"{"echo":"client-secret-xyz"}"#);
         assert_eq!(
-            unmasked_in_compressed(headers, &leaking, false, 1 << 20, &scrub).as_deref(),
-            Some(&br#"{"echo":"***"}"#[..])
+            unmasked_in_compressed(headers, &leaking, false, 1 << 20, &scrub),
+            Some((br#"{"echo":"***"}"#.to_vec(), false))
         );
         // Nothing to mask, or not compressed: the body stays as Desk sent it.
         let clean = gzip(br#"{"echo":"nothing"}"#);
@@ -385,8 +390,9 @@ mod tests {
             "{{\"echo\":\"client-secret-xyz\",\"pad\":\"{noise}\"}}"
         ));
         let cut = &leaking[..leaking.len() / 2];
-        let plain = unmasked_in_compressed(headers, cut, true, 1 << 20, &scrub).unwrap();
+        let (plain, cut) = unmasked_in_compressed(headers, cut, true, 1 << 20, &scrub).unwrap();
         assert!(plain.starts_with(br#"{"echo":"***","pad":""#));
+        assert!(cut);
         // Nothing in it: kept as Desk sent it.
         let clean = gzip(&noise);
         assert_eq!(
@@ -394,9 +400,10 @@ mod tests {
             None
         );
         // Decoding to more than the limit: what lies beyond was not searched, so the
-        // decoded start is recorded instead.
-        let capped = unmasked_in_compressed(headers, &clean, false, 1000, &scrub).unwrap();
-        assert_eq!(capped.len(), 1000);
+        // decoded start is recorded instead, marked truncated (replay must not take it for
+        // a whole answer).
+        let (capped, cut) = unmasked_in_compressed(headers, &clean, false, 1000, &scrub).unwrap();
+        assert_eq!((capped.len(), cut), (1000, true));
     }
 
     #[test]

@@ -223,6 +223,35 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     builder.create(dir)
 }
 
+/// The refresh token the tokens a [`TokenSaver`] writes are issued with (its
+/// [`fingerprint`]), as a reload (SIGHUP) may change it.
+#[derive(Debug, Clone, Default)]
+pub struct IssuedWith(Arc<std::sync::Mutex<Option<String>>>);
+
+impl IssuedWith {
+    /// Tokens issued with `refresh_token`.
+    pub fn new(refresh_token: Option<&Secret<String>>) -> Self {
+        let this = Self::default();
+        this.set(refresh_token);
+        this
+    }
+
+    /// From now on, tokens issued with `refresh_token`.
+    pub fn set(&self, refresh_token: Option<&Secret<String>>) {
+        *self.lock() = refresh_token.map(fingerprint);
+    }
+
+    fn get(&self) -> Option<String> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// Writes every new access token to the token file, and once more at shutdown, keeping
 /// the refresh token the file already had (a refresh token given by config or
 /// environment is never written to disk).
@@ -230,23 +259,24 @@ pub struct TokenSaver {
     file: TokenFile,
     client_id: String,
     refresh_token: Option<Secret<String>>,
-    /// The [`fingerprint`] of the refresh token the proxy refreshes with.
-    issued_with: Option<String>,
+    /// The refresh token the proxy refreshes with.
+    issued_with: IssuedWith,
 }
 
 impl TokenSaver {
-    /// A saver for `file`, keeping its `refresh_token`, of tokens issued with `in_use`.
+    /// A saver for `file`, keeping its `refresh_token`, of tokens issued with what
+    /// `issued_with` says.
     pub fn new(
         file: TokenFile,
         client_id: &str,
         refresh_token: Option<Secret<String>>,
-        in_use: Option<&Secret<String>>,
+        issued_with: IssuedWith,
     ) -> Self {
         Self {
             file,
             client_id: client_id.to_owned(),
             refresh_token,
-            issued_with: in_use.map(fingerprint),
+            issued_with,
         }
     }
 
@@ -280,7 +310,7 @@ impl TokenSaver {
             client_id: Some(self.client_id.clone()),
             refresh_token: self.refresh_token.clone(),
             access_token: token.map(|t| (t.access_token.clone(), t.expires_at_wall)),
-            issued_with: self.issued_with.clone(),
+            issued_with: self.issued_with.get(),
         };
         let file = self.file.clone();
         match tokio::task::spawn_blocking(move || file.save(&stored)).await {
@@ -355,6 +385,36 @@ mod tests {
             std::fs::read_dir(dir.path().join("sub")).unwrap().count(),
             1
         );
+    }
+
+    #[tokio::test]
+    async fn a_reload_s_refresh_token_names_the_tokens_saved_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = TokenFile::new(dir.path().join("token.json"));
+        let (r1, r2) = (
+            Secret::new("1000.r1".to_owned()),
+            Secret::new("1000.r2".to_owned()),
+        );
+        let issued_with = IssuedWith::new(Some(&r1));
+        let saver = TokenSaver::new(file.clone(), "id", None, issued_with.clone());
+        let token = Token::new(
+            Secret::new("1000.access".into()),
+            Duration::from_secs(3000),
+            1,
+        )
+        .unwrap();
+        let usable_with = |r: &Secret<String>| {
+            file.load()
+                .unwrap()
+                .unwrap()
+                .valid_access_token("id", r, Duration::ZERO)
+                .is_some()
+        };
+        assert!(saver.save(Some(&token)).await);
+        assert!(usable_with(&r1) && !usable_with(&r2));
+        issued_with.set(Some(&r2));
+        assert!(saver.save(Some(&token)).await);
+        assert!(!usable_with(&r1) && usable_with(&r2));
     }
 
     #[test]
