@@ -7,17 +7,8 @@ use std::io::Read;
 /// `Accept-Encoding` allows Desk), when it decodes whole to at most `limit` bytes. `None`
 /// for another encoding, a broken body, or one longer than that.
 pub fn decoded(encoding: &str, body: &[u8], limit: usize) -> Option<Vec<u8>> {
-    let read = |reader: &mut dyn Read| {
-        let mut out = Vec::new();
-        reader.take(limit as u64 + 1).read_to_end(&mut out).ok()?;
-        (out.len() <= limit).then_some(out)
-    };
-    match encoding.trim().to_ascii_lowercase().as_str() {
-        "gzip" | "x-gzip" => read(&mut flate2::read::MultiGzDecoder::new(body)),
-        // RFC 9110's deflate is zlib's format; some servers send raw deflate.
-        "deflate" => read(&mut flate2::read::ZlibDecoder::new(body))
-            .or_else(|| read(&mut flate2::read::DeflateDecoder::new(body))),
-        "br" => read(&mut brotli_decompressor::Decompressor::new(body, 4096)),
+    match decoded_prefix(encoding, body, limit)? {
+        (bytes, Decoded::Whole) => Some(bytes),
         _ => None,
     }
 }
@@ -57,6 +48,7 @@ pub fn decoded_prefix(encoding: &str, body: &[u8], limit: usize) -> Option<(Vec<
     };
     match encoding.trim().to_ascii_lowercase().as_str() {
         "gzip" | "x-gzip" => read(&mut flate2::read::MultiGzDecoder::new(body)),
+        // RFC 9110's deflate is zlib's format; some servers send raw deflate.
         "deflate" => read(&mut flate2::read::ZlibDecoder::new(body))
             .or_else(|| read(&mut flate2::read::DeflateDecoder::new(body))),
         "br" => read(&mut brotli_decompressor::Decompressor::new(body, 4096)),
