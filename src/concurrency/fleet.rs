@@ -14,11 +14,16 @@
 //! - When Redis fails, the replica keeps to its share of the limit (the limit divided by
 //!   the most replicas it saw alive over the last [`REPLICAS_REMEMBERED`] leases, so that
 //!   the gap of a Redis restart, while replicas register again, does not shrink the count;
-//!   a replica that never reached Redis keeps to one call), says so in the log, the
-//!   metrics and `/_proxy/ready`; its
-//!   renewals (every third of a lease) try Redis again, and the first that works brings
-//!   it back to the fleet's count. When Redis has lost the keys (a restart, a flush), the
-//!   next renewal puts this replica's holds back and logs it.
+//!   a replica that never reached Redis keeps to one call), counting in it the calls it
+//!   still holds through Redis; says so in the log, the metrics and `/_proxy/ready`. Its
+//!   renewals (every third of a lease) try Redis again, and the first that works
+//!   registers every call the replica holds, those taken on its share included, and
+//!   brings it back to the fleet's count.
+//! - When Redis has lost the keys (a restart, a flush), every replica's holds are missing
+//!   from the count until its next renewal puts them back. The count's epoch (a key
+//!   written once per life of the keys) tells a replica that knew the old one: it then
+//!   stops the whole fleet from taking new calls for half a lease, longer than a renewal
+//!   period, so that every replica's holds are counted again before anyone goes on.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,7 +33,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use sha2::{Digest, Sha256};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 
 use super::Held;
 use crate::metrics::Metrics;
@@ -56,12 +61,33 @@ pub enum FleetError {
     Timeout,
 }
 
+/// The count's epoch (KEYS[1] epoch, KEYS[2] recovering; the caller's ARGV[1] epoch seen,
+/// or "", ARGV[2] a new epoch, ARGV[3] the pause ms, ARGV[4] key ttl ms): a caller that
+/// knew another epoch, or one that is gone, learns that Redis lost the keys, and pauses
+/// the taking of new calls while every replica registers its holds again.
+const EPOCH: &str = r"
+local function epoch(k_epoch, k_recovering, seen, fresh, pause, ttl)
+  local current = redis.call('GET', k_epoch)
+  if not current then
+    current = fresh
+    redis.call('SET', k_epoch, current)
+  end
+  redis.call('PEXPIRE', k_epoch, ttl)
+  if seen ~= '' and current ~= seen then
+    redis.call('SET', k_recovering, current, 'PX', pause, 'NX')
+  end
+  return current
+end
+";
+
 /// Takes one of the fleet's calls for `id`, or puts `id` in line (KEYS: holders, line,
-/// alive, tickets; ARGV: limit, lease ms, id, alive ms). Returns 1 when taken.
+/// alive, tickets, epoch, recovering; ARGV: epoch seen, new epoch, pause ms, key ttl ms,
+/// limit, lease ms, id, alive ms). Returns {1 when taken else 0, the epoch}.
 const ACQUIRE: &str = r"
+local current = epoch(KEYS[5], KEYS[6], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local id = ARGV[3]
+local id = ARGV[7]
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
   redis.call('ZREM', KEYS[2], gone)
@@ -70,37 +96,41 @@ redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 if not redis.call('ZSCORE', KEYS[2], id) then
   redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]), id)
 end
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), id)
-for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[5])) end
-local free = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[8]), id)
+for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[4])) end
+if redis.call('EXISTS', KEYS[6]) == 1 then return {0, current} end
+local free = tonumber(ARGV[5]) - redis.call('ZCARD', KEYS[1])
 if free > 0 and redis.call('ZRANK', KEYS[2], id) < free then
   redis.call('ZREM', KEYS[2], id)
   redis.call('ZREM', KEYS[3], id)
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), id)
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[5]))
-  return 1
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[6]), id)
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]))
+  return {1, current}
 end
-return 0";
+return {0, current}";
 
-/// Renews this replica's leases and says it is alive (KEYS: holders, replicas; ARGV:
-/// lease ms, replica, replica ttl ms, key ttl ms, ids…). Returns {leases that were
-/// missing, replicas alive}.
+/// Renews this replica's leases and says it is alive (KEYS: holders, replicas, epoch,
+/// recovering; ARGV: epoch seen, new epoch, pause ms, key ttl ms, lease ms, replica,
+/// replica ttl ms, ids…). Returns {leases that were missing, replicas alive, the epoch}.
 const RENEW: &str = r"
+local current = epoch(KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local missing = 0
-for i = 5, #ARGV do
+for i = 8, #ARGV do
   if not redis.call('ZSCORE', KEYS[1], ARGV[i]) then missing = missing + 1 end
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i])
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[5]), ARGV[i])
 end
-if #ARGV >= 5 then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4])) end
+if #ARGV >= 8 then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4])) end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[7]), ARGV[6])
 redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[4]))
-return {missing, redis.call('ZCARD', KEYS[2])}";
+return {missing, redis.call('ZCARD', KEYS[2]), current}";
 
-static ACQUIRE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(ACQUIRE));
-static RENEW_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(RENEW));
+static ACQUIRE_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(&format!("{EPOCH}{ACQUIRE}")));
+static RENEW_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(&format!("{EPOCH}{RENEW}")));
 
 /// The keys of one portal's count.
 #[derive(Debug, Clone)]
@@ -110,6 +140,8 @@ struct Keys {
     alive: String,
     tickets: String,
     replicas: String,
+    epoch: String,
+    recovering: String,
     channel: String,
 }
 
@@ -125,6 +157,8 @@ impl Keys {
             alive: format!("{prefix}:alive"),
             tickets: format!("{prefix}:tickets"),
             replicas: format!("{prefix}:replicas"),
+            epoch: format!("{prefix}:epoch"),
+            recovering: format!("{prefix}:recovering"),
             channel: format!("{prefix}:released"),
         }
     }
@@ -154,17 +188,20 @@ pub struct FleetSlots {
     /// One waiter of this replica in the fleet's line at a time; the others wait here,
     /// in arrival order.
     door: tokio::sync::Mutex<()>,
-    /// The leases this replica holds, renewed by [`FleetSlots::start`]'s task.
+    /// The calls this replica holds, through Redis or on its share while Redis fails;
+    /// their leases are renewed by [`FleetSlots::start`]'s task.
     held: Mutex<HashSet<String>>,
-    /// Woken when a call is released anywhere in the fleet.
+    /// Woken when a call is released anywhere in the fleet, and when this replica goes
+    /// back to the fleet's count.
     released: Notify,
+    /// The count's epoch this replica last saw in Redis; empty before Redis first
+    /// answered.
+    epoch: Mutex<String>,
     /// The most replicas seen alive lately (see [`remembered`]), 0 before Redis first
     /// answered, and since when that count was last seen.
     replicas_memory: Mutex<(usize, Instant)>,
     degraded: AtomicBool,
     last_error: Mutex<Option<String>>,
-    /// The calls this replica keeps to while Redis fails.
-    share: Mutex<Arc<Semaphore>>,
     metrics: Arc<Metrics>,
 }
 
@@ -199,10 +236,10 @@ impl FleetSlots {
             door: tokio::sync::Mutex::new(()),
             held: Mutex::default(),
             released: Notify::new(),
+            epoch: Mutex::default(),
             replicas_memory: Mutex::new((0, Instant::now())),
             degraded: AtomicBool::new(false),
             last_error: Mutex::new(None),
-            share: Mutex::new(Arc::new(Semaphore::new(limit))),
             metrics,
         }))
     }
@@ -247,14 +284,21 @@ impl FleetSlots {
     /// share).
     pub(super) async fn acquire(self: &Arc<Self>) -> Held {
         let _door = self.door.lock().await;
-        if self.degraded.load(Ordering::Acquire) {
-            return self.local_share().await;
+        loop {
+            let held = if self.degraded.load(Ordering::Acquire) {
+                self.on_share().await
+            } else {
+                self.through_redis().await
+            };
+            if let Some(held) = held {
+                return held;
+            }
         }
-        let id = format!(
-            "{}:{}",
-            self.replica,
-            self.next_id.fetch_add(1, Ordering::Relaxed)
-        );
+    }
+
+    /// Waits in the fleet's line for a call; `None` when Redis fails meanwhile.
+    async fn through_redis(self: &Arc<Self>) -> Option<Held> {
+        let id = self.new_id();
         let mut line = InLine {
             fleet: self,
             id: Some(id.clone()),
@@ -267,18 +311,14 @@ impl FleetSlots {
                 Ok(true) => {
                     line.id = None;
                     self.redis_ok();
-                    lock(&self.held).insert(id.clone());
-                    return Held::Fleet(FleetPermit {
-                        fleet: Arc::clone(self),
-                        id,
-                    });
+                    return Some(self.hold(id));
                 }
                 Ok(false) => {}
                 Err(err) => {
                     // Its place in line expires with Redis' own clock.
                     line.id = None;
                     self.redis_failed(&err);
-                    return self.local_share().await;
+                    return None;
                 }
             }
             tokio::select! {
@@ -286,6 +326,52 @@ impl FleetSlots {
                 () = tokio::time::sleep(POLL) => {}
             }
         }
+    }
+
+    /// Waits until this replica holds fewer calls than its share (those it took through
+    /// Redis before it failed count too); `None` when Redis answers again meanwhile.
+    async fn on_share(self: &Arc<Self>) -> Option<Held> {
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if !self.degraded.load(Ordering::Acquire) {
+                return None;
+            }
+            let share = self.share_of_limit();
+            let id = {
+                let mut held = lock(&self.held);
+                (held.len() < share).then(|| {
+                    let id = self.new_id();
+                    held.insert(id.clone());
+                    id
+                })
+            };
+            if let Some(id) = id {
+                return Some(Held::Fleet(FleetPermit {
+                    fleet: Arc::clone(self),
+                    id,
+                }));
+            }
+            released.await;
+        }
+    }
+
+    fn new_id(&self) -> String {
+        format!(
+            "{}:{}",
+            self.replica,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// Counts `id`, taken through Redis, as held by this replica.
+    fn hold(self: &Arc<Self>, id: String) -> Held {
+        lock(&self.held).insert(id.clone());
+        Held::Fleet(FleetPermit {
+            fleet: Arc::clone(self),
+            id,
+        })
     }
 
     async fn try_acquire(&self, id: &str) -> Result<bool, FleetError> {
@@ -296,24 +382,44 @@ impl FleetSlots {
             .key(&self.keys.line)
             .key(&self.keys.alive)
             .key(&self.keys.tickets)
+            .key(&self.keys.epoch)
+            .key(&self.keys.recovering);
+        self.epoch_args(&mut invocation);
+        invocation
             .arg(self.limit)
             .arg(millis(self.lease))
             .arg(id)
-            .arg(millis(ALIVE))
-            .arg(KEY_TTL_MS);
-        let invoke = invocation.invoke_async::<i64>(&mut conn);
-        let taken = tokio::time::timeout(COMMAND_TIMEOUT, invoke)
+            .arg(millis(ALIVE));
+        let invoke = invocation.invoke_async::<(i64, String)>(&mut conn);
+        let (taken, epoch) = tokio::time::timeout(COMMAND_TIMEOUT, invoke)
             .await
             .map_err(|_| FleetError::Timeout)??;
+        self.saw_epoch(epoch);
         Ok(taken == 1)
     }
 
-    async fn local_share(&self) -> Held {
-        let share = Arc::clone(&lock(&self.share));
-        match share.acquire_owned().await {
-            Ok(permit) => Held::Local(permit),
-            // The semaphore is never closed.
-            Err(_) => Held::Nothing,
+    /// The epoch's arguments of both scripts: the epoch seen, a new one, the pause and
+    /// the keys' time to live.
+    fn epoch_args(&self, invocation: &mut redis::ScriptInvocation<'_>) {
+        invocation
+            .arg(lock(&self.epoch).as_str())
+            .arg(format!("{:016x}", fastrand::u64(..)))
+            .arg(millis(self.lease / 2))
+            .arg(KEY_TTL_MS);
+    }
+
+    /// Remembers the epoch Redis answered with; says so when it is not the one seen
+    /// before (Redis lost the keys: the fleet takes no new call for half a lease).
+    fn saw_epoch(&self, epoch: String) {
+        let mut seen = lock(&self.epoch);
+        if *seen != epoch {
+            if !seen.is_empty() {
+                tracing::warn!(
+                    pause_ms = millis(self.lease / 2),
+                    "Desk concurrency: Redis lost the fleet's count (restarted or flushed?); no new call to Desk until every replica has registered its calls again"
+                );
+            }
+            *seen = epoch;
         }
     }
 
@@ -323,18 +429,18 @@ impl FleetSlots {
                 limit = self.limit,
                 "Desk concurrency: Redis answers again; back to the fleet's count"
             );
+            // A waiter on the share goes to the fleet's line.
+            self.released.notify_waiters();
         }
     }
 
     fn redis_failed(&self, err: &FleetError) {
         *lock(&self.last_error) = Some(err.to_string());
         if !self.degraded.swap(true, Ordering::AcqRel) {
-            let share = self.share_of_limit();
-            *lock(&self.share) = Arc::new(Semaphore::new(share));
             self.metrics.record_desk_fleet_fallback();
             tracing::warn!(
                 error = %err,
-                share,
+                share = self.share_of_limit(),
                 limit = self.limit,
                 replicas = self.replicas_seen(),
                 "Desk concurrency: Redis failed; keeping to this replica's share of desk.max_concurrent until it is back"
@@ -345,6 +451,8 @@ impl FleetSlots {
     /// Gives a call back to the fleet (in a task: called from a drop).
     fn release(self: &Arc<Self>, id: String) {
         lock(&self.held).remove(&id);
+        // A waiter on this replica's share goes on at once.
+        self.released.notify_waiters();
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return; // No runtime left: the lease expires by itself.
         };
@@ -395,18 +503,22 @@ impl FleetSlots {
         script
             .key(&self.keys.holders)
             .key(&self.keys.replicas)
+            .key(&self.keys.epoch)
+            .key(&self.keys.recovering);
+        self.epoch_args(&mut script);
+        script
             .arg(millis(self.lease))
             .arg(&self.replica)
-            .arg(millis(self.lease))
-            .arg(KEY_TTL_MS);
+            .arg(millis(self.lease));
         for id in &held {
             script.arg(id);
         }
         let mut conn = self.conn.clone();
-        let (missing, replicas): (usize, usize) =
+        let (missing, replicas, epoch): (usize, usize, String) =
             tokio::time::timeout(COMMAND_TIMEOUT, script.invoke_async(&mut conn))
                 .await
                 .map_err(|_| FleetError::Timeout)??;
+        self.saw_epoch(epoch);
         let memory = self.lease * REPLICAS_REMEMBERED;
         {
             let mut seen = lock(&self.replicas_memory);
@@ -416,7 +528,7 @@ impl FleetSlots {
             tracing::warn!(
                 missing,
                 held = held.len(),
-                "Desk concurrency: Redis had lost leases this replica holds (restarted or flushed?); they are registered again"
+                "Desk concurrency: calls this replica holds were missing from the fleet's count (Redis restarted or flushed, or they were taken on its share); they are registered again"
             );
         }
         Ok(())
