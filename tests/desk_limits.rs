@@ -205,7 +205,13 @@ async fn a_request_that_waits_past_response_secs_gets_504_and_is_never_sent() {
     wait_for_desk_requests(&s.zoho, 1).await;
     let started = std::time::Instant::now();
     let late = fetch(s.url("/api/v1/tickets")).await;
-    assert_proxy_error(late, 504, "PROXY_UPSTREAM_TIMEOUT").await;
+    let body = assert_proxy_error(late, 504, "PROXY_UPSTREAM_TIMEOUT").await;
+    // It says what happened: a wait for a call, not a silent Desk.
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("desk.max_concurrent, 1") && message.contains("never sent"),
+        "{message}"
+    );
     assert!(started.elapsed() < Duration::from_secs(1));
     assert_eq!(slow.await.unwrap(), (http::StatusCode::OK, true));
     assert_eq!(

@@ -254,13 +254,26 @@ impl Proxy {
         let (slot, free) = match self.slot_now(upstream) {
             Some(slot) => (Ok(Ok(slot)), started),
             None => {
+                let mut had_desk_call = false;
                 let slot = tokio::time::timeout_at(due, async {
                     let desk = self.desk.acquire().await;
+                    had_desk_call = true;
                     let _waiting = self.desk.waiting_for_thread();
                     let worker = Arc::clone(&upstream.slots).acquire_owned().await;
                     worker.map(|worker| UpstreamSlot::new(desk, worker))
                 })
                 .await;
+                let slot = slot.map_err(|_| {
+                    let limit = if had_desk_call {
+                        "this serving thread's share of limits.max_upstream_requests".to_string()
+                    } else {
+                        format!("desk.max_concurrent, {}", self.desk.limit())
+                    };
+                    ProxyError::UpstreamTimeout(format!(
+                        "no call to Zoho Desk came free within {} s (timeouts.response_secs): the calls allowed at once ({limit}) were all busy, and the request was never sent",
+                        timeout.as_secs_f64()
+                    ))
+                });
                 (slot, Instant::now())
             }
         };
@@ -316,7 +329,11 @@ impl Proxy {
                 ));
             }
             // Never sent: Desk took no time (the log has no `upstream_ms`).
-            Err(elapsed) => Err(elapsed),
+            Err(in_line) => {
+                self.metrics
+                    .record_upstream_error(UpstreamErrorKind::Timeout);
+                return Err(in_line);
+            }
         };
         let err = match answered {
             // No request asks for one (`Upgrade` is never forwarded), and the client
