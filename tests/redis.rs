@@ -818,20 +818,33 @@ async fn a_replica_killed_while_holding_calls_gives_them_back_within_a_lease() {
     let _ = survivor.child.wait().await;
 }
 
-#[tokio::test]
-async fn redis_down_falls_back_to_the_local_share_and_rejoins() {
-    let (mut redis, _fake, zoho, proxies) = on_redis(2, |c| {
-        c.desk.max_concurrent = 4;
-        c.desk.fleet_lease = Duration::from_millis(600);
+/// [`on_redis`] with `desk.max_concurrent = limit` and `desk.fleet_lease = lease`, once
+/// every replica has called Desk and counts all `n`.
+async fn counted_fleet(
+    n: usize,
+    limit: usize,
+    lease: Duration,
+) -> (RedisServer, FakeZoho, FakeControl, Vec<TestProxy>) {
+    let (redis, fake, zoho, proxies) = on_redis(n, |c| {
+        c.desk.max_concurrent = limit;
+        c.desk.fleet_lease = lease;
     })
     .await;
     for p in &proxies {
         assert_eq!(get(p, "/api/v1/organizations").await.status(), 200);
-        eventually("both replicas are counted", async || {
-            ready(p).await["desk_replicas"] == 2
+    }
+    for p in &proxies {
+        eventually("every replica is counted", async || {
+            ready(p).await["desk_replicas"] == n
         })
         .await;
     }
+    (redis, fake, zoho, proxies)
+}
+
+#[tokio::test]
+async fn redis_down_falls_back_to_the_local_share_and_rejoins() {
+    let (mut redis, _fake, zoho, proxies) = counted_fleet(2, 4, Duration::from_millis(600)).await;
     redis.kill();
     zoho.set_desk_delay(Duration::from_millis(200));
     let client = client();
@@ -936,7 +949,7 @@ async fn keys_lost_mid_run_are_put_back_and_the_line_never_sticks() {
 }
 
 /// Keeps `per_replica` clients busy on each replica, each sending one request after the
-/// other, until dropped; counts the answers that were not 200.
+/// other, until stopped.
 struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<Vec<u16>>>,
@@ -968,14 +981,17 @@ impl Load {
         Self { stop, tasks }
     }
 
-    /// Stops the clients; the statuses other than 200 they saw.
-    async fn stop(self) -> Vec<u16> {
+    /// Stops the clients; every answer they got was a 200, and Desk never had more than
+    /// `limit` calls at once.
+    async fn stop_within(self, zoho: &FakeControl, limit: usize) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut failed = Vec::new();
         for task in self.tasks {
             failed.extend(task.await.unwrap());
         }
-        failed
+        assert!(failed.is_empty(), "not 200: {failed:?}");
+        let most = zoho.desk_max_concurrent();
+        assert!(most <= limit, "{most} calls at Desk at once");
     }
 }
 
@@ -993,20 +1009,7 @@ async fn a_redis_restart_under_load_never_puts_more_calls_at_desk_than_the_limit
     // The audit saw 7 calls at once against a limit of 4 here: the calls taken through
     // Redis were not counted in the shares, and those taken on the shares were not in
     // Redis' count when it came back, empty.
-    let (mut redis, _fake, zoho, proxies) = on_redis(3, |c| {
-        c.desk.max_concurrent = 4;
-        c.desk.fleet_lease = Duration::from_millis(600);
-    })
-    .await;
-    for p in &proxies {
-        assert_eq!(get(p, "/api/v1/organizations").await.status(), 200);
-    }
-    for p in &proxies {
-        eventually("every replica is counted", async || {
-            ready(p).await["desk_replicas"] == 3
-        })
-        .await;
-    }
+    let (mut redis, _fake, zoho, proxies) = counted_fleet(3, 4, Duration::from_millis(600)).await;
     zoho.set_desk_delay(Duration::from_millis(60));
     let load = Load::start(&proxies, 4);
     desk_serves(&zoho, 40).await;
@@ -1026,27 +1029,14 @@ async fn a_redis_restart_under_load_never_puts_more_calls_at_desk_than_the_limit
         .await;
     }
     desk_serves(&zoho, 80).await;
-    let failed = load.stop().await;
-    assert!(failed.is_empty(), "{failed:?}");
-    assert!(
-        zoho.desk_max_concurrent() <= 4,
-        "{} calls at Desk at once",
-        zoho.desk_max_concurrent()
-    );
+    load.stop_within(&zoho, 4).await;
 }
 
 #[tokio::test]
 async fn a_flush_under_load_pauses_new_calls_until_every_replica_counted_its_own_again() {
     // Without the pause, the calls held across the flush were not counted until each
     // replica's next renewal, and new ones were taken meanwhile: up to twice the limit.
-    let (redis, _fake, zoho, proxies) = on_redis(3, |c| {
-        c.desk.max_concurrent = 4;
-        c.desk.fleet_lease = Duration::from_millis(1500);
-    })
-    .await;
-    for p in &proxies {
-        assert_eq!(get(p, "/api/v1/organizations").await.status(), 200);
-    }
+    let (redis, _fake, zoho, proxies) = counted_fleet(3, 4, Duration::from_millis(1500)).await;
     zoho.set_desk_delay(Duration::from_millis(300));
     let load = Load::start(&proxies, 3);
     for _ in 0..3 {
@@ -1055,13 +1045,7 @@ async fn a_flush_under_load_pauses_new_calls_until_every_replica_counted_its_own
         let () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
     }
     desk_serves(&zoho, 12).await;
-    let failed = load.stop().await;
-    assert!(failed.is_empty(), "{failed:?}");
-    assert!(
-        zoho.desk_max_concurrent() <= 4,
-        "{} calls at Desk at once",
-        zoho.desk_max_concurrent()
-    );
+    load.stop_within(&zoho, 4).await;
 }
 
 #[tokio::test]
