@@ -253,8 +253,10 @@ impl IssuedWith {
 }
 
 /// Writes every new access token to the token file, and once more at shutdown, keeping
-/// the refresh token the file already had (a refresh token given by config or
-/// environment is never written to disk).
+/// the refresh token the file holds when it is written: `exchange` may have stored a new
+/// one while the proxy runs (it takes effect on SIGHUP or a restart), and a refresh token
+/// given by config or environment is never written to disk. Only a file that is gone
+/// gets back the refresh token it had at the start.
 pub struct TokenSaver {
     file: TokenFile,
     client_id: String,
@@ -306,14 +308,20 @@ impl TokenSaver {
 
     /// Writes `token` (or no access token) to the file; whether it was written.
     async fn save(&self, token: Option<&Token>) -> bool {
-        let stored = StoredTokens {
+        let mut stored = StoredTokens {
             client_id: Some(self.client_id.clone()),
             refresh_token: self.refresh_token.clone(),
             access_token: token.map(|t| (t.access_token.clone(), t.expires_at_wall)),
             issued_with: self.issued_with.get(),
         };
         let file = self.file.clone();
-        match tokio::task::spawn_blocking(move || file.save(&stored)).await {
+        let save = move || {
+            if let Ok(Some(on_disk)) = file.load() {
+                keep_refresh_token(&mut stored, on_disk);
+            }
+            file.save(&stored)
+        };
+        match tokio::task::spawn_blocking(save).await {
             Ok(Ok(())) => {
                 tracing::debug!(path = %self.file.path().display(), "token file saved");
                 true
@@ -328,6 +336,16 @@ impl TokenSaver {
             }
         }
     }
+}
+
+/// Keeps the refresh token `on_disk` holds (and, with one, the client it belongs to) in
+/// what is about to be written. The access token written stays named by the refresh
+/// token it was issued with, so a restart reuses it only with that one.
+fn keep_refresh_token(stored: &mut StoredTokens, on_disk: StoredTokens) {
+    if on_disk.refresh_token.is_some() && on_disk.client_id.is_some() {
+        stored.client_id = on_disk.client_id;
+    }
+    stored.refresh_token = on_disk.refresh_token;
 }
 
 #[cfg(test)]
@@ -415,6 +433,62 @@ mod tests {
         issued_with.set(Some(&r2));
         assert!(saver.save(Some(&token)).await);
         assert!(!usable_with(&r1) && usable_with(&r2));
+    }
+
+    #[tokio::test]
+    async fn a_refresh_token_exchange_stored_while_the_proxy_runs_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = TokenFile::new(dir.path().join("token.json"));
+        let (r1, r2) = (
+            Secret::new("1000.r1".to_owned()),
+            Secret::new("1000.r2".to_owned()),
+        );
+        let saver = TokenSaver::new(
+            file.clone(),
+            "id",
+            Some(r1.clone()),
+            IssuedWith::new(Some(&r1)),
+        );
+        let token = Token::new(
+            Secret::new("1000.access".into()),
+            Duration::from_secs(3000),
+            1,
+        )
+        .unwrap();
+        let stored_refresh_token = || {
+            file.load()
+                .unwrap()
+                .unwrap()
+                .refresh_token
+                .map(|r| r.expose().clone())
+        };
+        assert!(saver.save(Some(&token)).await);
+        assert_eq!(stored_refresh_token().as_deref(), Some("1000.r1"));
+        // `exchange` stores a new refresh token, as it does: no access token.
+        file.save(&StoredTokens {
+            client_id: Some("id".into()),
+            refresh_token: Some(r2.clone()),
+            ..StoredTokens::default()
+        })
+        .unwrap();
+        assert!(saver.save(Some(&token)).await);
+        assert_eq!(stored_refresh_token().as_deref(), Some("1000.r2"));
+        // The access token saved came from r1: a start with r2 does not reuse it.
+        let loaded = file.load().unwrap().unwrap();
+        assert!(
+            loaded
+                .valid_access_token("id", &r2, Duration::ZERO)
+                .is_none()
+        );
+        assert!(
+            loaded
+                .valid_access_token("id", &r1, Duration::ZERO)
+                .is_some()
+        );
+        // A file that is gone gets the refresh token it had at the start.
+        std::fs::remove_file(file.path()).unwrap();
+        assert!(saver.save(Some(&token)).await);
+        assert_eq!(stored_refresh_token().as_deref(), Some("1000.r1"));
     }
 
     #[test]
