@@ -222,16 +222,24 @@ fn reload_on_sighup(
     }
 }
 
-/// Logs go to stderr: `pretty` on a terminal, else JSON; level from `RUST_LOG`.
+/// Logs go to stderr: `pretty` on a terminal, else JSON; level from `RUST_LOG`, `info`
+/// when it is unset, blank (a compose file's `RUST_LOG=${LOG_LEVEL}` with nothing to
+/// substitute must not silence the proxy) or not a filter. Colours only on a terminal.
 fn init_logging(format: Option<LogFormat>) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let format = format.unwrap_or(if std::io::stderr().is_terminal() {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|level| !level.trim().is_empty())
+        .and_then(|level| EnvFilter::try_new(level).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let terminal = std::io::stderr().is_terminal();
+    let format = format.unwrap_or(if terminal {
         LogFormat::Pretty
     } else {
         LogFormat::Json
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(terminal)
         .with_writer(|| LossyStderr);
     let _ = match format {
         LogFormat::Pretty => builder.compact().try_init(),

@@ -84,6 +84,30 @@ async fn every_answer_carries_a_request_id() {
     assert_ne!(a, b);
 }
 
+/// A blank `RUST_LOG` (a compose file's `RUST_LOG=${LOG_LEVEL}` with nothing to put
+/// there) is the default level, not silence: the start line and every request's line.
+#[tokio::test]
+async fn a_blank_rust_log_logs_at_the_default_level() {
+    let fake = FakeZoho::start().await.unwrap();
+    for blank in ["", "  "] {
+        // Waits for the "listening" line: it never came when a blank RUST_LOG silenced all.
+        let mut proxy = serve_fake_logged(&fake, "", "127.0.0.1", &[("RUST_LOG", blank)]).await;
+        let answer = fetch(format!("http://{}/api/v1/tickets", proxy.addr)).await;
+        assert_eq!(answer.status(), 200);
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(5), proxy.lines.recv())
+                .await
+                .expect("the request's log line")
+                .expect("log open");
+            if line.contains("\"path\":\"/api/v1/tickets\"") {
+                break;
+            }
+        }
+        sigterm(&proxy.child);
+        let _ = proxy.child.wait().await;
+    }
+}
+
 /// A sane `X-Request-Id` from the client is the request's id everywhere: its log line,
 /// its answer, and the request Desk receives; an insane one is replaced, everywhere too.
 #[tokio::test]
