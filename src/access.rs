@@ -343,9 +343,10 @@ fn basic_password(encoded: &[u8]) -> Option<Vec<u8>> {
 /// Loopback names, plus the listen host when it is a specific address.
 fn default_hosts(listen: SocketAddr) -> Vec<String> {
     let mut hosts: Vec<String> = ["localhost", "127.0.0.1", "::1"].map(String::from).to_vec();
-    let ip = listen.ip();
-    if !ip.is_unspecified() && !ip.is_loopback() {
-        hosts.push(ip.to_string());
+    let ip = listen.ip().to_string();
+    // Any address the proxy listens on by name (127.0.0.2 too), not 0.0.0.0 or `::`.
+    if !listen.ip().is_unspecified() && !hosts.contains(&ip) {
+        hosts.push(ip);
     }
     hosts
 }
@@ -738,6 +739,19 @@ mod tests {
                 "{rules} | {method} {path} {headers:?} from {ip}: {result:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_default_hosts_are_loopback_s_names_and_the_address_listened_on() {
+        let hosts = |listen: &str| default_hosts(listen.parse().unwrap());
+        let loopback = ["localhost", "127.0.0.1", "::1"];
+        assert_eq!(hosts("127.0.0.1:8080"), loopback);
+        assert_eq!(hosts("0.0.0.0:8080"), loopback);
+        assert_eq!(hosts("[::]:8080"), loopback);
+        // Another loopback address is named by clients too (an audit got 403 on it).
+        assert_eq!(hosts("127.0.0.6:8080").last().unwrap(), "127.0.0.6");
+        assert_eq!(hosts("192.0.2.2:8080").last().unwrap(), "192.0.2.2");
+        assert_eq!(hosts("[fd00::2]:8080").last().unwrap(), "fd00::2");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! that refreshes show in the log. Needs no credentials and no network.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -44,9 +44,24 @@ pub fn demo_config(fake: &FakeZoho, options: &FakeOptions, listen: SocketAddr) -
     };
     config.log_format = None;
     // The fake holds nothing real, so a demo may listen on any address (in a container,
-    // say) without keys.
+    // say) without keys; on all of them, it answers whatever name it is reached by (a
+    // service name, the machine's address).
     config.access.allow_unauthenticated_remote = true;
+    if listen.ip().is_unspecified() {
+        config.access.allow_hosts = Some(vec!["*".into()]);
+    }
     config
+}
+
+/// Where a client on this machine reaches a proxy listening on `listen`: loopback for
+/// an address that is all of them (`0.0.0.0`, `::`), which is no address to send to.
+pub fn reachable(listen: SocketAddr) -> SocketAddr {
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, listen.port())
 }
 
 /// Runs the demo until `shutdown` resolves.
@@ -83,9 +98,9 @@ pub async fn run_demo(
             );
         }
     }
-    println!("{}", instructions(listen, &fake));
+    println!("{}", instructions(reachable(listen), &fake));
     if intercept {
-        println!("{}", intercept_instructions(listen));
+        println!("{}", intercept_instructions(reachable(listen)));
     }
     if let Some(file) = &record {
         println!("{}", record_instructions(file, listen));

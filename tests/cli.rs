@@ -602,13 +602,23 @@ async fn the_demo_serves_the_fake_desk_with_no_credentials() {
     for args in [&[][..], &["--listen", "0.0.0.0:0"]] {
         let dir = tempfile::tempdir().unwrap();
         let (child, addr) = demo(dir.path(), args).await;
-        let port = addr.rsplit(':').next().unwrap();
-        let tickets: serde_json::Value = fetch(format!("http://127.0.0.1:{port}/api/v1/tickets"))
+        // The banner's address is one to send to (never 0.0.0.0).
+        assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+        let tickets: serde_json::Value = fetch(format!("http://{addr}/api/v1/tickets"))
             .await
             .json()
             .await
             .unwrap();
         assert_eq!(tickets["data"].as_array().unwrap().len(), 3, "{tickets}");
+        // On every address, any name reaches it: a container's service name.
+        let by_name = client()
+            .get(format!("http://{addr}/api/v1/tickets"))
+            .header("Host", "zoho-proxy")
+            .send()
+            .await
+            .unwrap();
+        let expected = if args.is_empty() { 403 } else { 200 };
+        assert_eq!(by_name.status(), expected, "{args:?}");
         sigterm(&child);
         let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
             .await
