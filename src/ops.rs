@@ -132,6 +132,16 @@ pub async fn check(config: &Config) -> (String, bool) {
             Err(trouble) => report.line(false, "token store", trouble),
         }
     }
+    if let Some(path) = &config.token_file {
+        match TokenFile::new(path).check_writable() {
+            Ok(()) => report.line(true, "token file", format!("{} can be written", path.display())),
+            Err(err) => report.line(
+                false,
+                "token file",
+                format!("{err}; fix: set token_file (or ZOHO_TOKEN_FILE) to a file in a directory this user may write, or to \"\" to keep no tokens across restarts"),
+            ),
+        }
+    }
     let Some(refresh_token) = &config.oauth.refresh_token else {
         report.line(
             false,

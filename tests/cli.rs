@@ -223,6 +223,7 @@ async fn check_reports_each_step_and_exits_0_only_when_all_work() {
     assert!(out.status.success(), "{stdout}");
     for line in [
         "[ok  ] configuration",
+        "[ok  ] token file",
         "[ok  ] Zoho Accounts reachable",
         "[ok  ] token refresh",
         "[ok  ] Zoho Desk",
@@ -230,6 +231,21 @@ async fn check_reports_each_step_and_exits_0_only_when_all_work() {
     ] {
         assert!(stdout.contains(line), "{line} in {stdout}");
     }
+
+    // A token file that cannot be written: serve would lose its token at every restart.
+    let out = command(dir.path())
+        .args(["check", "--config"])
+        .arg(&config)
+        .env("ZOHO_TOKEN_FILE", dir.path())
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("[FAIL] token file") && stdout.contains("fix: set token_file"),
+        "{stdout}"
+    );
 
     let text = std::fs::read_to_string(&config)
         .unwrap()
