@@ -371,7 +371,8 @@ fn reuse_stored_token(config: &Config, stored: &StoredTokens, tokens: &TokenCach
         && tokens.install(token, remaining).is_some()
     {
         tracing::info!(
-            expires_in_secs = remaining.as_secs(),
+            // As the cache holds it: no token lives longer than a day.
+            expires_in_secs = remaining.min(crate::token::source::MAX_LIFETIME).as_secs(),
             "reusing the access token of the token file"
         );
     }

@@ -291,6 +291,33 @@ fn an_empty_secret_file_is_an_error_not_no_secret() {
         err.contains("access.api_keys_file") && err.contains("is empty"),
         "{err}"
     );
+    // Comments are no keys (an audit's `X-Proxy-Key: # comment` was let in), and a file
+    // of comments alone is no keys at all.
+    let commented = dir.path().join("commented");
+    std::fs::write(
+        &commented,
+        "# the CI's key\nci-key-1234\n  # old: ci-key-0000\n",
+    )
+    .unwrap();
+    let config =
+        Config::from_toml(&keys.replace(&empty.to_string(), &commented.display().to_string()))
+            .unwrap();
+    let listed: Vec<&str> = config
+        .access
+        .api_keys
+        .iter()
+        .map(|k| k.expose().as_str())
+        .collect();
+    assert_eq!(listed, ["ci-key-1234"]);
+    std::fs::write(&commented, "# no key yet\n").unwrap();
+    let err =
+        Config::from_toml(&keys.replace(&empty.to_string(), &commented.display().to_string()))
+            .unwrap_err()
+            .to_string();
+    assert!(
+        err.contains("access.api_keys_file") && err.contains("holds no key"),
+        "{err}"
+    );
     for key in ["client_secret", "refresh_token"] {
         let toml = "[oauth]\nclient_id = \"id\"\nclient_secret = \"s\"\nrefresh_token = \"r\"\n"
             .replace(

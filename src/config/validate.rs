@@ -447,12 +447,20 @@ fn access_config(p: &mut Problems<'_>, raw: RawAccess, env_keys: Option<String>)
     if let Some(path) = raw.api_keys_file
         && let Some(text) = p.check("access.api_keys_file", read_secret_file(&path))
     {
-        api_keys.extend(
-            text.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .map(|l| Secret::new(l.to_owned())),
-        );
+        // One key per line; blank lines and `#` comments are no keys.
+        let keys: Vec<Secret<String>> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| Secret::new(l.to_owned()))
+            .collect();
+        if keys.is_empty() {
+            p.invalid(
+                "access.api_keys_file",
+                "holds no key (only blank lines and # comments): put one key per line, or remove api_keys_file",
+            );
+        }
+        api_keys.extend(keys);
     }
     if api_keys.iter().any(|k| k.expose().trim().is_empty()) {
         p.invalid("access.api_keys", "a key is empty");
