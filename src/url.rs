@@ -40,12 +40,21 @@ fn without_userinfo(text: &str) -> std::borrow::Cow<'_, str> {
 impl BaseUrl {
     /// Parses an absolute `http(s)://host[:port][/prefix]` URL.
     pub fn parse(text: &str) -> Result<Self, UrlError> {
+        Self::parse_like(text, "https://desk.zoho.com")
+    }
+
+    /// [`Self::parse`], whose errors give `example` as a URL of the right form.
+    pub fn parse_like(text: &str, example: &str) -> Result<Self, UrlError> {
         let invalid = |reason: &str| {
             UrlError(format!(
-                "{reason} (got {:?}; expected e.g. \"https://desk.zoho.com\")",
+                "{reason} (got {:?}; expected e.g. \"{example}\")",
                 without_userinfo(text)
             ))
         };
+        // The URI parser drops a fragment: one given is refused as a query is, not lost.
+        if text.contains('#') {
+            return Err(invalid("the URL must not have a fragment (#...)"));
+        }
         let uri: Uri = text
             .trim()
             .parse()
@@ -199,5 +208,16 @@ mod tests {
             without_userinfo("https://desk.example.com/gw"),
             "https://desk.example.com/gw"
         );
+    }
+
+    #[test]
+    fn a_fragment_is_refused_not_dropped() {
+        for url in ["http://127.0.0.1:9000#frag", "https://desk.zoho.com/gw#"] {
+            let err = BaseUrl::parse_like(url, "https://accounts.zoho.com")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("fragment"), "{err}");
+            assert!(err.contains("e.g. \"https://accounts.zoho.com\""), "{err}");
+        }
     }
 }

@@ -86,8 +86,11 @@ impl TryFrom<RawConfig> for Config {
         );
         let accounts_url = p.check(
             "accounts_url",
-            BaseUrl::parse(accounts_url.as_deref().unwrap_or(dc_accounts))
-                .map_err(|e| e.to_string()),
+            BaseUrl::parse_like(
+                accounts_url.as_deref().unwrap_or(dc_accounts),
+                "https://accounts.zoho.com",
+            )
+            .map_err(|e| e.to_string()),
         );
         let org_id = match org_id.as_deref().map(str::trim) {
             None | Some("") => None,
