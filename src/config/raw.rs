@@ -21,6 +21,7 @@ pub struct RawConfig {
     pub(super) org_id: Option<String>,
     pub(super) token_file: Option<String>,
     pub(super) token_store: Option<String>,
+    pub(super) token_store_file: Option<PathBuf>,
     #[serde(default)]
     pub(super) oauth: RawOAuth,
     #[serde(default)]
@@ -172,7 +173,9 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("ZOHO_ORG_ID", "org_id"),
     ("ZOHO_TOKEN_FILE", "token_file"),
     ("ZOHO_TOKEN_STORE", "token_store"),
+    ("ZOHO_TOKEN_STORE_FILE", "token_store_file"),
     ("ZOHO_CLIENT_ID", "oauth.client_id"),
+    ("ZOHO_CLIENT_ID_FILE", "oauth.client_id_file"),
     ("ZOHO_CLIENT_SECRET", "oauth.client_secret"),
     ("ZOHO_REFRESH_TOKEN", "oauth.refresh_token"),
     ("ZOHO_CLIENT_SECRET_FILE", "oauth.client_secret_file"),
@@ -184,6 +187,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
 /// The secrets given inline or as a file: (the key, its `_file` form). A variable for one
 /// form replaces both forms of the file, as a variable replaces any other key.
 const SECRET_FORMS: &[(&str, &str)] = &[
+    ("token_store", "token_store_file"),
     ("oauth.client_id", "oauth.client_id_file"),
     ("oauth.client_secret", "oauth.client_secret_file"),
     ("oauth.refresh_token", "oauth.refresh_token_file"),
@@ -271,11 +275,14 @@ impl RawConfig {
         self.stand_in_credentials();
         self.token_file = Some(String::new());
         self.token_store = None;
+        self.token_store_file = None;
     }
 
     /// Drops what the file gave for a secret key, for a variable that gives its other form.
     fn forget_file_value(&mut self, key: &str) {
         match key {
+            "token_store" => self.token_store = None,
+            "token_store_file" => self.token_store_file = None,
             "oauth.client_id" => self.oauth.client_id = None,
             "oauth.client_id_file" => self.oauth.client_id_file = None,
             "oauth.client_secret" => self.oauth.client_secret = None,
@@ -303,7 +310,9 @@ impl RawConfig {
                 "org_id" => self.org_id = Some(value),
                 "token_file" => self.token_file = Some(value),
                 "token_store" => self.token_store = Some(value),
+                "token_store_file" => self.token_store_file = Some(value.into()),
                 "oauth.client_id" => self.oauth.client_id = Some(value),
+                "oauth.client_id_file" => self.oauth.client_id_file = Some(value.into()),
                 "oauth.client_secret" => self.oauth.client_secret = Some(value),
                 "oauth.refresh_token" => self.oauth.refresh_token = Some(value),
                 "oauth.client_secret_file" => self.oauth.client_secret_file = Some(value.into()),

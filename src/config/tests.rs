@@ -89,6 +89,50 @@ fn environment_overrides_the_file() {
 }
 
 #[test]
+fn the_token_store_and_the_client_id_may_come_from_files_named_by_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    std::fs::write(&store, "redis://:pw-in-a-secret@127.0.0.1:6379/0\n").unwrap();
+    let id = dir.path().join("id");
+    std::fs::write(&id, "1000.ID-FROM-FILE\n").unwrap();
+    let (store, id) = (store.display().to_string(), id.display().to_string());
+    // The file's forms.
+    let text = format!(
+        "token_store_file = \"{store}\"\n[oauth]\nclient_id_file = \"{id}\"\nclient_secret = \"s\"\n"
+    );
+    let c = Config::from_toml(&text).unwrap();
+    assert_eq!(
+        c.token_store.as_deref(),
+        Some("redis://:pw-in-a-secret@127.0.0.1:6379/0")
+    );
+    assert_eq!(c.oauth.client_id, "1000.ID-FROM-FILE");
+    // The variables' forms, over the file's inline values (ZOHO_CLIENT_ID_FILE had been
+    // ignored).
+    let text = "token_store = \"redis://other:6379/0\"\n[oauth]\nclient_id = \"inline\"\nclient_secret = \"s\"\n";
+    let mut raw = RawConfig::from_toml(text, "proxy.toml").unwrap();
+    raw.apply_env(|name| match name {
+        "ZOHO_TOKEN_STORE_FILE" => Some(store.clone()),
+        "ZOHO_CLIENT_ID_FILE" => Some(id.clone()),
+        _ => None,
+    });
+    let c = Config::try_from(raw).unwrap();
+    assert_eq!(
+        c.token_store.as_deref(),
+        Some("redis://:pw-in-a-secret@127.0.0.1:6379/0")
+    );
+    assert_eq!(c.oauth.client_id, "1000.ID-FROM-FILE");
+    // Both forms in the file: an error, as for every secret.
+    let text = format!(
+        "token_store = \"redis://x:6379/0\"\ntoken_store_file = \"{store}\"\n[oauth]\nclient_id = \"i\"\nclient_secret = \"s\"\n"
+    );
+    let err = Config::from_toml(&text).unwrap_err().to_string();
+    assert!(
+        err.contains("not both") && !err.contains("pw-in-a-secret"),
+        "{err}"
+    );
+}
+
+#[test]
 fn the_environment_overrides_both_forms_of_a_secret_in_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let from_env_file = dir.path().join("from-env");

@@ -39,6 +39,7 @@ impl TryFrom<RawConfig> for Config {
             org_id,
             token_file,
             token_store,
+            token_store_file,
             oauth,
             access,
             timeouts,
@@ -153,7 +154,16 @@ impl TryFrom<RawConfig> for Config {
             Some(path) if path.trim().is_empty() => None,
             Some(path) => Some(PathBuf::from(path)),
         };
-        let token_store = token_store.filter(|s| !s.trim().is_empty());
+        // Its URL may hold Redis' password: a container secret may give it. Blank is
+        // no store, as it always was.
+        let token_store = secret_value(
+            &mut p,
+            ("token_store", "token_store_file"),
+            token_store.filter(|s| !s.trim().is_empty()),
+            token_store_file,
+        )
+        .ok()
+        .flatten();
         if let Some(store) = &token_store
             && !["redis://", "rediss://", "redis+unix://"]
                 .iter()
