@@ -384,10 +384,11 @@ fn token_source(config: &Config) -> Result<RefreshTokenSource, ConfigError> {
         .oauth
         .refresh_token
         .clone()
-        .ok_or(ConfigError::Missing {
+        .ok_or_else(|| ConfigError::Missing {
             key: "oauth.refresh_token",
+            file: "the configuration file".into(),
             env: "ZOHO_REFRESH_TOKEN",
-            hint: "",
+            hint: ", or store one in the token file with `zoho-desk-proxy exchange --code <grant token>`",
         })?;
     Ok(RefreshTokenSource {
         client: AccountsClient::from_config(config),

@@ -65,12 +65,12 @@ pub enum ConfigError {
         reason: String,
     },
     /// A required key is missing.
-    #[error(
-        "`{key}` is required: set it in proxy.toml or with the environment variable {env}{hint}"
-    )]
+    #[error("`{key}` is required: set it in {file} or with the environment variable {env}{hint}")]
     Missing {
         /// The key, as written in proxy.toml.
         key: &'static str,
+        /// The configuration file it goes in: the one read, or `proxy.toml`.
+        file: String,
         /// Its environment variable.
         env: &'static str,
         /// More advice, e.g. to try the demo.
@@ -132,6 +132,11 @@ pub struct Locator {
 }
 
 impl Locator {
+    /// The file indexed.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
     /// Indexes `text`, read from `path`.
     pub fn new(path: &str, text: &str) -> Self {
         let mut table = String::new();

@@ -162,6 +162,13 @@ impl Origins {
         }
         self.file.as_ref().and_then(|f| f.find(key))
     }
+
+    /// The configuration file a missing key goes in: the one read, or `proxy.toml`.
+    pub(super) fn file_to_edit(&self) -> String {
+        self.file
+            .as_ref()
+            .map_or_else(|| "proxy.toml".to_owned(), |f| f.path().to_owned())
+    }
 }
 
 /// The environment variables that override keys of the file.

@@ -64,7 +64,17 @@ fn unknown_keys_are_named() {
 
 #[test]
 fn missing_credentials_name_key_and_env() {
-    let err = Config::from_toml("[oauth]\nclient_secret = \"s\"").unwrap_err();
+    // The file to edit is the one read (`--config`), not always proxy.toml.
+    let raw = RawConfig::from_toml("[oauth]\nclient_secret = \"s\"", "/etc/zdp/ci.toml").unwrap();
+    let err = Config::try_from(raw).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "`oauth.client_id` is required: set it in /etc/zdp/ci.toml or with the environment variable ZOHO_CLIENT_ID"
+    );
+    // No file at all: proxy.toml is where it would go.
+    let mut raw = RawConfig::default();
+    raw.apply_env(|name| (name == "ZOHO_CLIENT_SECRET").then(|| "s".into()));
+    let err = Config::try_from(raw).unwrap_err();
     assert_eq!(
         err.to_string(),
         "`oauth.client_id` is required: set it in proxy.toml or with the environment variable ZOHO_CLIENT_ID"

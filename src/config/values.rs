@@ -102,7 +102,13 @@ pub(super) fn required(
     hint: &'static str,
 ) -> Option<String> {
     if let Ok(None) = value {
-        p.found.push(ConfigError::Missing { key, env, hint });
+        let file = p.origins.file_to_edit();
+        p.found.push(ConfigError::Missing {
+            key,
+            file,
+            env,
+            hint,
+        });
     }
     value.ok().flatten()
 }
