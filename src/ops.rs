@@ -53,6 +53,11 @@ pub async fn exchange(config: &Config, code: &str) -> Result<String, OpsError> {
                 "{err}: Zoho Accounts at {} does not know this client id. Check oauth.client_id, and that `dc` is the data centre where you created the Self Client (a client created on accounts.zoho.eu is unknown to accounts.zoho.com)",
                 config.accounts_url
             ),
+            // A grant token is single-use: the one sent may be spent.
+            AccountsError::Interrupted(_) | AccountsError::Timeout(_) => format!(
+                "{err}; {}. The grant token may have been used by this call: if exchange then says invalid_code, generate a new one",
+                err.advice()
+            ),
             _ => format!("{err}; {}", err.advice()),
         })
     })?;

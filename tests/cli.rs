@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use support::binary::*;
 use support::*;
-use zoho_desk_proxy::fake_zoho::{FakeOptions, FakeZoho};
+use zoho_desk_proxy::fake_zoho::{AccountsBehavior, FakeOptions, FakeZoho};
 
 #[tokio::test]
 async fn exchange_stores_the_refresh_token_masked_and_serve_reuses_the_access_token() {
@@ -128,6 +128,28 @@ async fn exchange_spends_no_grant_token_it_cannot_keep_the_answer_of() {
         assert!(stderr.contains("grant token was not used"), "{stderr}");
     }
     assert_eq!(zoho.exchange_requests(), 0, "the grant token is still good");
+}
+
+#[tokio::test]
+async fn exchange_whose_answer_was_lost_says_the_grant_token_may_be_spent() {
+    let fake = FakeZoho::start().await.unwrap();
+    fake.control()
+        .set_accounts_behavior(AccountsBehavior::CloseConnection);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &fake, false, "", "");
+    let out = command(dir.path())
+        .args(["exchange", "--code", "1000.fakegrant.0001", "--config"])
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // Not "check DNS": the request went out, and the grant token is single-use.
+    assert!(
+        stderr.contains("may have reached Zoho Accounts") && stderr.contains("may have been used"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]

@@ -168,8 +168,10 @@ impl AccountsError {
             Self::Throttled(_) => {
                 "Zoho Accounts throttles these credentials (it allows 10 refreshes per refresh token in 10 minutes): wait at least a minute, and stop other programs that refresh with the same refresh token"
             }
-            Self::Unreachable(_) | Self::Interrupted(_) | Self::Timeout(_) => {
-                "check the network path to accounts_url (DNS, firewall)"
+            Self::Unreachable(_) => "check the network path to accounts_url (DNS, firewall)",
+            // Sent, perhaps received: not a question of the way there alone.
+            Self::Interrupted(_) | Self::Timeout(_) => {
+                "the request may have reached Zoho Accounts, which is slow or failing (or accounts_url names a server that takes requests and never answers): check accounts_url and the network path to it (a proxy, a firewall that drops answers), and try again later"
             }
             // Accounts never redirects its token endpoint: a redirect is another server's
             // (http:// for https://, a wrong host or path), and is never followed.
