@@ -14,6 +14,8 @@ use crate::metrics::{Metrics, UpstreamErrorKind};
 #[derive(Debug, Default)]
 pub struct Lifecycle {
     draining: AtomicBool,
+    /// The shutdown's grace period is over: requests still in flight are cut.
+    grace_over: AtomicBool,
     in_flight: AtomicUsize,
     idle: Notify,
 }
@@ -27,6 +29,12 @@ impl Lifecycle {
     /// Starts draining.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
+    }
+
+    /// Ends the shutdown's grace period: the requests still in flight are cut by the
+    /// proxy, and logged so.
+    pub fn end_grace(&self) {
+        self.grace_over.store(true, Ordering::Release);
     }
 
     /// Requests whose response has not ended yet.
@@ -57,6 +65,14 @@ impl Lifecycle {
 /// One request in flight.
 #[derive(Debug)]
 pub struct InFlight(Arc<Lifecycle>);
+
+impl InFlight {
+    /// Whether the proxy is cutting the requests still in flight (the shutdown's grace
+    /// period is over).
+    fn cut_by_shutdown(&self) -> bool {
+        self.0.grace_over.load(Ordering::Acquire)
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -138,6 +154,10 @@ impl std::fmt::Display for RequestId {
 /// The status logged and counted for a request whose client went away before its answer
 /// began, as nginx does.
 pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// The status logged and counted for a request the proxy cut before its answer began,
+/// at the end of the shutdown's grace period: the proxy was not available to finish it.
+pub const CUT_BY_SHUTDOWN: u16 = 503;
 
 /// The record of one request, written as one log line when its response ends (or the
 /// client goes away). Never holds a query string, token or secret.
@@ -242,9 +262,15 @@ impl RequestLog {
 
 impl Drop for RequestLog {
     fn drop(&mut self) {
+        let cut_by_shutdown = self._in_flight.cut_by_shutdown();
         if self.status == 0 {
-            // Dropped before an answer was chosen: the client went away.
-            self.status = CLIENT_CLOSED_REQUEST;
+            // Dropped before an answer was chosen: the client went away, or the proxy's
+            // shutdown cut it.
+            self.status = if cut_by_shutdown {
+                CUT_BY_SHUTDOWN
+            } else {
+                CLIENT_CLOSED_REQUEST
+            };
         }
         let duration = self.started.elapsed();
         self.metrics.in_flight().dec();
@@ -265,6 +291,7 @@ impl Drop for RequestLog {
             error_code = self.error_code,
             complete = self.complete,
             upstream_body_error = self.body_error,
+            cut_by_shutdown = cut_by_shutdown.then_some(true),
             "request"
         );
     }

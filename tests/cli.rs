@@ -586,6 +586,37 @@ async fn sigterm_does_not_wait_for_a_hanging_token_refresh() {
     );
 }
 
+#[tokio::test]
+async fn a_request_cut_at_the_end_of_the_grace_period_is_logged_as_the_proxy_s_not_the_client_s() {
+    let fake = FakeZoho::start().await.unwrap();
+    let zoho = fake.control();
+    zoho.set_desk_delay(Duration::from_secs(60));
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &fake,
+        true,
+        "",
+        "[timeouts]\nshutdown_grace_secs = 0.5",
+    );
+    let (serving, mut lines) = serve_logged(dir.path(), &config, "127.0.0.1:0", &[]).await;
+    let request = tokio::spawn(client().get(serving.url("/api/v1/tickets")).send());
+    wait_for_desk_requests(&zoho, 1).await;
+    let (status, _) = stopped_by_sigterm(serving.child).await;
+    assert!(status.success(), "{status:?}");
+    assert!(request.await.unwrap().is_err(), "the client got no answer");
+    let mut logged = None;
+    while let Some(line) = lines.recv().await {
+        if line.contains("\"path\":\"/api/v1/tickets\"") {
+            logged = Some(serde_json::from_str::<serde_json::Value>(&line).unwrap());
+        }
+    }
+    let logged = logged.expect("the request's log line");
+    // Not 499: the client did not go away, the proxy cut it.
+    assert_eq!(logged["status"], 503, "{logged}");
+    assert_eq!(logged["cut_by_shutdown"], true, "{logged}");
+}
+
 /// Sends SIGTERM to `child` and waits for it to exit (50 s at most): its status, and how
 /// long it took.
 async fn stopped_by_sigterm(child: tokio::process::Child) -> (std::process::ExitStatus, Duration) {

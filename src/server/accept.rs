@@ -50,6 +50,7 @@ pub async fn serve(
             () = lifecycle.wait_idle() => break,
             () = tokio::time::sleep_until(deadline) => {
                 tracing::warn!(in_flight = lifecycle.in_flight(), "grace period over; closing requests still in flight");
+                lifecycle.end_grace();
                 break;
             }
             accepted = listener.accept() => accept(&proxy, &workers, accepted).await,
