@@ -175,6 +175,14 @@ impl AccessPolicy {
         }
         for given in host.into_iter().chain(authority) {
             let name = target::host_name(given)?;
+            // An IPv6 address (the only name with a `:`) in its usual form, as allowed
+            // ones are stored: `[0:0::1]` is `::1`.
+            let ipv6 = name
+                .contains(':')
+                .then(|| name.parse::<std::net::Ipv6Addr>().ok())
+                .flatten()
+                .map(|ip| ip.to_string());
+            let name = ipv6.as_deref().unwrap_or(name);
             // Allowed names are stored lower-cased; compare without allocating.
             if !self
                 .allow_hosts
@@ -412,6 +420,23 @@ mod tests {
                 "GET",
                 "/api/v1/tickets",
                 &[("host", "[::1]:8080")],
+                "127.0.0.1",
+                None,
+            ),
+            // The same address written longer.
+            (
+                "",
+                "GET",
+                "/api/v1/tickets",
+                &[("host", "[0:0::1]")],
+                "127.0.0.1",
+                None,
+            ),
+            (
+                "allow_hosts = [\"FD00:0::2\"]",
+                "GET",
+                "/api/v1/tickets",
+                &[("host", "[fd00::2]:8080")],
                 "127.0.0.1",
                 None,
             ),

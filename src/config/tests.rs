@@ -788,13 +788,21 @@ fn methods_the_proxy_never_forwards_cannot_be_allowed() {
 #[test]
 fn rules_are_compiled_when_the_config_is_validated() {
     let c = Config::from_toml(&format!(
-        "{MINIMAL}\n[access]\napi_keys = [\"a-key-of-the-proxy\"]\ndeny_paths = [\"/api/v1/%61gents\"]\nallow_hosts = [\"Zoho-Proxy:8080\", \"*\"]\nallow_cidrs = [\"10.1.2.3\"]\n"
+        "{MINIMAL}\n[access]\napi_keys = [\"a-key-of-the-proxy\"]\ndeny_paths = [\"/api/v1/%61gents\"]\nallow_hosts = [\"Zoho-Proxy:8080\", \"*\", \"::1\", \"[FD00:0::2]:8080\"]\nallow_cidrs = [\"10.1.2.3\"]\n"
     ))
     .unwrap();
     assert!(c.access.deny_paths[0].covers("/API/v1/agents/5"));
+    // An IPv6 address bare (as the default's `::1` is written) or in brackets.
     assert_eq!(
         c.access.allow_hosts.as_deref(),
-        Some(&["zoho-proxy".to_owned(), "*".to_owned()][..])
+        Some(
+            &[
+                "zoho-proxy".to_owned(),
+                "*".to_owned(),
+                "::1".to_owned(),
+                "fd00::2".to_owned()
+            ][..]
+        )
     );
     assert_eq!(c.access.allow_cidrs[0].to_string(), "10.1.2.3/32");
 }
