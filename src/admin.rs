@@ -161,6 +161,7 @@ fn ready(status: &Status<'_>) -> Response<ResponseBody> {
             }
         };
         body["desk_replicas"] = fleet.replicas.into();
+        body["desk_fleet_in_flight"] = fleet.fleet_held.into();
     }
     if let Some(remaining) = status.metrics.desk_rate_limit_remaining() {
         body["desk_rate_limit_remaining"] = remaining.into();

@@ -1033,6 +1033,80 @@ async fn a_redis_restart_under_load_never_puts_more_calls_at_desk_than_the_limit
 }
 
 #[tokio::test]
+async fn a_replica_that_held_more_than_its_share_when_redis_failed_is_not_joined_by_the_others_shares()
+ {
+    // One replica holds all 4 of the fleet's calls when Redis dies; the others, each with
+    // a share of 1, had sent one call each at once: 6 at Desk (audit).
+    let (mut redis, _fake, zoho, proxies) = counted_fleet(3, 4, Duration::from_millis(600)).await;
+    let client = client();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let answer = client
+            .get(proxies[0].url("/api/v1/slow-body?ms=3000"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+        held.push(answer);
+    }
+    for p in &proxies[1..] {
+        eventually("the replica sees the fleet's 4 calls", async || {
+            ready(p).await["desk_fleet_in_flight"] == 4
+        })
+        .await;
+    }
+    let waiting: Vec<_> = proxies[1..]
+        .iter()
+        .map(|p| tokio::spawn(client.get(p.url("/api/v1/tickets")).send()))
+        .collect();
+    redis.kill();
+    for p in &proxies[1..] {
+        eventually("the replica keeps to what it may", async || {
+            let ready = ready(p).await;
+            ready["desk_concurrency"] == "local_share" && ready["desk_concurrency_share"] == 0
+        })
+        .await;
+    }
+    // The held calls end; Redis comes back; the waiting requests go.
+    for answer in held {
+        answer.bytes().await.unwrap();
+    }
+    redis.restart().await;
+    for request in waiting {
+        assert_eq!(request.await.unwrap().unwrap().status(), 200);
+    }
+    let most = zoho.desk_max_concurrent();
+    assert!(most <= 4, "{most} calls at Desk at once");
+}
+
+#[tokio::test]
+async fn calls_missing_from_redis_without_a_new_epoch_pause_the_fleet_too() {
+    // An eviction of the holders' key, or a rollback to an older snapshot, leaves the
+    // epoch: without the pause the audit saw 8 at Desk against a limit of 4.
+    let (redis, _fake, zoho, proxies) = counted_fleet(3, 4, Duration::from_millis(1500)).await;
+    zoho.set_desk_delay(Duration::from_millis(300));
+    let load = Load::start(&proxies, 4);
+    for _ in 0..3 {
+        desk_serves(&zoho, 12).await;
+        // Its name (the key exists while calls are held).
+        let mut holders = None;
+        eventually("calls are held", async || {
+            holders = desk_key(&redis, ":desk:holders").await;
+            holders.is_some()
+        })
+        .await;
+        let mut conn = redis.connection().await;
+        let () = redis::cmd("DEL")
+            .arg(holders)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    desk_serves(&zoho, 12).await;
+    load.stop_within(&zoho, 4).await;
+}
+
+#[tokio::test]
 async fn a_flush_under_load_pauses_new_calls_until_every_replica_counted_its_own_again() {
     // Without the pause, the calls held across the flush were not counted until each
     // replica's next renewal, and new ones were taken meanwhile: up to twice the limit.

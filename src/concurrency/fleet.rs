@@ -11,22 +11,23 @@
 //!   after [`ALIVE`]; one whose client left is removed at once.
 //! - A release publishes a message that wakes the waiters; they also look again every
 //!   [`POLL`], so a lost message costs at most that.
-//! - When Redis fails, the replica keeps to its share of the limit (the limit divided by
-//!   the most replicas it saw alive over the last [`REPLICAS_REMEMBERED`] leases, so that
-//!   the gap of a Redis restart, while replicas register again, does not shrink the count;
-//!   a replica that never reached Redis keeps to one call), counting in it the calls it
-//!   still holds through Redis; says so in the log, the metrics and `/_proxy/ready`. Its
-//!   renewals (every third of a lease) try Redis again, and the first that works
-//!   registers every call the replica holds, those taken on its share included, and
-//!   brings it back to the fleet's count.
-//! - When Redis has lost the keys (a restart, a flush), every replica's holds are missing
-//!   from the count until its next renewal puts them back. The count's epoch (a key
-//!   written once per life of the keys) tells a replica that knew the old one: it then
-//!   stops the whole fleet from taking new calls for half a lease, longer than a renewal
-//!   period, so that every replica's holds are counted again before anyone goes on.
+//! - When Redis fails, the replica keeps to what it may hold alone ([`Fallback`]): the
+//!   calls it held and its part of those that were free, until the calls taken before
+//!   have surely left Desk; then its share of the limit (the limit divided by the most
+//!   replicas it saw alive over the last [`REPLICAS_REMEMBERED`] leases; one call for a
+//!   replica that never reached Redis). It says so in the log, the metrics and
+//!   `/_proxy/ready`. Its renewals (every third of a lease) try Redis again, and the
+//!   first that works registers every call the replica holds, those taken alone
+//!   included, and brings it back to the fleet's count.
+//! - When Redis has lost calls from its count (a restart, a flush, a rollback, an
+//!   eviction), the first replica to notice pauses the whole fleet's new calls for half
+//!   a lease, longer than a renewal period, so that every replica's calls are counted
+//!   again before anyone goes on. A replica notices its own calls missing whenever its
+//!   waiter looks at the line and at every renewal, and a new life of the keys by the
+//!   count's epoch (a key written once per life of the keys).
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -82,7 +83,10 @@ end
 
 /// Takes one of the fleet's calls for `id`, or puts `id` in line (KEYS: holders, line,
 /// alive, tickets, epoch, recovering; ARGV: epoch seen, new epoch, pause ms, key ttl ms,
-/// limit, lease ms, id, alive ms). Returns {1 when taken else 0, the epoch}.
+/// limit, lease ms, id, alive ms, the ids of the calls the replica holds…). Returns
+/// {1 when taken else 0, the epoch, the calls the fleet holds, the held ids Redis does
+/// not hold}: with any of those, nothing is taken (the count is short of them, and
+/// perhaps of other replicas' too; see [`REGISTER`]).
 const ACQUIRE: &str = r"
 local current = epoch(KEYS[5], KEYS[6], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 local t = redis.call('TIME')
@@ -98,39 +102,67 @@ if not redis.call('ZSCORE', KEYS[2], id) then
 end
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[8]), id)
 for i = 2, 4 do redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[4])) end
-if redis.call('EXISTS', KEYS[6]) == 1 then return {0, current} end
+local missing = {}
+for i = 9, #ARGV do
+  if not redis.call('ZSCORE', KEYS[1], ARGV[i]) then table.insert(missing, ARGV[i]) end
+end
+if #missing > 0 or redis.call('EXISTS', KEYS[6]) == 1 then
+  return {0, current, redis.call('ZCARD', KEYS[1]), missing}
+end
 local free = tonumber(ARGV[5]) - redis.call('ZCARD', KEYS[1])
 if free > 0 and redis.call('ZRANK', KEYS[2], id) < free then
   redis.call('ZREM', KEYS[2], id)
   redis.call('ZREM', KEYS[3], id)
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[6]), id)
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]))
-  return {1, current}
+  return {1, current, redis.call('ZCARD', KEYS[1]), missing}
 end
-return {0, current}";
+return {0, current, redis.call('ZCARD', KEYS[1]), missing}";
 
-/// Renews this replica's leases and says it is alive (KEYS: holders, replicas, epoch,
-/// recovering; ARGV: epoch seen, new epoch, pause ms, key ttl ms, lease ms, replica,
-/// replica ttl ms, ids…). Returns {leases that were missing, replicas alive, the epoch}.
+/// Renews this replica's leases that Redis holds and says it is alive (KEYS: holders,
+/// replicas, epoch, recovering; ARGV: epoch seen, new epoch, pause ms, key ttl ms, lease
+/// ms, replica, replica ttl ms, ids…). Returns {replicas alive, the epoch, the calls the
+/// fleet holds, the ids Redis did not hold}: a lease is not put back here, since its
+/// call may have ended since the ids were listed ([`REGISTER`] puts back those that
+/// have not).
 const RENEW: &str = r"
 local current = epoch(KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local missing = 0
+local missing = {}
 for i = 8, #ARGV do
-  if not redis.call('ZSCORE', KEYS[1], ARGV[i]) then missing = missing + 1 end
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[5]), ARGV[i])
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[5]), ARGV[i])
+  else
+    table.insert(missing, ARGV[i])
+  end
 end
 if #ARGV >= 8 then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4])) end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[7]), ARGV[6])
 redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[4]))
-return {missing, redis.call('ZCARD', KEYS[2]), current}";
+return {redis.call('ZCARD', KEYS[2]), current, redis.call('ZCARD', KEYS[1]), missing}";
+
+/// Puts back calls this replica holds that Redis' count lacks (lost keys, a rollback, an
+/// eviction, or calls taken on the replica's share while Redis failed), and pauses the
+/// fleet's new calls, since other replicas' calls may be missing too (KEYS: holders,
+/// recovering; ARGV: lease ms, pause ms, key ttl ms, ids…). Returns the calls the fleet
+/// holds.
+const REGISTER: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 4, #ARGV do
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i])
+end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+redis.call('SET', KEYS[2], 'registered', 'PX', tonumber(ARGV[2]), 'NX')
+return redis.call('ZCARD', KEYS[1])";
 
 static ACQUIRE_SCRIPT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(&format!("{EPOCH}{ACQUIRE}")));
 static RENEW_SCRIPT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(&format!("{EPOCH}{RENEW}")));
+static REGISTER_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(REGISTER));
 
 /// The keys of one portal's count.
 #[derive(Debug, Clone)]
@@ -173,6 +205,8 @@ pub struct FleetStatus {
     pub share: usize,
     /// Replicas alive when last counted (this one included).
     pub replicas: usize,
+    /// The calls the whole fleet held when Redis last answered.
+    pub fleet_held: usize,
 }
 
 /// The fleet's count of Desk's concurrent calls, as one replica sees it.
@@ -200,7 +234,13 @@ pub struct FleetSlots {
     /// The most replicas seen alive lately (see [`remembered`]), 0 before Redis first
     /// answered, and since when that count was last seen.
     replicas_memory: Mutex<(usize, Instant)>,
+    /// The calls the fleet held when Redis last answered.
+    fleet_held: AtomicUsize,
+    /// The longest a call can stay at Desk once sent (twice `timeouts.response_secs`).
+    calls_outlive: Duration,
     degraded: AtomicBool,
+    /// What this replica keeps to since Redis failed.
+    fallback: Mutex<Option<Fallback>>,
     last_error: Mutex<Option<String>>,
     metrics: Arc<Metrics>,
 }
@@ -216,12 +256,13 @@ impl std::fmt::Debug for FleetSlots {
 
 impl FleetSlots {
     /// The count of `limit` calls for `portal` (what names the portal: the same for every
-    /// replica of it) in `client`'s Redis; connects lazily.
+    /// replica of it) in `client`'s Redis, with leases of `lease`, for calls that stay at
+    /// Desk for at most `calls_outlive`; connects lazily.
     pub fn new(
         client: redis::Client,
         portal: &str,
         limit: usize,
-        lease: Duration,
+        (lease, calls_outlive): (Duration, Duration),
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, FleetError> {
         let conn = crate::client::redis_connection(&client)?;
@@ -238,7 +279,10 @@ impl FleetSlots {
             released: Notify::new(),
             epoch: Mutex::default(),
             replicas_memory: Mutex::new((0, Instant::now())),
+            fleet_held: AtomicUsize::new(0),
+            calls_outlive,
             degraded: AtomicBool::new(false),
+            fallback: Mutex::new(None),
             last_error: Mutex::new(None),
             metrics,
         }))
@@ -260,8 +304,9 @@ impl FleetSlots {
         });
         FleetStatus {
             degraded,
-            share: self.share_of_limit(),
+            share: self.calls_allowed(Instant::now()),
             replicas: self.replicas_seen(),
+            fleet_held: self.fleet_held.load(Ordering::Acquire),
         }
     }
 
@@ -270,13 +315,26 @@ impl FleetSlots {
         lock(&self.replicas_memory).0
     }
 
-    /// The calls this replica keeps to while Redis fails: its part of the limit, at least
-    /// one; only one before it ever saw the fleet (how many replicas share the limit is
-    /// not known then, and Desk's limit must hold).
+    /// Its part of the limit, at least one; only one before it ever saw the fleet (how
+    /// many replicas share the limit is not known then, and Desk's limit must hold).
     fn share_of_limit(&self) -> usize {
         match self.replicas_seen() {
             0 => 1,
             replicas => (self.limit / replicas).max(1),
+        }
+    }
+
+    /// The calls this replica may hold at `now` while Redis fails, those it took through
+    /// Redis before included. The calls other replicas held then are not seen, and may
+    /// be more than their share: until they have surely left Desk, this replica keeps to
+    /// what it held itself and its part of the calls that were free (see [`Fallback`]).
+    fn calls_allowed(&self, now: Instant) -> usize {
+        let fallback = *lock(&self.fallback);
+        match fallback {
+            Some(fallback) if self.replicas_seen() > 0 => {
+                fallback.allowed(now, self.calls_outlive, self.lease, self.share_of_limit())
+            }
+            _ => self.share_of_limit(),
         }
     }
 
@@ -328,8 +386,8 @@ impl FleetSlots {
         }
     }
 
-    /// Waits until this replica holds fewer calls than its share (those it took through
-    /// Redis before it failed count too); `None` when Redis answers again meanwhile.
+    /// Waits until this replica holds fewer calls than it may while Redis fails
+    /// ([`Self::calls_allowed`]); `None` when Redis answers again meanwhile.
     async fn on_share(self: &Arc<Self>) -> Option<Held> {
         loop {
             let released = self.released.notified();
@@ -338,10 +396,10 @@ impl FleetSlots {
             if !self.degraded.load(Ordering::Acquire) {
                 return None;
             }
-            let share = self.share_of_limit();
+            let allowed = self.calls_allowed(Instant::now());
             let id = {
                 let mut held = lock(&self.held);
-                (held.len() < share).then(|| {
+                (held.len() < allowed).then(|| {
                     let id = self.new_id();
                     held.insert(id.clone());
                     id
@@ -353,7 +411,11 @@ impl FleetSlots {
                     id,
                 }));
             }
-            released.await;
+            // What is allowed grows with time too.
+            tokio::select! {
+                () = &mut released => {}
+                () = tokio::time::sleep(POLL) => {}
+            }
         }
     }
 
@@ -390,11 +452,17 @@ impl FleetSlots {
             .arg(millis(self.lease))
             .arg(id)
             .arg(millis(ALIVE));
-        let invoke = invocation.invoke_async::<(i64, String)>(&mut conn);
-        let (taken, epoch) = tokio::time::timeout(COMMAND_TIMEOUT, invoke)
+        // Each look checks that Redis still counts this replica's calls.
+        for held in lock(&self.held).iter() {
+            invocation.arg(held);
+        }
+        let invoke = invocation.invoke_async::<(i64, String, usize, Vec<String>)>(&mut conn);
+        let (taken, epoch, fleet_held, missing) = tokio::time::timeout(COMMAND_TIMEOUT, invoke)
             .await
             .map_err(|_| FleetError::Timeout)??;
         self.saw_epoch(epoch);
+        self.fleet_held.store(fleet_held, Ordering::Release);
+        self.put_back(missing).await?;
         Ok(taken == 1)
     }
 
@@ -425,6 +493,7 @@ impl FleetSlots {
 
     fn redis_ok(&self) {
         if self.degraded.swap(false, Ordering::AcqRel) {
+            *lock(&self.fallback) = None;
             tracing::info!(
                 limit = self.limit,
                 "Desk concurrency: Redis answers again; back to the fleet's count"
@@ -437,13 +506,25 @@ impl FleetSlots {
     fn redis_failed(&self, err: &FleetError) {
         *lock(&self.last_error) = Some(err.to_string());
         if !self.degraded.swap(true, Ordering::AcqRel) {
+            let replicas = self.replicas_seen().max(1);
+            let free = self
+                .limit
+                .saturating_sub(self.fleet_held.load(Ordering::Acquire));
+            let fallback = Fallback {
+                since: Instant::now(),
+                held: lock(&self.held).len(),
+                of_free: free / replicas,
+            };
+            *lock(&self.fallback) = Some(fallback);
             self.metrics.record_desk_fleet_fallback();
             tracing::warn!(
                 error = %err,
+                held = fallback.held,
+                of_free = fallback.of_free,
                 share = self.share_of_limit(),
                 limit = self.limit,
                 replicas = self.replicas_seen(),
-                "Desk concurrency: Redis failed; keeping to this replica's share of desk.max_concurrent until it is back"
+                "Desk concurrency: Redis failed; keeping to the calls this replica held and its part of those free, then (once calls taken before have surely left Desk) to its share of desk.max_concurrent, until Redis is back"
             );
         }
     }
@@ -496,7 +577,8 @@ impl FleetSlots {
         });
     }
 
-    /// Renews the leases held and counts the replicas alive.
+    /// Renews the leases held and counts the replicas alive; puts back the calls held
+    /// that Redis' count lacks.
     async fn renew(&self) -> Result<(), FleetError> {
         let held: Vec<String> = lock(&self.held).iter().cloned().collect();
         let mut script = RENEW_SCRIPT.prepare_invoke();
@@ -514,24 +596,98 @@ impl FleetSlots {
             script.arg(id);
         }
         let mut conn = self.conn.clone();
-        let (missing, replicas, epoch): (usize, usize, String) =
+        let (replicas, epoch, fleet_held, missing): (usize, String, usize, Vec<String>) =
             tokio::time::timeout(COMMAND_TIMEOUT, script.invoke_async(&mut conn))
                 .await
                 .map_err(|_| FleetError::Timeout)??;
         self.saw_epoch(epoch);
+        self.fleet_held.store(fleet_held, Ordering::Release);
         let memory = self.lease * REPLICAS_REMEMBERED;
         {
             let mut seen = lock(&self.replicas_memory);
             *seen = remembered(*seen, replicas.max(1), Instant::now(), memory);
         }
-        if missing > 0 {
-            tracing::warn!(
-                missing,
-                held = held.len(),
-                "Desk concurrency: calls this replica holds were missing from the fleet's count (Redis restarted or flushed, or they were taken on its share); they are registered again"
-            );
+        self.put_back(missing).await
+    }
+
+    /// Puts back the calls of `missing` (listed as held, and missing from Redis' count)
+    /// that this replica still holds, and pauses the fleet's new calls meanwhile.
+    async fn put_back(&self, missing: Vec<String>) -> Result<(), FleetError> {
+        if missing.is_empty() {
+            return Ok(());
         }
+        // Those still held: a call may have ended since the list was made.
+        let (missing, held): (Vec<String>, usize) = {
+            let held = lock(&self.held);
+            let missing = missing.into_iter().filter(|id| held.contains(id)).collect();
+            (missing, held.len())
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut register = REGISTER_SCRIPT.prepare_invoke();
+        register
+            .key(&self.keys.holders)
+            .key(&self.keys.recovering)
+            .arg(millis(self.lease))
+            .arg(millis(self.lease / 2))
+            .arg(KEY_TTL_MS);
+        for id in &missing {
+            register.arg(id);
+        }
+        let mut conn = self.conn.clone();
+        let fleet_held: usize =
+            tokio::time::timeout(COMMAND_TIMEOUT, register.invoke_async(&mut conn))
+                .await
+                .map_err(|_| FleetError::Timeout)??;
+        self.fleet_held.store(fleet_held, Ordering::Release);
+        tracing::warn!(
+            missing = missing.len(),
+            held,
+            pause_ms = millis(self.lease / 2),
+            "Desk concurrency: calls this replica holds were missing from the fleet's count (Redis restarted, flushed, rolled back or evicted keys, or they were taken on its share); they are registered again, and the fleet takes no new call until every replica has done so"
+        );
         Ok(())
+    }
+}
+
+/// What a replica keeps to while Redis fails. The calls other replicas held when it
+/// failed are not seen, and a replica may have held more than its share. Until those
+/// calls have surely left Desk (`calls_outlive` after this replica found Redis failing),
+/// it keeps to the calls it held and its part of those that were free; for the time
+/// another replica may have found Redis failing later (a renewal period and two command
+/// timeouts), to its part of those that were free alone; then to its share. So at any
+/// moment the replicas' calls add up to at most the limit, whichever of the three each
+/// is in (the calls held, and the parts of the free ones, add up to the limit; the parts
+/// of the free ones are at most the shares).
+#[derive(Debug, Clone, Copy)]
+struct Fallback {
+    /// When this replica found Redis failing.
+    since: Instant,
+    /// The calls it held then.
+    held: usize,
+    /// Its part of the calls the fleet had free when Redis last answered.
+    of_free: usize,
+}
+
+impl Fallback {
+    /// The calls the replica may hold at `now`.
+    fn allowed(
+        &self,
+        now: Instant,
+        calls_outlive: Duration,
+        lease: Duration,
+        share: usize,
+    ) -> usize {
+        let since = now.saturating_duration_since(self.since);
+        let others_later = lease / 3 + 2 * COMMAND_TIMEOUT;
+        if since < calls_outlive {
+            self.held + self.of_free
+        } else if since < calls_outlive + others_later {
+            self.of_free
+        } else {
+            share
+        }
     }
 }
 
@@ -637,6 +793,34 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn alone_a_replica_keeps_to_its_own_calls_and_part_of_the_free_ones_then_to_its_share() {
+        let start = Instant::now();
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        let (outlive, lease, share) = (Duration::from_secs(240), Duration::from_secs(9), 1);
+        // Held all 4 of a limit of 4, with 3 replicas: nothing free.
+        let full = Fallback {
+            since: start,
+            held: 4,
+            of_free: 0,
+        };
+        assert_eq!(full.allowed(at(0), outlive, lease, share), 4);
+        assert_eq!(full.allowed(at(239), outlive, lease, share), 4);
+        // Another replica may still be at its first step: the free part alone.
+        assert_eq!(full.allowed(at(240), outlive, lease, share), 0);
+        assert_eq!(full.allowed(at(246), outlive, lease, share), 0);
+        // Every replica's calls of before have left: the share.
+        assert_eq!(full.allowed(at(247), outlive, lease, share), 1);
+        // An idle fleet: the free part is the share from the start.
+        let idle = Fallback {
+            since: start,
+            held: 0,
+            of_free: 1,
+        };
+        assert_eq!(idle.allowed(at(0), outlive, lease, share), 1);
+        assert_eq!(idle.allowed(at(240), outlive, lease, share), 1);
+    }
 
     #[test]
     fn the_most_replicas_seen_are_remembered_for_a_while() {
