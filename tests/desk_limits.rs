@@ -222,6 +222,27 @@ async fn a_request_that_waits_past_response_secs_gets_504_and_is_never_sent() {
 }
 
 #[tokio::test]
+async fn a_request_out_of_line_gets_desk_s_whole_response_time() {
+    // Desk takes 600 ms; the second request waits 600 ms in line, of its 1 s. Sent with
+    // the 400 ms left, it was given up at 1 s while Desk did the work (a retried POST
+    // then creates twice; audit).
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.desk.max_concurrent = 1;
+        c.timeouts.response = Duration::from_millis(1000);
+    })
+    .await;
+    s.zoho.set_desk_delay(Duration::from_millis(600));
+    let client = client();
+    let (first, second) = tokio::join!(
+        client.get(s.url("/api/v1/tickets")).send(),
+        client.get(s.url("/api/v1/contacts")).send(),
+    );
+    assert_eq!(first.unwrap().status(), 200);
+    assert_eq!(second.unwrap().status(), 200);
+    assert_eq!(s.zoho.desk_request_count(), 2);
+}
+
+#[tokio::test]
 async fn a_429_is_retried_once_for_idempotent_requests_after_retry_after() {
     let s = Scenario::start().await;
     // GET: retried after Retry-After (0 s here), and the client sees Desk's second answer.

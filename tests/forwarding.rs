@@ -275,24 +275,42 @@ async fn max_upstream_requests_holds_for_the_whole_process_across_workers() {
 }
 
 #[tokio::test]
-async fn a_queued_request_times_out_as_504() {
+async fn a_queued_request_times_out_as_504_only_for_its_wait_in_line() {
     let s = Scenario::with(FakeOptions::default(), |c| {
         c.max_upstream_requests = 1;
         c.workers = 1;
         c.timeouts.response = Duration::from_millis(500);
     })
     .await;
+    // It waits 350 ms for the only slot, then Desk takes its 350 ms: within the time
+    // Desk has once the request is sent.
     s.zoho.set_desk_delay(Duration::from_millis(350));
     let first = status(s.url("/api/v1/tickets"));
     let queued = async {
-        // Sent once the first holds the only slot: it waits 350 ms, then its own 350 ms
-        // at Desk are past the 500 ms budget.
         wait_for_desk_requests(&s.zoho, 1).await;
+        status(s.url("/api/v1/tickets")).await
+    };
+    assert_eq!(tokio::join!(first, queued), (200, 200));
+    // Desk takes 800 ms: the first gets its 504 at 500 ms, but Desk keeps its call until
+    // it answers, so the second waits past its 500 ms, gets a 504, and is never sent.
+    s.zoho.set_desk_delay(Duration::from_millis(800));
+    let sent_before = s.zoho.desk_request_count();
+    let first = fetch(s.url("/api/v1/tickets"));
+    let queued = async {
+        wait_for_desk_requests(&s.zoho, sent_before + 1).await;
         fetch(s.url("/api/v1/tickets")).await
     };
     let (first, queued) = tokio::join!(first, queued);
-    assert_eq!(first, 200);
-    assert_proxy_error(queued, 504, "PROXY_UPSTREAM_TIMEOUT").await;
+    assert_proxy_error(first, 504, "PROXY_UPSTREAM_TIMEOUT").await;
+    let body = assert_proxy_error(queued, 504, "PROXY_UPSTREAM_TIMEOUT").await;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("never sent"),
+        "{body}"
+    );
+    assert_eq!(s.zoho.desk_request_count(), sent_before + 1);
 }
 
 #[tokio::test]

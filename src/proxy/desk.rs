@@ -246,6 +246,7 @@ impl Proxy {
         let due = attempt
             .due
             .map_or(started + timeout, |due| due.min(started + timeout));
+        let due_from_arrival = attempt.due.is_some();
         // The clock is read again only after a wait (for a slot, for a token): about
         // 23 ns a read, and the request's path used to read it 17 times (README
         // "Performance"). Desk's call first (shared by the serving threads, in arrival
@@ -301,8 +302,16 @@ impl Proxy {
                 }
                 let (request, outcome) = attempt.into_request(&token);
                 // Desk's latency, in the log, starts once a slot and a token are in hand;
-                // the wait for a token does not count against the response's time.
-                let deadline = due + (sent - free);
+                // the wait for a token does not count against the response's time. Once
+                // sent, Desk has its whole response time, whatever the wait in line took:
+                // a request Desk will answer in time is never given up for that wait (its
+                // client would see a 504 for work Desk did). A retry after a 429 keeps
+                // the time of its request, counted from the arrival.
+                let deadline = if due_from_arrival {
+                    due + (sent - free)
+                } else {
+                    sent + timeout
+                };
                 // A call Desk still works on when its client leaves or its deadline
                 // passes keeps its slot (Desk still counts it) until Desk answers: for
                 // twice the response time from when it was sent, and at least the
