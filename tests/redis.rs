@@ -158,6 +158,14 @@ async fn ready(proxy: &TestProxy) -> serde_json::Value {
 
 #[tokio::test]
 async fn three_proxies_share_one_token_and_a_401_storm_costs_one_call() {
+    // Also when the new token lives less long than the revoked one: it is newer all the
+    // same (each replica had called Accounts; audit).
+    for new_lifetime in [None, Some(Duration::from_secs(600))] {
+        a_401_storm_costs_one_call(new_lifetime).await;
+    }
+}
+
+async fn a_401_storm_costs_one_call(new_lifetime: Option<Duration>) {
     let (_redis, _fake, zoho, proxies) = on_redis(3, |_| {}).await;
     for p in &proxies {
         assert_eq!(get(p, "/api/v1/tickets").await.status(), 200);
@@ -165,6 +173,9 @@ async fn three_proxies_share_one_token_and_a_401_storm_costs_one_call() {
     assert_eq!(zoho.token_requests(), 1, "one token for the whole fleet");
 
     // The token is revoked: 3 × 200 concurrent requests all see a 401.
+    if let Some(lifetime) = new_lifetime {
+        zoho.set_token_lifetime(lifetime);
+    }
     zoho.revoke_all_tokens();
     zoho.set_desk_delay(Duration::from_millis(200));
     let c = client();
@@ -191,7 +202,7 @@ async fn three_proxies_share_one_token_and_a_401_storm_costs_one_call() {
     assert_eq!(
         zoho.token_requests(),
         2,
-        "600 requests on a revoked token across 3 proxies: one Accounts call"
+        "600 requests on a revoked token across 3 proxies: one Accounts call ({new_lifetime:?})"
     );
     assert_eq!(
         ok_refreshes(&proxies).await,

@@ -106,6 +106,9 @@ struct StoredToken {
     access_token: String,
     /// Unix milliseconds.
     expires_at_ms: u64,
+    /// When Accounts issued it, Unix milliseconds (absent from an earlier version's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    issued_at_ms: Option<u64>,
 }
 
 impl StoredToken {
@@ -116,8 +119,9 @@ impl StoredToken {
             .map(Duration::from_millis)
     }
 
-    /// Whether this token should replace `local`: a different token that lives longer,
-    /// with some life left.
+    /// Whether this token should replace `local`: a different token issued later (one
+    /// that lives less long is no older: Accounts may shorten its tokens' life), or, for
+    /// one stored without its issue time, one that lives longer; with some life left.
     fn replaces(&self, local: Option<&Token>) -> bool {
         let Some(remaining) = self.remaining() else {
             return false;
@@ -129,7 +133,10 @@ impl StoredToken {
             None => true,
             Some(local) => {
                 local.access_token.expose() != &self.access_token
-                    && self.expires_at_ms > unix_ms(local.expires_at_wall)
+                    && match self.issued_at_ms {
+                        Some(issued) => issued > issued_ms(local),
+                        None => self.expires_at_ms > unix_ms(local.expires_at_wall),
+                    }
             }
         }
     }
@@ -143,6 +150,15 @@ impl StoredToken {
             api_domain: None,
         })
     }
+}
+
+/// When `token` was issued, Unix milliseconds (for one taken from the store, when it was
+/// taken).
+fn issued_ms(token: &Token) -> u64 {
+    token
+        .expires_at_wall
+        .checked_sub(token.lifetime)
+        .map_or(0, unix_ms)
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -277,9 +293,11 @@ impl SharedStore {
     }
 
     async fn write(&self, token: &Secret<String>, expires_in: Duration) -> Result<(), StoreError> {
+        let now = SystemTime::now();
         let stored = StoredToken {
             access_token: token.expose().clone(),
-            expires_at_ms: unix_ms(SystemTime::now() + expires_in),
+            expires_at_ms: unix_ms(now + expires_in),
+            issued_at_ms: Some(unix_ms(now)),
         };
         let json =
             serde_json::to_string(&stored).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -292,10 +310,11 @@ impl SharedStore {
 
     /// Stores `token` only when Redis holds none (`SET NX`): never over another
     /// replica's newer token.
-    async fn offer(&self, token: &Secret<String>, expires_in: Duration) -> Result<(), StoreError> {
+    async fn offer(&self, token: &Token, expires_in: Duration) -> Result<(), StoreError> {
         let stored = StoredToken {
-            access_token: token.expose().clone(),
+            access_token: token.access_token.expose().clone(),
             expires_at_ms: unix_ms(SystemTime::now() + expires_in),
+            issued_at_ms: Some(issued_ms(token)),
         };
         let json =
             serde_json::to_string(&stored).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -509,8 +528,7 @@ impl SharedStore {
             None => {
                 let now = tokio::time::Instant::now();
                 if let Some(local) = local.filter(|t| cache.is_usable(t, now)) {
-                    self.offer(&local.access_token, local.expires_at - now)
-                        .await?;
+                    self.offer(&local, local.expires_at - now).await?;
                 }
             }
         }
@@ -616,10 +634,33 @@ mod tests {
     }
 
     #[test]
+    fn a_stored_token_issued_later_replaces_one_that_lives_longer() {
+        // Desk rejected a token of an hour; Accounts now issues tokens of 10 minutes: the
+        // fleet's new one is newer, not older (each replica had called Accounts; audit).
+        let long_lived =
+            Token::new(Secret::new("1000.old".into()), Duration::from_secs(3600), 1).unwrap();
+        let now = SystemTime::now();
+        let shorter = StoredToken {
+            access_token: "1000.new".into(),
+            expires_at_ms: unix_ms(now + Duration::from_secs(600)),
+            issued_at_ms: Some(unix_ms(now) + 1),
+        };
+        assert!(shorter.replaces(Some(&long_lived)));
+        // One issued before the local one is not, however long it lives.
+        let earlier = StoredToken {
+            access_token: "1000.earlier".into(),
+            expires_at_ms: unix_ms(now + Duration::from_secs(7200)),
+            issued_at_ms: Some(issued_ms(&long_lived) - 1000),
+        };
+        assert!(!earlier.replaces(Some(&long_lived)));
+    }
+
+    #[test]
     fn a_stored_token_replaces_only_an_older_different_one() {
         let later = StoredToken {
             access_token: "1000.new".into(),
             expires_at_ms: unix_ms(SystemTime::now() + Duration::from_secs(3600)),
+            issued_at_ms: None,
         };
         assert!(later.replaces(None));
         let old = Token::new(Secret::new("1000.old".into()), Duration::from_secs(60), 1).unwrap();
@@ -629,6 +670,7 @@ mod tests {
         let expired = StoredToken {
             access_token: "1000.x".into(),
             expires_at_ms: 1,
+            issued_at_ms: Some(0),
         };
         assert!(!expired.replaces(None));
     }
