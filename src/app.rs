@@ -129,7 +129,7 @@ fn desk_slots(
         redis.clone(),
         &portal,
         limit,
-        (config.desk.fleet_lease, 2 * config.timeouts.response),
+        config.desk.fleet_lease,
         Arc::clone(metrics),
     )
     .map_err(|e| ConfigError::invalid("token_store", e.to_string()))?;

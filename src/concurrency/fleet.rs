@@ -11,14 +11,14 @@
 //!   after [`ALIVE`]; one whose client left is removed at once.
 //! - A release publishes a message that wakes the waiters; they also look again every
 //!   [`POLL`], so a lost message costs at most that.
-//! - When Redis fails, the replica keeps to what it may hold alone ([`Fallback`]): the
-//!   calls it held and its part of those that were free, until the calls taken before
-//!   have surely left Desk; then its share of the limit (the limit divided by the most
-//!   replicas it saw alive over the last [`REPLICAS_REMEMBERED`] leases; one call for a
-//!   replica that never reached Redis). It says so in the log, the metrics and
-//!   `/_proxy/ready`. Its renewals (every third of a lease) try Redis again, and the
-//!   first that works registers every call the replica holds, those taken alone
-//!   included, and brings it back to the fleet's count.
+//! - When Redis fails, the replica keeps to its share of the limit (the limit divided by
+//!   the most replicas it saw alive over the last [`REPLICAS_REMEMBERED`] leases, so that
+//!   the gap of a Redis restart, while replicas register again, does not shrink the count;
+//!   a replica that never reached Redis keeps to one call), the calls it still holds
+//!   through Redis counted in it; says so in the log, the metrics and `/_proxy/ready`. Its
+//!   renewals (every third of a lease) try Redis again, and the first that works
+//!   registers every call the replica holds, those taken alone included, and brings it
+//!   back to the fleet's count.
 //! - When Redis has lost calls from its count (a restart, a flush, a rollback, an
 //!   eviction), the first replica to notice pauses the whole fleet's new calls for half
 //!   a lease, longer than a renewal period, so that every replica's calls are counted
@@ -50,6 +50,9 @@ const KEY_TTL_MS: u64 = 3_600_000;
 /// For how many leases the most replicas seen alive are remembered: a count that drops
 /// for less (replicas registering again after a Redis restart) is not believed.
 const REPLICAS_REMEMBERED: u32 = 6;
+/// The end of the id of a call taken while Redis failed: Redis never counted it, so its
+/// absence there is no sign that Redis lost anything.
+const ON_SHARE: &str = ":alone";
 
 /// Why the fleet's count cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -144,10 +147,10 @@ redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[4]))
 return {redis.call('ZCARD', KEYS[2]), current, redis.call('ZCARD', KEYS[1]), missing}";
 
 /// Puts back calls this replica holds that Redis' count lacks (lost keys, a rollback, an
-/// eviction, or calls taken on the replica's share while Redis failed), and pauses the
-/// fleet's new calls, since other replicas' calls may be missing too (KEYS: holders,
-/// recovering; ARGV: lease ms, pause ms, key ttl ms, ids…). Returns the calls the fleet
-/// holds.
+/// eviction, or calls taken while Redis failed), and, when calls Redis had counted are
+/// among them, pauses the fleet's new calls, since other replicas' calls may be missing
+/// too (KEYS: holders, recovering; ARGV: lease ms, pause ms or 0, key ttl ms, ids…).
+/// Returns the calls the fleet holds.
 const REGISTER: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -155,7 +158,9 @@ for i = 4, #ARGV do
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i])
 end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
-redis.call('SET', KEYS[2], 'registered', 'PX', tonumber(ARGV[2]), 'NX')
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[2], 'registered', 'PX', tonumber(ARGV[2]), 'NX')
+end
 return redis.call('ZCARD', KEYS[1])";
 
 static ACQUIRE_SCRIPT: LazyLock<redis::Script> =
@@ -236,11 +241,7 @@ pub struct FleetSlots {
     replicas_memory: Mutex<(usize, Instant)>,
     /// The calls the fleet held when Redis last answered.
     fleet_held: AtomicUsize,
-    /// The longest a call can stay at Desk once sent (twice `timeouts.response_secs`).
-    calls_outlive: Duration,
     degraded: AtomicBool,
-    /// What this replica keeps to since Redis failed.
-    fallback: Mutex<Option<Fallback>>,
     last_error: Mutex<Option<String>>,
     metrics: Arc<Metrics>,
 }
@@ -256,13 +257,12 @@ impl std::fmt::Debug for FleetSlots {
 
 impl FleetSlots {
     /// The count of `limit` calls for `portal` (what names the portal: the same for every
-    /// replica of it) in `client`'s Redis, with leases of `lease`, for calls that stay at
-    /// Desk for at most `calls_outlive`; connects lazily.
+    /// replica of it) in `client`'s Redis, with leases of `lease`; connects lazily.
     pub fn new(
         client: redis::Client,
         portal: &str,
         limit: usize,
-        (lease, calls_outlive): (Duration, Duration),
+        lease: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, FleetError> {
         let conn = crate::client::redis_connection(&client)?;
@@ -280,9 +280,7 @@ impl FleetSlots {
             epoch: Mutex::default(),
             replicas_memory: Mutex::new((0, Instant::now())),
             fleet_held: AtomicUsize::new(0),
-            calls_outlive,
             degraded: AtomicBool::new(false),
-            fallback: Mutex::new(None),
             last_error: Mutex::new(None),
             metrics,
         }))
@@ -304,7 +302,7 @@ impl FleetSlots {
         });
         FleetStatus {
             degraded,
-            share: self.calls_allowed(Instant::now()),
+            share: self.share_of_limit(),
             replicas: self.replicas_seen(),
             fleet_held: self.fleet_held.load(Ordering::Acquire),
         }
@@ -321,20 +319,6 @@ impl FleetSlots {
         match self.replicas_seen() {
             0 => 1,
             replicas => (self.limit / replicas).max(1),
-        }
-    }
-
-    /// The calls this replica may hold at `now` while Redis fails, those it took through
-    /// Redis before included. The calls other replicas held then are not seen, and may
-    /// be more than their share: until they have surely left Desk, this replica keeps to
-    /// what it held itself and its part of the calls that were free (see [`Fallback`]).
-    fn calls_allowed(&self, now: Instant) -> usize {
-        let fallback = *lock(&self.fallback);
-        match fallback {
-            Some(fallback) if self.replicas_seen() > 0 => {
-                fallback.allowed(now, self.calls_outlive, self.lease, self.share_of_limit())
-            }
-            _ => self.share_of_limit(),
         }
     }
 
@@ -373,8 +357,8 @@ impl FleetSlots {
                 }
                 Ok(false) => {}
                 Err(err) => {
-                    // Its place in line expires with Redis' own clock.
-                    line.id = None;
+                    // Leaving (and giving back a call taken by an answer that was lost)
+                    // is tried; else its place and any such call expire.
                     self.redis_failed(&err);
                     return None;
                 }
@@ -386,8 +370,8 @@ impl FleetSlots {
         }
     }
 
-    /// Waits until this replica holds fewer calls than it may while Redis fails
-    /// ([`Self::calls_allowed`]); `None` when Redis answers again meanwhile.
+    /// Waits until this replica holds fewer calls than its share (those it took through
+    /// Redis before it failed count too); `None` when Redis answers again meanwhile.
     async fn on_share(self: &Arc<Self>) -> Option<Held> {
         loop {
             let released = self.released.notified();
@@ -396,11 +380,11 @@ impl FleetSlots {
             if !self.degraded.load(Ordering::Acquire) {
                 return None;
             }
-            let allowed = self.calls_allowed(Instant::now());
+            let allowed = self.share_of_limit();
             let id = {
                 let mut held = lock(&self.held);
                 (held.len() < allowed).then(|| {
-                    let id = self.new_id();
+                    let id = format!("{}{ON_SHARE}", self.new_id());
                     held.insert(id.clone());
                     id
                 })
@@ -411,11 +395,7 @@ impl FleetSlots {
                     id,
                 }));
             }
-            // What is allowed grows with time too.
-            tokio::select! {
-                () = &mut released => {}
-                () = tokio::time::sleep(POLL) => {}
-            }
+            released.await;
         }
     }
 
@@ -493,7 +473,6 @@ impl FleetSlots {
 
     fn redis_ok(&self) {
         if self.degraded.swap(false, Ordering::AcqRel) {
-            *lock(&self.fallback) = None;
             tracing::info!(
                 limit = self.limit,
                 "Desk concurrency: Redis answers again; back to the fleet's count"
@@ -506,25 +485,14 @@ impl FleetSlots {
     fn redis_failed(&self, err: &FleetError) {
         *lock(&self.last_error) = Some(err.to_string());
         if !self.degraded.swap(true, Ordering::AcqRel) {
-            let replicas = self.replicas_seen().max(1);
-            let free = self
-                .limit
-                .saturating_sub(self.fleet_held.load(Ordering::Acquire));
-            let fallback = Fallback {
-                since: Instant::now(),
-                held: lock(&self.held).len(),
-                of_free: free / replicas,
-            };
-            *lock(&self.fallback) = Some(fallback);
             self.metrics.record_desk_fleet_fallback();
             tracing::warn!(
                 error = %err,
-                held = fallback.held,
-                of_free = fallback.of_free,
+                held = lock(&self.held).len(),
                 share = self.share_of_limit(),
                 limit = self.limit,
                 replicas = self.replicas_seen(),
-                "Desk concurrency: Redis failed; keeping to the calls this replica held and its part of those free, then (once calls taken before have surely left Desk) to its share of desk.max_concurrent, until Redis is back"
+                "Desk concurrency: Redis failed; keeping to this replica's share of desk.max_concurrent (the calls it holds counted) until it is back"
             );
         }
     }
@@ -567,9 +535,12 @@ impl FleetSlots {
         runtime.spawn(async move {
             let mut conn = fleet.conn.clone();
             let mut pipe = redis::pipe();
+            // The script may have taken the call for it just before it left.
             pipe.zrem(&fleet.keys.line, &id)
                 .ignore()
                 .zrem(&fleet.keys.alive, &id)
+                .ignore()
+                .zrem(&fleet.keys.holders, &id)
                 .ignore();
             let left = pipe.query_async::<()>(&mut conn);
             // On failure the place expires after ALIVE.
@@ -611,7 +582,8 @@ impl FleetSlots {
     }
 
     /// Puts back the calls of `missing` (listed as held, and missing from Redis' count)
-    /// that this replica still holds, and pauses the fleet's new calls meanwhile.
+    /// that this replica still holds; when calls Redis had counted are among them, Redis
+    /// lost some, and the fleet's new calls pause meanwhile.
     async fn put_back(&self, missing: Vec<String>) -> Result<(), FleetError> {
         if missing.is_empty() {
             return Ok(());
@@ -625,12 +597,18 @@ impl FleetSlots {
         if missing.is_empty() {
             return Ok(());
         }
+        let lost = missing.iter().filter(|id| !id.ends_with(ON_SHARE)).count();
+        let pause = if lost > 0 {
+            self.lease / 2
+        } else {
+            Duration::ZERO
+        };
         let mut register = REGISTER_SCRIPT.prepare_invoke();
         register
             .key(&self.keys.holders)
             .key(&self.keys.recovering)
             .arg(millis(self.lease))
-            .arg(millis(self.lease / 2))
+            .arg(u64::try_from(pause.as_millis()).unwrap_or(u64::MAX))
             .arg(KEY_TTL_MS);
         for id in &missing {
             register.arg(id);
@@ -641,53 +619,38 @@ impl FleetSlots {
                 .await
                 .map_err(|_| FleetError::Timeout)??;
         self.fleet_held.store(fleet_held, Ordering::Release);
-        tracing::warn!(
-            missing = missing.len(),
-            held,
-            pause_ms = millis(self.lease / 2),
-            "Desk concurrency: calls this replica holds were missing from the fleet's count (Redis restarted, flushed, rolled back or evicted keys, or they were taken on its share); they are registered again, and the fleet takes no new call until every replica has done so"
-        );
-        Ok(())
-    }
-}
-
-/// What a replica keeps to while Redis fails. The calls other replicas held when it
-/// failed are not seen, and a replica may have held more than its share. Until those
-/// calls have surely left Desk (`calls_outlive` after this replica found Redis failing),
-/// it keeps to the calls it held and its part of those that were free; for the time
-/// another replica may have found Redis failing later (a renewal period and two command
-/// timeouts), to its part of those that were free alone; then to its share. So at any
-/// moment the replicas' calls add up to at most the limit, whichever of the three each
-/// is in (the calls held, and the parts of the free ones, add up to the limit; the parts
-/// of the free ones are at most the shares).
-#[derive(Debug, Clone, Copy)]
-struct Fallback {
-    /// When this replica found Redis failing.
-    since: Instant,
-    /// The calls it held then.
-    held: usize,
-    /// Its part of the calls the fleet had free when Redis last answered.
-    of_free: usize,
-}
-
-impl Fallback {
-    /// The calls the replica may hold at `now`.
-    fn allowed(
-        &self,
-        now: Instant,
-        calls_outlive: Duration,
-        lease: Duration,
-        share: usize,
-    ) -> usize {
-        let since = now.saturating_duration_since(self.since);
-        let others_later = lease / 3 + 2 * COMMAND_TIMEOUT;
-        if since < calls_outlive {
-            self.held + self.of_free
-        } else if since < calls_outlive + others_later {
-            self.of_free
-        } else {
-            share
+        // A call that ended meanwhile (its release may have reached Redis first) is not
+        // left counted.
+        let ended: Vec<String> = {
+            let held = lock(&self.held);
+            missing
+                .iter()
+                .filter(|id| !held.contains(*id))
+                .cloned()
+                .collect()
+        };
+        if !ended.is_empty() {
+            let mut pipe = redis::pipe();
+            pipe.zrem(&self.keys.holders, &ended)
+                .ignore()
+                .publish(&self.keys.channel, "released")
+                .ignore();
+            let _ = tokio::time::timeout(COMMAND_TIMEOUT, pipe.query_async::<()>(&mut conn)).await;
         }
+        if lost > 0 {
+            tracing::warn!(
+                missing = lost,
+                held,
+                pause_ms = millis(pause),
+                "Desk concurrency: calls this replica holds were missing from the fleet's count (Redis restarted, flushed, rolled back or evicted keys); they are registered again, and the fleet takes no new call until every replica has done so"
+            );
+        } else {
+            tracing::info!(
+                registered = missing.len(),
+                "Desk concurrency: the calls this replica took while Redis failed are counted in the fleet's count"
+            );
+        }
+        Ok(())
     }
 }
 
@@ -793,34 +756,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn alone_a_replica_keeps_to_its_own_calls_and_part_of_the_free_ones_then_to_its_share() {
-        let start = Instant::now();
-        let at = |secs: u64| start + Duration::from_secs(secs);
-        let (outlive, lease, share) = (Duration::from_secs(240), Duration::from_secs(9), 1);
-        // Held all 4 of a limit of 4, with 3 replicas: nothing free.
-        let full = Fallback {
-            since: start,
-            held: 4,
-            of_free: 0,
-        };
-        assert_eq!(full.allowed(at(0), outlive, lease, share), 4);
-        assert_eq!(full.allowed(at(239), outlive, lease, share), 4);
-        // Another replica may still be at its first step: the free part alone.
-        assert_eq!(full.allowed(at(240), outlive, lease, share), 0);
-        assert_eq!(full.allowed(at(246), outlive, lease, share), 0);
-        // Every replica's calls of before have left: the share.
-        assert_eq!(full.allowed(at(247), outlive, lease, share), 1);
-        // An idle fleet: the free part is the share from the start.
-        let idle = Fallback {
-            since: start,
-            held: 0,
-            of_free: 1,
-        };
-        assert_eq!(idle.allowed(at(0), outlive, lease, share), 1);
-        assert_eq!(idle.allowed(at(240), outlive, lease, share), 1);
-    }
 
     #[test]
     fn the_most_replicas_seen_are_remembered_for_a_while() {

@@ -270,9 +270,10 @@ impl Proxy {
                     } else {
                         format!("desk.max_concurrent, {}", self.desk.limit())
                     };
+                    // A retry after a 429 had what was left of its request's time.
                     ProxyError::UpstreamTimeout(format!(
-                        "no call to Zoho Desk came free within {} s (timeouts.response_secs): the calls allowed at once ({limit}) were all busy, and the request was never sent",
-                        timeout.as_secs_f64()
+                        "no call to Zoho Desk came free within {} s (timeouts.response_secs, from the request's arrival for a retry): the calls allowed at once ({limit}) were all busy, and the request was never sent",
+                        due.saturating_duration_since(started).as_secs_f64()
                     ))
                 });
                 (slot, Instant::now())

@@ -119,9 +119,11 @@ impl StoredToken {
             .map(Duration::from_millis)
     }
 
-    /// Whether this token should replace `local`: a different token issued later (one
-    /// that lives less long is no older: Accounts may shorten its tokens' life), or, for
-    /// one stored without its issue time, one that lives longer; with some life left.
+    /// Whether this token should replace `local`: a different token that lives longer,
+    /// or that was issued later (one that lives less long is no older: Accounts may
+    /// shorten its tokens' life); with some life left. A local token's issue time is
+    /// known only as when it was installed (a token taken from the store or the token
+    /// file was issued before), so an issue time is never the only evidence.
     fn replaces(&self, local: Option<&Token>) -> bool {
         let Some(remaining) = self.remaining() else {
             return false;
@@ -133,10 +135,10 @@ impl StoredToken {
             None => true,
             Some(local) => {
                 local.access_token.expose() != &self.access_token
-                    && match self.issued_at_ms {
-                        Some(issued) => issued > issued_ms(local),
-                        None => self.expires_at_ms > unix_ms(local.expires_at_wall),
-                    }
+                    && (self.expires_at_ms > unix_ms(local.expires_at_wall)
+                        || self
+                            .issued_at_ms
+                            .is_some_and(|issued| issued > issued_ms(local)))
             }
         }
     }
@@ -152,8 +154,8 @@ impl StoredToken {
     }
 }
 
-/// When `token` was issued, Unix milliseconds (for one taken from the store, when it was
-/// taken).
+/// When `token` was issued, Unix milliseconds, as far as this replica knows: for one
+/// taken from the store or the token file, when it was taken (later than its issue).
 fn issued_ms(token: &Token) -> u64 {
     token
         .expires_at_wall
@@ -310,11 +312,12 @@ impl SharedStore {
 
     /// Stores `token` only when Redis holds none (`SET NX`): never over another
     /// replica's newer token.
-    async fn offer(&self, token: &Token, expires_in: Duration) -> Result<(), StoreError> {
+    async fn offer(&self, token: &Secret<String>, expires_in: Duration) -> Result<(), StoreError> {
         let stored = StoredToken {
-            access_token: token.access_token.expose().clone(),
+            access_token: token.expose().clone(),
             expires_at_ms: unix_ms(SystemTime::now() + expires_in),
-            issued_at_ms: Some(issued_ms(token)),
+            // Not known here (it may have been taken from the store): compared by expiry.
+            issued_at_ms: None,
         };
         let json =
             serde_json::to_string(&stored).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -528,7 +531,8 @@ impl SharedStore {
             None => {
                 let now = tokio::time::Instant::now();
                 if let Some(local) = local.filter(|t| cache.is_usable(t, now)) {
-                    self.offer(&local, local.expires_at - now).await?;
+                    self.offer(&local.access_token, local.expires_at - now)
+                        .await?;
                 }
             }
         }
@@ -646,13 +650,24 @@ mod tests {
             issued_at_ms: Some(unix_ms(now) + 1),
         };
         assert!(shorter.replaces(Some(&long_lived)));
-        // One issued before the local one is not, however long it lives.
+        // One issued before the local one, and dying before it, is not.
         let earlier = StoredToken {
             access_token: "1000.earlier".into(),
-            expires_at_ms: unix_ms(now + Duration::from_secs(7200)),
+            expires_at_ms: unix_ms(now + Duration::from_secs(1800)),
             issued_at_ms: Some(issued_ms(&long_lived) - 1000),
         };
         assert!(!earlier.replaces(Some(&long_lived)));
+        // A restarted replica's token from the token file (installed now, issued long
+        // ago) is replaced by the fleet's that lives longer, issued before it was
+        // installed (the issue time alone had refused it: a call to Accounts more).
+        let from_file =
+            Token::new(Secret::new("1000.file".into()), Duration::from_secs(240), 1).unwrap();
+        let fleet_s = StoredToken {
+            access_token: "1000.fleet".into(),
+            expires_at_ms: unix_ms(now + Duration::from_secs(3540)),
+            issued_at_ms: Some(unix_ms(now) - 60_000),
+        };
+        assert!(fleet_s.replaces(Some(&from_file)));
     }
 
     #[test]
