@@ -16,12 +16,7 @@ async fn exchange_stores_the_refresh_token_masked_and_serve_reuses_the_access_to
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &fake, false, "", "");
 
-    let out = command(dir.path())
-        .args(["exchange", "--code", "1000.fakegrant.0001", "--config"])
-        .arg(&config)
-        .output()
-        .await
-        .unwrap();
+    let out = exchange(dir.path(), &config).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -137,12 +132,7 @@ async fn exchange_whose_answer_was_lost_says_the_grant_token_may_be_spent() {
         .set_accounts_behavior(AccountsBehavior::CloseConnection);
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &fake, false, "", "");
-    let out = command(dir.path())
-        .args(["exchange", "--code", "1000.fakegrant.0001", "--config"])
-        .arg(&config)
-        .output()
-        .await
-        .unwrap();
+    let out = exchange(dir.path(), &config).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     // Not "check DNS": the request went out, and the grant token is single-use.
@@ -232,16 +222,27 @@ async fn sigterm_turns_ready_503_lets_in_flight_requests_finish_and_exits_0() {
 
 #[tokio::test]
 async fn check_reports_each_step_and_exits_0_only_when_all_work() {
+    /// `check` with `config` and `envs`, run in `dir`; what it printed.
+    async fn check(
+        dir: &std::path::Path,
+        config: &std::path::Path,
+        envs: &[(&str, &str)],
+    ) -> (std::process::Output, String) {
+        let out = command(dir)
+            .args(["check", "--config"])
+            .arg(config)
+            .envs(envs.iter().copied())
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out, stdout)
+    }
+
     let fake = FakeZoho::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &fake, true, "", "");
-    let out = command(dir.path())
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (out, stdout) = check(dir.path(), &config, &[]).await;
     assert!(out.status.success(), "{stdout}");
     for line in [
         "[ok  ] configuration",
@@ -255,14 +256,8 @@ async fn check_reports_each_step_and_exits_0_only_when_all_work() {
     }
 
     // A token file that cannot be written: serve would lose its token at every restart.
-    let out = command(dir.path())
-        .args(["check", "--config"])
-        .arg(&config)
-        .env("ZOHO_TOKEN_FILE", dir.path())
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let token_file = dir.path().display().to_string();
+    let (out, stdout) = check(dir.path(), &config, &[("ZOHO_TOKEN_FILE", &token_file)]).await;
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(
         stdout.contains("[FAIL] token file") && stdout.contains("fix: set token_file"),
@@ -273,13 +268,7 @@ async fn check_reports_each_step_and_exits_0_only_when_all_work() {
         .unwrap()
         .replace("fake-client-secret", "wrong-secret");
     std::fs::write(&config, text).unwrap();
-    let out = command(dir.path())
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (out, stdout) = check(dir.path(), &config, &[]).await;
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(
         stdout.contains("[FAIL] token refresh") && stdout.contains("client secret"),
@@ -563,18 +552,9 @@ async fn sigterm_exits_as_soon_as_the_drain_is_done() {
 
 #[tokio::test]
 async fn sigterm_does_not_wait_for_a_hanging_token_refresh() {
-    let fake = FakeZoho::start().await.unwrap();
-    let zoho = fake.control();
+    let (_fake, zoho, dir, config) = fake_and_config("[timeouts]\nshutdown_grace_secs = 1").await;
     // Accounts takes a minute: the refresh at start is still out when SIGTERM comes.
     zoho.set_accounts_delay(Duration::from_secs(60));
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &fake,
-        true,
-        "",
-        "[timeouts]\nshutdown_grace_secs = 1",
-    );
     let Serving { child, .. } = serve(dir.path(), &config).await;
     wait_for_token_requests(&zoho, 1).await;
 
@@ -588,17 +568,8 @@ async fn sigterm_does_not_wait_for_a_hanging_token_refresh() {
 
 #[tokio::test]
 async fn a_request_cut_at_the_end_of_the_grace_period_is_logged_as_the_proxy_s_not_the_client_s() {
-    let fake = FakeZoho::start().await.unwrap();
-    let zoho = fake.control();
+    let (_fake, zoho, dir, config) = fake_and_config("[timeouts]\nshutdown_grace_secs = 0.5").await;
     zoho.set_desk_delay(Duration::from_secs(60));
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        &fake,
-        true,
-        "",
-        "[timeouts]\nshutdown_grace_secs = 0.5",
-    );
     let (serving, mut lines) = serve_logged(dir.path(), &config, "127.0.0.1:0", &[]).await;
     let request = tokio::spawn(client().get(serving.url("/api/v1/tickets")).send());
     wait_for_desk_requests(&zoho, 1).await;
@@ -615,6 +586,33 @@ async fn a_request_cut_at_the_end_of_the_grace_period_is_logged_as_the_proxy_s_n
     // Not 499: the client did not go away, the proxy cut it.
     assert_eq!(logged["status"], 503, "{logged}");
     assert_eq!(logged["cut_by_shutdown"], true, "{logged}");
+}
+
+/// `exchange` of the fake's grant token with `config`, run in `dir`.
+async fn exchange(dir: &std::path::Path, config: &std::path::Path) -> std::process::Output {
+    command(dir)
+        .args(["exchange", "--code", "1000.fakegrant.0001", "--config"])
+        .arg(config)
+        .output()
+        .await
+        .unwrap()
+}
+
+/// The fake Zoho, and a config of it (with the refresh token, then `after_oauth`) in a
+/// temp dir of its own.
+async fn fake_and_config(
+    after_oauth: &str,
+) -> (
+    FakeZoho,
+    zoho_desk_proxy::fake_zoho::FakeControl,
+    tempfile::TempDir,
+    std::path::PathBuf,
+) {
+    let fake = FakeZoho::start().await.unwrap();
+    let zoho = fake.control();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &fake, true, "", after_oauth);
+    (fake, zoho, dir, config)
 }
 
 /// Sends SIGTERM to `child` and waits for it to exit (50 s at most): its status, and how
