@@ -204,21 +204,35 @@ async fn a_401_whose_body_stalls_is_a_504_and_frees_its_call() {
 }
 
 #[tokio::test]
-async fn a_401_larger_than_any_desk_error_is_a_502_that_says_so_and_costs_no_refresh() {
-    let s = Scenario::with(FakeOptions::default(), |c| c.desk.max_concurrent = 1).await;
+async fn a_401_larger_than_any_desk_error_has_no_error_code_so_it_costs_a_refresh_and_a_retry() {
+    let s = Scenario::with(FakeOptions::default(), |c| {
+        c.desk.max_concurrent = 1;
+        c.replay_body_bytes = 16;
+    })
+    .await;
     assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
-    // A body of 70 KB: no Desk error is that large (a gateway's page, say).
-    s.zoho
-        .fail_next_desk_requests(1, Some(&"INVALID_OAUTH".repeat(5_500)));
-    let response = get(&s, "/api/v1/tickets").await;
+    // A body of 70 KB: no Desk error is that large (a gateway's page, say), and none the
+    // proxy reads: a 401 whose body has no errorCode (it had been a 502 and no refresh).
+    let huge = "INVALID_OAUTH".repeat(5_500);
+    s.zoho.fail_next_desk_requests(1, Some(&huge));
+    assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200, "retried");
+    assert_eq!(s.zoho.token_requests(), 2, "one refresh");
+    // A request that cannot be sent again gets a 502 that says so (the 401 is not held
+    // whole to be passed on), and the refresh still happens.
+    s.zoho.fail_next_desk_requests(1, Some(&huge));
+    let response = client()
+        .post(s.url("/api/v1/echo"))
+        .body(vec![b'x'; 1000])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 502);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["errorCode"], "PROXY_UPSTREAM_UNREACHABLE", "{body}");
     let message = body["message"].as_str().unwrap();
     assert!(message.contains("larger than 64 KiB"), "{message}");
-    assert_eq!(s.zoho.token_requests(), 1, "no refresh for an unread 401");
-    // Desk's one call is free again.
     assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
+    assert_eq!(s.zoho.token_requests(), 3, "the refresh happened");
 }
 
 #[tokio::test]

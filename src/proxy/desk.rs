@@ -188,20 +188,25 @@ impl Proxy {
         let read = tokio::time::timeout(timeout, Limited::new(body, MAX_401_BODY).collect());
         let desk_401 = match read.await {
             Ok(Ok(body)) => body.to_bytes(),
+            Ok(Err(err)) if err.is::<http_body_util::LengthLimitError>() => {
+                self.metrics.record_upstream_error(UpstreamErrorKind::Body);
+                // Desk's own 401s are a few hundred bytes: a larger one has no errorCode
+                // the proxy can read, so it says the token failed (a refresh, and a
+                // retry when the request can be sent again); it is not held whole to be
+                // passed on, so a client with no retry gets a 502 that says so.
+                self.tokens.mark_rejected(token);
+                drop(slot);
+                let err = ProxyError::UpstreamUnreachable(format!(
+                    "Zoho Desk answered 401 with a body larger than {} KiB, more than any error of Zoho Desk; the token was renewed, and the request could not be sent again",
+                    MAX_401_BODY / 1024
+                ));
+                return Ok(Answer::TokenRejected(Box::new(err.to_response())));
+            }
             Ok(Err(err)) => {
                 self.metrics.record_upstream_error(UpstreamErrorKind::Body);
-                // Desk's own 401s are a few hundred bytes: a larger one is no Desk error
-                // the proxy can read, and it is not held whole to pass it on.
-                let why = if err.is::<http_body_util::LengthLimitError>() {
-                    format!(
-                        "is larger than {} KiB, more than any error of Zoho Desk",
-                        MAX_401_BODY / 1024
-                    )
-                } else {
-                    format!("broke off: {}", crate::client::innermost(err.as_ref()))
-                };
                 return Err(ProxyError::UpstreamUnreachable(format!(
-                    "Zoho Desk's 401 answer {why}"
+                    "Zoho Desk's 401 answer broke off: {}",
+                    crate::client::innermost(err.as_ref())
                 )));
             }
             Err(_) => {
