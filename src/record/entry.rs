@@ -106,18 +106,32 @@ impl Exchange {
             name: "authorization".into(),
             value: "Zoho-oauthtoken ***".into(),
         });
+        // Each name and value masked as written, then decoded and masked again: decoded,
+        // a secret with a `+` reads with a space (and no longer as the secret), and one
+        // written all in escapes reads plain.
+        let decoded = |raw: &str| {
+            let text = scrub.text(raw.to_owned());
+            let text = form_urlencoded::parse(format!("x={text}").as_bytes())
+                .next()
+                .map(|(_, value)| value.into_owned())
+                .unwrap_or_default();
+            scrub.text(text)
+        };
         let query_string = self
             .url
             .query()
             .map(|q| {
-                form_urlencoded::parse(q.as_bytes())
-                    .map(|(name, value)| NameValue {
-                        name: name.into_owned(),
-                        value: value.into_owned(),
+                q.split('&')
+                    .filter(|pair| !pair.is_empty())
+                    .map(|pair| {
+                        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                        NameValue {
+                            name: decoded(name),
+                            value: decoded(value),
+                        }
                     })
                     .collect()
             })
-            .map(masked)
             .unwrap_or_default();
         let (bytes, total, complete) = match &self.request_body {
             RequestBodySeen::Empty => (Vec::new(), 0, true),
@@ -404,6 +418,43 @@ mod tests {
         // a whole answer).
         let (capped, cut) = unmasked_in_compressed(headers, &clean, false, 1000, &scrub).unwrap();
         assert_eq!((capped.len(), cut), (1000, true));
+    }
+
+    #[test]
+    fn a_secret_in_the_query_is_masked_in_the_query_string_too() {
+        // Keys made by `openssl rand -base64` hold `+`: decoded, it reads as a space, and
+        // the query string had kept "Key/With Plus=001" (audit). One written all in
+        // escapes reads plain once decoded.
+        let secrets = [Secret::new("Key/With+Plus=001".to_owned())];
+        let scrub = Scrubber::new(&secrets);
+        let now = Instant::now();
+        let exchange = Exchange {
+            started: now,
+            started_at: SystemTime::now(),
+            answered: Some(now),
+            ended: Some(now),
+            method: Method::GET,
+            url: "https://desk.zoho.com/api/v1/echo?pk=Key/With+Plus=001&k=%4B%65%79%2F%57%69%74%68%2B%50%6C%75%73%3D%30%30%31&plain=a+b"
+                .parse()
+                .unwrap(),
+            request_headers: String::new(),
+            request_id: "id".into(),
+            request_body: RequestBodySeen::Empty,
+            tokens: Vec::new(),
+            status: StatusCode::OK,
+            response_headers: String::new(),
+            body: Vec::new(),
+            body_total: 0,
+            body_complete: true,
+        };
+        let entry = exchange.into_entry(1 << 20, &scrub);
+        let pairs: Vec<(&str, &str)> = entry
+            .request
+            .query_string
+            .iter()
+            .map(|p| (p.name.as_str(), p.value.as_str()))
+            .collect();
+        assert_eq!(pairs, [("pk", "***"), ("k", "***"), ("plain", "a b")]);
     }
 
     #[test]
