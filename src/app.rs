@@ -303,7 +303,8 @@ async fn run_replay(
     let mut desk_hosts = config.intercept.desk_hosts.clone();
     desk_hosts.push(config.upstream.host());
     let prefix = config.upstream.prefix.clone();
-    let replay = Arc::new(Replay::load(&path, &desk_hosts, &prefix)?);
+    let secrets = config.secrets();
+    let replay = Arc::new(Replay::load(&path, &desk_hosts, &prefix)?.masking(&secrets));
     let metrics = Arc::new(Metrics::new());
     // Never asked for a token: every answer comes from the file.
     let tokens = TokenCache::new(

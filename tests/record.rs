@@ -315,6 +315,41 @@ async fn a_secret_desk_or_a_client_puts_anywhere_is_masked() {
 }
 
 #[tokio::test]
+async fn a_request_recorded_with_a_secret_masked_in_its_query_is_replayed() {
+    // The recording holds `key=***`: the same request, masked as it was recorded, is
+    // answered (it had been a miss, and a CI job under --replay-strict had no way
+    // forward; audit).
+    let dir = tempfile::tempdir().unwrap();
+    let (s, file) = recording(dir.path(), |c| {
+        c.access.api_keys = vec![Secret::new(KEY.into())];
+    })
+    .await;
+    let query = format!("/api/v1/tickets?key={KEY}&limit=2");
+    let recorded = client()
+        .get(s.url(&query))
+        .header("x-proxy-key", KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(recorded.status(), 200);
+    let recorded = recorded.text().await.unwrap();
+    s.proxy.stop().await;
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(!text.contains(KEY) && text.contains("key=***"), "{text}");
+
+    let (serving, _lines) = replay(dir.path(), &file, &[], &[("ZOHO_PROXY_API_KEYS", KEY)]).await;
+    let replayed = client()
+        .get(serving.url(&query))
+        .header("x-proxy-key", KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replayed.status(), 200);
+    assert_eq!(replayed.text().await.unwrap(), recorded);
+    stop(serving).await;
+}
+
+#[tokio::test]
 async fn a_secret_in_a_compressed_request_body_is_masked() {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();

@@ -23,6 +23,15 @@ pub struct Scrubber {
     finder: Option<AhoCorasick>,
 }
 
+impl std::fmt::Debug for Scrubber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secrets themselves.
+        f.debug_struct("Scrubber")
+            .field("secrets", &self.secrets.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Scrubber {
     /// Searches for `secrets` (those shorter than [`MIN_SECRET_LEN`] are left out) and for
     /// Zoho tokens.

@@ -68,6 +68,7 @@ impl Replay {
             entries: 0,
             misses: (0..MISSES_KEPT).map(|_| OnceLock::new()).collect(),
             missed: AtomicU64::new(0),
+            scrub: crate::record::scrub::Scrubber::new(std::iter::empty()),
         };
         let mut other_hosts: BTreeMap<String, usize> = BTreeMap::new();
         let mut skipped = 0;

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use crate::secret::Secret;
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
 use sha2::{Digest, Sha256};
@@ -144,9 +145,19 @@ pub struct Replay {
     /// The first misses, for the list at exit: a slot each, taken in turn (no lock).
     misses: Box<[OnceLock<String>]>,
     missed: AtomicU64,
+    /// What a recording masks, masked in a request's path and query before it is matched:
+    /// a request recorded with a secret or a token in its query is recorded with `***`.
+    scrub: crate::record::scrub::Scrubber,
 }
 
 impl Replay {
+    /// Masks `secrets` (the configuration's, as a recording does) in requests' paths and
+    /// queries before they are matched; Zoho-shaped tokens are masked in any case.
+    pub fn masking<'a>(mut self, secrets: impl IntoIterator<Item = &'a Secret<String>>) -> Self {
+        self.scrub = crate::record::scrub::Scrubber::new(secrets);
+        self
+    }
+
     /// Whether a method's body is part of its match.
     pub fn matches_body(method: &Method) -> bool {
         [Method::POST, Method::PUT, Method::PATCH].contains(method)
@@ -160,6 +171,15 @@ impl Replay {
         path_and_query: &str,
         body: Option<BodyDigest>,
     ) -> Lookup<'_> {
+        // Masked as the recording masked it (only a query with something to mask is
+        // copied).
+        let masked;
+        let path_and_query = if self.scrub.finds(path_and_query.as_bytes()) {
+            masked = self.scrub.text(path_and_query.to_owned());
+            masked.as_str()
+        } else {
+            path_and_query
+        };
         let key = Key {
             line: request_line(method.as_str(), path_and_query),
             body: body.filter(|_| Self::matches_body(method)),
