@@ -301,8 +301,13 @@ pub fn ca_init(
 ) -> Result<String, OpsError> {
     let dir = dir.unwrap_or(&config.intercept.ca_dir);
     let hosts = config.intercept.hosts();
-    let cert = crate::intercept::ca::init(dir, &hosts, force)
-        .map_err(|e| OpsError::Failed(e.to_string()))?;
+    let cert = crate::intercept::ca::init(dir, &hosts, force).map_err(|e| match e {
+        // A usage error: the fix is --force (exit 2).
+        crate::intercept::ca::CaError::Exists(_) => {
+            OpsError::Config(ConfigError::invalid("ca init", e.to_string()))
+        }
+        e => OpsError::Failed(e.to_string()),
+    })?;
     Ok(format!(
         "local CA created: {} (trust this one), its key {} (mode 0600, keep it private).\nIt can sign certificates for {} only, and for no IP address.\nNext: set intercept.enabled = true, start the proxy, and run `eval \"$(zoho-desk-proxy env)\"` in the client's shell.",
         cert.display(),

@@ -827,7 +827,11 @@ async fn ca_init_keeps_the_key_private_and_never_overwrites_by_accident() {
     let out = run(&["ca", "init", "--dir", ca.to_str().unwrap()])
         .await
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "refused without --force");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "refused without --force: a usage error"
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
     assert_eq!(std::fs::read(ca.join("ca.pem")).unwrap(), before);
     let out = run(&["ca", "init", "--dir", ca.to_str().unwrap(), "--force"])

@@ -54,9 +54,36 @@ pub enum CaError {
         /// The host.
         host: String,
     },
+    /// The key is not the certificate's (a `ca init --force` cut between its two files,
+    /// or files copied from two CAs).
+    #[error(
+        "{0}: ca-key.pem is not the key of ca.pem, so no client would accept a certificate it signs: make a new CA with `zoho-desk-proxy ca init --force`, and have clients trust it"
+    )]
+    KeyMismatch(PathBuf),
     /// A certificate or key could not be made or read.
     #[error("{0}")]
     Cert(String),
+}
+
+/// Says so when the CA's key can be read by users other than the proxy's (`ca init`
+/// makes it 0600): anyone who reads it can impersonate the intercepted hosts to the
+/// clients that trust the CA.
+fn warn_if_readable_by_others(key_path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(key_path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                key = %key_path.display(),
+                mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                "the CA's key can be read by other users: `chmod 600` it (anyone who reads it can impersonate the intercepted hosts to clients that trust the CA)"
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = key_path;
 }
 
 fn cert_error(err: impl std::fmt::Display) -> CaError {
@@ -214,8 +241,14 @@ impl LocalCa {
         };
         let cert_pem = read(&cert_path)?;
         let key = KeyPair::from_pem(&read(&key_path)?).map_err(cert_error)?;
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(cert_error)?;
         let ca_der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(cert_error)?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&ca_der).map_err(cert_error)?;
+        if parsed.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+        {
+            return Err(CaError::KeyMismatch(dir.to_owned()));
+        }
+        warn_if_readable_by_others(&key_path);
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(cert_error)?;
         let constraints = dns_constraints(&ca_der)?;
         if let Some(host) = hosts.iter().find(|host| !covers(&constraints, host)) {
             return Err(CaError::Uncovered {
@@ -381,6 +414,21 @@ mod tests {
             err.contains("desk.zoho.eu") && err.contains("ca init --force"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificate_s_is_refused_at_load() {
+        // `ca init --force` cut between its two renames, or files of two CAs: every
+        // client would have refused the leaves, and the proxy had started silently.
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let names = hosts(&["desk.zoho.com"]);
+        init(a.path(), &names, false).unwrap();
+        init(b.path(), &names, false).unwrap();
+        assert!(LocalCa::load(a.path(), names.clone()).is_ok());
+        std::fs::copy(b.path().join(CA_KEY), a.path().join(CA_KEY)).unwrap();
+        let err = LocalCa::load(a.path(), names).err().unwrap();
+        assert!(matches!(err, CaError::KeyMismatch(_)), "{err}");
+        assert!(err.to_string().contains("ca init --force"), "{err}");
     }
 
     #[test]
