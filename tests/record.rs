@@ -513,7 +513,10 @@ async fn a_miss_names_the_closest_request_and_strict_mode_fails_the_run() {
     .await;
     let body = assert_proxy_error(miss, 404, "PROXY_REPLAY_MISS").await;
     let message = body["message"].as_str().unwrap();
-    assert!(message.contains("POST /api/v1/tickets"), "{message}");
+    assert!(
+        message.contains("the recording has POST /api/v1/tickets with another body"),
+        "only the body differs, and the miss says so: {message}"
+    );
     let miss = send(&base, "GET", "/api/v1/tickets?limit=3", None).await;
     let body = assert_proxy_error(miss, 404, "PROXY_REPLAY_MISS").await;
     assert!(

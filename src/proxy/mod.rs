@@ -488,6 +488,11 @@ impl Proxy {
             } => {
                 let closest = match closest {
                     _ if cut => "the recording has it, with its body cut at record.max_body_bytes (no body can match one cut): record it again with a larger record.max_body_bytes".to_owned(),
+                    // The same line: only the body differs (bodies are compared byte
+                    // for byte: a JSON body with its keys in another order is another).
+                    Some(closest) if closest == request => format!(
+                        "the recording has {closest} with another body (bodies must match byte for byte)"
+                    ),
                     Some(closest) => format!("the closest recorded request is {closest}"),
                     None => "the recording has no requests".to_owned(),
                 };
