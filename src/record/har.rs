@@ -241,7 +241,9 @@ pub fn entry_lines(text: &str) -> Option<(Vec<&str>, Ending)> {
 }
 
 /// The entry a whole line holds (`{…}`, or `,{…}` after the first): an object with a
-/// request and a response (a write cut after its first bytes may leave `,{}`).
+/// request and a response (a write cut after its first bytes may leave `,{}`). The file's
+/// last line may lack its newline: a write cut just before it left the entry whole (no
+/// shorter start of an entry is a whole object).
 fn entry_of(line: &str, first: bool) -> Option<&str> {
     #[derive(serde::Deserialize)]
     struct Shape<'a> {
@@ -252,7 +254,7 @@ fn entry_of(line: &str, first: bool) -> Option<&str> {
         #[allow(dead_code)]
         response: &'a serde_json::value::RawValue,
     }
-    let body = line.strip_suffix('\n')?;
+    let body = line.strip_suffix('\n').unwrap_or(line);
     let body = if first { body } else { body.strip_prefix(',')? };
     serde_json::from_str::<Shape<'_>>(body)
         .is_ok()
@@ -298,6 +300,11 @@ mod tests {
             let repaired = layout(kept.iter().copied());
             assert!(serde_json::from_str::<serde_json::Value>(&repaired).is_ok());
         }
+        // Cut just before an entry's newline: that entry is whole, and kept (an audit saw
+        // it dropped).
+        let third_end = text.len() - TRAILER.len() - 1;
+        let (kept, ending) = entry_lines(&text[..third_end]).unwrap();
+        assert_eq!((kept, ending), (entries.to_vec(), Ending::Cut));
         // A write cut after its first two bytes (`,{` then `}` of the trailer's place):
         // no entry.
         let junk = format!("{},{{}}\n", &text[..text.len() - TRAILER.len()]);
