@@ -50,7 +50,9 @@ pub(super) async fn run(worker: &Arc<Worker>, request: Tunnel, peer: SocketAddr)
     let (_, session) = stream.get_ref();
     let named = session.server_name().map(str::to_ascii_lowercase);
     if named.as_deref() != Some(&*host) {
-        tracing::warn!(%peer, connect = %host, sni = ?named, "intercept: the TLS name differs from the CONNECT's host; tunnel closed");
+        // The name as sent (the client's own choice), or none.
+        let sni = named.as_deref().unwrap_or("(none)");
+        tracing::warn!(%peer, connect = %host, sni, "intercept: the TLS name differs from the CONNECT's host; tunnel closed");
         return;
     }
     let h2 = session.alpn_protocol() == Some(b"h2");
