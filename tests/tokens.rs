@@ -220,12 +220,7 @@ async fn a_401_larger_than_any_desk_error_has_no_error_code_so_it_costs_a_refres
     // A request that cannot be sent again gets a 502 that says so (the 401 is not held
     // whole to be passed on), and the refresh still happens.
     s.zoho.fail_next_desk_requests(1, Some(&huge));
-    let response = client()
-        .post(s.url("/api/v1/echo"))
-        .body(vec![b'x'; 1000])
-        .send()
-        .await
-        .unwrap();
+    let response = post_1000_bytes(&s).await;
     assert_eq!(response.status(), 502);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body["errorCode"], "PROXY_UPSTREAM_UNREACHABLE", "{body}");
@@ -235,25 +230,25 @@ async fn a_401_larger_than_any_desk_error_has_no_error_code_so_it_costs_a_refres
     assert_eq!(s.zoho.token_requests(), 3, "the refresh happened");
 }
 
+/// A POST of 1000 bytes to the fake's echo: more than the tests' 16-byte replay buffer.
+async fn post_1000_bytes(s: &Scenario) -> reqwest::Response {
+    client()
+        .post(s.url("/api/v1/echo"))
+        .body(vec![b'x'; 1000])
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_body_too_large_to_replay_gets_the_401_and_the_refresh_still_happens() {
     let s = Scenario::with(FakeOptions::default(), |c| c.replay_body_bytes = 16).await;
     assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
     s.zoho.revoke_all_tokens();
-    let response = client()
-        .post(s.url("/api/v1/echo"))
-        .body(vec![b'x'; 1000])
-        .send()
-        .await
-        .unwrap();
+    let response = post_1000_bytes(&s).await;
     assert_eq!(response.status(), 401, "a streamed body cannot be replayed");
     wait_for_token_requests(&s.zoho, 2).await;
-    let response = client()
-        .post(s.url("/api/v1/echo"))
-        .body(vec![b'x'; 1000])
-        .send()
-        .await
-        .unwrap();
+    let response = post_1000_bytes(&s).await;
     assert_eq!(response.status(), 200);
     assert_eq!(s.zoho.token_requests(), 2);
 }
