@@ -29,21 +29,19 @@ pub enum Decoded {
 /// another encoding, or a body that decodes to nothing before it breaks.
 pub fn decoded_prefix(encoding: &str, body: &[u8], limit: usize) -> Option<(Vec<u8>, Decoded)> {
     let read = |reader: &mut dyn Read| {
+        // `read_to_end` keeps what it read before an error.
         let mut out = Vec::new();
-        let mut chunk = [0u8; 8192];
-        loop {
-            match reader.read(&mut chunk) {
-                Ok(0) => return Some((out, Decoded::Whole)),
-                Ok(n) => {
-                    out.extend_from_slice(&chunk[..n]);
-                    if out.len() > limit {
-                        out.truncate(limit);
-                        return Some((out, Decoded::Capped));
-                    }
-                }
-                Err(_) if out.is_empty() => return None,
-                Err(_) => return Some((out, Decoded::Cut)),
+        let read = reader
+            .take(u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1))
+            .read_to_end(&mut out);
+        match read {
+            Ok(_) if out.len() > limit => {
+                out.truncate(limit);
+                Some((out, Decoded::Capped))
             }
+            Ok(_) => Some((out, Decoded::Whole)),
+            Err(_) if out.is_empty() => None,
+            Err(_) => Some((out, Decoded::Cut)),
         }
     };
     match encoding.trim().to_ascii_lowercase().as_str() {

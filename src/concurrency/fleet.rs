@@ -390,10 +390,7 @@ impl FleetSlots {
                 })
             };
             if let Some(id) = id {
-                return Some(Held::Fleet(FleetPermit {
-                    fleet: Arc::clone(self),
-                    id,
-                }));
+                return Some(self.permit(id));
             }
             released.await;
         }
@@ -410,6 +407,11 @@ impl FleetSlots {
     /// Counts `id`, taken through Redis, as held by this replica.
     fn hold(self: &Arc<Self>, id: String) -> Held {
         lock(&self.held).insert(id.clone());
+        self.permit(id)
+    }
+
+    /// The permit of `id`, a call this replica counts as held.
+    fn permit(self: &Arc<Self>, id: String) -> Held {
         Held::Fleet(FleetPermit {
             fleet: Arc::clone(self),
             id,
@@ -507,23 +509,25 @@ impl FleetSlots {
         };
         let fleet = Arc::clone(self);
         runtime.spawn(async move {
-            let mut conn = fleet.conn.clone();
-            let mut pipe = redis::pipe();
-            pipe.zrem(&fleet.keys.holders, &id)
-                .ignore()
-                .publish(&fleet.keys.channel, "released")
-                .ignore();
-            let released = pipe.query_async::<()>(&mut conn);
-            let failed = match tokio::time::timeout(COMMAND_TIMEOUT, released).await {
-                Ok(Ok(())) => None,
-                Ok(Err(err)) => Some(err.to_string()),
-                Err(_) => Some(FleetError::Timeout.to_string()),
-            };
-            if let Some(error) = failed {
+            if let Err(error) = fleet.give_back(&[id]).await {
                 tracing::debug!(%error, "Desk concurrency: a release failed; its lease expires by itself");
             }
             fleet.released.notify_waiters();
         });
+    }
+
+    /// Takes `ids` out of the fleet's count and wakes the fleet's waiters.
+    async fn give_back(&self, ids: &[String]) -> Result<(), FleetError> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.zrem(&self.keys.holders, ids)
+            .ignore()
+            .publish(&self.keys.channel, "released")
+            .ignore();
+        tokio::time::timeout(COMMAND_TIMEOUT, pipe.query_async::<()>(&mut conn))
+            .await
+            .map_err(|_| FleetError::Timeout)??;
+        Ok(())
     }
 
     /// Leaves the line (a waiter whose client went away).
@@ -630,12 +634,8 @@ impl FleetSlots {
                 .collect()
         };
         if !ended.is_empty() {
-            let mut pipe = redis::pipe();
-            pipe.zrem(&self.keys.holders, &ended)
-                .ignore()
-                .publish(&self.keys.channel, "released")
-                .ignore();
-            let _ = tokio::time::timeout(COMMAND_TIMEOUT, pipe.query_async::<()>(&mut conn)).await;
+            // On failure their leases expire.
+            let _ = self.give_back(&ended).await;
         }
         if lost > 0 {
             tracing::warn!(

@@ -111,10 +111,10 @@ impl Exchange {
         // written all in escapes reads plain.
         let decoded = |raw: &str| {
             let text = scrub.text(raw.to_owned());
-            let text = form_urlencoded::parse(format!("x={text}").as_bytes())
-                .next()
-                .map(|(_, value)| value.into_owned())
-                .unwrap_or_default();
+            // As a form decodes it: `+` is a space, then the escapes.
+            let text = percent_encoding::percent_decode_str(&text.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned();
             scrub.text(text)
         };
         let query_string = self
@@ -311,9 +311,9 @@ fn unmasked_in_compressed(
     if !cut {
         return None;
     }
-    // A secret's start at the cut, which no search finds.
-    let masked = scrub.bytes(plain.clone(), true);
-    (masked != plain).then_some((masked, true))
+    // A secret's start at the cut, which no search finds (nothing else is there to mask).
+    let mut plain = plain;
+    scrub.mask_cut_start(&mut plain).then_some((plain, true))
 }
 
 /// Headers less what no longer describes a body recorded decoded.

@@ -81,7 +81,7 @@ impl Scrubber {
         };
         mask_tokens(&mut out);
         if cut {
-            self.mask_cut_start(&mut out);
+            let _ = self.mask_cut_start(&mut out);
         }
         out
     }
@@ -108,7 +108,8 @@ impl Scrubber {
     }
 
     /// Masks the end of `bytes` when it is the start of a secret or a token.
-    fn mask_cut_start(&self, bytes: &mut Vec<u8>) {
+    /// Whether it did.
+    pub fn mask_cut_start(&self, bytes: &mut Vec<u8>) -> bool {
         let token_start = |tail: &[u8]| {
             tail.len() < TOKEN_LEN
                 && (tail.starts_with(TOKEN_PREFIX) || TOKEN_PREFIX.starts_with(tail))
@@ -136,6 +137,7 @@ impl Scrubber {
             bytes.truncate(bytes.len() - n);
             bytes.extend_from_slice(MASK);
         }
+        found.is_some()
     }
 }
 
