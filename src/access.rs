@@ -174,15 +174,9 @@ impl AccessPolicy {
             ));
         }
         for given in host.into_iter().chain(authority) {
-            let name = target::host_name(given)?;
-            // An IPv6 address (the only name with a `:`) in its usual form, as allowed
-            // ones are stored: `[0:0::1]` is `::1`.
-            let ipv6 = name
-                .contains(':')
-                .then(|| name.parse::<std::net::Ipv6Addr>().ok())
-                .flatten()
-                .map(|ip| ip.to_string());
-            let name = ipv6.as_deref().unwrap_or(name);
+            // As allowed names are stored.
+            let name = target::comparable_host(target::host_name(given)?);
+            let name = name.as_ref();
             // Allowed names are stored lower-cased; compare without allocating.
             if !self
                 .allow_hosts

@@ -369,11 +369,10 @@ fn reuse_stored_token(config: &Config, stored: &StoredTokens, tokens: &TokenCach
     if let Some(refresh_token) = &config.oauth.refresh_token
         && let Some((token, remaining)) =
             stored.valid_access_token(&config.oauth.client_id, refresh_token, REUSE_MIN_REMAINING)
-        && tokens.install(token, remaining).is_some()
+        && let Some(installed) = tokens.install(token, remaining)
     {
         tracing::info!(
-            // As the cache holds it: no token lives longer than a day.
-            expires_in_secs = remaining.min(crate::token::source::MAX_LIFETIME).as_secs(),
+            expires_in_secs = installed.lifetime.as_secs(),
             "reusing the access token of the token file"
         );
     }

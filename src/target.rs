@@ -144,6 +144,15 @@ pub fn host_name(value: &str) -> Result<&str, ProxyError> {
     host_and_port(value).map(|(name, _)| name)
 }
 
+/// A host name as names are compared: an IPv6 address (the only name with a `:`) in its
+/// usual form (`0:0::1` is `::1`), any other as it is.
+pub fn comparable_host(name: &str) -> std::borrow::Cow<'_, str> {
+    match name.contains(':').then(|| name.parse::<Ipv6Addr>()) {
+        Some(Ok(ip)) => ip.to_string().into(),
+        _ => name.into(),
+    }
+}
+
 /// The host name and port of a `Host` value or an authority, strictly parsed: a name of
 /// letters, digits, `-`, `.` and `_`, an IPv4 address, or an IPv6 address in brackets,
 /// then an optional `:port` of digits. Brackets and a trailing dot are removed.

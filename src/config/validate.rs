@@ -524,18 +524,15 @@ fn access_config(p: &mut Problems<'_>, raw: RawAccess, env_keys: Option<String>)
                     return Some(host.to_owned());
                 }
                 // An IPv6 address may be written bare (`::1`, as the default's is) or in
-                // brackets, and is kept in its usual form; a port is ignored, as in the
-                // check.
-                if let Ok(ip) = host.parse::<std::net::Ipv6Addr>() {
-                    return Some(ip.to_string());
-                }
+                // brackets; names are kept as the check compares them, a port ignored.
+                let name = if host.parse::<std::net::Ipv6Addr>().is_ok() {
+                    Ok(host)
+                } else {
+                    crate::target::host_name(host)
+                };
                 p.check(
                     "access.allow_hosts",
-                    crate::target::host_name(host)
-                        .map(|name| match name.parse::<std::net::Ipv6Addr>() {
-                            Ok(ip) => ip.to_string(),
-                            Err(_) => name.to_ascii_lowercase(),
-                        })
+                    name.map(|name| crate::target::comparable_host(name).to_ascii_lowercase())
                         .map_err(|_| format!("{host:?} is not a host name or IP address (an IPv6 address bare or in brackets: \"::1\", \"[::1]\")")),
                 )
             })

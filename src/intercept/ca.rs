@@ -163,9 +163,10 @@ struct DnsConstraints {
 }
 
 /// A CA certificate's DNS name constraints (`None`: it has none, and permits all).
-fn dns_constraints(ca_der: &CertificateDer<'_>) -> Result<Option<DnsConstraints>, CaError> {
+fn dns_constraints(
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+) -> Result<Option<DnsConstraints>, CaError> {
     use x509_parser::extensions::{GeneralName, GeneralSubtree};
-    let (_, cert) = x509_parser::parse_x509_certificate(ca_der).map_err(cert_error)?;
     let constraints = cert.name_constraints().map_err(cert_error)?;
     let names = |subtrees: &Option<Vec<GeneralSubtree<'_>>>| -> Vec<String> {
         subtrees
@@ -249,7 +250,7 @@ impl LocalCa {
         }
         warn_if_readable_by_others(&key_path);
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(cert_error)?;
-        let constraints = dns_constraints(&ca_der)?;
+        let constraints = dns_constraints(&parsed)?;
         if let Some(host) = hosts.iter().find(|host| !covers(&constraints, host)) {
             return Err(CaError::Uncovered {
                 dir: dir.to_owned(),
@@ -447,7 +448,8 @@ mod tests {
         let constraints_of = |hosts: &[String]| {
             let key = KeyPair::generate().unwrap();
             let cert = ca_params(hosts).self_signed(&key).unwrap();
-            dns_constraints(cert.der()).unwrap()
+            let (_, parsed) = x509_parser::parse_x509_certificate(cert.der()).unwrap();
+            dns_constraints(&parsed).unwrap()
         };
         let today = constraints_of(&hosts(&["desk.zoho.com"]));
         assert!(covers(&today, "desk.zoho.com"));

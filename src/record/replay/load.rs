@@ -149,7 +149,7 @@ fn read(path: &Path) -> Result<String, ReplayError> {
     if meta.len() > MAX_FILE_BYTES {
         return Err(too_large());
     }
-    // Read through a bound all the same: a pipe or a device has no size to check.
+    // Read through a bound all the same: the file may grow after its size was read.
     let mut bytes = Vec::new();
     std::fs::File::open(path)
         .and_then(|file| file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
