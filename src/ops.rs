@@ -128,10 +128,8 @@ pub async fn check(config: &Config) -> (String, bool) {
         ),
     );
     if let Some(url) = &config.token_store {
-        let answer = match crate::client::redis_client(url) {
-            Ok(client) => crate::client::redis_ping(&client).await,
-            Err(trouble) => Err(trouble),
-        };
+        let answer =
+            async { crate::client::redis_ping(&crate::client::redis_client(url)?).await }.await;
         match answer {
             Ok(()) => report.line(true, "token store", "Redis answers"),
             Err(trouble) => report.line(false, "token store", trouble),

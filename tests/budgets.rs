@@ -377,11 +377,7 @@ async fn a_trickling_upload_does_not_hold_desk_s_call_past_the_response_time() {
 async fn a_desk_answer_that_goes_silent_lets_go_of_its_call() {
     // Desk's head comes at once, then nothing: Desk has the response time for each part
     // its client waits for, then the answer ends in an error and Desk's call is free.
-    let s = Scenario::with(FakeOptions::default(), |c| {
-        c.timeouts.response = Duration::from_millis(500);
-        c.desk.max_concurrent = 1;
-    })
-    .await;
+    let s = Scenario::one_desk_call(Duration::from_millis(500)).await;
     for client in [client(), h2c_client()] {
         let answer = client
             .get(s.url("/api/v1/slow-body?ms=60000"))

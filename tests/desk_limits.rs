@@ -189,11 +189,7 @@ async fn a_call_desk_has_not_answered_by_response_secs_keeps_its_slot_after_the_
 
 #[tokio::test]
 async fn a_request_that_waits_past_response_secs_gets_504_and_is_never_sent() {
-    let s = Scenario::with(FakeOptions::default(), |c| {
-        c.desk.max_concurrent = 1;
-        c.timeouts.response = Duration::from_millis(300);
-    })
-    .await;
+    let s = Scenario::one_desk_call(Duration::from_millis(300)).await;
     // Holds Desk's one call for 1.5 s: its head comes at once, its body a part every
     // 100 ms (the call is held until the body is done; the head, and each part, count
     // against response_secs).
@@ -226,11 +222,7 @@ async fn a_request_out_of_line_gets_desk_s_whole_response_time() {
     // Desk takes 600 ms; the second request waits 600 ms in line, of its 1 s. Sent with
     // the 400 ms left, it was given up at 1 s while Desk did the work (a retried POST
     // then creates twice; audit).
-    let s = Scenario::with(FakeOptions::default(), |c| {
-        c.desk.max_concurrent = 1;
-        c.timeouts.response = Duration::from_millis(1000);
-    })
-    .await;
+    let s = Scenario::one_desk_call(Duration::from_millis(1000)).await;
     s.zoho.set_desk_delay(Duration::from_millis(600));
     let client = client();
     let (first, second) = tokio::join!(

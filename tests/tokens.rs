@@ -180,11 +180,7 @@ async fn a_compressed_401_is_read_for_its_error_code() {
 
 #[tokio::test]
 async fn a_401_whose_body_stalls_is_a_504_and_frees_its_call() {
-    let s = Scenario::with(FakeOptions::default(), |c| {
-        c.timeouts.response = Duration::from_millis(500);
-        c.desk.max_concurrent = 1;
-    })
-    .await;
+    let s = Scenario::one_desk_call(Duration::from_millis(500)).await;
     assert_eq!(get(&s, "/api/v1/tickets").await.status(), 200);
     s.zoho.stall_forced_401_bodies(true);
     s.zoho.fail_next_desk_requests(1, Some("INVALID_OAUTH"));

@@ -186,21 +186,33 @@ impl Proxy {
         // time to send it, once more.
         let timeout = self.config.timeouts.response;
         let read = tokio::time::timeout(timeout, Limited::new(body, MAX_401_BODY).collect());
-        let desk_401 = match read.await {
-            Ok(Ok(body)) => body.to_bytes(),
+        // What the client gets when the request is not sent again.
+        let for_client = match read.await {
+            Ok(Ok(body)) => {
+                let desk_401 = body.to_bytes();
+                let readable = parts
+                    .headers
+                    .get(http::header::CONTENT_ENCODING)
+                    .and_then(|encoding| encoding.to_str().ok())
+                    .and_then(|encoding| crate::body::decoded(encoding, &desk_401, MAX_401_BODY));
+                if !token_is_invalid(readable.as_deref().unwrap_or(&desk_401)) {
+                    // SCOPE_MISMATCH and friends: the token is fine, the answer is the
+                    // client's.
+                    return Ok(Answer::Pass(rebuild(parts, desk_401)));
+                }
+                rebuild(parts, desk_401)
+            }
             Ok(Err(err)) if err.is::<http_body_util::LengthLimitError>() => {
                 self.metrics.record_upstream_error(UpstreamErrorKind::Body);
                 // Desk's own 401s are a few hundred bytes: a larger one has no errorCode
                 // the proxy can read, so it says the token failed (a refresh, and a
                 // retry when the request can be sent again); it is not held whole to be
                 // passed on, so a client with no retry gets a 502 that says so.
-                self.tokens.mark_rejected(token);
-                drop(slot);
                 let err = ProxyError::UpstreamUnreachable(format!(
                     "Zoho Desk answered 401 with a body larger than {} KiB, more than any error of Zoho Desk; the token was renewed, and the request could not be sent again",
                     MAX_401_BODY / 1024
                 ));
-                return Ok(Answer::TokenRejected(Box::new(err.to_response())));
+                Box::new(err.to_response())
             }
             Ok(Err(err)) => {
                 self.metrics.record_upstream_error(UpstreamErrorKind::Body);
@@ -218,18 +230,9 @@ impl Proxy {
                 )));
             }
         };
-        let readable = parts
-            .headers
-            .get(http::header::CONTENT_ENCODING)
-            .and_then(|encoding| encoding.to_str().ok())
-            .and_then(|encoding| crate::body::decoded(encoding, &desk_401, MAX_401_BODY));
-        if !token_is_invalid(readable.as_deref().unwrap_or(&desk_401)) {
-            // SCOPE_MISMATCH and friends: the token is fine, the answer is the client's.
-            return Ok(Answer::Pass(rebuild(parts, desk_401)));
-        }
         self.tokens.mark_rejected(token);
         drop(slot);
-        Ok(Answer::TokenRejected(rebuild(parts, desk_401)))
+        Ok(Answer::TokenRejected(for_client))
     }
 
     /// Sends one request to Desk once a slot is free, with the token chosen at that

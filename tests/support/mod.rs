@@ -77,6 +77,16 @@ impl Scenario {
         Self::with(FakeOptions::default(), |_| {}).await
     }
 
+    /// Default fake, and a proxy with one call at Desk at a time and `response` as
+    /// `timeouts.response_secs`.
+    pub async fn one_desk_call(response: Duration) -> Self {
+        Self::with(FakeOptions::default(), |c| {
+            c.desk.max_concurrent = 1;
+            c.timeouts.response = response;
+        })
+        .await
+    }
+
     /// A fake with `options` and a proxy whose config `tweak` may change.
     pub async fn with(options: FakeOptions, tweak: impl FnOnce(&mut Config)) -> Self {
         let fake = FakeZoho::start_with(options.clone())
