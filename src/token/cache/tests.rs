@@ -44,6 +44,23 @@ fn counting(
     )
 }
 
+/// A cache of `source` with a margin of 300 s and a guard of 10.
+fn cache_of(source: impl TokenSource + 'static) -> Arc<TokenCache> {
+    TokenCache::new(
+        source,
+        RefreshPolicy::new(Duration::from_secs(300), 10),
+        Arc::default(),
+    )
+}
+
+/// A task waiting for a usable token of `cache`.
+fn spawn_usable(
+    cache: &Arc<TokenCache>,
+) -> tokio::task::JoinHandle<Result<Arc<Token>, TokenError>> {
+    let cache = Arc::clone(cache);
+    tokio::spawn(async move { cache.usable().await })
+}
+
 fn cache(
     answer: fn(u32) -> Result<Fetched, AccountsError>,
     max: u32,
@@ -215,19 +232,12 @@ impl TokenSource for Credentialed {
 #[tokio::test(start_paused = true)]
 async fn a_reload_during_a_refresh_is_not_undone_by_the_old_answer() {
     let calls = Arc::new(AtomicU32::new(0));
-    let cache = TokenCache::new(
-        Credentialed {
-            name: "wrong",
-            calls: calls.clone(),
-            delay: Duration::from_secs(2),
-        },
-        RefreshPolicy::new(Duration::from_secs(300), 10),
-        Arc::default(),
-    );
-    let waiting = tokio::spawn({
-        let cache = cache.clone();
-        async move { cache.usable().await }
+    let cache = cache_of(Credentialed {
+        name: "wrong",
+        calls: calls.clone(),
+        delay: Duration::from_secs(2),
     });
+    let waiting = spawn_usable(&cache);
     // The wrong-secret call is in flight when the operator fixes it (SIGHUP).
     tokio::time::advance(Duration::from_millis(500)).await;
     cache.replace_source(Credentialed {
@@ -255,11 +265,7 @@ impl TokenSource for Panicking {
 
 #[tokio::test]
 async fn a_panic_in_a_refresh_does_not_leave_the_flight_stuck() {
-    let cache = TokenCache::new(
-        Panicking,
-        RefreshPolicy::new(Duration::from_secs(300), 10),
-        Arc::default(),
-    );
+    let cache = cache_of(Panicking);
     let err = cache.usable().await.unwrap_err();
     assert!(err.to_string().contains("unexpectedly"), "{err}");
     let (source, calls) = counting(grant, Duration::ZERO);
@@ -382,18 +388,11 @@ async fn a_throttled_answer_for_replaced_credentials_still_backs_off() {
         Arc::new(AtomicU32::new(0)),
         Arc::new(tokio::sync::Notify::new()),
     );
-    let cache = TokenCache::new(
-        ThrottledDuringReload {
-            calls: calls.clone(),
-            reloaded: reloaded.clone(),
-        },
-        RefreshPolicy::new(Duration::from_secs(300), 10),
-        Arc::default(),
-    );
-    let waiting = tokio::spawn({
-        let cache = cache.clone();
-        async move { cache.usable().await }
+    let cache = cache_of(ThrottledDuringReload {
+        calls: calls.clone(),
+        reloaded: reloaded.clone(),
     });
+    let waiting = spawn_usable(&cache);
     while calls.load(Ordering::SeqCst) == 0 {
         tokio::task::yield_now().await;
     }
@@ -455,18 +454,11 @@ impl TokenSource for Patient {
 #[tokio::test(start_paused = true)]
 async fn a_token_that_arrives_while_a_refresh_waits_costs_no_call() {
     let calls = Arc::new(AtomicU32::new(0));
-    let cache = TokenCache::new(
-        Patient {
-            calls: calls.clone(),
-            delay: Duration::from_secs(1),
-        },
-        RefreshPolicy::new(Duration::from_secs(300), 10),
-        Arc::default(),
-    );
-    let waiting = tokio::spawn({
-        let cache = cache.clone();
-        async move { cache.usable().await }
+    let cache = cache_of(Patient {
+        calls: calls.clone(),
+        delay: Duration::from_secs(1),
     });
+    let waiting = spawn_usable(&cache);
     tokio::time::advance(Duration::from_millis(100)).await;
     // The fleet's token arrives (the store's follower adopts it).
     let adopted = cache
